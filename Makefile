@@ -1,0 +1,111 @@
+# liblego -- build, test and install.
+#
+#   make                 library (lib/liblego.so.0.1.0, lib/liblego.a) and examples
+#   make check           unit and golden tests (Check); reads ../shared when present
+#   make install PREFIX=/usr/local DESTDIR=
+#   make deps            install the Debian packages the build and tests need
+#   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
+#   make SANITIZE=1      build everything with ASan + UBSan
+#
+VERSION_MAJOR := 0
+VERSION := 0.1.0
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+CUDA ?= 0
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+
+CC ?= gcc
+CFLAGS ?= -O2 -g
+WARN := -Wall -Wextra -Werror
+BASE_CFLAGS := -std=c11 $(WARN) -fPIC -fvisibility=hidden -fopenmp -Iinclude -Isrc \
+               $(shell pkg-config --cflags openblas 2>/dev/null)
+LDLIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -lcjson -lpng -lz -lm
+ifeq ($(SANITIZE),1)
+  CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
+  LDFLAGS += -fsanitize=address,undefined
+endif
+
+SRC := $(filter-out src/lego_bench_stub.c,$(wildcard src/*.c))
+OBJ := $(patsubst src/%.c,build/%.o,$(SRC))
+CUDA_SRC := $(wildcard cuda/*.cu)
+ifeq ($(CUDA),1)
+  OBJ += $(patsubst cuda/%.cu,build/cuda_%.o,$(CUDA_SRC))
+  BASE_CFLAGS += -DLEGO_HAVE_CUDA=1
+  LDLIBS += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart
+endif
+
+SHARED := lib/liblego.so.$(VERSION)
+STATIC := lib/liblego.a
+EXAMPLES := $(patsubst examples/%.c,bin/%,$(wildcard examples/*.c))
+TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
+CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
+
+.PHONY: all lib examples check install uninstall clean deps
+
+all: lib examples
+
+lib: $(SHARED) $(STATIC)
+
+build/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -c $< -o $@
+
+# The hot kernels get -O3: vectorised inner loops matter there.
+build/ops_cpu.o: src/ops_cpu.c $(wildcard src/*.h) include/lego.h | build
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -O3 -c $< -o $@
+
+build/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) include/lego.h | build
+	$(NVCC) -std=c++17 -O3 -Xcompiler -fPIC,-fvisibility=hidden,-Wall -Iinclude -Isrc \
+	  -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c $< -o $@
+
+build build/tests lib bin:
+	mkdir -p $@
+
+$(SHARED): $(OBJ) src/lego.map | lib
+	$(CC) -shared -fopenmp -Wl,-soname,liblego.so.$(VERSION_MAJOR) -Wl,--version-script=src/lego.map \
+	  -Wl,--no-undefined $(LDFLAGS) -o $@ $(OBJ) $(LDLIBS)
+	ln -sf liblego.so.$(VERSION) lib/liblego.so.$(VERSION_MAJOR)
+	ln -sf liblego.so.$(VERSION_MAJOR) lib/liblego.so
+
+$(STATIC): $(OBJ) | lib
+	rm -f $@
+	ar rcs $@ $(OBJ)
+
+examples: $(EXAMPLES)
+
+bin/%: examples/%.c $(SHARED) | bin
+	$(CC) -std=c11 $(WARN) $(CFLAGS) -Iinclude $< -o $@ -Llib -llego -Wl,-rpath,'$$ORIGIN/../lib' $(LDFLAGS) -lm
+
+# Tests link the static library so they can reach internal modules too.
+build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests $< -o $@ $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
+
+check: $(TESTS) examples
+	@status=0; for t in $(TESTS); do \
+	  echo "== $$t"; ./$$t || status=1; \
+	done; exit $$status
+
+install: lib
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 644 include/lego.h $(DESTDIR)$(INCLUDEDIR)/
+	install -m 755 $(SHARED) $(DESTDIR)$(LIBDIR)/
+	ln -sf liblego.so.$(VERSION) $(DESTDIR)$(LIBDIR)/liblego.so.$(VERSION_MAJOR)
+	ln -sf liblego.so.$(VERSION_MAJOR) $(DESTDIR)$(LIBDIR)/liblego.so
+	install -m 644 $(STATIC) $(DESTDIR)$(LIBDIR)/
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|; s|@VERSION@|$(VERSION)|' \
+	  pkgconfig/lego.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/lego.h $(DESTDIR)$(LIBDIR)/liblego.* $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
+
+# Debian packages for building (first line) and testing (second line).
+deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config \
+	  libopenblas-dev libcjson-dev libpng-dev zlib1g-dev
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq check valgrind python3-numpy \
+	  dataset-fashion-mnist
+
+clean:
+	rm -rf build lib bin

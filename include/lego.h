@@ -1,0 +1,257 @@
+/*
+ * lego.h -- the public interface of liblego, a runtime for LEGO Diffusion
+ * (stackable and skippable "LEGO bricks" for diffusion models, Zheng et al.,
+ * ICLR 2024).
+ *
+ * This is the only header a program needs.  It is C11 and C++ compatible.
+ *
+ * Conventions
+ *   - Every function that can fail returns a lego_status.  LEGO_OK is 0.
+ *   - Objects are opaque handles.  A handle remembers a message describing its
+ *     last failure: lego_model_error().  lego_status_string() names a code.
+ *   - Option and request structs start with a `size` field.  Fill them with
+ *     their *_init() function first, then change what you need; the library
+ *     reads only the fields that existed in the caller's version of the struct,
+ *     so old binaries keep working when fields are appended.
+ *   - Tensors are float32, NCHW, row-major, owned by the caller.  The library
+ *     never keeps a pointer to caller memory after a call returns.
+ *   - Threading: separate models may be used from separate threads at the same
+ *     time.  One model must not be used by two threads at once (the model owns
+ *     its scratch memory); read-only queries (lego_model_get_*) are the
+ *     exception only while no other call is running on the same model.
+ */
+#ifndef LEGO_H
+#define LEGO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define LEGO_API
+#elif defined(__GNUC__)
+#define LEGO_API __attribute__((visibility("default")))
+#else
+#define LEGO_API
+#endif
+
+#define LEGO_VERSION_MAJOR 0
+#define LEGO_VERSION_MINOR 1
+#define LEGO_VERSION_PATCH 0
+#define LEGO_VERSION_STRING "0.1.0"
+#define LEGO_VERSION_NUMBER \
+    (LEGO_VERSION_MAJOR * 10000 + LEGO_VERSION_MINOR * 100 + LEGO_VERSION_PATCH)
+
+/* The most bricks one model may stack (skip masks are 32-bit). */
+#define LEGO_MAX_BRICKS 32
+
+typedef enum lego_status {
+    LEGO_OK = 0,
+    LEGO_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, bad option, bad value     */
+    LEGO_ERR_OUT_OF_MEMORY = 2,    /* an allocation failed                    */
+    LEGO_ERR_IO = 3,               /* a file could not be opened/read/written */
+    LEGO_ERR_FORMAT = 4,           /* a file is malformed or truncated        */
+    LEGO_ERR_SHAPE = 5,            /* sizes that do not fit together          */
+    LEGO_ERR_UNSUPPORTED = 6,      /* valid but not supported (dtype, backend)*/
+    LEGO_ERR_CANCELLED = 7,        /* a progress callback asked to stop       */
+    LEGO_ERR_BACKEND = 8,          /* the compute backend failed              */
+    LEGO_ERR_STATE = 9             /* the handle is not usable for this call  */
+} lego_status;
+
+/* A static English description of a status code; never NULL. */
+LEGO_API const char *lego_status_string(lego_status status);
+
+/* The library's version string ("0.1.0") and number (LEGO_VERSION_NUMBER). */
+LEGO_API const char *lego_version(void);
+LEGO_API int lego_version_number(void);
+
+/* ------------------------------------------------------------------------ */
+/* Models                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct lego_model lego_model;
+
+typedef enum lego_backend {
+    LEGO_BACKEND_CPU = 0,
+    LEGO_BACKEND_CUDA = 1
+} lego_backend;
+
+/* Global settings of a LEGO network (the "lego.config" JSON of a checkpoint). */
+typedef struct lego_model_config {
+    size_t size;                  /* sizeof(lego_model_config)               */
+    int img_channels;             /* C, image or latent channels (default 3) */
+    int img_resolution;           /* training resolution, informative (32)   */
+    int label_dim;                /* classes; 0 = unconditional (0)          */
+    int hidden_size;              /* D, token width of every brick (384)     */
+    int num_heads;                /* attention heads, divides D (6)          */
+    double mlp_ratio;             /* MLP hidden = D * ratio (4.0)            */
+    int frequency_embedding_size; /* sinusoidal time embedding width (256)   */
+    double sigma_data;            /* EDM sigma_data (0.5)                    */
+    int num_threads;              /* CPU worker threads; 0 = all cores (0)   */
+    lego_backend backend;         /* where to compute (LEGO_BACKEND_CPU)     */
+    int device;                   /* CUDA device index (0)                   */
+} lego_model_config;
+
+LEGO_API void lego_model_config_init(lego_model_config *config);
+
+/* One brick: a DiT working on brick_size x brick_size image patches. */
+typedef struct lego_brick_config {
+    size_t size;    /* sizeof(lego_brick_config)                          */
+    int brick_size; /* side of the image patch the brick sees (32)        */
+    int patch_size; /* side of one token, divides brick_size (2)          */
+    int depth;      /* DiT blocks (1)                                     */
+} lego_brick_config;
+
+LEGO_API void lego_brick_config_init(lego_brick_config *brick);
+
+/*
+ * Create an empty model (no bricks yet) from global settings.  On success *out
+ * is a new model.  On failure *out is NULL only when even the handle could not
+ * be allocated; otherwise it is a model in the failed state whose
+ * lego_model_error() explains the failure and which must be freed.
+ */
+LEGO_API lego_status lego_model_create(const lego_model_config *config,
+                                       lego_model **out);
+
+/* Append a brick on top of the stack.  Weights of the new brick are zero
+ * until lego_model_init_weights() or lego_model_load_weights(). */
+LEGO_API lego_status lego_brick_add(lego_model *model,
+                                    const lego_brick_config *brick);
+
+/* Give every parameter the reference initialisation (DiT: Xavier-uniform
+ * linears, zero adaLN and final layers, N(0, 0.02) embedders, fixed sin-cos
+ * position embeddings), drawn from a generator seeded with `seed`. */
+LEGO_API lego_status lego_model_init_weights(lego_model *model, uint64_t seed);
+
+typedef struct lego_load_options {
+    size_t size;             /* sizeof(lego_load_options)                     */
+    const char *config_json; /* architecture for a plain state-dict file, in
+                                the lego.config JSON form; NULL = read it from
+                                the file's __metadata__["lego.config"] (NULL) */
+    int num_threads;         /* as lego_model_config.num_threads (0)          */
+    lego_backend backend;    /* (LEGO_BACKEND_CPU)                            */
+    int device;              /* (0)                                           */
+} lego_load_options;
+
+LEGO_API void lego_load_options_init(lego_load_options *options);
+
+/*
+ * Read a safetensors checkpoint with the reference PyTorch key names.  F32,
+ * F16 and BF16 tensors are accepted and converted to float32.  `options` may
+ * be NULL.  Failure is reported as for lego_model_create().
+ */
+LEGO_API lego_status lego_model_load(const char *path,
+                                     const lego_load_options *options,
+                                     lego_model **out);
+
+/* Replace the weights of an existing model (built with lego_model_create and
+ * lego_brick_add) with those of a safetensors file.  The file's architecture,
+ * if it carries one, must match.  On failure the weights are unchanged. */
+LEGO_API lego_status lego_model_load_weights(lego_model *model,
+                                             const char *path);
+
+/* Write the model as float32 safetensors with lego.config metadata. */
+LEGO_API lego_status lego_model_save(lego_model *model, const char *path);
+
+/* Free a model and everything it owns.  NULL is allowed. */
+LEGO_API void lego_model_free(lego_model *model);
+
+/* The message of the model's last failure ("" when none).  The string is
+ * owned by the model and valid until its next call.  NULL model gives a
+ * static message. */
+LEGO_API const char *lego_model_error(const lego_model *model);
+
+/* Introspection. */
+LEGO_API lego_status lego_model_get_config(const lego_model *model,
+                                           lego_model_config *config);
+LEGO_API int lego_model_num_bricks(const lego_model *model);
+LEGO_API lego_status lego_model_get_brick(const lego_model *model, int index,
+                                          lego_brick_config *brick);
+/* Number of scalars in all parameters, the fixed position embeddings
+ * included (as PyTorch's parameters() counts them). */
+LEGO_API int64_t lego_model_num_params(const lego_model *model);
+/* H and W must be positive multiples of this (the least common multiple of
+ * the brick sizes); 0 for a model with no bricks. */
+LEGO_API int lego_model_resolution_multiple(const lego_model *model);
+/* LEGO_OK if H x W images can be processed, else LEGO_ERR_SHAPE with a
+ * message saying why. */
+LEGO_API lego_status lego_model_check_resolution(lego_model *model, int height,
+                                                 int width);
+/* Change the number of CPU worker threads (0 = all cores). */
+LEGO_API lego_status lego_model_set_threads(lego_model *model, int num_threads);
+
+/* ------------------------------------------------------------------------ */
+/* The denoiser D(x; sigma)                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct lego_denoise_request {
+    size_t size;          /* sizeof(lego_denoise_request)                    */
+    int n;                /* batch size                                      */
+    int height, width;    /* multiples of lego_model_resolution_multiple()   */
+    const float *x;       /* noisy images, n x C x H x W                      */
+    const float *sigma;   /* noise level of each image, n, finite and > 0    */
+    /* Labels (conditional models; ignored with label_dim 0).  Give at most
+     * one of the two; with neither, every image gets the null label. */
+    const int32_t *labels;       /* n class indices, -1 = null label        */
+    const float *label_vectors;  /* n x label_dim rows (one-hot; all-zero =
+                                    null label)                              */
+    float guidance;       /* classifier-free guidance scale, >= 0; 1 = plain
+                             conditional output, no extra pass (1)          */
+    int num_bricks;       /* run bricks 0..num_bricks-1; 0 = all (0)         */
+    uint32_t skip_mask;   /* bit k set: skip brick k (k >= 1); the brick
+                             above reads the output of the last brick run (0)*/
+    float *out;           /* D(x; sigma), n x C x H x W                       */
+    float *brick_outputs; /* optional: raw output F_k of every brick, laid
+                             out [num_bricks_total][n][C][H][W]; slots of
+                             bricks not run are left untouched (NULL)        */
+    float *cond;          /* optional: conditioning vectors c, n x D (NULL)  */
+} lego_denoise_request;
+
+LEGO_API void lego_denoise_request_init(lego_denoise_request *request);
+
+LEGO_API lego_status lego_denoise(lego_model *model,
+                                  const lego_denoise_request *request);
+
+
+/* ------------------------------------------------------------------------ */
+/* Image output                                                             */
+/* ------------------------------------------------------------------------ */
+/* These functions take no handle; where `errmsg` is not NULL, a failure
+ * writes a message of at most errmsg_size bytes (NUL included) there. */
+
+/* Convert float images (n x C x H x W, nominally [-1, 1]) to uint8 in
+ * N x H x W x C order exactly as the reference does: x*127.5+128, clipped
+ * to [0, 255], truncated.  NaN becomes 0. */
+LEGO_API lego_status lego_images_to_u8(const float *images, int n,
+                                       int channels, int height, int width,
+                                       uint8_t *out);
+
+/* One image (H x W x C uint8; C = 1 grey, 3 RGB, 4 RGBA) as a PNG file. */
+LEGO_API lego_status lego_write_png(const char *path, const uint8_t *pixels,
+                                    int height, int width, int channels,
+                                    char *errmsg, size_t errmsg_size);
+
+/* n images (N x H x W x C) tiled in a grid of `columns` columns (0 = about
+ * square) with `padding` pixels of black between and around them. */
+LEGO_API lego_status lego_write_png_grid(const char *path,
+                                         const uint8_t *images, int n,
+                                         int height, int width, int channels,
+                                         int columns, int padding,
+                                         char *errmsg, size_t errmsg_size);
+
+/* An ADM-style .npz archive readable by numpy.load: "arr_0" holds the
+ * images as uint8 N x H x W x C and, when `labels` is not NULL, "labels"
+ * holds the n class indices as int64. */
+LEGO_API lego_status lego_write_npz(const char *path, const uint8_t *images,
+                                    int n, int height, int width,
+                                    int channels, const int32_t *labels,
+                                    char *errmsg, size_t errmsg_size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LEGO_H */

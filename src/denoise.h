@@ -1,0 +1,28 @@
+/*
+ * denoise.h -- D(x; sigma) on validated arguments, shared by lego_denoise
+ * and the samplers.  Internal.
+ */
+#ifndef LEGO_DENOISE_H
+#define LEGO_DENOISE_H
+
+#include "model.h"
+
+typedef struct denoise_args {
+    int n, h, w;
+    const float *x;             /* n x C x h x w */
+    const float *sigma;         /* n, finite, > 0 */
+    const float *label_vectors; /* n x label_dim, or NULL = null labels */
+    float guidance;             /* >= 0; 1 = none, 0 = unconditional */
+    uint32_t brick_mask;        /* bit k: run brick k; bit 0 always set */
+    float *out;                 /* n x C x h x w */
+    float *brick_outputs;       /* optional [K][n][C][h][w] */
+    float *cond_out;            /* optional n x D */
+} denoise_args;
+
+lego_status model_denoise(lego_model *m, const denoise_args *a);
+
+/* Scratch floats model_denoise needs; fails on absurd sizes. */
+lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int guided,
+                                 size_t *floats);
+
+#endif /* LEGO_DENOISE_H */

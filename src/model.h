@@ -1,0 +1,103 @@
+/*
+ * model.h -- the in-memory LEGO network: configuration, the parameter
+ * table, and the per-brick views into it.  Internal.
+ *
+ * All parameters live in one float32 array (`params`) described by a table
+ * of named entries in a fixed order (time embedder, label embedder, then
+ * brick by brick).  The order is the reference state dict's, so loading,
+ * saving, initialising and (later) optimising are simple walks of the table.
+ */
+#ifndef LEGO_MODEL_H
+#define LEGO_MODEL_H
+
+#include "common.h"
+
+typedef struct lego_param {
+    char name[96];     /* reference PyTorch key, e.g. model.model.0.pos_embed */
+    int rank;
+    int64_t shape[4];
+    size_t offset;     /* into model->params */
+    size_t numel;
+    int fixed;         /* not trained (position embeddings) */
+} lego_param;
+
+/* Views into the parameter array; rebound whenever it moves. */
+typedef struct linear {
+    const float *w; /* [out][in] */
+    const float *b; /* [out] */
+    int in, out;
+} linear;
+
+typedef struct dit_block {
+    linear qkv, proj, fc1, fc2, ada;
+} dit_block;
+
+typedef struct brick {
+    lego_brick_config cfg;
+    int c_in;        /* input channels: C+2 for brick 0, 2C+2 above it */
+    int grid;        /* tokens per side of one brick patch: brick/patch */
+    int tokens;      /* grid^2 */
+    const float *pos_embed; /* [tokens][D] */
+    linear embed;    /* patch embedding as a linear over c_in*p*p */
+    dit_block blocks[64];
+    linear final_ada, final_out;
+    int first_param; /* index of the brick's first entry in the table */
+} brick;
+
+/* The largest depth a brick may have (blocks[] above). */
+#define LEGO_MAX_DEPTH 64
+
+struct lego_model {
+    lego_err err;
+    int failed;          /* creation or loading failed: only free/error work */
+    lego_model_config cfg;
+    int mlp_hidden;      /* int(D * mlp_ratio) as the reference computes it */
+    int threads;         /* resolved worker count, >= 1 */
+
+    brick bricks[LEGO_MAX_BRICKS];
+    int num_bricks;
+    linear t_fc1, t_fc2, y_embed; /* y_embed.w is NULL when unconditional */
+
+    lego_param *table;
+    int num_params, cap_params;
+    float *params;
+    size_t params_size; /* floats */
+
+    /* Scratch for the forward pass, grown on demand and kept between calls
+     * so the sampling loop does not allocate. */
+    float *work;
+    size_t work_size; /* floats */
+};
+
+/* Allocate a blank handle carrying `status` and a message: what a failed
+ * constructor hands back (NULL if even that fails). */
+lego_model *model_new_failed(lego_status status, const char *msg);
+
+/* Check global settings; fills a message in `err` on failure. */
+lego_status model_validate_config(const lego_model_config *cfg, lego_err *err);
+lego_status model_validate_brick(const lego_model *m, const lego_brick_config *b, lego_err *err);
+
+/* Point the linear views at their slices of m->params. */
+void model_bind_views(lego_model *m);
+
+/* Ensure m->work holds at least `floats` floats. */
+lego_status model_reserve_work(lego_model *m, size_t floats);
+
+/* The lego.config JSON of a model (malloc'd), and its parser. */
+char *config_to_json(const lego_model *m);
+lego_status config_from_json(const char *json, lego_model_config *cfg,
+                             lego_brick_config *bricks, int *num_bricks, lego_err *err);
+
+/* Fill a brick's fixed 2-D sin-cos position embedding, [grid*grid][D]. */
+void sincos_pos_embed(float *out, int grid, int dim);
+
+/* Hand every entry point the same prologue: a usable, non-failed model. */
+#define MODEL_CHECK(m)                                                         \
+    do {                                                                       \
+        if (!(m)) return LEGO_ERR_INVALID_ARGUMENT;                            \
+        if ((m)->failed)                                                       \
+            return LEGO_ERR_STATE;                                             \
+        lego_err_clear(&(m)->err);                                             \
+    } while (0)
+
+#endif /* LEGO_MODEL_H */

@@ -1,0 +1,78 @@
+/*
+ * testutil.h -- helpers shared by the Check test programs: where the
+ * golden cases are, reading tensors from safetensors files, comparing.
+ */
+#ifndef LEGO_TESTUTIL_H
+#define LEGO_TESTUTIL_H
+
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "lego.h"
+#include "safetensors.h"
+
+/* $LEGO_GOLDEN_DIR, else ../shared/golden (relative to the project root,
+ * where make check runs). */
+static inline const char *golden_dir(void) {
+    const char *d = getenv("LEGO_GOLDEN_DIR");
+    return d && *d ? d : "../shared/golden";
+}
+
+static inline int path_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+/* A tensor of `f` as a fresh float array (NULL when absent). */
+static inline float *tensor_f32(const st_file *f, const char *name, size_t *numel) {
+    const st_tensor *t = st_find(f, name);
+    if (!t) return NULL;
+    double *tmp = malloc(t->numel * sizeof *tmp);
+    float *out = malloc(t->numel * sizeof *out);
+    ck_assert(tmp && out);
+    st_to_f64(t, tmp, NULL);
+    for (size_t i = 0; i < t->numel; i++) out[i] = (float)tmp[i];
+    free(tmp);
+    if (numel) *numel = t->numel;
+    return out;
+}
+
+static inline double *tensor_f64(const st_file *f, const char *name, size_t *numel) {
+    const st_tensor *t = st_find(f, name);
+    if (!t) return NULL;
+    double *out = malloc(t->numel * sizeof *out);
+    ck_assert(out);
+    st_to_f64(t, out, NULL);
+    if (numel) *numel = t->numel;
+    return out;
+}
+
+/* max|got - want| / max(1, max|want|): the golden cases' tolerance rule. */
+static inline double scaled_error(const float *got, const float *want, size_t n) {
+    double err = 0, top = 1;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - want[i]);
+        if (!(d <= err)) err = d; /* NaN propagates as an error */
+        if (fabs(want[i]) > top) top = fabs(want[i]);
+    }
+    return err / top;
+}
+
+/* Run a suite, print Check's summary, return the process exit status. */
+static inline int run_suite(Suite *s) {
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+#endif /* LEGO_TESTUTIL_H */
