@@ -217,6 +217,151 @@ LEGO_API lego_status lego_denoise(lego_model *model,
 
 
 /* ------------------------------------------------------------------------ */
+/* Sampling                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef enum lego_solver {
+    LEGO_SOLVER_HEUN = 0,     /* EDM Heun, 2nd-order on all steps but the last */
+    LEGO_SOLVER_EULER = 1,    /* EDM Euler (first order)                       */
+    LEGO_SOLVER_DPMPP_2M = 2  /* DPM-Solver++(2M), deterministic, 1 eval/step  */
+} lego_solver;
+
+typedef enum lego_rng {
+    LEGO_RNG_PHILOX = 0, /* Philox4x32-10: the same numbers on CPU and GPU      */
+    LEGO_RNG_TORCH = 1   /* PyTorch's CPU generator (mt19937), one per image:
+                            reproduces the reference generate.py pipeline      */
+} lego_rng;
+
+/* EDM (Karras) noise levels: sigmas[i] = (smax^(1/rho) + i/(steps-1) *
+ * (smin^(1/rho) - smax^(1/rho)))^rho for i < steps, then sigmas[steps] = 0.
+ * `sigmas` holds steps + 1 values. */
+LEGO_API lego_status lego_karras_sigmas(int steps, double sigma_min, double sigma_max,
+                                        double rho, double *sigmas);
+
+/*
+ * When each brick runs.  At solver step i (noise level t_i, the level the
+ * step starts from), brick k runs only if
+ *     sigma_min[k] <= t_i <= sigma_max[k]  and  step_min[k] <= i <= step_max[k].
+ * Both evaluations of a Heun step use the step's decision.  Brick 0 always
+ * runs; a skipped brick's successor reads the output of the last brick run.
+ */
+typedef struct lego_skip_policy {
+    size_t size;
+    double sigma_min[LEGO_MAX_BRICKS]; /* (0)        */
+    double sigma_max[LEGO_MAX_BRICKS]; /* (infinity) */
+    int step_min[LEGO_MAX_BRICKS];     /* (0)        */
+    int step_max[LEGO_MAX_BRICKS];     /* (INT_MAX)  */
+} lego_skip_policy;
+
+/* A policy that runs every brick at every step. */
+LEGO_API void lego_skip_policy_init(lego_skip_policy *policy);
+
+typedef enum lego_skip_rule {
+    /* The paper's LEGO-PG rule: the top brick (the image-level one) runs
+     * only at high noise and is dropped below the break point. */
+    LEGO_SKIP_TOP_AT_LOW_NOISE = 0,
+    /* The paper's LEGO-PR rule: the top brick (the small-patch one) is
+     * dropped at high noise, above the break point. */
+    LEGO_SKIP_TOP_AT_HIGH_NOISE = 1
+} lego_skip_rule;
+
+/* Apply a preset to the model's top brick.  The break point is a fraction
+ * of the steps when break_sigma <= 0: with LOW_NOISE the top brick is
+ * skipped on steps i > floor(fraction * steps), with HIGH_NOISE on steps
+ * i < floor(fraction * steps).  When break_sigma > 0 it is a noise level
+ * instead: LOW_NOISE skips while t_i < break_sigma, HIGH_NOISE while
+ * t_i > break_sigma. */
+LEGO_API lego_status lego_skip_policy_preset(lego_skip_policy *policy, const lego_model *model,
+                                             lego_skip_rule rule, int steps, double fraction,
+                                             double break_sigma);
+
+/* Progress: called after each solver step with the steps done and the
+ * total; a non-zero return cancels the run (LEGO_ERR_CANCELLED). */
+typedef int (*lego_progress_fn)(int step, int total, void *user);
+
+typedef struct lego_sample_options {
+    size_t size;
+    lego_solver solver;      /* (LEGO_SOLVER_HEUN)                           */
+    int steps;               /* noise levels before the final 0 (18)         */
+    double sigma_min;        /* (0.002)                                       */
+    double sigma_max;        /* (80)                                          */
+    double rho;              /* (7)                                           */
+    const double *sigmas;    /* optional: `steps` strictly decreasing positive
+                                levels to use instead of Karras'; a final 0 is
+                                appended (NULL)                              */
+    double s_churn;          /* stochastic churn, Heun and Euler only (0)     */
+    double s_min;            /* churn only where s_min <= t <= s_max (0)      */
+    double s_max;            /* (infinity)                                    */
+    double s_noise;          /* (1)                                           */
+    float guidance;          /* classifier-free guidance scale (1 = none)     */
+    lego_rng rng;            /* (LEGO_RNG_PHILOX)                             */
+    const lego_skip_policy *skip; /* NULL: every brick at every step (NULL)   */
+    lego_progress_fn progress;    /* (NULL)                                   */
+    void *progress_user;          /* (NULL)                                   */
+} lego_sample_options;
+
+LEGO_API void lego_sample_options_init(lego_sample_options *options);
+
+typedef struct lego_sample_request {
+    size_t size;
+    int n;                  /* images                                          */
+    int height, width;      /* image size                                      */
+    const uint64_t *seeds;  /* n seeds, one generator each; NULL = 0..n-1      */
+    const int32_t *labels;  /* n class indices, -1 = null label; NULL: random
+                               labels from each image's generator
+                               (conditional models)                            */
+    const float *latents;   /* optional n x C x H x W standard-normal start; NULL:
+                               drawn from each image's generator               */
+    float *out;             /* n x C x H x W samples                            */
+    int32_t *labels_out;    /* optional: the n labels used (NULL)              */
+    int pad;                /* 0: H and W must be multiples of the brick sizes;
+                               1: sample at the next multiples and crop the
+                               centre (0)                                      */
+} lego_sample_request;
+
+LEGO_API void lego_sample_request_init(lego_sample_request *request);
+
+typedef struct lego_sample_result {
+    size_t size;
+    int64_t network_evals;     /* denoiser evaluations per image               */
+    int64_t brick_evals;       /* brick evaluations per image                  */
+    int64_t brick_evals_saved; /* evaluations skipped: network_evals * bricks -
+                                  brick_evals                                  */
+} lego_sample_result;
+
+LEGO_API void lego_sample_result_init(lego_sample_result *result);
+
+/* Draw n images.  `options` may be NULL (defaults); `result` may be NULL. */
+LEGO_API lego_status lego_sample(lego_model *model, const lego_sample_request *request,
+                                 const lego_sample_options *options,
+                                 lego_sample_result *result);
+
+/* One solver step on a caller-owned batch, for callers driving their own
+ * loop with the same solvers.  Uses options->solver, churn settings,
+ * guidance and skip policy (with `step` as the step index). */
+typedef struct lego_step_request {
+    size_t size;
+    int n, height, width;
+    float *x;              /* in: x at t_cur; out: x at t_next                 */
+    double t_cur, t_next;  /* t_cur > t_next >= 0                              */
+    double t_prev;         /* DPM-Solver++(2M): the previous step's level, or 0
+                              on the first step                                */
+    int step;              /* step index i (skip policy, churn)                */
+    const int32_t *labels; /* n class indices or NULL (null labels)            */
+    const float *noise;    /* churn noise n x C x H x W, standard normal; NULL:
+                              no churn                                         */
+    float *denoised;       /* optional, n x C x H x W: out, the last D this step
+                              evaluated (DPM-Solver++(2M): D(x; t_cur)); in,
+                              for DPM-Solver++(2M) with t_prev > 0, the
+                              previous step's D                                */
+} lego_step_request;
+
+LEGO_API void lego_step_request_init(lego_step_request *request);
+
+LEGO_API lego_status lego_step(lego_model *model, const lego_step_request *request,
+                               const lego_sample_options *options);
+
+/* ------------------------------------------------------------------------ */
 /* Image output                                                             */
 /* ------------------------------------------------------------------------ */
 /* These functions take no handle; where `errmsg` is not NULL, a failure
