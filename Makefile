@@ -42,7 +42,7 @@ EXAMPLES := $(patsubst examples/%.c,bin/%,$(wildcard examples/*.c))
 TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
-.PHONY: all lib examples check install uninstall clean deps
+.PHONY: all lib examples check check-header valgrind install uninstall clean deps
 
 all: lib examples
 
@@ -84,6 +84,19 @@ build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
 check: $(TESTS) examples
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
+	done; exit $$status
+
+# lego.h must compile as C11 and C++17 with every warning an error.
+check-header:
+	$(CC) -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only -x c include/lego.h
+	g++ -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only -x c++ include/lego.h
+
+# Every test program under valgrind memcheck (no fork, so valgrind sees the
+# test bodies); any error or definite leak fails.
+VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
+valgrind: $(TESTS)
+	@status=0; for t in $(TESTS); do \
+	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
 	done; exit $$status
 
 install: lib
