@@ -7,6 +7,7 @@
 #include <cjson/cJSON.h>
 #include <dirent.h>
 
+#include "model.h"
 #include "rng.h"
 #include "testutil.h"
 
@@ -230,6 +231,294 @@ START_TEST(test_golden_generate) {
 }
 END_TEST
 
+
+/* ---- the sampling contract, on a small random conditional model ---- */
+
+static lego_model *small_model(void) {
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    cfg.img_channels = 2;
+    cfg.label_dim = 5;
+    cfg.hidden_size = 32;
+    cfg.num_heads = 2;
+    cfg.num_threads = 1;
+    lego_model *m = NULL;
+    ck_assert(lego_model_create(&cfg, &m) == LEGO_OK);
+    const int sizes[3][2] = {{4, 2}, {8, 4}, {8, 2}};
+    for (int k = 0; k < 3; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        b.brick_size = sizes[k][0];
+        b.patch_size = sizes[k][1];
+        b.depth = 1;
+        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
+    }
+    ck_assert(lego_model_init_weights(m, 7) == LEGO_OK);
+    return m;
+}
+
+/* The reference initialisation zeroes adaLN and the final layers, so every
+ * brick outputs 0; perturb all weights so sampling exercises the network. */
+static void scramble(lego_model *m) {
+    for (size_t i = 0; i < m->params_size; i++)
+        m->params[i] += 0.02f * (float)((int)((i * 2654435761u) % 201) - 100) / 100.0f;
+}
+
+static void sample_into(lego_model *m, int n, const uint64_t *seeds, const int32_t *labels,
+                        const lego_sample_options *o, float *out, lego_sample_result *res) {
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = n;
+    r.height = 8;
+    r.width = 16;
+    r.seeds = seeds;
+    r.labels = labels;
+    r.out = out;
+    ck_assert_msg(lego_sample(m, &r, o, res) == LEGO_OK, "%s", lego_model_error(m));
+}
+
+START_TEST(test_batch_invariance) {
+    lego_model *m = small_model();
+    scramble(m);
+    const size_t img = 2 * 8 * 16;
+    uint64_t seeds[7] = {11, 3, 42, 5, 0, 99, 7};
+    float batch[7 * 256], alone[256];
+    for (int rng = 0; rng < 2; rng++) {
+        lego_sample_options o;
+        lego_sample_options_init(&o);
+        o.steps = 4;
+        o.rng = rng ? LEGO_RNG_TORCH : LEGO_RNG_PHILOX;
+        o.s_churn = 10; /* exercise the churn noise too */
+        o.guidance = 1.5f;
+        sample_into(m, 7, seeds, NULL, &o, batch, NULL);
+        sample_into(m, 1, seeds + 2, NULL, &o, alone, NULL);
+        for (size_t j = 0; j < img; j++)
+            ck_assert_msg(fabsf(alone[j] - batch[2 * img + j]) <= 1e-5f * (1 + fabsf(alone[j])),
+                          "rng %d: seed 42 alone differs from seed 42 in a batch at %zu", rng, j);
+    }
+    lego_model_free(m);
+}
+END_TEST
+
+static int count_calls(int step, int total, void *user) {
+    int *calls = user;
+    ck_assert_int_eq(step, calls[0] + 1);
+    ck_assert_int_eq(total, 5);
+    calls[0]++;
+    return 0;
+}
+
+static int cancel_at_two(int step, int total, void *user) {
+    (void)total;
+    (void)user;
+    return step == 2;
+}
+
+START_TEST(test_progress_and_cancel) {
+    lego_model *m = small_model();
+    float out[2 * 256];
+    int calls[1] = {0};
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = 5;
+    o.progress = count_calls;
+    o.progress_user = calls;
+    lego_sample_result res;
+    lego_sample_result_init(&res);
+    sample_into(m, 2, NULL, NULL, &o, out, &res);
+    ck_assert_int_eq(calls[0], 5);
+    ck_assert_int_eq(res.network_evals, 9);
+    ck_assert_int_eq(res.brick_evals, 27);
+
+    o.progress = cancel_at_two;
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = 2;
+    r.height = 8;
+    r.width = 8;
+    r.out = out;
+    ck_assert_int_eq(lego_sample(m, &r, &o, NULL), LEGO_ERR_CANCELLED);
+    ck_assert(strstr(lego_model_error(m), "cancel") != NULL);
+    lego_model_free(m);
+}
+END_TEST
+
+START_TEST(test_skip_accounting) {
+    lego_model *m = small_model();
+    float out[256];
+    lego_skip_policy p;
+    lego_skip_policy_init(&p);
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = 10;
+    o.skip = &p;
+    lego_sample_result res;
+    lego_sample_result_init(&res);
+    /* PR rule by sigma: the top brick runs only at t_i <= 1. */
+    ck_assert(lego_skip_policy_preset(&p, m, LEGO_SKIP_TOP_AT_HIGH_NOISE, 0, 0, 1.0) == LEGO_OK);
+    double sig[11];
+    lego_karras_sigmas(10, 0.002, 80, 7, sig);
+    int high = 0;
+    for (int i = 0; i < 10; i++) high += sig[i] > 1.0 ? (i < 9 ? 2 : 1) : 0;
+    sample_into(m, 1, NULL, NULL, &o, out, &res);
+    ck_assert_int_eq(res.network_evals, 19);
+    ck_assert_int_eq(res.brick_evals_saved, high);
+    /* Skipping a middle brick through the raw policy fields. */
+    lego_skip_policy_init(&p);
+    p.step_max[1] = -1; /* brick 1 never runs */
+    sample_into(m, 1, NULL, NULL, &o, out, &res);
+    ck_assert_int_eq(res.brick_evals_saved, 19);
+    /* Brick 0 cannot be skipped by a preset on a one-brick model. */
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    cfg.hidden_size = 16;
+    cfg.num_heads = 2;
+    lego_model *one = NULL;
+    ck_assert(lego_model_create(&cfg, &one) == LEGO_OK);
+    lego_brick_config b;
+    lego_brick_config_init(&b);
+    b.brick_size = 8;
+    ck_assert(lego_brick_add(one, &b) == LEGO_OK);
+    ck_assert(lego_skip_policy_preset(&p, one, LEGO_SKIP_TOP_AT_LOW_NOISE, 10, 0.5, 0) != LEGO_OK);
+    lego_model_free(one);
+    lego_model_free(m);
+}
+END_TEST
+
+/* A caller's own loop of lego_step calls reproduces lego_sample. */
+START_TEST(test_step_loop_matches_sample) {
+    lego_model *m = small_model();
+    scramble(m);
+    for (int solver = 0; solver < 3; solver++) {
+        lego_sample_options o;
+        lego_sample_options_init(&o);
+        o.steps = 6;
+        o.solver = (lego_solver)solver;
+        float lat[256], want[256], x[256], den[256];
+        uint64_t seed = 5;
+        int32_t label = 3;
+        for (int i = 0; i < 256; i++) lat[i] = (float)sin(i * 0.37);
+        lego_sample_request r;
+        lego_sample_request_init(&r);
+        r.n = 1;
+        r.height = 8;
+        r.width = 16;
+        r.seeds = &seed;
+        r.labels = &label;
+        r.latents = lat;
+        r.out = want;
+        ck_assert(lego_sample(m, &r, &o, NULL) == LEGO_OK);
+
+        double sig[7];
+        lego_karras_sigmas(6, 0.002, 80, 7, sig);
+        for (int i = 0; i < 256; i++) x[i] = (float)(lat[i] * sig[0]);
+        for (int i = 0; i < 6; i++) {
+            lego_step_request s;
+            lego_step_request_init(&s);
+            s.n = 1;
+            s.height = 8;
+            s.width = 16;
+            s.x = x;
+            s.t_cur = sig[i];
+            s.t_next = sig[i + 1];
+            s.t_prev = i ? sig[i - 1] : 0;
+            s.step = i;
+            s.labels = &label;
+            s.denoised = den;
+            ck_assert_msg(lego_step(m, &s, &o) == LEGO_OK, "%s", lego_model_error(m));
+        }
+        /* lego_step keeps x in float32 between steps; lego_sample in float64. */
+        float err = 0;
+        for (int i = 0; i < 256; i++) err = fmaxf(err, fabsf(x[i] - want[i]));
+        ck_assert_msg(err < 1e-3f, "solver %d: step loop differs by %g", solver, err);
+    }
+    lego_model_free(m);
+}
+END_TEST
+
+/* Non-square sizes and padding to brick multiples. */
+START_TEST(test_sizes) {
+    lego_model *m = small_model();
+    float out[2 * 12 * 20], big[2 * 16 * 24];
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = 2;
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = 1;
+    r.height = 12;
+    r.width = 20;
+    r.out = out;
+    ck_assert_int_eq(lego_sample(m, &r, &o, NULL), LEGO_ERR_SHAPE);
+    ck_assert(strstr(lego_model_error(m), "multiple") != NULL);
+    r.pad = 1;
+    ck_assert_msg(lego_sample(m, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(m));
+    /* The padded result is the centre crop of the 16 x 24 sample. */
+    r.pad = 0;
+    r.height = 16;
+    r.width = 24;
+    r.out = big;
+    ck_assert(lego_sample(m, &r, &o, NULL) == LEGO_OK);
+    for (int c = 0; c < 2; c++)
+        for (int y = 0; y < 12; y++)
+            for (int x = 0; x < 20; x++)
+                ck_assert(out[(c * 12 + y) * 20 + x] == big[(c * 16 + y + 2) * 24 + x + 2]);
+    lego_model_free(m);
+}
+END_TEST
+
+START_TEST(test_bad_requests) {
+    lego_model *m = small_model();
+    float out[256];
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = 1;
+    r.height = 8;
+    r.width = 8;
+    r.out = out;
+    lego_sample_options o;
+    struct { const char *what, *needle; } cases[] = {
+        {"zero steps", "steps"}, {"sigma_min >= sigma_max", "sigma_min"},
+        {"unknown solver", "solver"}, {"negative guidance", "guidance"},
+        {"NaN rho", "rho"}, {"unknown rng", "generator"}, {"increasing sigmas", "decreasing"},
+        {"label out of range", "label"},
+    };
+    double bad_sigmas[3] = {1.0, 2.0, 0.5};
+    int32_t bad_label = 5;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        lego_sample_options_init(&o);
+        o.steps = 3;
+        r.labels = NULL;
+        switch (i) {
+        case 0: o.steps = 0; break;
+        case 1: o.sigma_min = 80; break;
+        case 2: o.solver = (lego_solver)7; break;
+        case 3: o.guidance = -1; break;
+        case 4: o.rho = NAN; break;
+        case 5: o.rng = (lego_rng)9; break;
+        case 6: o.sigmas = bad_sigmas; break;
+        case 7: r.labels = &bad_label; break;
+        }
+        ck_assert_int_eq(lego_sample(m, &r, &o, NULL), LEGO_ERR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(lego_model_error(m), cases[i].needle) != NULL, "%s: message '%s'",
+                      cases[i].what, lego_model_error(m));
+    }
+    r.labels = NULL;
+    lego_sample_options_init(&o);
+    r.width = 12; /* not a multiple of 8 */
+    ck_assert_int_eq(lego_sample(m, &r, &o, NULL), LEGO_ERR_SHAPE);
+    r.width = 8;
+    r.n = 0;
+    ck_assert_int_eq(lego_sample(m, &r, &o, NULL), LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert_int_eq(lego_sample(NULL, &r, &o, NULL), LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert_int_eq(lego_sample(m, NULL, &o, NULL), LEGO_ERR_INVALID_ARGUMENT);
+    double sig[3];
+    ck_assert_int_eq(lego_karras_sigmas(0, 0.002, 80, 7, sig), LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert_int_eq(lego_karras_sigmas(2, 80, 0.002, 7, sig), LEGO_ERR_INVALID_ARGUMENT);
+    lego_model_free(m);
+}
+END_TEST
+
 int main(void) {
     discover_cases();
     Suite *s = suite_create("sample");
@@ -243,6 +532,15 @@ int main(void) {
         tcase_add_loop_test(golden, test_golden_generate, 0, num_cases);
     }
     suite_add_tcase(s, golden);
+    TCase *contract = tcase_create("contract");
+    tcase_set_timeout(contract, 300);
+    tcase_add_test(contract, test_batch_invariance);
+    tcase_add_test(contract, test_progress_and_cancel);
+    tcase_add_test(contract, test_skip_accounting);
+    tcase_add_test(contract, test_step_loop_matches_sample);
+    tcase_add_test(contract, test_sizes);
+    tcase_add_test(contract, test_bad_requests);
+    suite_add_tcase(s, contract);
     int status = run_suite(s);
     for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
     return status;
