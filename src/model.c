@@ -43,6 +43,10 @@ lego_status model_validate_config(const lego_model_config *c, lego_err *err) {
     if (c->hidden_size < 1 || c->hidden_size > MAX_HIDDEN)
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
                          "hidden_size must be in [1, %d], got %d", MAX_HIDDEN, c->hidden_size);
+    if (c->hidden_size % 4 != 0)
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                         "hidden_size must be a multiple of 4 (the 2-D sin-cos position "
+                         "embedding), got %d", c->hidden_size);
     if (c->num_heads < 1 || c->hidden_size % c->num_heads != 0)
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
                          "num_heads (%d) must be positive and divide hidden_size (%d)",

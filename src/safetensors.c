@@ -122,7 +122,9 @@ static lego_status parse_tensor(const cJSON *entry, const unsigned char *area,
                          "tensor '%s': data_offsets [%llu, %llu] outside the %zu-byte data area",
                          name, (unsigned long long)begin, (unsigned long long)end, area_size);
     size_t nbytes = 0;
-    if (!size_mul(numel, st_dtype_size(t->dtype), &nbytes) || nbytes != end - begin)
+    if (!size_mul(numel, st_dtype_size(t->dtype), &nbytes))
+        return lego_fail(err, LEGO_ERR_FORMAT, "tensor '%s': byte count overflows", name);
+    if (nbytes != end - begin)
         return lego_fail(err, LEGO_ERR_FORMAT,
                          "tensor '%s': %llu bytes stored but shape and dtype need %zu",
                          name, (unsigned long long)(end - begin), nbytes);
@@ -151,14 +153,17 @@ static lego_status check_overlaps(st_file *f, lego_err *err) {
     if (!order) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     for (int i = 0; i < f->num_tensors; i++) order[i] = &f->tensors[i];
     qsort(order, (size_t)f->num_tensors, sizeof *order, compare_by_offset);
+    /* Empty tensors own no bytes and may sit at any offset. */
     lego_status s = LEGO_OK;
-    for (int i = 1; i < f->num_tensors; i++) {
-        const char *prev_end = (const char *)order[i - 1]->data + order[i - 1]->nbytes;
-        if ((const char *)order[i]->data < prev_end) {
-            s = lego_fail(err, LEGO_ERR_FORMAT, "tensors '%s' and '%s' overlap",
-                          order[i - 1]->name, order[i]->name);
+    const st_tensor *prev = NULL;
+    for (int i = 0; i < f->num_tensors; i++) {
+        if (order[i]->nbytes == 0) continue;
+        if (prev && (const char *)order[i]->data < (const char *)prev->data + prev->nbytes) {
+            s = lego_fail(err, LEGO_ERR_FORMAT, "tensors '%s' and '%s' overlap", prev->name,
+                          order[i]->name);
             break;
         }
+        prev = order[i];
     }
     free(order);
     return s;
@@ -174,8 +179,18 @@ lego_status st_parse(const void *data, size_t size, st_file **out, lego_err *err
                          "header length %llu does not fit the %zu-byte file",
                          (unsigned long long)header_len, size);
 
-    cJSON *root = cJSON_ParseWithLength((const char *)bytes + 8, (size_t)header_len);
+    /* cJSON stops at the end of the first value; anything but padding
+     * after it means the header is not what it claims to be. */
+    const char *json = (const char *)bytes + 8, *json_end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(json, (size_t)header_len, &json_end, 0);
     if (!root) return lego_fail(err, LEGO_ERR_FORMAT, "header is not valid JSON");
+    for (const char *c = json_end; c < json + header_len; c++)
+        if (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r') {
+            cJSON_Delete(root);
+            return lego_fail(err, LEGO_ERR_FORMAT,
+                             "header is not valid JSON: stray byte 0x%02x at header offset %zu",
+                             (unsigned char)*c, (size_t)(c - json));
+        }
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
         return lego_fail(err, LEGO_ERR_FORMAT, "header is not a JSON object");
