@@ -81,7 +81,7 @@ bin/%: examples/%.c $(SHARED) | bin
 build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests $< -o $@ $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
 
-check: $(TESTS) examples
+check: $(TESTS) examples check-header
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
@@ -90,6 +90,8 @@ check: $(TESTS) examples
 check-header:
 	$(CC) -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only -x c include/lego.h
 	g++ -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only -x c++ include/lego.h
+	$(CC) -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/test_header_c.c
+	g++ -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/test_header_cxx.cpp
 
 # Every test program under valgrind memcheck (no fork, so valgrind sees the
 # test bodies); any error or definite leak fails.
