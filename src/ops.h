@@ -4,6 +4,13 @@
  * Activations are row-major token matrices: `rows` tokens of `dim` floats.
  * Rows of one image are contiguous, so per-image adaLN vectors are found as
  * row / rows_per_image.  Every kernel takes the worker count it may use.
+ *
+ * Threading: GEMMs go to OpenBLAS.  When OpenBLAS runs each call on the
+ * calling thread (OPENBLAS_NUM_THREADS=1, or its sequential or OpenMP
+ * builds), op_linear_act splits the rows over our own OpenMP workers, so
+ * only one set of threads ever runs: the fast setting.  Otherwise it makes
+ * one call and lets OpenBLAS's threads share the GEMM, and op_workers()
+ * keeps our pool off the cores OpenBLAS's pool occupies.
  */
 #ifndef LEGO_OPS_H
 #define LEGO_OPS_H
@@ -12,8 +19,29 @@
 
 #include "model.h"
 
-/* y[rows][out] = x[rows][in] * W^T + b  (OpenBLAS sgemm). */
+/* y[rows][out] = x[rows][in] * W^T + b  (one OpenBLAS sgemm, single caller). */
 void op_linear(const linear *l, const float *x, size_t rows, float *y);
+
+/* 1 when cblas_sgemm runs each call on the calling thread only, so that
+ * op_linear_act spreads GEMMs over our workers; 0 when the BLAS threads
+ * them itself. */
+int op_blas_on_caller(void);
+
+/* How many of `threads` workers our kernels should use between GEMMs: all
+ * of them when the BLAS runs on the caller, else only the cores OpenBLAS's
+ * own threads leave free (at least the caller).  Both pools spin while they
+ * wait, so more would oversubscribe the cores and stall both. */
+int op_workers(int threads);
+
+/* What op_linear_act applies to its output. */
+typedef enum op_act {
+    OP_ACT_NONE,
+    OP_ACT_GELU_TANH
+} op_act;
+
+/* y = act(x * W^T + b) over `threads` workers (see the note above). */
+void op_linear_act(const linear *l, const float *x, size_t rows, float *y, op_act act,
+                   int threads);
 
 /* y = LayerNorm(x) * (1 + scale) + shift, LayerNorm without affine,
  * eps 1e-6.  shift/scale of image i are at mod + i*mod_stride (+ dim for
@@ -25,6 +53,16 @@ void op_layernorm_modulate(const float *x, size_t rows, int dim, size_t rows_per
 /* x += gate * y per image, gate of image i at gate + i*mod_stride. */
 void op_gated_residual(float *x, const float *y, size_t rows, int dim, size_t rows_per_image,
                        const float *gate, size_t mod_stride, int threads);
+
+/* The two above fused, one pass per row: x += gate * y, then
+ * out = LayerNorm(x) * (1 + scale) + shift.  Image i's gate is at
+ * gate + i*gate_stride, its shift and scale mod_stride apart (the next
+ * LayerNorm may belong to another table).  out may alias y (each row of y
+ * is read before that row of out is written), not x. */
+void op_gated_residual_layernorm(float *x, const float *y, size_t rows, int dim,
+                                 size_t rows_per_image, const float *gate, size_t gate_stride,
+                                 const float *shift, const float *scale, size_t mod_stride,
+                                 float *out, int threads);
 
 /* x = GELU(x) with the tanh approximation, in place. */
 void op_gelu_tanh(float *x, size_t n, int threads);

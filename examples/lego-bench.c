@@ -1,0 +1,343 @@
+/*
+ * lego-bench -- how fast one network evaluation D(x; sigma) runs.
+ *
+ *   lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]
+ *              [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]
+ *   lego-bench --list
+ *
+ * For every batch size it prints the median (and fastest) time of one
+ * lego_denoise call after warm-up, images per second, the model FLOPs of
+ * one evaluation counted analytically, and the FLOP rate that implies.
+ *
+ * Without --model or --preset it times ../shared/models/fmnist_lego_pg32
+ * when that file exists, else the small random "tiny" preset.  Presets are
+ * built with random weights (lego_model_init_weights); the paper-sized ones
+ * need gigabytes and are slow on a small CPU, so ask for them by name.
+ *
+ * FLOPs counted (2 per multiply-add), per image and evaluation:
+ *   every linear layer: 2 * rows * in * out (patch embedding, qkv, proj,
+ *     fc1, fc2, final linear per token; adaLN per image per block; the
+ *     time/label embedders per image);
+ *   attention: 4 * T^2 * D per sequence of T tokens and block (QK^T, PV);
+ *   not counted: LayerNorm, softmax, GELU, SiLU, residuals, gather/scatter.
+ * With guidance (--cfg S, S != 1, conditional model) the batch runs twice
+ * (conditional and unconditional), and the count doubles accordingly.
+ *
+ * Threads: --threads sets the library's OpenMP workers.  OpenBLAS reads
+ * OPENBLAS_NUM_THREADS when the program starts; with the pthreads OpenBLAS,
+ * OPENBLAS_NUM_THREADS=1 lets liblego spread each GEMM over its own workers
+ * (no second thread pool competing for the cores), which is usually
+ * fastest.  OMP_WAIT_POLICY also matters when both pools run.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "lego.h"
+
+#define DEFAULT_MODEL "../shared/models/fmnist_lego_pg32.safetensors"
+#define MAX_BATCHES 32
+
+/* ---- presets -------------------------------------------------------------
+ * One row per model.  Brick lists are (brick size, patch size, depth) from
+ * the bottom brick up, as in the reference lego_models.py of
+ * JegZheng/LEGODiffusion; S/L/XL are D 384/6 heads, 1024/16, 1152/16.
+ * The *_64 S and L models work on 64x64 RGB pixels, the XL models and the
+ * *_32 ones on 32x32x4 latents (256x256 images), all with 1000 classes.
+ * lego_S_PG_64, lego_L_PG_64 and lego_XL_U_32 reproduce the parameter
+ * counts of ../shared/reference/pytorch_reference_speed_h100.json. */
+typedef struct preset {
+    const char *name;
+    int hidden, heads, channels, resolution, classes;
+    int num_bricks;
+    int bricks[5][3]; /* brick_size, patch_size, depth */
+} preset;
+
+static const preset presets[] = {
+    /* name      D     heads C  res classes K  bricks: {size, patch, depth} bottom up */
+    {"tiny",     64,   4,    1, 32, 10,     3, {{4, 2, 1}, {16, 8, 1}, {32, 2, 2}}},
+    {"fmnist",   256,  4,    1, 32, 10,     3, {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}},
+    {"S-PG-64",  384,  6,    3, 64, 1000,   3, {{4, 2, 2}, {16, 8, 4}, {64, 2, 6}}},
+    {"S-PR-64",  384,  6,    3, 64, 1000,   3, {{64, 2, 6}, {16, 8, 4}, {4, 2, 2}}},
+    {"S-U-64",   384,  6,    3, 64, 1000,   5,
+     {{64, 2, 6}, {16, 8, 4}, {4, 2, 2}, {16, 8, 4}, {64, 2, 6}}},
+    {"S-U-32",   384,  6,    4, 32, 1000,   5,
+     {{32, 2, 6}, {16, 8, 4}, {4, 2, 2}, {16, 8, 4}, {32, 2, 6}}},
+    {"L-PG-64",  1024, 16,   3, 64, 1000,   3, {{4, 2, 6}, {16, 8, 8}, {64, 2, 12}}},
+    {"L-PR-64",  1024, 16,   3, 64, 1000,   3, {{64, 2, 12}, {16, 8, 8}, {4, 2, 6}}},
+    {"L-U-32",   1024, 16,   4, 32, 1000,   5,
+     {{32, 2, 12}, {16, 8, 8}, {4, 2, 6}, {16, 8, 8}, {32, 2, 12}}},
+    {"XL-PG-32", 1152, 16,   4, 32, 1000,   3, {{4, 2, 4}, {16, 8, 12}, {32, 2, 14}}},
+    {"XL-PR-32", 1152, 16,   4, 32, 1000,   3, {{32, 2, 14}, {16, 8, 12}, {4, 2, 4}}},
+    {"XL-U-32",  1152, 16,   4, 32, 1000,   5,
+     {{32, 2, 14}, {16, 8, 10}, {4, 2, 4}, {16, 8, 10}, {32, 2, 14}}},
+    {"XL-PG-64", 1152, 16,   4, 64, 1000,   3, {{4, 2, 4}, {16, 8, 12}, {64, 2, 14}}},
+};
+#define NUM_PRESETS (sizeof presets / sizeof presets[0])
+
+static const preset *find_preset(const char *name) {
+    for (size_t i = 0; i < NUM_PRESETS; i++)
+        if (strcmp(presets[i].name, name) == 0) return &presets[i];
+    return NULL;
+}
+
+static void list_presets(void) {
+    printf("%-10s %5s %5s %3s %4s %7s  bricks (size/patch x depth)\n", "preset", "D", "heads",
+           "C", "res", "classes");
+    for (size_t i = 0; i < NUM_PRESETS; i++) {
+        const preset *p = &presets[i];
+        printf("%-10s %5d %5d %3d %4d %7d ", p->name, p->hidden, p->heads, p->channels,
+               p->resolution, p->classes);
+        for (int k = 0; k < p->num_bricks; k++)
+            printf(" %d/%dx%d", p->bricks[k][0], p->bricks[k][1], p->bricks[k][2]);
+        printf("\n");
+    }
+}
+
+static lego_status build_preset(const preset *p, int threads, lego_model **out) {
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    cfg.img_channels = p->channels;
+    cfg.img_resolution = p->resolution;
+    cfg.label_dim = p->classes;
+    cfg.hidden_size = p->hidden;
+    cfg.num_heads = p->heads;
+    cfg.num_threads = threads;
+    lego_status s = lego_model_create(&cfg, out);
+    for (int k = 0; s == LEGO_OK && k < p->num_bricks; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        b.brick_size = p->bricks[k][0];
+        b.patch_size = p->bricks[k][1];
+        b.depth = p->bricks[k][2];
+        s = lego_brick_add(*out, &b);
+    }
+    if (s == LEGO_OK) s = lego_model_init_weights(*out, 1);
+    return s;
+}
+
+/* ---- FLOPs ------------------------------------------------------------- */
+
+/* Model FLOPs of one evaluation of n images of h x w through bricks
+ * 0 .. bricks_run-1 (see the list at the top of the file). */
+static double eval_flops(lego_model *m, int n, int h, int w, int bricks_run, int guided) {
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    lego_model_get_config(m, &cfg);
+    double D = cfg.hidden_size, C = cfg.img_channels, hid = (double)(int)(D * cfg.mlp_ratio);
+    double per_image = 2 * (cfg.frequency_embedding_size * D + D * D) + 2 * cfg.label_dim * D;
+    for (int k = 0; k < bricks_run; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        lego_model_get_brick(m, k, &b);
+        double grid = b.brick_size / b.patch_size, T = grid * grid;
+        double seqs = (double)(h / b.brick_size) * (w / b.brick_size), rows = seqs * T;
+        double p2 = (double)b.patch_size * b.patch_size, c_in = k == 0 ? C + 2 : 2 * C + 2;
+        double block = rows * 2 * (D * 3 * D + D * D + 2 * D * hid) /* qkv proj fc1 fc2 */
+                       + seqs * 4 * T * T * D                        /* QK^T and PV       */
+                       + 2 * D * 6 * D;                              /* adaLN             */
+        per_image += 2 * rows * c_in * p2 * D + b.depth * block + 2 * D * 2 * D +
+                     2 * rows * D * p2 * C;
+    }
+    return per_image * n * (guided ? 2 : 1);
+}
+
+/* ---- timing ------------------------------------------------------------ */
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Parse "1,8,100" into batches[]; returns the count, 0 on a bad list. */
+static int parse_batches(const char *s, int *batches) {
+    int count = 0;
+    while (*s && count < MAX_BATCHES) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > 1000000) return 0;
+        batches[count++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return 0;
+    }
+    return count;
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]\n"
+            "                  [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]\n"
+            "       lego-bench --list\n"
+            "Default model: %s if present, else the \"tiny\" preset.\n"
+            "Environment: OPENBLAS_NUM_THREADS (1 lets liblego thread the GEMMs itself).\n",
+            DEFAULT_MODEL);
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *preset_name = NULL;
+    int batches[MAX_BATCHES] = {1, 100}, num_batches = 2;
+    int threads = 0, iters = 5, warmup = 1, skip_top = 0, h = 0, w = 0;
+    float guidance = 1.0f;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--list") == 0) {
+            list_presets();
+            return 0;
+        } else if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(a, "--skip-top") == 0) {
+            skip_top = 1;
+            continue;
+        }
+        if (!v) {
+            usage(stderr);
+            return 2;
+        }
+        i++;
+        if (strcmp(a, "--model") == 0) model_path = v;
+        else if (strcmp(a, "--preset") == 0) preset_name = v;
+        else if (strcmp(a, "--batch") == 0) num_batches = parse_batches(v, batches);
+        else if (strcmp(a, "--threads") == 0) threads = atoi(v);
+        else if (strcmp(a, "--iters") == 0) iters = atoi(v);
+        else if (strcmp(a, "--warmup") == 0) warmup = atoi(v);
+        else if (strcmp(a, "--cfg") == 0) guidance = strtof(v, NULL);
+        else if (strcmp(a, "--size") == 0) {
+            if (sscanf(v, "%dx%d", &h, &w) != 2) w = h = atoi(v);
+        } else {
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (num_batches < 1 || iters < 1 || warmup < 0 || threads < 0 || guidance < 0) {
+        usage(stderr);
+        return 2;
+    }
+
+    /* The model. */
+    lego_model *m = NULL;
+    lego_status s;
+    const char *what;
+    if (!model_path && !preset_name) {
+        FILE *f = fopen(DEFAULT_MODEL, "rb");
+        if (f) {
+            fclose(f);
+            model_path = DEFAULT_MODEL;
+        } else {
+            preset_name = "tiny";
+        }
+    }
+    if (model_path) {
+        lego_load_options o;
+        lego_load_options_init(&o);
+        o.num_threads = threads;
+        s = lego_model_load(model_path, &o, &m);
+        what = model_path;
+    } else {
+        const preset *p = find_preset(preset_name);
+        if (!p) {
+            fprintf(stderr, "lego-bench: no preset \"%s\" (see --list)\n", preset_name);
+            return 2;
+        }
+        s = build_preset(p, threads, &m);
+        what = p->name;
+    }
+    if (s != LEGO_OK) {
+        fprintf(stderr, "lego-bench: %s: %s\n", what, lego_model_error(m));
+        lego_model_free(m);
+        return 1;
+    }
+
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    lego_model_get_config(m, &cfg);
+    int K = lego_model_num_bricks(m), run = skip_top && K > 1 ? K - 1 : K;
+    if (h == 0) h = w = cfg.img_resolution;
+    if (lego_model_check_resolution(m, h, w) != LEGO_OK) {
+        fprintf(stderr, "lego-bench: %s\n", lego_model_error(m));
+        lego_model_free(m);
+        return 1;
+    }
+    int guided = cfg.label_dim > 0 && guidance != 1.0f && guidance != 0.0f;
+    const char *blas_env = getenv("OPENBLAS_NUM_THREADS");
+
+    printf("model    %s: %.2f M parameters, D=%d, %d heads, %dx%dx%d, %d classes\n", what,
+           (double)lego_model_num_params(m) / 1e6, cfg.hidden_size, cfg.num_heads, h, w,
+           cfg.img_channels, cfg.label_dim);
+    printf("bricks  ");
+    for (int k = 0; k < K; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        lego_model_get_brick(m, k, &b);
+        printf(" %d/%dx%d%s", b.brick_size, b.patch_size, b.depth, k < run ? "" : " (skipped)");
+    }
+    printf(" (size/patch x depth)\n");
+    printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
+           "median of %d after %d warm-up\n",
+           threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
+    printf("%7s %12s %12s %10s %10s %12s %9s\n", "batch", "ms/eval", "min ms", "ms/image",
+           "images/s", "GFLOP/eval", "GFLOP/s");
+
+    int status = 0;
+    double *times = malloc((size_t)iters * sizeof *times);
+    for (int bi = 0; bi < num_batches && status == 0; bi++) {
+        int n = batches[bi];
+        size_t len = (size_t)n * cfg.img_channels * h * w;
+        float *x = malloc(len * sizeof *x), *out = malloc(len * sizeof *out);
+        float *sigma = malloc((size_t)n * sizeof *sigma);
+        int32_t *labels = malloc((size_t)n * sizeof *labels);
+        if (!x || !out || !sigma || !labels || !times) {
+            fprintf(stderr, "lego-bench: out of memory for batch %d\n", n);
+            status = 1;
+        }
+        for (size_t i = 0; status == 0 && i < len; i++)
+            x[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 1000.0f;
+        for (int i = 0; status == 0 && i < n; i++) {
+            sigma[i] = 1.0f;
+            labels[i] = cfg.label_dim > 0 ? i % cfg.label_dim : -1;
+        }
+
+        lego_denoise_request r;
+        lego_denoise_request_init(&r);
+        r.n = n;
+        r.height = h;
+        r.width = w;
+        r.x = x;
+        r.sigma = sigma;
+        r.labels = cfg.label_dim > 0 ? labels : NULL;
+        r.guidance = guidance;
+        r.num_bricks = run;
+        r.out = out;
+        for (int it = 0; status == 0 && it < warmup + iters; it++) {
+            double t0 = now_s();
+            if (lego_denoise(m, &r) != LEGO_OK) {
+                fprintf(stderr, "lego-bench: batch %d: %s\n", n, lego_model_error(m));
+                status = 1;
+            }
+            if (it >= warmup) times[it - warmup] = now_s() - t0;
+        }
+        if (status == 0) {
+            qsort(times, (size_t)iters, sizeof *times, compare_doubles);
+            double med = iters % 2 ? times[iters / 2]
+                                   : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
+            double flops = eval_flops(m, n, h, w, run, guided);
+            printf("%7d %12.2f %12.2f %10.3f %10.1f %12.3f %9.1f\n", n, med * 1e3, times[0] * 1e3,
+                   med * 1e3 / n, n / med, flops * 1e-9, flops * 1e-9 / med);
+            fflush(stdout);
+        }
+        free(x), free(out), free(sigma), free(labels);
+    }
+    free(times);
+    lego_model_free(m);
+    return status;
+}
