@@ -59,16 +59,18 @@ build/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) include/lego.h | build
 	$(NVCC) -std=c++17 -O3 -Xcompiler -fPIC,-fvisibility=hidden,-Wall -Iinclude -Isrc \
 	  -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c $< -o $@
 
-build build/tests lib bin:
+build build/tests bin:
 	mkdir -p $@
 
-$(SHARED): $(OBJ) src/lego.map | lib
+$(SHARED): $(OBJ) src/lego.map
+	mkdir -p lib
 	$(CC) -shared -fopenmp -Wl,-soname,liblego.so.$(VERSION_MAJOR) -Wl,--version-script=src/lego.map \
 	  -Wl,--no-undefined $(LDFLAGS) -o $@ $(OBJ) $(LDLIBS)
 	ln -sf liblego.so.$(VERSION) lib/liblego.so.$(VERSION_MAJOR)
 	ln -sf liblego.so.$(VERSION_MAJOR) lib/liblego.so
 
-$(STATIC): $(OBJ) | lib
+$(STATIC): $(OBJ)
+	mkdir -p lib
 	rm -f $@
 	ar rcs $@ $(OBJ)
 

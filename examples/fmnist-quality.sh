@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sample-quality benchmark (not a test): 1000 Fashion-MNIST samples per setting, scored with
 # ../shared/eval/fmnist_score.py (class accuracy, FD), plus wall time per image.
+# OpenBLAS runs single-threaded so liblego spreads the GEMMs over its own THREADS workers.
 #   examples/fmnist-quality.sh [THREADS] [MODEL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ make -s examples
 run() {
     local name=$1; shift
     local t0=$(date +%s.%N)
-    OPENBLAS_NUM_THREADS=$threads bin/lego-sample --quiet --model "$model" --threads "$threads" \
+    OPENBLAS_NUM_THREADS=1 bin/lego-sample --quiet --model "$model" --threads "$threads" \
         --seeds 0-999 --labels cycle --batch 100 --npz "$out/$name.npz" "$@"
     local t1=$(date +%s.%N)
     local score=$(/usr/bin/python3 ../shared/eval/fmnist_score.py "$out/$name.npz")
