@@ -18,6 +18,11 @@
 
 #include "lego.h"
 
+/* liblego runs GEMMs on its own workers when OpenBLAS is single-threaded,
+ * the fastest arrangement; that setting is process-wide, so it is the
+ * application's to make.  Weak: absent when liblego uses another BLAS. */
+extern void openblas_set_num_threads(int) __attribute__((weak));
+
 static const char *default_models[] = {
     "models/lego_fmnist_pg32.safetensors",
     "../shared/models/fmnist_lego_pg32.safetensors",
@@ -238,6 +243,7 @@ int main(int argc, char **argv) {
     if (!a.out_dir && !a.grid && !a.npz)
         fprintf(stderr, "lego-sample: note: no --out, --grid or --npz; images are not saved\n");
 
+    if (openblas_set_num_threads && !getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(1);
     lego_load_options lo;
     lego_load_options_init(&lo);
     lo.num_threads = a.threads;
