@@ -395,6 +395,107 @@ LEGO_API lego_status lego_write_npz(const char *path, const uint8_t *images,
                                     int channels, const int32_t *labels,
                                     char *errmsg, size_t errmsg_size);
 
+/* ------------------------------------------------------------------------ */
+/* Datasets                                                                 */
+/* ------------------------------------------------------------------------ */
+/*
+ * Training images, read from
+ *   - an idx file of MNIST / Fashion-MNIST, gzip-compressed or plain
+ *     ("train-images-idx3-ubyte.gz"); labels come from the file beside it
+ *     with "images" -> "labels" and "idx3" -> "idx1" in its name
+ *     ("train-labels-idx1-ubyte.gz", with or without ".gz"), or from
+ *     lego_dataset_options.labels_path; without one the set is unlabelled;
+ *   - a folder of PNG images (8-bit grey or RGB; palettes and 1/2/4-bit
+ *     grey are expanded), searched recursively, names sorted byte-wise
+ *     ("00000/img00000000.png");
+ *   - an EDM/StyleGAN-style zip of such PNGs (stored or deflated entries;
+ *     no ZIP64, no encryption).
+ * A folder or zip may hold a dataset.json at its top level:
+ * {"labels": [["00000/img00000000.png", 6], ...]} gives every image a class
+ * index (every image needs one; "labels": null means unlabelled).  Hidden
+ * files, "__MACOSX/" and links to folders are ignored; other image formats
+ * (.jpg, .webp, ...) are refused.  label_dim is the largest label + 1 over
+ * the whole set (max_images included), as EDM computes it.
+ *
+ * Every image must have the same size and channels.  The whole set is
+ * decoded when it is opened and kept as uint8; lego_dataset_get converts
+ * one image to float32 CHW, x / 127.5 - 1 (so [-1, 1]), and pads it,
+ * centred, to the requested resolution (28 x 28 -> 32 x 32 puts 2 pixels
+ * of pad_value on every side; an odd margin leaves the extra pixel at the
+ * bottom / right).  Images are never resized or cropped.
+ *
+ * Threading: one dataset may be read (count, shape, get, get_batch) from
+ * several threads at once; calls that succeed write nothing to it, calls
+ * that fail record their message in it.
+ */
+typedef struct lego_dataset lego_dataset;
+
+typedef struct lego_dataset_options {
+    size_t size;             /* sizeof(lego_dataset_options)                 */
+    int resolution;          /* pad images to resolution x resolution,
+                                centred; 0 = native size (0).  Fashion-MNIST
+                                as the reference trains it: 32              */
+    float pad_value;         /* value of the padding, in the [-1, 1] scale
+                                of the output (-1: black)                    */
+    uint64_t max_bytes;      /* the most bytes of decoded pixels to keep, and
+                                the most any one file or archive member may
+                                hold or decompress to (2 GiB)                */
+    int64_t max_images;      /* keep only the first max_images images, in
+                                file / name order; 0 = all (0)               */
+    const char *labels_path; /* idx only: the labels file; NULL = look beside
+                                the images file (NULL)                       */
+} lego_dataset_options;
+
+LEGO_API void lego_dataset_options_init(lego_dataset_options *options);
+
+/*
+ * Open a dataset: `path` is an idx file, a folder or a zip (recognised by
+ * what it is and by its first bytes).  `options` may be NULL (defaults).
+ * Failure is reported as for lego_model_create(): *out is NULL only when
+ * even the handle could not be allocated; otherwise it is a dataset in the
+ * failed state whose lego_dataset_error() explains the failure, which
+ * refuses every call with LEGO_ERR_STATE and which must be freed.
+ * LEGO_ERR_FORMAT: a malformed, truncated or inconsistent file;
+ * LEGO_ERR_SHAPE: images of different sizes, a labels file that does not
+ * match, images larger than `resolution`; LEGO_ERR_UNSUPPORTED: ZIP64,
+ * encryption, 16-bit or transparent PNGs, vector labels, other image
+ * formats; LEGO_ERR_OUT_OF_MEMORY: more than max_bytes, or malloc failed.
+ */
+LEGO_API lego_status lego_dataset_open(const char *path,
+                                       const lego_dataset_options *options,
+                                       lego_dataset **out);
+
+/* Free a dataset.  NULL is allowed. */
+LEGO_API void lego_dataset_free(lego_dataset *dataset);
+
+/* The message of the dataset's last failure ("" when none).  Owned by the
+ * dataset.  NULL gives a static message. */
+LEGO_API const char *lego_dataset_error(const lego_dataset *dataset);
+
+/* Number of images (0 for NULL or a failed dataset). */
+LEGO_API int64_t lego_dataset_count(const lego_dataset *dataset);
+
+/* Shape of the images lego_dataset_get writes: channels (1 or 3) and the
+ * padded height and width.  Any output pointer may be NULL. */
+LEGO_API lego_status lego_dataset_shape(const lego_dataset *dataset,
+                                        int *channels, int *height,
+                                        int *width);
+
+/* Number of classes: the largest label + 1; 0 when unlabelled. */
+LEGO_API int lego_dataset_label_dim(const lego_dataset *dataset);
+
+/* Image `index` (0 <= index < count) as float32 C x H x W in [-1, 1] into
+ * chw_out (channels * height * width floats, lego_dataset_shape), and its
+ * label into *label_out (-1 when unlabelled; label_out may be NULL). */
+LEGO_API lego_status lego_dataset_get(lego_dataset *dataset, int64_t index,
+                                      float *chw_out, int32_t *label_out);
+
+/* n images at once: out is n x C x H x W, labels_out (may be NULL) n
+ * labels.  Every index is checked before anything is written. */
+LEGO_API lego_status lego_dataset_get_batch(lego_dataset *dataset,
+                                            const int64_t *indices, int n,
+                                            float *out, int32_t *labels_out);
+
 #ifdef __cplusplus
 }
 #endif
