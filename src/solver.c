@@ -156,7 +156,7 @@ static lego_status step_dpmpp_2m(solver_ctx *c, double *x, double t_prev, double
     for (size_t i = 0; i < len; i++) {
         double d = c->den[i];
         if (second) d = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * c->old_den[i];
-        x[i] = ratio * x[i] - weight * d;
+        x[i] = ratio * x[i] + weight * d; /* e^-h x + (1 - e^-h) D */
         c->old_den[i] = c->den[i];
     }
     c->have_old_den = 1;

@@ -467,6 +467,72 @@ START_TEST(test_sizes) {
 }
 END_TEST
 
+
+/* A freshly initialised model's bricks output 0, so D(x; s) = c_skip x:
+ * the exact denoiser of Gaussian data N(0, s_d^2), linear in x.  Each
+ * solver then maps x_T = z T to g z for a scalar g that the solver's
+ * formula gives when run on one number; this spells out Heun, Euler and
+ * DPM-Solver++(2M) independently of src/solver.c.  The exact ODE solution
+ * is g = T s_d / sqrt(T^2 + s_d^2); every solver must land near it. */
+static double gaussian_endpoint(lego_solver solver, int steps) {
+    double t[1024], x = 80, old = 0;
+    lego_karras_sigmas(steps, 0.002, 80, 7, t);
+    for (int i = 0; i < steps; i++) {
+        double tc = t[i], tn = t[i + 1], d = 0.25 / (tc * tc + 0.25) * x;
+        if (solver == LEGO_SOLVER_DPMPP_2M) {
+            if (tn == 0) {
+                x = d;
+            } else {
+                double h = log(tc / tn), dd = d;
+                if (i > 0) {
+                    double r = log(t[i - 1] / tc) / h;
+                    dd = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old;
+                }
+                x = exp(-h) * x + (1 - exp(-h)) * dd;
+            }
+            old = d;
+            continue;
+        }
+        double slope = (x - d) / tc, xn = x + (tn - tc) * slope;
+        if (solver == LEGO_SOLVER_HEUN && tn > 0) {
+            double slope2 = (xn - 0.25 / (tn * tn + 0.25) * xn) / tn;
+            xn = x + (tn - tc) * (0.5 * slope + 0.5 * slope2);
+        }
+        x = xn;
+    }
+    return x; /* z = 1 */
+}
+
+START_TEST(test_solvers_reach_gaussian_endpoint) {
+    lego_model *m = small_model();
+    float lat[256], out[256];
+    for (int i = 0; i < 256; i++) lat[i] = (float)cos(i * 0.71);
+    const lego_solver solvers[3] = {LEGO_SOLVER_HEUN, LEGO_SOLVER_EULER, LEGO_SOLVER_DPMPP_2M};
+    const int steps[3] = {18, 200, 12};
+    const double exact = 80.0 * 0.5 / sqrt(80.0 * 80.0 + 0.25);
+    for (int k = 0; k < 3; k++) {
+        lego_sample_options o;
+        lego_sample_options_init(&o);
+        o.solver = solvers[k];
+        o.steps = steps[k];
+        lego_sample_request r;
+        lego_sample_request_init(&r);
+        r.n = 1;
+        r.height = 8;
+        r.width = 16;
+        r.latents = lat;
+        r.out = out;
+        ck_assert(lego_sample(m, &r, &o, NULL) == LEGO_OK);
+        double g = gaussian_endpoint(solvers[k], steps[k]), err = 0;
+        ck_assert_msg(fabs(g - exact) < 0.2 * exact, "solver %d: %g is no ODE solution (%g)", k,
+                      g, exact);
+        for (int i = 0; i < 256; i++) err = fmax(err, fabs(out[i] - lat[i] * g));
+        ck_assert_msg(err < 1e-5, "solver %d: differs from its formula by %g", k, err);
+    }
+    lego_model_free(m);
+}
+END_TEST
+
 START_TEST(test_bad_requests) {
     lego_model *m = small_model();
     float out[256];
@@ -540,6 +606,7 @@ int main(void) {
     tcase_add_test(contract, test_step_loop_matches_sample);
     tcase_add_test(contract, test_sizes);
     tcase_add_test(contract, test_bad_requests);
+    tcase_add_test(contract, test_solvers_reach_gaussian_endpoint);
     suite_add_tcase(s, contract);
     int status = run_suite(s);
     for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
