@@ -5,6 +5,7 @@
 #   make install PREFIX=/usr/local DESTDIR=
 #   make deps            install the Debian packages the build and tests need
 #   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
+#                        (CUDA_HOME=/usr/local/cuda; docs/cuda.md)
 #   make SANITIZE=1      build everything with ASan + UBSan
 #
 VERSION_MAJOR := 0
@@ -22,6 +23,7 @@ WARN := -Wall -Wextra -Werror
 BASE_CFLAGS := -std=c11 $(WARN) -fPIC -fvisibility=hidden -fopenmp -Iinclude -Isrc \
                $(shell pkg-config --cflags openblas 2>/dev/null)
 LDLIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -lcjson -lpng -lz -lm
+BASE_LDLIBS := $(LDLIBS)
 ifeq ($(SANITIZE),1)
   CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
   LDFLAGS += -fsanitize=address,undefined
@@ -33,8 +35,23 @@ CUDA_SRC := $(wildcard cuda/*.cu)
 ifeq ($(CUDA),1)
   OBJ += $(patsubst cuda/%.cu,build/cuda_%.o,$(CUDA_SRC))
   BASE_CFLAGS += -DLEGO_HAVE_CUDA=1
-  LDLIBS += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart
+  # The runtime path to the CUDA libraries is recorded in liblego (and the
+  # test programs); libstdc++ for the C++ runtime of the nvcc objects.
+  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
 endif
+# A100 (sm_80) and H100 (sm_90) machine code, plus sm_90 PTX that newer GPUs
+# compile when they load the library.
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
+NVCCFLAGS ?= -O3
+NVCC_WARN := -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
+
+# Objects depend on the build configuration: switching CUDA= or SANITIZE=
+# rebuilds them rather than mixing objects of two configurations.
+CONFIG := CUDA=$(CUDA) SANITIZE=$(SANITIZE)
+CONFIG_STAMP := build/.config
+$(shell mkdir -p build && { [ "$$(cat $(CONFIG_STAMP) 2>/dev/null)" = "$(CONFIG)" ] || \
+  echo "$(CONFIG)" > $(CONFIG_STAMP); })
 
 SHARED := lib/liblego.so.$(VERSION)
 STATIC := lib/liblego.a
@@ -42,22 +59,23 @@ EXAMPLES := $(patsubst examples/%.c,bin/%,$(wildcard examples/*.c))
 TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
-.PHONY: all lib examples check check-header valgrind install uninstall clean deps
+.PHONY: all lib examples check check-header valgrind install uninstall clean deps cuda-emu-check
 
 all: lib examples
 
 lib: $(SHARED) $(STATIC)
 
-build/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build
+build/%.o: src/%.c $(wildcard src/*.h) include/lego.h $(CONFIG_STAMP) | build
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -c $< -o $@
 
 # The hot kernels get -O3: vectorised inner loops matter there.
-build/ops_cpu.o: src/ops_cpu.c $(wildcard src/*.h) include/lego.h | build
+build/ops_cpu.o: src/ops_cpu.c $(wildcard src/*.h) include/lego.h $(CONFIG_STAMP) | build
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -O3 -c $< -o $@
 
-build/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) include/lego.h | build
-	$(NVCC) -std=c++17 -O3 -Xcompiler -fPIC,-fvisibility=hidden,-Wall -Iinclude -Isrc \
-	  -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c $< -o $@
+# No --use_fast_math: the kernels mirror the CPU's IEEE arithmetic.
+build/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) $(wildcard src/*.h) include/lego.h $(CONFIG_STAMP) | build
+	$(NVCC) -std=c++17 $(NVCCFLAGS) $(NVCC_WARN) -Xcompiler -fPIC,-fvisibility=hidden \
+	  -DLEGO_HAVE_CUDA=1 -Iinclude -Isrc $(CUDA_ARCH) -c $< -o $@
 
 build build/tests bin:
 	mkdir -p $@
@@ -87,6 +105,36 @@ check: $(TESTS) examples check-header
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
+
+# The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
+# emulated runtime and cuBLASLt of cuda/emu/, with the library's C sources,
+# into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part
+# with e.g. CK_RUN_CASE=golden.  Independent of CUDA=; needs no CUDA toolkit.
+EMU_SAN ?= -fsanitize=address,undefined -fno-omit-frame-pointer
+EMU_OBJ := $(patsubst src/%.c,build/emu/%.o,$(SRC)) \
+           $(patsubst cuda/%.cu,build/emu/cuda_%.o,$(CUDA_SRC)) build/emu/emu.o
+EMU_CFLAGS := -std=c11 $(WARN) -fopenmp -Iinclude -Isrc \
+              $(shell pkg-config --cflags openblas 2>/dev/null) -DLEGO_HAVE_CUDA=1 -O2 -g $(EMU_SAN)
+EMU_CXXFLAGS := -std=c++17 $(WARN) -Wno-unknown-pragmas -ffp-contract=off -O2 -g $(EMU_SAN) \
+                -DLEGO_HAVE_CUDA=1 -Icuda/emu -Iinclude -Isrc
+
+build/emu:
+	mkdir -p $@
+
+build/emu/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build/emu
+	$(CC) $(EMU_CFLAGS) -c $< -o $@
+
+build/emu/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) $(wildcard cuda/emu/*.h) $(wildcard src/*.h) include/lego.h | build/emu
+	$(CXX) $(EMU_CXXFLAGS) -x c++ -c $< -o $@
+
+build/emu/emu.o: cuda/emu/emu.cpp $(wildcard cuda/emu/*.h) | build/emu
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+build/emu/test_cuda: tests/test_cuda.c tests/testutil.h $(EMU_OBJ)
+	$(CC) $(EMU_CFLAGS) -Itests $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(CHECK_LIBS) $(BASE_LDLIBS)
+
+cuda-emu-check: build/emu/test_cuda
+	ASAN_OPTIONS=detect_stack_use_after_return=0 ./build/emu/test_cuda
 
 # lego.h must compile as C11 and C++17 with every warning an error.
 check-header:

@@ -3,6 +3,7 @@
  *
  *   lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]
  *              [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]
+ *              [--backend cpu|cuda] [--device N]
  *   lego-bench --list
  *
  * For every batch size it prints the median (and fastest) time of one
@@ -28,6 +29,11 @@
  * OPENBLAS_NUM_THREADS=1 lets liblego spread each GEMM over its own workers
  * (no second thread pool competing for the cores), which is usually
  * fastest.  OMP_WAIT_POLICY also matters when both pools run.
+ *
+ * --backend cuda moves the model to CUDA device --device (0) after it is
+ * built or loaded (lego_model_set_backend); lego_denoise returns only when
+ * the device is done, so the times are complete evaluations, host-device
+ * copies of x and D(x) included.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
@@ -176,6 +182,7 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]\n"
             "                  [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]\n"
+            "                  [--backend cpu|cuda] [--device N]\n"
             "       lego-bench --list\n"
             "Default model: %s if present, else the \"tiny\" preset.\n"
             "Environment: OPENBLAS_NUM_THREADS (1 lets liblego thread the GEMMs itself).\n",
@@ -185,8 +192,9 @@ static void usage(FILE *f) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *preset_name = NULL;
     int batches[MAX_BATCHES] = {1, 100}, num_batches = 2;
-    int threads = 0, iters = 5, warmup = 1, skip_top = 0, h = 0, w = 0;
+    int threads = 0, iters = 5, warmup = 1, skip_top = 0, h = 0, w = 0, device = 0;
     float guidance = 1.0f;
+    lego_backend backend = LEGO_BACKEND_CPU;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -212,6 +220,15 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--iters") == 0) iters = atoi(v);
         else if (strcmp(a, "--warmup") == 0) warmup = atoi(v);
         else if (strcmp(a, "--cfg") == 0) guidance = strtof(v, NULL);
+        else if (strcmp(a, "--device") == 0) device = atoi(v);
+        else if (strcmp(a, "--backend") == 0) {
+            if (strcmp(v, "cpu") == 0) backend = LEGO_BACKEND_CPU;
+            else if (strcmp(v, "cuda") == 0) backend = LEGO_BACKEND_CUDA;
+            else {
+                usage(stderr);
+                return 2;
+            }
+        }
         else if (strcmp(a, "--size") == 0) {
             if (sscanf(v, "%dx%d", &h, &w) != 2) w = h = atoi(v);
         } else {
@@ -252,6 +269,7 @@ int main(int argc, char **argv) {
         s = build_preset(p, threads, &m);
         what = p->name;
     }
+    if (s == LEGO_OK && backend != LEGO_BACKEND_CPU) s = lego_model_set_backend(m, backend, device);
     if (s != LEGO_OK) {
         fprintf(stderr, "lego-bench: %s: %s\n", what, lego_model_error(m));
         lego_model_free(m);
@@ -282,9 +300,13 @@ int main(int argc, char **argv) {
         printf(" %d/%dx%d%s", b.brick_size, b.patch_size, b.depth, k < run ? "" : " (skipped)");
     }
     printf(" (size/patch x depth)\n");
-    printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
-           "median of %d after %d warm-up\n",
-           threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
+    if (backend == LEGO_BACKEND_CUDA)
+        printf("backend  CUDA device %d; guidance %g; median of %d after %d warm-up\n", device,
+               (double)guidance, iters, warmup);
+    else
+        printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
+               "median of %d after %d warm-up\n",
+               threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
     printf("%7s %12s %12s %10s %10s %12s %9s\n", "batch", "ms/eval", "min ms", "ms/image",
            "images/s", "GFLOP/eval", "GFLOP/s");
 

@@ -183,6 +183,27 @@ LEGO_API lego_status lego_model_check_resolution(lego_model *model, int height,
 /* Change the number of CPU worker threads (0 = all cores). */
 LEGO_API lego_status lego_model_set_threads(lego_model *model, int num_threads);
 
+/* 1 if backend `b` can run here: always for LEGO_BACKEND_CPU; for
+ * LEGO_BACKEND_CUDA when liblego was built with CUDA (make CUDA=1) and a
+ * CUDA device is present.  0 otherwise. */
+LEGO_API int lego_backend_available(lego_backend b);
+
+/*
+ * Move a model (e.g. one from lego_model_load) to another backend.  With
+ * LEGO_BACKEND_CUDA the weights are copied to device `device` (its index
+ * among the CUDA devices) and every later lego_denoise / lego_sample of the
+ * model runs there; the model keeps its weights in host memory too, and the
+ * device copy follows lego_model_load_weights and lego_model_init_weights
+ * (training itself runs on the CPU).
+ * LEGO_BACKEND_CPU frees the device resources (`device` is ignored).
+ * lego_model_config.backend/device and lego_load_options.backend/device do
+ * the same at creation.  Errors: LEGO_ERR_UNSUPPORTED (not built with CUDA,
+ * or no device), LEGO_ERR_INVALID_ARGUMENT (no such device),
+ * LEGO_ERR_OUT_OF_MEMORY, LEGO_ERR_BACKEND (a CUDA failure); the model is
+ * unchanged on failure.
+ */
+LEGO_API lego_status lego_model_set_backend(lego_model *model, lego_backend b, int device);
+
 /* ------------------------------------------------------------------------ */
 /* The denoiser D(x; sigma)                                                 */
 /* ------------------------------------------------------------------------ */

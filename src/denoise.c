@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "brick.h"
 #include "ops.h"
 
@@ -85,6 +86,8 @@ lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int g
 }
 
 lego_status model_denoise(lego_model *m, const denoise_args *a) {
+    /* A model on the GPU runs the same computation there (cuda/). */
+    if (m->cuda) return cuda_backend_denoise(m, a);
     int n = a->n, h = a->h, w = a->w, C = m->cfg.img_channels, D = m->cfg.hidden_size;
     int L = m->cfg.label_dim;
     /* Guidance needs a second, unconditional pass; the two passes run as one

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend_cuda.h"
 #include "rng.h"
 
 /* Hard limits that keep every later size computation far from overflow. */
@@ -68,9 +69,19 @@ lego_status model_validate_config(const lego_model_config *c, lego_err *err) {
     if (c->img_resolution < 0 || c->num_threads < 0 || c->num_threads > 4096)
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
                          "img_resolution and num_threads must be non-negative");
-    if (c->backend != LEGO_BACKEND_CPU)
+    if (c->backend == LEGO_BACKEND_CUDA) {
+#ifndef LEGO_HAVE_CUDA
         return lego_fail(err, LEGO_ERR_UNSUPPORTED,
-                         "backend %d is not built into this liblego (CPU only)", (int)c->backend);
+                         "backend CUDA is not built into this liblego (CPU only; build with "
+                         "make CUDA=1)");
+#endif
+        if (c->device < 0)
+            return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                             "backend CUDA: device index must be non-negative, got %d", c->device);
+    } else if (c->backend != LEGO_BACKEND_CPU) {
+        return lego_fail(err, LEGO_ERR_UNSUPPORTED, "backend %d is not known to this liblego",
+                         (int)c->backend);
+    }
     return LEGO_OK;
 }
 
@@ -210,7 +221,10 @@ void model_bind_views(lego_model *m) {
         bind_linear(m, &cur, &b->final_out, d, p * p * m->cfg.img_channels);
         bind_linear(m, &cur, &b->final_ada, d, 2 * d);
     }
+    model_weights_changed(m);
 }
+
+void model_weights_changed(lego_model *m) { m->weights_gen++; }
 
 /* Grow the parameter array to the table's size; new entries start at zero
  * and old values keep their offsets (entries are only ever appended). */
@@ -246,6 +260,8 @@ LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_mod
         s = register_globals(m);
     }
     if (s == LEGO_OK) s = grow_params(m, 0);
+    if (s == LEGO_OK && m->cfg.backend == LEGO_BACKEND_CUDA)
+        s = cuda_backend_create(m, m->cfg.device, &m->cuda, &m->err);
     if (s != LEGO_OK) {
         /* Keep the message; drop everything else. */
         free(m->table);
@@ -296,6 +312,7 @@ LEGO_API lego_status lego_brick_add(lego_model *m, const lego_brick_config *conf
 
 LEGO_API void lego_model_free(lego_model *m) {
     if (!m) return;
+    cuda_backend_destroy(m->cuda);
     free(m->table);
     free(m->params);
     free(m->work);
@@ -392,6 +409,7 @@ LEGO_API lego_status lego_model_init_weights(lego_model *m, uint64_t seed) {
     for (int k = 0; k < m->num_bricks; k++)
         sincos_pos_embed(m->params + m->table[m->bricks[k].first_param].offset,
                          m->bricks[k].grid, m->cfg.hidden_size);
+    model_weights_changed(m);
     return LEGO_OK;
 }
 
@@ -465,5 +483,40 @@ LEGO_API lego_status lego_model_set_threads(lego_model *m, int num_threads) {
                          num_threads);
     m->cfg.num_threads = num_threads;
     m->threads = resolve_threads(num_threads);
+    return LEGO_OK;
+}
+
+/* ---- backends ---- */
+
+LEGO_API int lego_backend_available(lego_backend b) {
+    if (b == LEGO_BACKEND_CPU) return 1;
+    if (b == LEGO_BACKEND_CUDA) return cuda_device_count() > 0;
+    return 0;
+}
+
+LEGO_API lego_status lego_model_set_backend(lego_model *m, lego_backend b, int device) {
+    MODEL_CHECK(m);
+    if (b == LEGO_BACKEND_CPU) {
+        cuda_backend_destroy(m->cuda);
+        m->cuda = NULL;
+        m->cfg.backend = LEGO_BACKEND_CPU;
+        m->cfg.device = 0;
+        return LEGO_OK;
+    }
+    if (b != LEGO_BACKEND_CUDA)
+        return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED, "backend %d is not known to this liblego",
+                         (int)b);
+    if (device < 0)
+        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                         "backend CUDA: device index must be non-negative, got %d", device);
+    if (m->cuda && m->cfg.device == device) return LEGO_OK;
+    /* The new handle first, so that a failure leaves the model as it was. */
+    void *h = NULL;
+    lego_status s = cuda_backend_create(m, device, &h, &m->err);
+    if (s != LEGO_OK) return s;
+    cuda_backend_destroy(m->cuda);
+    m->cuda = h;
+    m->cfg.backend = LEGO_BACKEND_CUDA;
+    m->cfg.device = device;
     return LEGO_OK;
 }

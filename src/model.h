@@ -67,6 +67,13 @@ struct lego_model {
      * so the sampling loop does not allocate. */
     float *work;
     size_t work_size; /* floats */
+
+    /* Bumped whenever the values in `params` change (model_weights_changed):
+     * a device copy of the weights is stale when its generation differs. */
+    uint64_t weights_gen;
+    /* The CUDA backend's handle (backend_cuda.h) when cfg.backend is
+     * LEGO_BACKEND_CUDA, else NULL.  Owned by the model. */
+    void *cuda;
 };
 
 /* Allocate a blank handle carrying `status` and a message: what a failed
@@ -77,8 +84,14 @@ lego_model *model_new_failed(lego_status status, const char *msg);
 lego_status model_validate_config(const lego_model_config *cfg, lego_err *err);
 lego_status model_validate_brick(const lego_model *m, const lego_brick_config *b, lego_err *err);
 
-/* Point the linear views at their slices of m->params. */
+/* Point the linear views at their slices of m->params (also counts as
+ * model_weights_changed). */
 void model_bind_views(lego_model *m);
+
+/* Say that values in m->params changed in place (initialisation, an
+ * optimiser step, lego_model_set_params): a device copy is refreshed
+ * before its next use.  Anything that writes m->params must call it. */
+void model_weights_changed(lego_model *m);
 
 /* Ensure m->work holds at least `floats` floats. */
 lego_status model_reserve_work(lego_model *m, size_t floats);

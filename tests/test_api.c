@@ -574,7 +574,7 @@ static const bad_config bad_configs[] = {
     {"negative label_dim", "label_dim", LEGO_ERR_INVALID_ARGUMENT, labels_negative},
     {"negative threads", "num_threads", LEGO_ERR_INVALID_ARGUMENT, threads_negative},
     {"negative resolution", "img_resolution", LEGO_ERR_INVALID_ARGUMENT, resolution_negative},
-    {"CUDA backend in a CPU build", "backend", LEGO_ERR_UNSUPPORTED, backend_cuda},
+    {"CUDA backend without CUDA or a device", "backend", LEGO_ERR_UNSUPPORTED, backend_cuda},
     {"unknown backend", "backend", LEGO_ERR_UNSUPPORTED, backend_bogus},
     {"hidden_size not a multiple of 4", "hidden_size", LEGO_ERR_INVALID_ARGUMENT,
      hidden_not_mult4},
@@ -582,6 +582,10 @@ static const bad_config bad_configs[] = {
 
 START_TEST(test_create_bad_config) {
     const bad_config *bc = &bad_configs[_i];
+    if (bc->mutate == backend_cuda && lego_backend_available(LEGO_BACKEND_CUDA)) {
+        printf("test_api: a CUDA device is present; '%s' does not apply\n", bc->what);
+        return;
+    }
     lego_model_config c = small_config();
     bc->mutate(&c);
     lego_model *m = NULL;

@@ -1,0 +1,525 @@
+/*
+ * emu.cpp -- runs liblego's CUDA backend on the host, for machines and CI
+ * without a GPU (make cuda-emu-check; docs/cuda.md).
+ *
+ * Launches: the blocks of a launch run one after the other; the threads of
+ * a block are user-level contexts on their own stacks, and the scheduler
+ * switches between them only at __shfl_sync, __syncwarp and
+ * __syncthreads.  A warp's shuffle completes when every live lane of the
+ * warp has reached it, a block barrier when every live thread has; a
+ * shuffle with exited lanes, a warp split between a shuffle and a block
+ * barrier, or a deadlock aborts with a message (they are bugs on a GPU).
+ * Shared and device memory come from the heap, filled with NaN bytes, so
+ * that ASan sees overruns and results show reads of unwritten memory.
+ *
+ * cuBLASLt: descriptors are checked for consistency (op(A) is m x k, op(B)
+ * k x n, D m x n) and the matmul is a double-accumulated reference with the
+ * bias and GELU epilogues.  The runtime is synchronous: streams are
+ * nothing, copies are memcpy with range checks against the allocations.
+ *
+ * x86-64 System V only (the context switch is a few lines of assembly).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <map>
+#include <vector>
+
+#include "cublasLt.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+void *emu_smem;
+
+static cudaError_t last_error = cudaSuccess;
+static std::map<const char *, size_t> allocations; /* device memory: base -> bytes */
+static std::map<const void *, int> max_smem;       /* cudaFuncSetAttribute */
+static int current_device;
+
+[[noreturn]] static void emu_abort(const char *what) {
+    fprintf(stderr, "liblego CUDA emulation: %s\n", what);
+    abort();
+}
+
+/* ---- user-level threads ------------------------------------------------------ */
+
+/* Save the callee-saved registers and the stack pointer in *save, switch to
+ * the stack `to` and restore the registers found there. */
+extern "C" void emu_switch(void **save, void *to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+enum { RUNNABLE, AT_WARP, AT_BLOCK, EXITED };
+
+struct emu_thread {
+    void *sp;
+    int state;
+    int phase; /* which half of the warp's shuffle buffer is next */
+    char *stack;
+};
+
+static const size_t STACK_BYTES = 256 * 1024;
+/* The contexts, with their stacks freed at exit (for leak checkers). */
+static struct thread_pool {
+    std::vector<emu_thread> all;
+    ~thread_pool() {
+        for (emu_thread &t : all) free(t.stack);
+    }
+} pool;
+static std::vector<emu_thread> &threads = pool.all;
+static void *scheduler_sp;
+static int current;
+static const std::function<void()> *kernel_body;
+static float shuffle_buf[32][2][32]; /* [warp][phase][lane] */
+
+/* From an emulated thread back to the scheduler. */
+static void yield_to_scheduler() {
+#if EMU_ASAN
+    void *fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, nullptr, 0);
+#endif
+    emu_switch(&threads[current].sp, scheduler_sp);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+static void thread_entry() {
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    (*kernel_body)();
+    threads[current].state = EXITED;
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, nullptr, 0);
+#endif
+    emu_switch(&threads[current].sp, scheduler_sp);
+    emu_abort("an exited thread was resumed");
+}
+
+float __shfl_sync(unsigned, float v, int src_lane) {
+    int lane = current % 32, warp = current / 32, phase = threads[current].phase;
+    shuffle_buf[warp][phase][lane] = v;
+    threads[current].state = AT_WARP;
+    yield_to_scheduler();
+    /* Every lane has written this phase's slot; the next shuffle writes the
+     * other half, and none can get two ahead (it would wait here). */
+    threads[current].phase ^= 1;
+    return shuffle_buf[warp][phase][src_lane & 31];
+}
+
+float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    return __shfl_sync(mask, v, (current % 32) ^ lane_mask);
+}
+
+void __syncwarp(unsigned) {
+    threads[current].state = AT_WARP;
+    yield_to_scheduler();
+}
+
+void __syncthreads(void) {
+    threads[current].state = AT_BLOCK;
+    yield_to_scheduler();
+}
+
+/* Release whatever barrier is complete; 0 if none is (a deadlock). */
+static int release_barriers(int n) {
+    int live = 0, at_block = 0, released = 0;
+    for (int t = 0; t < n; t++) {
+        live += threads[t].state != EXITED;
+        at_block += threads[t].state == AT_BLOCK;
+    }
+    for (int w = 0; w < n / 32; w++) {
+        int at_warp = 0, exited = 0, blocked = 0;
+        for (int l = 0; l < 32; l++) {
+            int s = threads[w * 32 + l].state;
+            at_warp += s == AT_WARP;
+            exited += s == EXITED;
+            blocked += s == AT_BLOCK;
+        }
+        if (at_warp && blocked) emu_abort("a warp is split between a shuffle and __syncthreads");
+        if (at_warp && at_warp + exited == 32) {
+            if (exited) emu_abort("a shuffle or __syncwarp with exited lanes in the warp");
+            for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
+            released = 1;
+        }
+    }
+    if (!released && live > 0 && at_block == live) {
+        for (int t = 0; t < n; t++)
+            if (threads[t].state == AT_BLOCK) threads[t].state = RUNNABLE;
+        released = 1;
+    }
+    return released;
+}
+
+cudaError_t emu_set_max_smem(const void *kernel, int bytes) {
+    if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;
+    max_smem[kernel] = bytes;
+    return cudaSuccess;
+}
+
+void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_t smem,
+             const void *kernel) {
+    if (block == 0 || block > 1024 || block % 32 != 0 || grid == 0 || grid > 2147483647u ||
+        smem > 227 * 1024) {
+        last_error = cudaErrorInvalidValue; /* block % 32: this emulator's limitation */
+        return;
+    }
+    if (smem > 48 * 1024) {
+        auto it = max_smem.find(kernel);
+        if (it == max_smem.end() || (size_t)it->second < smem) {
+            last_error = cudaErrorInvalidValue; /* no opt-in: the launch fails on a GPU */
+            return;
+        }
+    }
+    kernel_body = &body;
+    int n = (int)block;
+    while (threads.size() < block) {
+        emu_thread t = {nullptr, EXITED, 0, (char *)malloc(STACK_BYTES)};
+        if (!t.stack) emu_abort("out of memory for thread stacks");
+        threads.push_back(t);
+    }
+    blockDim = {(unsigned)block, 1, 1};
+    gridDim = {(unsigned)grid, 1, 1};
+    for (size_t b = 0; b < grid; b++) {
+        blockIdx = {(unsigned)b, 0, 0};
+        emu_smem = malloc(smem ? smem : 1);
+        if (!emu_smem) emu_abort("out of memory for shared memory");
+        memset(emu_smem, 0xff, smem);
+        for (int t = 0; t < n; t++) {
+            /* A fresh stack whose first "return" enters thread_entry with
+             * the alignment of a call. */
+            uintptr_t *sp = (uintptr_t *)(((uintptr_t)threads[t].stack + STACK_BYTES) & ~(uintptr_t)15);
+            *--sp = 0;
+            *--sp = (uintptr_t)thread_entry;
+            for (int r = 0; r < 6; r++) *--sp = 0;
+            threads[t].sp = sp;
+            threads[t].state = RUNNABLE;
+            threads[t].phase = 0;
+        }
+        for (;;) {
+            for (int t = 0; t < n; t++) {
+                if (threads[t].state != RUNNABLE) continue;
+                current = t;
+                threadIdx = {(unsigned)t, 0, 0};
+#if EMU_ASAN
+                void *fake = nullptr;
+                __sanitizer_start_switch_fiber(&fake, threads[t].stack, STACK_BYTES);
+#endif
+                emu_switch(&scheduler_sp, threads[t].sp);
+#if EMU_ASAN
+                __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+            }
+            int live = 0;
+            for (int t = 0; t < n; t++) live += threads[t].state != EXITED;
+            if (!live) break;
+            if (!release_barriers(n)) emu_abort("deadlock: no barrier can complete");
+        }
+        free(emu_smem);
+        emu_smem = nullptr;
+    }
+}
+
+/* ---- runtime ------------------------------------------------------------------ */
+
+const char *cudaGetErrorString(cudaError_t e) {
+    return e == cudaSuccess ? "no error" : "error (emulated runtime)";
+}
+
+const char *cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    }
+    return "cudaError";
+}
+
+static int device_count() {
+    const char *e = getenv("LEGO_EMU_DEVICES");
+    return e ? atoi(e) : 1;
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+    *count = device_count();
+    return *count > 0 ? cudaSuccess : cudaErrorNoDevice;
+}
+
+cudaError_t cudaGetDevice(int *device) {
+    *device = current_device;
+    return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+    if (device < 0 || device >= device_count()) return cudaErrorInvalidValue;
+    current_device = device;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError(void) {
+    cudaError_t e = last_error;
+    last_error = cudaSuccess;
+    return e;
+}
+
+cudaError_t emu_malloc(void **p, size_t bytes) {
+    *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (!*p) return cudaErrorMemoryAllocation;
+    memset(*p, 0xff, bytes);
+    allocations[(const char *)*p] = bytes;
+    return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *p) {
+    if (!p) return cudaSuccess;
+    if (!allocations.erase((const char *)p)) emu_abort("cudaFree of memory cudaMalloc did not give");
+    free(p);
+    return cudaSuccess;
+}
+
+/* Abort unless [p, p + bytes) lies inside one device allocation. */
+static void check_device_range(const void *p, size_t bytes, const char *what) {
+    auto it = allocations.upper_bound((const char *)p);
+    if (it == allocations.begin()) {
+        fprintf(stderr, "%s: %p is not device memory\n", what, p);
+        emu_abort("bad device pointer");
+    }
+    --it;
+    if ((const char *)p + bytes > it->first + it->second) {
+        fprintf(stderr, "%s: %zu bytes at %p run past their allocation\n", what, bytes, p);
+        emu_abort("device range overrun");
+    }
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (kind == cudaMemcpyHostToDevice) check_device_range(dst, bytes, "cudaMemcpy destination");
+    else check_device_range(src, bytes, "cudaMemcpy source");
+    memcpy(dst, src, bytes);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t) {
+    return cudaMemcpy(dst, src, bytes, kind);
+}
+
+struct emu_stream {
+    int unused;
+};
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
+    *stream = new emu_stream();
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    delete stream;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+/* ---- cuBLASLt ----------------------------------------------------------------- */
+
+struct emu_lt {
+    int unused;
+};
+struct emu_desc {
+    int32_t transa = CUBLAS_OP_N, transb = CUBLAS_OP_N;
+    uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    const float *bias = nullptr;
+};
+struct emu_layout {
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct emu_pref {
+    uint64_t workspace = 0;
+};
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    *h = new emu_lt();
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+const char *cublasLtGetStatusString(cublasStatus_t s) {
+    return s == CUBLAS_STATUS_SUCCESS ? "success" : "failure (emulated cuBLASLt)";
+}
+
+const char *cublasLtGetStatusName(cublasStatus_t s) {
+    return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_ERROR";
+}
+
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType type,
+                                          uint64_t rows, uint64_t cols, int64_t ld) {
+    if (type != CUDA_R_32F || rows == 0 || cols == 0 || ld < (int64_t)rows)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    *l = new emu_layout{rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+    delete l;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
+                                        cudaDataType_t scale) {
+    if (compute != CUBLAS_COMPUTE_32F || scale != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
+    *d = new emu_desc();
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+    delete d;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
+                                              cublasLtMatmulDescAttributes_t attr, const void *buf,
+                                              size_t bytes) {
+    switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+        if (bytes != sizeof d->transa) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->transa, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_TRANSB:
+        if (bytes != sizeof d->transb) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->transb, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE:
+        if (bytes != sizeof d->epilogue) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->epilogue, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+        if (bytes != sizeof d->bias) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->bias, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    *p = new emu_pref();
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+    delete p;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void *buf, size_t bytes) {
+    if (attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || bytes != sizeof p->workspace)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(&p->workspace, buf, bytes);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static bool consistent(const emu_desc *d, const emu_layout *a, const emu_layout *b,
+                       const emu_layout *dl) {
+    uint64_t am = d->transa ? a->cols : a->rows, ak = d->transa ? a->rows : a->cols;
+    uint64_t bk = d->transb ? b->cols : b->rows, bn = d->transb ? b->rows : b->cols;
+    return am == dl->rows && bn == dl->cols && ak == bk;
+}
+
+static bool has_bias(uint32_t e) {
+    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t d,
+                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                              cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dl,
+                                              cublasLtMatmulPreference_t, int requested,
+                                              cublasLtMatmulHeuristicResult_t *results,
+                                              int *returned) {
+    *returned = 0;
+    if (requested < 1 || !consistent(d, a, b, dl) || c->rows != dl->rows || c->cols != dl->cols)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if ((getenv("LEGO_EMU_NO_GELU_EPILOGUE") && d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS) ||
+        (getenv("LEGO_EMU_NO_BIAS_EPILOGUE") && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    /* The heuristic reads the bias pointer's alignment: 256 by default. */
+    if (has_bias(d->epilogue) && (!d->bias || (uintptr_t)d->bias % 256 != 0))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    memset(results, 0, sizeof *results);
+    results->algo.data[0] = d->epilogue;
+    results->state = CUBLAS_STATUS_SUCCESS;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void *alpha,
+                              const void *a, cublasLtMatrixLayout_t al, const void *b,
+                              cublasLtMatrixLayout_t bl, const void *beta, const void *c,
+                              cublasLtMatrixLayout_t cl, void *dst, cublasLtMatrixLayout_t dl,
+                              const cublasLtMatmulAlgo_t *algo, void *workspace,
+                              size_t workspace_bytes, cudaStream_t) {
+    if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (workspace_bytes) check_device_range(workspace, workspace_bytes, "matmul workspace");
+    check_device_range(a, ((al->cols - 1) * al->ld + al->rows) * 4, "matmul A");
+    check_device_range(b, ((bl->cols - 1) * bl->ld + bl->rows) * 4, "matmul B");
+    check_device_range(dst, ((dl->cols - 1) * dl->ld + dl->rows) * 4, "matmul D");
+    if (has_bias(d->epilogue)) check_device_range(d->bias, dl->rows * 4, "matmul bias");
+    const float *A = (const float *)a, *B = (const float *)b, *C = (const float *)c;
+    float *D = (float *)dst;
+    double alf = *(const float *)alpha, bet = *(const float *)beta;
+    uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
+    const char *gelu = getenv("LEGO_EMU_GELU");
+    bool erf_gelu = gelu && strcmp(gelu, "erf") == 0;
+    std::vector<float> out(m * n); /* D may alias C */
+    for (uint64_t j = 0; j < n; j++)
+        for (uint64_t i = 0; i < m; i++) {
+            double acc = 0;
+            for (uint64_t q = 0; q < k; q++) {
+                double av = d->transa ? A[q + i * al->ld] : A[i + q * al->ld];
+                double bv = d->transb ? B[j + q * bl->ld] : B[q + j * bl->ld];
+                acc += av * bv;
+            }
+            double v = alf * acc + (bet != 0 ? bet * C[i + j * cl->ld] : 0.0);
+            if (has_bias(d->epilogue)) v += d->bias[i];
+            if (d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS)
+                v = erf_gelu ? 0.5 * v * (1 + erf(v / sqrt(2.0)))
+                             : 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+            out[i + j * m] = (float)v;
+        }
+    for (uint64_t j = 0; j < n; j++)
+        for (uint64_t i = 0; i < m; i++) D[i + j * dl->ld] = out[i + j * m];
+    return CUBLAS_STATUS_SUCCESS;
+}

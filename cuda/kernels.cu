@@ -1,0 +1,317 @@
+/*
+ * kernels.cu -- the element-wise and row-wise kernels of a brick on the
+ * GPU: conditioning, token gather and scatter, LayerNorm with adaLN
+ * modulation (fused with the gated residual before it), activations,
+ * guidance and EDM scaling.
+ *
+ * Each kernel computes the formula of its CPU twin (src/ops_cpu.c,
+ * src/brick.c, src/denoise.c) in the same order; they differ only where
+ * the GPU rounds differently (fused multiply-add, reduction order), far
+ * below the golden tolerance.  Where the CPU result is exact and cheap to
+ * reproduce bit for bit (the coordinate channels), the kernels use the
+ * explicitly rounded intrinsics so that nvcc cannot contract them.
+ */
+#include "cuda_internal.h"
+
+/* ---- conditioning ---------------------------------------------------------- */
+
+__global__ void timestep_embedding_kernel(const float *c_noise, const float *freq, int nb,
+                                          int half, float *emb) {
+    size_t total = (size_t)nb * half;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t i = idx / half;
+        int j = (int)(idx % half);
+        float arg = __fmul_rn(c_noise[i], freq[j]);
+        emb[i * 2 * half + j] = (float)cos((double)arg);
+        emb[i * 2 * half + half + j] = (float)sin((double)arg);
+    }
+}
+
+lego_status k_timestep_embedding(cudaStream_t s, const float *c_noise, const float *freq, int nb,
+                                 int fdim, float *emb, lego_err *err) {
+    size_t total = (size_t)nb * (fdim / 2);
+    LAUNCH(timestep_embedding_kernel, ew_blocks(total), EW_THREADS, 0, s)(c_noise, freq, nb,
+                                                                       fdim / 2, emb);
+    LAUNCH_CHECK("timestep_embedding");
+    return LEGO_OK;
+}
+
+__global__ void silu_kernel(const float *x, size_t n, float *y) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v / (1.0f + expf(-v));
+    }
+}
+
+lego_status k_silu(cudaStream_t s, const float *x, size_t n, float *y, lego_err *err) {
+    LAUNCH(silu_kernel, ew_blocks(n), EW_THREADS, 0, s)(x, n, y);
+    LAUNCH_CHECK("silu");
+    return LEGO_OK;
+}
+
+/* tanh-GELU as ops_cpu.c writes it: x * sigmoid(2u), u = sqrt(2/pi) (x +
+ * 0.044715 x^3), with the input clamped at -10 (where the result is below
+ * 1e-36) so that exp cannot overflow; NaN passes through. */
+__device__ __forceinline__ float gelu_tanh(float v) {
+    v = v < -10.0f ? -10.0f : v;
+    float u = 0.7978845608f * (v + 0.044715f * v * v * v);
+    return v / (1.0f + expf(-2.0f * u));
+}
+
+__global__ void gelu_kernel(float *x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] = gelu_tanh(x[i]);
+}
+
+lego_status k_gelu(cudaStream_t s, float *x, size_t n, lego_err *err) {
+    LAUNCH(gelu_kernel, ew_blocks(n), EW_THREADS, 0, s)(x, n);
+    LAUNCH_CHECK("gelu");
+    return LEGO_OK;
+}
+
+__global__ void add_kernel(float *x, const float *y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+lego_status k_add(cudaStream_t s, float *x, const float *y, size_t n, lego_err *err) {
+    LAUNCH(add_kernel, ew_blocks(n), EW_THREADS, 0, s)(x, y, n);
+    LAUNCH_CHECK("add");
+    return LEGO_OK;
+}
+
+__global__ void add_bias_kernel(float *x, const float *bias, size_t rows, int dim) {
+    size_t n = rows * (size_t)dim;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] += bias[i % (size_t)dim];
+}
+
+lego_status k_add_bias(cudaStream_t s, float *x, const float *bias, size_t rows, int dim,
+                       lego_err *err) {
+    LAUNCH(add_bias_kernel, ew_blocks(rows * (size_t)dim), EW_THREADS, 0, s)(x, bias, rows, dim);
+    LAUNCH_CHECK("add_bias");
+    return LEGO_OK;
+}
+
+/* ---- images ------------------------------------------------------------------ */
+
+__global__ void scale_inputs_kernel(const float *x, const float *coef, int n, size_t chw,
+                                    size_t total, float *xin) {
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t img = (idx / chw) % (size_t)n, j = idx % chw;
+        xin[idx] = coef[3 * img] * x[img * chw + j];
+    }
+}
+
+lego_status k_scale_inputs(cudaStream_t s, const float *x, const float *coef, int n, int nb,
+                           size_t chw, float *xin, lego_err *err) {
+    size_t total = (size_t)nb * chw;
+    LAUNCH(scale_inputs_kernel, ew_blocks(total), EW_THREADS, 0, s)(x, coef, n, chw, total, xin);
+    LAUNCH_CHECK("scale_inputs");
+    return LEGO_OK;
+}
+
+/* Token r's top-left pixel, as brick.c's gather_tokens finds it. */
+__device__ __forceinline__ void token_origin(const tok_geom &g, size_t r, size_t *img, int *y0,
+                                             int *x0) {
+    size_t in_img = r % g.rows_per_image;
+    int patch = (int)(in_img / (size_t)g.tokens), tok = (int)(in_img % (size_t)g.tokens);
+    *img = r / g.rows_per_image;
+    *y0 = (patch / g.patches_x) * g.bs + (tok / g.grid) * g.p;
+    *x0 = (patch % g.patches_x) * g.bs + (tok % g.grid) * g.p;
+}
+
+/* One thread per value of the [rows][c_in*p*p] token matrix, columns in the
+ * (channel, y, x) order of the patch-embedding weight [D, c_in, p, p];
+ * channels [F_below], c_in*x, row coordinate, column coordinate. */
+__global__ void gather_kernel(tok_geom g, const float *xin, const float *below, float *dst) {
+    int pp = g.p * g.p, width = g.c_in * pp, C = g.C;
+    size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
+    int first_x = below ? C : 0, first_coord = below ? 2 * C : C;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t r = idx / (size_t)width;
+        int col = (int)(idx % (size_t)width);
+        int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
+        size_t img;
+        int y0, x0;
+        token_origin(g, r, &img, &y0, &x0);
+        int y = y0 + i, x = x0 + j;
+        size_t pix = (size_t)y * g.w + (size_t)x;
+        float v;
+        if (ci < first_x) v = below[(img * C + (size_t)ci) * plane + pix];
+        else if (ci < first_coord) v = xin[(img * C + (size_t)(ci - first_x)) * plane + pix];
+        else if (ci == first_coord) v = __fadd_rn(__fmul_rn((float)y, g.row_step), -1.0f);
+        else v = __fadd_rn(__fmul_rn((float)x, g.col_step), -1.0f);
+        dst[idx] = v;
+    }
+}
+
+lego_status k_gather(cudaStream_t s, const tok_geom *g, const float *xin, const float *below,
+                     float *dst, lego_err *err) {
+    size_t total = g->rows * (size_t)g->c_in * g->p * g->p;
+    LAUNCH(gather_kernel, ew_blocks(total), EW_THREADS, 0, s)(*g, xin, below, dst);
+    LAUNCH_CHECK("gather");
+    return LEGO_OK;
+}
+
+/* One thread per value of the [rows][p*p*C] output rows, laid out
+ * (y, x, channel) as the final linear produces them (unpatchify). */
+__global__ void scatter_kernel(tok_geom g, const float *src, float *out) {
+    int C = g.C, width = g.p * g.p * C;
+    size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t r = idx / (size_t)width;
+        int col = (int)(idx % (size_t)width);
+        int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
+        size_t img;
+        int y0, x0;
+        token_origin(g, r, &img, &y0, &x0);
+        out[(img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] = src[idx];
+    }
+}
+
+lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float *out,
+                      lego_err *err) {
+    size_t total = g->rows * (size_t)g->p * g->p * g->C;
+    LAUNCH(scatter_kernel, ew_blocks(total), EW_THREADS, 0, s)(*g, src, out);
+    LAUNCH_CHECK("scatter");
+    return LEGO_OK;
+}
+
+/* ---- LayerNorm + adaLN ------------------------------------------------------ */
+
+/* One warp per row; ROWS_PER_BLOCK rows per block.  Two-pass variance as
+ * the CPU (mean first, then the mean of squared deviations).  A lane
+ * reads and writes the same columns in every pass, so the row it wrote
+ * in the first pass is what it reads in the next ones, and an output
+ * that aliases an input (gated residual) is read before it is written. */
+#define LN_ROWS_PER_BLOCK 8
+
+static unsigned ln_blocks(size_t rows) {
+    size_t b = (rows + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK;
+    if (b == 0) b = 1;
+    return b > 65535u * 16u ? 65535u * 16u : (unsigned)b;
+}
+
+__device__ __forceinline__ void modulate_row(const float *xr, int dim, float mean, int lane,
+                                             const float *shift, const float *scale, float *yr) {
+    float var = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        float d = xr[i] - mean;
+        var += d * d;
+    }
+    var = warp_sum(var);
+    float rstd = 1.0f / sqrtf(var / (float)dim + 1e-6f);
+    for (int i = lane; i < dim; i += 32)
+        yr[i] = (xr[i] - mean) * rstd * (1.0f + scale[i]) + shift[i];
+}
+
+__global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens, size_t rows,
+                                          int dim, size_t rows_per_image, const float *shift,
+                                          const float *scale, size_t mod_stride, float *y) {
+    int lane = threadIdx.x % 32;
+    /* r is the same for the whole warp, so the shuffles see every lane. */
+    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
+         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+        float *xr = x + r * (size_t)dim;
+        const float *pe = pos ? pos + (r % (size_t)tokens) * (size_t)dim : NULL;
+        float sum = 0.0f;
+        for (int i = lane; i < dim; i += 32) {
+            float v = xr[i];
+            if (pe) {
+                v += pe[i];
+                xr[i] = v;
+            }
+            sum += v;
+        }
+        float mean = warp_sum(sum) / (float)dim;
+        size_t img = r / rows_per_image;
+        modulate_row(xr, dim, mean, lane, shift + img * mod_stride, scale + img * mod_stride,
+                     y + r * (size_t)dim);
+    }
+}
+
+lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
+                                 size_t rows, int dim, size_t rows_per_image, const float *shift,
+                                 const float *scale, size_t mod_stride, float *y, lego_err *err) {
+    LAUNCH(layernorm_modulate_kernel, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+        x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
+    LAUNCH_CHECK("layernorm_modulate");
+    return LEGO_OK;
+}
+
+/* No __restrict__ here: out may be y. */
+__global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t rows, int dim,
+                                                size_t rows_per_image, const float *gate,
+                                                size_t gate_stride, const float *shift,
+                                                const float *scale, size_t mod_stride,
+                                                float *out) {
+    int lane = threadIdx.x % 32;
+    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
+         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+        size_t img = r / rows_per_image;
+        const float *g = gate + img * gate_stride, *yr = y + r * (size_t)dim;
+        float *xr = x + r * (size_t)dim;
+        float sum = 0.0f;
+        for (int i = lane; i < dim; i += 32) {
+            float v = xr[i] + g[i] * yr[i];
+            xr[i] = v;
+            sum += v;
+        }
+        float mean = warp_sum(sum) / (float)dim;
+        modulate_row(xr, dim, mean, lane, shift + img * mod_stride, scale + img * mod_stride,
+                     out + r * (size_t)dim);
+    }
+}
+
+lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y, size_t rows,
+                                       int dim, size_t rows_per_image, const float *gate,
+                                       size_t gate_stride, const float *shift,
+                                       const float *scale, size_t mod_stride, float *out,
+                                       lego_err *err) {
+    LAUNCH(gated_residual_layernorm_kernel, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+        x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
+    LAUNCH_CHECK("gated_residual_layernorm");
+    return LEGO_OK;
+}
+
+/* ---- guidance and EDM ------------------------------------------------------- */
+
+__global__ void guide_kernel(const float *f, size_t len, float g, float *out) {
+    for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < len;
+         j += (size_t)gridDim.x * blockDim.x)
+        out[j] = f[len + j] + g * (f[j] - f[len + j]);
+}
+
+lego_status k_guide(cudaStream_t s, const float *f, int n, size_t chw, float g, float *out,
+                    lego_err *err) {
+    size_t len = (size_t)n * chw;
+    LAUNCH(guide_kernel, ew_blocks(len), EW_THREADS, 0, s)(f, len, g, out);
+    LAUNCH_CHECK("guide");
+    return LEGO_OK;
+}
+
+__global__ void edm_kernel(const float *x, const float *f, const float *coef, size_t chw,
+                           size_t total, float *out) {
+    for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < total;
+         j += (size_t)gridDim.x * blockDim.x) {
+        size_t img = j / chw;
+        out[j] = coef[3 * img + 1] * x[j] + coef[3 * img + 2] * f[j];
+    }
+}
+
+lego_status k_edm(cudaStream_t s, const float *x, const float *f, const float *coef, int n,
+                  size_t chw, float *out, lego_err *err) {
+    size_t total = (size_t)n * chw;
+    LAUNCH(edm_kernel, ew_blocks(total), EW_THREADS, 0, s)(x, f, coef, chw, total, out);
+    LAUNCH_CHECK("edm");
+    return LEGO_OK;
+}

@@ -1,0 +1,142 @@
+/*
+ * philox.cu -- Philox4x32-10 normals on the device, the twin of
+ * philox_normal_f32 in src/rng.c (formulas in src/rng.h):
+ *
+ *   key = { seed lo, seed hi },  block b = e / 4,
+ *   ctr = { b lo, b hi, stream lo, stream hi },  w = philox4x32_10(ctr, key)
+ *   u(x) = (x + 1) * 2^-32                        (exact in double)
+ *   r = sqrt(-2 log u(w0)), t = 2 pi u(w1)  ->  r cos t, r sin t
+ *   r = sqrt(-2 log u(w2)), t = 2 pi u(w3)  ->  r cos t, r sin t
+ *   rounded to float once at the end.
+ *
+ * The integer part is bit-exact.  sqrt and the products are IEEE double on
+ * both sides; CUDA's double log/sin/cos are within 1-2 double ulps of
+ * glibc's, so after the final rounding to float the two agree exactly
+ * except, very rarely, by one float ulp.  For the on-device sampling loop
+ * (latents, churn noise) and its test against the CPU.
+ */
+#include "cuda_internal.h"
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+#define TWO_PI 6.283185307179586476925286766559
+
+__device__ __forceinline__ void philox_block(uint64_t seed, uint64_t stream, uint64_t block,
+                                             uint32_t w[4]) {
+    uint32_t c0 = (uint32_t)block, c1 = (uint32_t)(block >> 32);
+    uint32_t c2 = (uint32_t)stream, c3 = (uint32_t)(stream >> 32);
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; round++) {
+        if (round > 0) { /* the key is bumped between rounds */
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        uint32_t hi0 = __umulhi(PHILOX_M0, c0), lo0 = PHILOX_M0 * c0;
+        uint32_t hi1 = __umulhi(PHILOX_M1, c2), lo1 = PHILOX_M1 * c2;
+        uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c1 = lo1;
+        c3 = lo0;
+        c0 = n0;
+        c2 = n2;
+    }
+    w[0] = c0;
+    w[1] = c1;
+    w[2] = c2;
+    w[3] = c3;
+}
+
+__device__ __forceinline__ double philox_u01(uint32_t x) {
+    return ((double)x + 1.0) * 0x1p-32;
+}
+
+/* One thread per Philox block; the first and last blocks of the range may
+ * be partial. */
+__global__ void philox_normal_kernel(uint64_t seed, uint64_t stream, uint64_t first, size_t n,
+                                     size_t blocks, float *out) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < blocks;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t block = first / 4 + i;
+        uint32_t w[4];
+        philox_block(seed, stream, block, w);
+        double z[4];
+        for (int p = 0; p < 2; p++) {
+            double r = sqrt(-2.0 * log(philox_u01(w[2 * p])));
+            double t = TWO_PI * philox_u01(w[2 * p + 1]);
+            z[2 * p] = r * cos(t);
+            z[2 * p + 1] = r * sin(t);
+        }
+        for (int lane = 0; lane < 4; lane++) {
+            uint64_t e = block * 4 + (uint64_t)lane;
+            if (e >= first && e - first < n) out[e - first] = (float)z[lane];
+        }
+    }
+}
+
+__global__ void philox_blocks_kernel(uint64_t seed, uint64_t stream, uint64_t first_block,
+                                     size_t blocks, uint32_t *out) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < blocks;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t w[4];
+        philox_block(seed, stream, first_block + i, w);
+        for (int j = 0; j < 4; j++) out[4 * i + (size_t)j] = w[j];
+    }
+}
+
+/* Runs on the legacy default stream of `device`: these entry points serve
+ * tests and have no model handle. */
+static lego_status select_device(int device, int *previous, lego_err *err) {
+    int count = cuda_device_count();
+    if (device < 0 || device >= count)
+        return lego_fail(err, count ? LEGO_ERR_INVALID_ARGUMENT : LEGO_ERR_UNSUPPORTED,
+                         "CUDA device %d does not exist (%d present)", device, count);
+    CU_TRY(cudaGetDevice(previous));
+    CU_TRY(cudaSetDevice(device));
+    return LEGO_OK;
+}
+
+extern "C" lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream,
+                                              uint64_t first, size_t n, float *out,
+                                              lego_err *err) {
+    if (!out || n == 0)
+        return n == 0 ? LEGO_OK : lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "out is NULL");
+    int previous = 0;
+    LEGO_TRY(select_device(device, &previous, err));
+    float *dev = NULL;
+    size_t blocks = (size_t)((first + n - 1) / 4 - first / 4 + 1);
+    lego_status s = cu_status(cudaMalloc(&dev, n * sizeof(float)), err, "cudaMalloc");
+    if (s == LEGO_OK) {
+        LAUNCH(philox_normal_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream, first, n,
+                                                                          blocks, dev);
+        s = cu_status(cudaGetLastError(), err, "philox_normal_kernel");
+    }
+    if (s == LEGO_OK)
+        s = cu_status(cudaMemcpy(out, dev, n * sizeof(float), cudaMemcpyDeviceToHost), err,
+                      "cudaMemcpy (philox normals)");
+    if (dev) cudaFree(dev);
+    cudaSetDevice(previous);
+    return s;
+}
+
+extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream,
+                                          uint64_t first_block, size_t blocks, uint32_t *out,
+                                          lego_err *err) {
+    if (!out || blocks == 0)
+        return blocks == 0 ? LEGO_OK : lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "out is NULL");
+    int previous = 0;
+    LEGO_TRY(select_device(device, &previous, err));
+    uint32_t *dev = NULL;
+    lego_status s = cu_status(cudaMalloc(&dev, 4 * blocks * sizeof(uint32_t)), err, "cudaMalloc");
+    if (s == LEGO_OK) {
+        LAUNCH(philox_blocks_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream,
+                                                                          first_block, blocks, dev);
+        s = cu_status(cudaGetLastError(), err, "philox_blocks_kernel");
+    }
+    if (s == LEGO_OK)
+        s = cu_status(cudaMemcpy(out, dev, 4 * blocks * sizeof(uint32_t), cudaMemcpyDeviceToHost),
+                      err, "cudaMemcpy (philox blocks)");
+    if (dev) cudaFree(dev);
+    cudaSetDevice(previous);
+    return s;
+}

@@ -1,0 +1,151 @@
+/*
+ * backend_cuda.h -- the C interface between the model code in src/ and the
+ * CUDA backend in cuda/.  Internal.
+ *
+ * Nothing here names a CUDA type: the backend's state is an opaque handle
+ * (lego_model.cuda) that owns its stream, its cuBLASLt handle, a device
+ * copy of the weights and a workspace planned per request size.  The CPU
+ * weights in lego_model.params stay the source of truth; the backend copies
+ * them to the device again whenever lego_model.weights_gen has moved on
+ * since its last upload (model_weights_changed()).
+ *
+ * In a build without CUDA (no -DLEGO_HAVE_CUDA) every function below is an
+ * inline stub: no device, LEGO_ERR_UNSUPPORTED.  Callers need no #ifdefs.
+ *
+ * Threading: as for the model: one model's handle must not be used by two
+ * threads at once.  Every call selects the handle's device on the calling
+ * thread first (cudaSetDevice), so models on different devices may be used
+ * from one thread in turn.
+ */
+#ifndef LEGO_BACKEND_CUDA_H
+#define LEGO_BACKEND_CUDA_H
+
+#include <stdint.h>
+
+#include "denoise.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What the tests and benchmarks may ask a handle. */
+typedef struct cuda_stats {
+    int device;                /* CUDA device index                         */
+    uint64_t workspace_allocs; /* cudaMalloc calls for the request workspace */
+    uint64_t workspace_bytes;  /* its current size                          */
+    uint64_t weight_uploads;   /* times the weights were copied to the device */
+    int gelu_epilogue;         /* 1: fc1 uses cuBLASLt's GELU_BIAS epilogue  */
+    int flash_only;            /* 1: short sequences use the tiled kernel too */
+    int precision;             /* cuda_precision of the handle               */
+} cuda_stats;
+
+/* Per-handle settings, for tests and experiments. */
+typedef enum cuda_option {
+    /* fc1's tanh-GELU inside the GEMM (cuBLASLt GELU_BIAS epilogue) when 1,
+     * as a separate kernel when 0.  The handle turns it on at creation only
+     * if a probe shows that the epilogue computes the tanh approximation. */
+    CUDA_OPT_GELU_EPILOGUE = 0,
+    /* 1: every attention goes through the tiled (flash-style) kernel, even
+     * sequences short enough for the one-warp-per-head kernel. */
+    CUDA_OPT_FLASH_ONLY = 1,
+    /* Arithmetic of the forward pass: a cuda_precision value. */
+    CUDA_OPT_PRECISION = 2
+} cuda_option;
+
+typedef enum cuda_precision {
+    CUDA_PRECISION_FP32 = 0, /* fp32 storage and accumulation, no TF32       */
+    CUDA_PRECISION_BF16 = 1  /* reserved: not implemented yet                */
+} cuda_precision;
+
+#ifdef LEGO_HAVE_CUDA
+
+/* Number of usable CUDA devices; 0 when there is no driver or no device. */
+int cuda_device_count(void);
+
+/* A new handle on `device` for model `m` (which must have its parameter
+ * array): stream, cuBLASLt handle, the weights uploaded.  On failure *out
+ * is NULL and `err` says why: LEGO_ERR_UNSUPPORTED when there is no usable
+ * device, LEGO_ERR_INVALID_ARGUMENT for a device index out of range,
+ * LEGO_ERR_OUT_OF_MEMORY, LEGO_ERR_BACKEND for any other CUDA or cuBLAS
+ * failure. */
+lego_status cuda_backend_create(const lego_model *m, int device, void **out, lego_err *err);
+
+/* Free a handle and everything on the device it owns.  NULL is allowed. */
+void cuda_backend_destroy(void *handle);
+
+/* model_denoise on the device: same arguments, same results (within float
+ * rounding) as the CPU path.  Records failures in m->err. */
+lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a);
+
+/* Counters and settings of m's handle; LEGO_ERR_STATE without one. */
+lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out);
+
+/* Change a setting of m's handle (see cuda_option). */
+lego_status cuda_backend_set_option(lego_model *m, cuda_option option, int value);
+
+/* philox_normal_f32 (rng.h) computed on `device`: n values from element
+ * `first` of (seed, stream) into host memory `out`. */
+lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream, uint64_t first,
+                                   size_t n, float *out, lego_err *err);
+
+/* philox4x32_10 on `device` for blocks first_block .. first_block+blocks-1
+ * of (seed, stream), counters and key laid out as in rng.h; out holds
+ * 4 * blocks words. */
+lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream, uint64_t first_block,
+                               size_t blocks, uint32_t *out, lego_err *err);
+
+#else /* no CUDA in this build */
+
+static inline int cuda_device_count(void) { return 0; }
+
+static inline lego_status cuda_backend_create(const lego_model *m, int device, void **out,
+                                              lego_err *err) {
+    (void)m;
+    (void)device;
+    *out = NULL;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED,
+                     "backend CUDA: this liblego was built without CUDA (make CUDA=1)");
+}
+
+static inline void cuda_backend_destroy(void *handle) { (void)handle; }
+
+static inline lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a) {
+    (void)a;
+    return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED,
+                     "backend CUDA: this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) {
+    (void)m;
+    (void)out;
+    return LEGO_ERR_UNSUPPORTED;
+}
+
+static inline lego_status cuda_backend_set_option(lego_model *m, cuda_option option, int value) {
+    (void)m;
+    (void)option;
+    (void)value;
+    return LEGO_ERR_UNSUPPORTED;
+}
+
+static inline lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream,
+                                                 uint64_t first, size_t n, float *out,
+                                                 lego_err *err) {
+    (void)device, (void)seed, (void)stream, (void)first, (void)n, (void)out;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream,
+                                             uint64_t first_block, size_t blocks, uint32_t *out,
+                                             lego_err *err) {
+    (void)device, (void)seed, (void)stream, (void)first_block, (void)blocks, (void)out;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+#endif /* LEGO_HAVE_CUDA */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LEGO_BACKEND_CUDA_H */

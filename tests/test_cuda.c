@@ -1,0 +1,852 @@
+/*
+ * test_cuda.c -- the CUDA backend against the CPU and the reference.
+ *
+ * Without a CUDA device (and in builds without CUDA) only the "no device"
+ * contract is checked: asking for the CUDA backend fails cleanly with
+ * LEGO_ERR_UNSUPPORTED and leaves CPU models working; the device tests are
+ * skipped with a message.  With a device:
+ *   - Philox on the device equals src/rng.c (raw words exactly, normals
+ *     within one float ulp);
+ *   - every golden case under $LEGO_GOLDEN_DIR (default ../shared/golden):
+ *     conditioning, every brick output, D(x), skipping, guidance and double
+ *     resolution on the GPU within 1e-3 scaled of the golden tensors and of
+ *     the CPU result, with each kernel variant (GELU in the GEMM or not,
+ *     short-sequence attention or the tiled kernel only); the golden Heun
+ *     samples within the case's sampler tolerance;
+ *   - random models covering head_dim 16..256, 1 to 1024 tokens, patch 1,
+ *     odd MLP widths, non-square images, labels with null entries: GPU vs
+ *     CPU;
+ *   - repeated calls at one size allocate no device memory; weights
+ *     changed on the host (load_weights, init_weights, in place + the hook)
+ *     reach the device.
+ *
+ * The CUDA runtime does not survive fork() once initialised, so this
+ * program runs its tests without Check's fork (CK_NOFORK).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <stdint.h>
+
+#include "backend_cuda.h"
+#include "model.h"
+#include "rng.h"
+#include "testutil.h"
+
+/* GPU vs golden and GPU vs CPU, as the brief of the backend asks. */
+#define GPU_TOL 1e-3
+
+#define MAX_CASES 256
+static char *case_dirs[MAX_CASES];
+static int num_cases;
+
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void discover_cases(void) {
+    DIR *d = opendir(golden_dir());
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) && num_cases < MAX_CASES) {
+        char path[4096];
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s/model.safetensors", golden_dir(), e->d_name);
+        if (!path_exists(path)) continue;
+        snprintf(path, sizeof path, "%s/%s", golden_dir(), e->d_name);
+        case_dirs[num_cases++] = strdup(path);
+    }
+    closedir(d);
+    qsort(case_dirs, (size_t)num_cases, sizeof *case_dirs, compare_names);
+}
+
+static void expect_close(const char *who, const char *what, const float *got, const float *want,
+                         size_t n, double tol) {
+    double err = scaled_error(got, want, n);
+    printf("cuda %-14s %-24s scaled error %.2e (tolerance %.0e)\n", who, what, err, tol);
+    fflush(stdout);
+    ck_assert_msg(err <= tol, "%s %s: scaled error %g exceeds %g", who, what, err, tol);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Without a device                                                         */
+/* ------------------------------------------------------------------------ */
+
+static lego_model_config small_config(void) {
+    lego_model_config c;
+    lego_model_config_init(&c);
+    c.img_channels = 1;
+    c.img_resolution = 8;
+    c.hidden_size = 16;
+    c.num_heads = 2;
+    c.num_threads = 1;
+    return c;
+}
+
+START_TEST(test_cuda_unavailable) {
+    ck_assert_int_eq(lego_backend_available(LEGO_BACKEND_CPU), 1);
+    ck_assert_int_eq(lego_backend_available(LEGO_BACKEND_CUDA), 0);
+    ck_assert_int_eq(lego_backend_available((lego_backend)7), 0);
+
+    lego_model_config c = small_config();
+    c.backend = LEGO_BACKEND_CUDA;
+    lego_model *m = NULL;
+    ck_assert_int_eq(lego_model_create(&c, &m), LEGO_ERR_UNSUPPORTED);
+    ck_assert(m != NULL);
+    ck_assert_msg(strstr(lego_model_error(m), "CUDA"), "message: %s", lego_model_error(m));
+    lego_model_free(m);
+
+    /* A CPU model refuses the move and keeps working. */
+    c.backend = LEGO_BACKEND_CPU;
+    ck_assert_int_eq(lego_model_create(&c, &m), LEGO_OK);
+    lego_brick_config b;
+    lego_brick_config_init(&b);
+    b.brick_size = 4;
+    b.patch_size = 2;
+    ck_assert_int_eq(lego_brick_add(m, &b), LEGO_OK);
+    ck_assert_int_eq(lego_model_init_weights(m, 1), LEGO_OK);
+    ck_assert_int_eq(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0), LEGO_ERR_UNSUPPORTED);
+    ck_assert_msg(strstr(lego_model_error(m), "CUDA"), "message: %s", lego_model_error(m));
+    ck_assert_int_eq(lego_model_set_backend(m, LEGO_BACKEND_CUDA, -1),
+                     LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert_int_eq(lego_model_set_backend(m, (lego_backend)7, 0), LEGO_ERR_UNSUPPORTED);
+    ck_assert_int_eq(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0), LEGO_OK);
+    lego_model_config got;
+    lego_model_config_init(&got);
+    ck_assert_int_eq(lego_model_get_config(m, &got), LEGO_OK);
+    ck_assert_int_eq(got.backend, LEGO_BACKEND_CPU);
+    float x[64] = {0}, out[64], sigma = 1.0f;
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = 1;
+    r.height = r.width = 8;
+    r.x = x;
+    r.sigma = &sigma;
+    r.out = out;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s", lego_model_error(m));
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) != LEGO_OK);
+    lego_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Philox                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Distance in float ulps (same-sign floats compare by their bit patterns). */
+static int64_t ulps(float a, float b) {
+    int32_t ia, ib;
+    memcpy(&ia, &a, 4);
+    memcpy(&ib, &b, 4);
+    if (ia < 0) ia = INT32_MIN - ia;
+    if (ib < 0) ib = INT32_MIN - ib;
+    return ia > ib ? (int64_t)ia - ib : (int64_t)ib - ia;
+}
+
+START_TEST(test_cuda_philox) {
+    static const struct {
+        uint64_t seed, stream, first;
+        size_t n;
+    } cases[] = {
+        {0, 0, 0, 1 << 20},
+        {42, 7, 3, 1001},
+        {UINT64_C(0xdeadbeefcafef00d), UINT64_C(0x123456789abcdef0), UINT64_C(0xffffffff) * 4 - 5,
+         4099},
+        {1, UINT64_C(1) << 40, UINT64_C(1) << 35, 65537},
+    };
+    lego_err err;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        /* The raw words: exact. */
+        size_t blocks = 1000;
+        uint32_t *gw = malloc(4 * blocks * sizeof *gw);
+        ck_assert(gw);
+        ck_assert_msg(cuda_philox_blocks(0, cases[c].seed, cases[c].stream, cases[c].first / 4,
+                                         blocks, gw, &err) == LEGO_OK,
+                      "%s", err.msg);
+        for (size_t b = 0; b < blocks; b++) {
+            uint64_t blk = cases[c].first / 4 + b;
+            uint32_t ctr[4] = {(uint32_t)blk, (uint32_t)(blk >> 32), (uint32_t)cases[c].stream,
+                               (uint32_t)(cases[c].stream >> 32)};
+            uint32_t key[2] = {(uint32_t)cases[c].seed, (uint32_t)(cases[c].seed >> 32)}, w[4];
+            philox4x32_10(ctr, key, w);
+            for (int j = 0; j < 4; j++)
+                ck_assert_msg(gw[4 * b + j] == w[j], "case %zu block %zu word %d: %08x vs %08x",
+                              c, b, j, (unsigned)gw[4 * b + j], (unsigned)w[j]);
+        }
+        free(gw);
+
+        /* The normals: within one float ulp. */
+        size_t n = cases[c].n;
+        float *cpu = malloc(n * sizeof *cpu), *gpu = malloc(n * sizeof *gpu);
+        ck_assert(cpu && gpu);
+        philox_normal_f32(cases[c].seed, cases[c].stream, cases[c].first, n, cpu);
+        ck_assert_msg(cuda_philox_normal_f32(0, cases[c].seed, cases[c].stream, cases[c].first, n,
+                                             gpu, &err) == LEGO_OK,
+                      "%s", err.msg);
+        size_t exact = 0;
+        int64_t worst = 0;
+        for (size_t i = 0; i < n; i++) {
+            int64_t u = ulps(cpu[i], gpu[i]);
+            exact += u == 0;
+            if (u > worst) worst = u;
+            ck_assert_msg(u <= 1, "case %zu element %zu: cpu %.9g gpu %.9g (%lld ulps)", c, i,
+                          (double)cpu[i], (double)gpu[i], (long long)u);
+        }
+        printf("cuda philox case %zu: %zu normals, %zu bit-identical, worst %lld ulp\n", c, n,
+               exact, (long long)worst);
+        free(cpu);
+        free(gpu);
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Golden cases                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef struct golden_case {
+    const char *name;
+    st_file *io;
+    double sampler_tol;
+    int steps;
+    int n, C, H, W, K, L, D;
+    float *x, *sigma, *labels;
+    const st_tensor *big;
+    float *x_big;
+} golden_case;
+
+static void read_case_json(golden_case *g, const char *dir) {
+    char path[4096];
+    static char buf[1 << 20];
+    snprintf(path, sizeof path, "%s/case.json", dir);
+    FILE *fp = fopen(path, "rb");
+    ck_assert_msg(fp != NULL, "%s missing", path);
+    size_t len = fread(buf, 1, sizeof buf - 1, fp);
+    fclose(fp);
+    buf[len] = 0;
+    cJSON *root = cJSON_Parse(buf);
+    ck_assert(root);
+    cJSON *steps = cJSON_GetObjectItem(root, "steps");
+    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "sampler");
+    g->steps = cJSON_IsNumber(steps) ? steps->valueint : 0;
+    g->sampler_tol = cJSON_IsNumber(tol) ? tol->valuedouble : 1e-3;
+    cJSON_Delete(root);
+}
+
+static lego_model *load_model(const char *dir, lego_backend backend) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    lego_load_options o;
+    lego_load_options_init(&o);
+    o.backend = backend;
+    o.device = 0;
+    o.num_threads = 2;
+    lego_model *m = NULL;
+    lego_status s = lego_model_load(path, &o, &m);
+    ck_assert_msg(s == LEGO_OK, "%s: load (backend %d) failed: %s", dir, (int)backend,
+                  lego_model_error(m));
+    return m;
+}
+
+static void open_case(golden_case *g, const char *dir) {
+    char path[4096];
+    memset(g, 0, sizeof *g);
+    g->name = strrchr(dir, '/') + 1;
+    read_case_json(g, dir);
+    snprintf(path, sizeof path, "%s/io.safetensors", dir);
+    lego_err err;
+    ck_assert_msg(st_open(path, &g->io, &err) == LEGO_OK, "%s", err.msg);
+    const st_tensor *x = st_find(g->io, "x");
+    ck_assert(x && x->rank == 4);
+    g->n = (int)x->shape[0];
+    g->C = (int)x->shape[1];
+    g->H = (int)x->shape[2];
+    g->W = (int)x->shape[3];
+    g->x = tensor_f32(g->io, "x", NULL);
+    g->sigma = tensor_f32(g->io, "sigma", NULL);
+    g->labels = tensor_f32(g->io, "labels", NULL);
+    g->big = st_find(g->io, "x.big");
+    g->x_big = g->big ? tensor_f32(g->io, "x.big", NULL) : NULL;
+}
+
+static void close_case(golden_case *g) {
+    free(g->x);
+    free(g->sigma);
+    free(g->labels);
+    free(g->x_big);
+    st_close(g->io);
+}
+
+/* Everything one model computes for a case. */
+typedef struct case_outputs {
+    float *cond, *bricks, *out, *skip, *cfg, *big;
+} case_outputs;
+
+static void request_for(const golden_case *g, lego_denoise_request *r, const float *x, int h,
+                        int w, float *out) {
+    lego_denoise_request_init(r);
+    r->n = g->n;
+    r->height = h;
+    r->width = w;
+    r->x = x;
+    r->sigma = g->sigma;
+    r->label_vectors = g->L > 0 ? g->labels : NULL;
+    r->out = out;
+}
+
+static void run_case(const golden_case *g, lego_model *m, case_outputs *o) {
+    size_t img = (size_t)g->n * g->C * g->H * g->W;
+    memset(o, 0, sizeof *o);
+    o->cond = malloc((size_t)g->n * g->D * sizeof(float));
+    o->bricks = malloc((size_t)g->K * img * sizeof(float));
+    o->out = malloc(img * sizeof(float));
+    ck_assert(o->cond && o->bricks && o->out);
+    lego_denoise_request r;
+    request_for(g, &r, g->x, g->H, g->W, o->out);
+    r.brick_outputs = o->bricks;
+    r.cond = o->cond;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", g->name, lego_model_error(m));
+    if (g->K > 1) {
+        o->skip = malloc(img * sizeof(float));
+        request_for(g, &r, g->x, g->H, g->W, o->skip);
+        r.num_bricks = g->K - 1;
+        ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", g->name, lego_model_error(m));
+    }
+    if (g->L > 0) {
+        o->cfg = malloc(img * sizeof(float));
+        request_for(g, &r, g->x, g->H, g->W, o->cfg);
+        r.guidance = 4.0f;
+        ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", g->name, lego_model_error(m));
+    }
+    if (g->big) {
+        o->big = malloc(g->big->numel * sizeof(float));
+        request_for(g, &r, g->x_big, (int)g->big->shape[2], (int)g->big->shape[3], o->big);
+        ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", g->name, lego_model_error(m));
+    }
+}
+
+static void free_outputs(case_outputs *o) {
+    free(o->cond);
+    free(o->bricks);
+    free(o->out);
+    free(o->skip);
+    free(o->cfg);
+    free(o->big);
+}
+
+/* One output of the GPU against the golden tensor (if the case has it)
+ * and against the CPU. */
+static void compare_one(const golden_case *g, const char *variant, const char *name,
+                        const float *gpu, const float *cpu, size_t n) {
+    char what[96];
+    size_t count = 0;
+    float *want = tensor_f32(g->io, name, &count);
+    if (want) {
+        ck_assert_msg(count == n, "%s %s: %zu values, expected %zu", g->name, name, n, count);
+        snprintf(what, sizeof what, "%s%s vs golden", name, variant);
+        expect_close(g->name, what, gpu, want, n, GPU_TOL);
+        free(want);
+    }
+    snprintf(what, sizeof what, "%s%s vs cpu", name, variant);
+    expect_close(g->name, what, gpu, cpu, n, GPU_TOL);
+}
+
+static void compare_case(const golden_case *g, const char *variant, const case_outputs *gpu,
+                         const case_outputs *cpu) {
+    size_t img = (size_t)g->n * g->C * g->H * g->W;
+    compare_one(g, variant, "cond", gpu->cond, cpu->cond, (size_t)g->n * g->D);
+    for (int k = 0; k < g->K; k++) {
+        char name[32];
+        snprintf(name, sizeof name, "brick.%d", k);
+        compare_one(g, variant, name, gpu->bricks + (size_t)k * img, cpu->bricks + (size_t)k * img,
+                    img);
+    }
+    compare_one(g, variant, "denoised", gpu->out, cpu->out, img);
+    if (gpu->skip) compare_one(g, variant, "denoised.skip", gpu->skip, cpu->skip, img);
+    if (gpu->cfg) compare_one(g, variant, "denoised.cfg4", gpu->cfg, cpu->cfg, img);
+    if (gpu->big) compare_one(g, variant, "denoised.big", gpu->big, cpu->big, g->big->numel);
+}
+
+START_TEST(test_cuda_golden_denoiser) {
+    golden_case g;
+    open_case(&g, case_dirs[_i]);
+    lego_model *cpu = load_model(case_dirs[_i], LEGO_BACKEND_CPU);
+    lego_model *gpu = load_model(case_dirs[_i], LEGO_BACKEND_CUDA);
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    lego_model_get_config(cpu, &cfg);
+    g.K = lego_model_num_bricks(cpu);
+    g.L = cfg.label_dim;
+    g.D = cfg.hidden_size;
+
+    case_outputs want, got;
+    run_case(&g, cpu, &want);
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
+    printf("cuda %-14s device %d, GELU in the GEMM epilogue: %s\n", g.name, st.device,
+           st.gelu_epilogue ? "yes (probe says tanh)" : "no (separate kernel)");
+    int fused = st.gelu_epilogue;
+
+    run_case(&g, gpu, &got);
+    compare_case(&g, "", &got, &want);
+    free_outputs(&got);
+
+    /* The other GELU path, when the epilogue is usable at all. */
+    if (fused) {
+        ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GELU_EPILOGUE, 0) == LEGO_OK);
+        run_case(&g, gpu, &got);
+        compare_case(&g, " [gelu kernel]", &got, &want);
+        free_outputs(&got);
+        ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GELU_EPILOGUE, 1) == LEGO_OK);
+    }
+    /* Every attention through the tiled kernel. */
+    ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
+    run_case(&g, gpu, &got);
+    compare_case(&g, " [flash only]", &got, &want);
+    free_outputs(&got);
+
+    /* The same model moved to the GPU after loading. */
+    lego_model *moved = load_model(case_dirs[_i], LEGO_BACKEND_CPU);
+    ck_assert_msg(lego_model_set_backend(moved, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
+                  lego_model_error(moved));
+    run_case(&g, moved, &got);
+    compare_case(&g, " [set_backend]", &got, &want);
+    free_outputs(&got);
+
+    free_outputs(&want);
+    lego_model_free(moved);
+    lego_model_free(gpu);
+    lego_model_free(cpu);
+    close_case(&g);
+}
+END_TEST
+
+/* The reference Heun sampler on the GPU: every network evaluation there. */
+START_TEST(test_cuda_golden_sampler) {
+    golden_case g;
+    open_case(&g, case_dirs[_i]);
+    const st_tensor *lt = st_find(g.io, "latents");
+    if (!lt || g.steps < 1) {
+        printf("cuda %-14s (no sampler tensors)\n", g.name);
+        close_case(&g);
+        return;
+    }
+    lego_model *gpu = load_model(case_dirs[_i], LEGO_BACKEND_CUDA);
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    lego_model_get_config(gpu, &cfg);
+    g.K = lego_model_num_bricks(gpu);
+    g.L = cfg.label_dim;
+    int n = (int)lt->shape[0];
+    ck_assert(n <= 64);
+    int32_t labels[64];
+    for (int i = 0; i < n; i++) {
+        labels[i] = -1;
+        for (int j = 0; g.labels && j < g.L; j++)
+            if (g.labels[(size_t)i * g.L + j] == 1.0f) labels[i] = j;
+    }
+    size_t img = lt->numel;
+    float *lat = tensor_f32(g.io, "latents", NULL), *out = malloc(img * sizeof *out);
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = n;
+    r.height = (int)lt->shape[2];
+    r.width = (int)lt->shape[3];
+    r.latents = lat;
+    r.labels = g.L > 0 ? labels : NULL;
+    r.out = out;
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = g.steps;
+    ck_assert_msg(lego_sample(gpu, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(gpu));
+    float *want = tensor_f32(g.io, "sample.heun", NULL);
+    if (want) expect_close(g.name, "sample.heun vs golden", out, want, img, g.sampler_tol);
+    free(want);
+    if (g.K > 1 && (want = tensor_f32(g.io, "sample.heun_skip", NULL))) {
+        lego_skip_policy p;
+        lego_skip_policy_init(&p);
+        ck_assert(lego_skip_policy_preset(&p, gpu, LEGO_SKIP_TOP_AT_LOW_NOISE, g.steps, 0.5, 0) ==
+                  LEGO_OK);
+        o.skip = &p;
+        ck_assert_msg(lego_sample(gpu, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(gpu));
+        expect_close(g.name, "sample.heun_skip vs golden", out, want, img, g.sampler_tol);
+        o.skip = NULL;
+        free(want);
+    }
+    if (g.L > 0 && (want = tensor_f32(g.io, "sample.heun_cfg2", NULL))) {
+        o.guidance = 2.0f;
+        ck_assert_msg(lego_sample(gpu, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(gpu));
+        expect_close(g.name, "sample.heun_cfg2 vs golden", out, want, img, g.sampler_tol);
+        free(want);
+    }
+    free(lat);
+    free(out);
+    lego_model_free(gpu);
+    close_case(&g);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Random models: GPU against CPU                                           */
+/* ------------------------------------------------------------------------ */
+
+typedef struct rand_model {
+    const char *name;
+    int hidden, heads, channels, labels;
+    double mlp_ratio;
+    int h, w, n;
+    int num_bricks;
+    int bricks[3][3]; /* brick size, patch size, depth */
+} rand_model;
+
+static const rand_model rand_models[] = {
+    /* The "tiny" LEGO-PG of lego-bench: 4-token and 256-token bricks. */
+    {"tiny-pg", 64, 4, 1, 10, 4.0, 32, 32, 3, 3, {{4, 2, 1}, {16, 8, 1}, {32, 2, 2}}},
+    /* head_dim 72 (the XL models'), 1024 tokens per sequence. */
+    {"hd72-1024tok", 144, 2, 3, 0, 4.0, 64, 64, 2, 2, {{4, 2, 1}, {64, 2, 1}}},
+    /* head_dim 256: the tiled kernel needs more than 48 KiB of shared
+     * memory; non-square images. */
+    {"hd256-nonsquare", 256, 1, 4, 5, 4.0, 16, 32, 2, 2, {{16, 2, 2}, {8, 4, 1}}},
+    /* head_dim 16, patch 1, a 1-token brick, MLP width 120. */
+    {"odd", 48, 3, 2, 3, 2.5, 8, 16, 3, 2, {{8, 1, 1}, {2, 2, 1}}},
+};
+#define NUM_RAND_MODELS (sizeof rand_models / sizeof rand_models[0])
+
+/* Every trainable parameter ~ N(0, scale^2); the fixed position
+ * embeddings keep their values.  Then the hook that tells the device. */
+static void randomize(lego_model *m, uint64_t seed, float scale) {
+    for (int i = 0; i < m->num_params; i++) {
+        const lego_param *p = &m->table[i];
+        if (p->fixed) continue;
+        float *v = m->params + p->offset;
+        philox_normal_f32(seed, (uint64_t)i + 1, 0, p->numel, v);
+        for (size_t j = 0; j < p->numel; j++) v[j] *= scale;
+    }
+    model_weights_changed(m);
+}
+
+static lego_model *build_rand(const rand_model *rm) {
+    lego_model_config c;
+    lego_model_config_init(&c);
+    c.img_channels = rm->channels;
+    c.img_resolution = rm->h;
+    c.label_dim = rm->labels;
+    c.hidden_size = rm->hidden;
+    c.num_heads = rm->heads;
+    c.mlp_ratio = rm->mlp_ratio;
+    c.num_threads = 2;
+    lego_model *m = NULL;
+    ck_assert_msg(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
+    for (int k = 0; k < rm->num_bricks; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        b.brick_size = rm->bricks[k][0];
+        b.patch_size = rm->bricks[k][1];
+        b.depth = rm->bricks[k][2];
+        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
+    }
+    randomize(m, 1234, 0.05f);
+    return m;
+}
+
+typedef struct rand_io {
+    float *x, *sigma;
+    int32_t *labels;
+} rand_io;
+
+static rand_io rand_inputs(const rand_model *rm) {
+    rand_io io;
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    io.x = malloc(img * sizeof(float));
+    io.sigma = malloc((size_t)rm->n * sizeof(float));
+    io.labels = malloc((size_t)rm->n * sizeof(int32_t));
+    ck_assert(io.x && io.sigma && io.labels);
+    philox_normal_f32(99, 1, 0, img, io.x);
+    for (int i = 0; i < rm->n; i++) {
+        io.sigma[i] = 0.01f * powf(3000.0f, (float)i / (float)(rm->n > 1 ? rm->n - 1 : 1));
+        size_t chw = img / (size_t)rm->n;
+        for (size_t j = 0; j < chw; j++) io.x[(size_t)i * chw + j] *= io.sigma[i];
+        /* A null label among real ones. */
+        io.labels[i] = rm->labels > 0 ? (i == 1 ? -1 : (i * 7) % rm->labels) : -1;
+    }
+    return io;
+}
+
+static void free_inputs(rand_io *io) {
+    free(io->x);
+    free(io->sigma);
+    free(io->labels);
+}
+
+/* The requests of one random model: plain with brick outputs and c,
+ * guided, top brick skipped. */
+typedef struct rand_outputs {
+    float *out, *bricks, *cond, *cfg, *skip;
+} rand_outputs;
+
+static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, rand_outputs *o) {
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    o->out = malloc(img * sizeof(float));
+    o->bricks = malloc((size_t)rm->num_bricks * img * sizeof(float));
+    o->cond = malloc((size_t)rm->n * rm->hidden * sizeof(float));
+    o->cfg = malloc(img * sizeof(float));
+    o->skip = malloc(img * sizeof(float));
+    ck_assert(o->out && o->bricks && o->cond && o->cfg && o->skip);
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = rm->n;
+    r.height = rm->h;
+    r.width = rm->w;
+    r.x = io->x;
+    r.sigma = io->sigma;
+    r.labels = rm->labels > 0 ? io->labels : NULL;
+    r.out = o->out;
+    r.brick_outputs = o->bricks;
+    r.cond = o->cond;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", rm->name, lego_model_error(m));
+    r.brick_outputs = NULL;
+    r.cond = NULL;
+    r.out = o->cfg;
+    r.guidance = 2.5f;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", rm->name, lego_model_error(m));
+    r.guidance = 1.0f;
+    r.out = o->skip;
+    r.skip_mask = rm->num_bricks > 1 ? 1u << (rm->num_bricks - 1) : 0;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", rm->name, lego_model_error(m));
+}
+
+static void free_rand_outputs(rand_outputs *o) {
+    free(o->out);
+    free(o->bricks);
+    free(o->cond);
+    free(o->cfg);
+    free(o->skip);
+}
+
+static void compare_rand(const rand_model *rm, const char *variant, const rand_outputs *gpu,
+                         const rand_outputs *cpu) {
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    char what[96];
+    snprintf(what, sizeof what, "cond%s", variant);
+    expect_close(rm->name, what, gpu->cond, cpu->cond, (size_t)rm->n * rm->hidden, GPU_TOL);
+    for (int k = 0; k < rm->num_bricks; k++) {
+        snprintf(what, sizeof what, "brick.%d%s", k, variant);
+        expect_close(rm->name, what, gpu->bricks + (size_t)k * img, cpu->bricks + (size_t)k * img,
+                     img, GPU_TOL);
+    }
+    snprintf(what, sizeof what, "denoised%s", variant);
+    expect_close(rm->name, what, gpu->out, cpu->out, img, GPU_TOL);
+    snprintf(what, sizeof what, "guided%s", variant);
+    expect_close(rm->name, what, gpu->cfg, cpu->cfg, img, GPU_TOL);
+    snprintf(what, sizeof what, "skip%s", variant);
+    expect_close(rm->name, what, gpu->skip, cpu->skip, img, GPU_TOL);
+}
+
+START_TEST(test_cuda_random_models) {
+    const rand_model *rm = &rand_models[_i];
+    lego_model *m = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    rand_outputs cpu, gpu;
+    run_rand(rm, m, &io, &cpu);
+
+    ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    run_rand(rm, m, &io, &gpu);
+    compare_rand(rm, "", &gpu, &cpu);
+    free_rand_outputs(&gpu);
+
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, !st.gelu_epilogue) == LEGO_OK);
+    run_rand(rm, m, &io, &gpu);
+    compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu);
+    free_rand_outputs(&gpu);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, st.gelu_epilogue) == LEGO_OK);
+
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
+    run_rand(rm, m, &io, &gpu);
+    compare_rand(rm, " [flash only]", &gpu, &cpu);
+    free_rand_outputs(&gpu);
+
+    /* Back on the CPU: the same numbers as before the trip. */
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    run_rand(rm, m, &io, &gpu);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    expect_close(rm->name, "cpu after the trip", gpu.out, cpu.out, img, 1e-6);
+    free_rand_outputs(&gpu);
+
+    free_rand_outputs(&cpu);
+    free_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Workspace reuse and weight updates                                       */
+/* ------------------------------------------------------------------------ */
+
+static void denoise_n(lego_model *m, const rand_model *rm, const rand_io *io, int n, float g,
+                      float *out) {
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = n;
+    r.height = rm->h;
+    r.width = rm->w;
+    r.x = io->x;
+    r.sigma = io->sigma;
+    r.labels = io->labels;
+    r.guidance = g;
+    r.out = out;
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s", lego_model_error(m));
+}
+
+START_TEST(test_cuda_no_realloc) {
+    const rand_model *rm = &rand_models[0];
+    lego_model *m = build_rand(rm);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *a = malloc(img * sizeof *a), *b = malloc(img * sizeof *b);
+    cuda_stats s0, s1;
+
+    ck_assert(cuda_backend_stats(m, &s0) == LEGO_OK);
+    ck_assert(s0.weight_uploads == 1 && s0.workspace_allocs == 0);
+    denoise_n(m, rm, &io, rm->n, 1.0f, a);
+    ck_assert(cuda_backend_stats(m, &s0) == LEGO_OK);
+    ck_assert(s0.workspace_allocs == 1);
+    for (int i = 0; i < 5; i++) {
+        denoise_n(m, rm, &io, rm->n, 1.0f, b);
+        ck_assert(memcmp(a, b, img * sizeof *a) == 0); /* deterministic */
+    }
+    denoise_n(m, rm, &io, 1, 1.0f, b); /* smaller: fits */
+    ck_assert(cuda_backend_stats(m, &s1) == LEGO_OK);
+    ck_assert_msg(s1.workspace_allocs == s0.workspace_allocs,
+                  "repeated calls allocated: %llu -> %llu",
+                  (unsigned long long)s0.workspace_allocs, (unsigned long long)s1.workspace_allocs);
+    ck_assert(s1.weight_uploads == 1);
+
+    /* Guidance doubles the batch: one growth at most, then none. */
+    denoise_n(m, rm, &io, rm->n, 3.0f, b);
+    ck_assert(cuda_backend_stats(m, &s0) == LEGO_OK);
+    for (int i = 0; i < 3; i++) denoise_n(m, rm, &io, rm->n, 3.0f, b);
+    denoise_n(m, rm, &io, rm->n, 1.0f, b);
+    ck_assert(cuda_backend_stats(m, &s1) == LEGO_OK);
+    ck_assert(s1.workspace_allocs == s0.workspace_allocs && s1.workspace_allocs <= 2);
+    ck_assert(s1.weight_uploads == 1);
+    printf("cuda no-realloc: %llu workspace allocations (%llu bytes), %llu weight uploads\n",
+           (unsigned long long)s1.workspace_allocs, (unsigned long long)s1.workspace_bytes,
+           (unsigned long long)s1.weight_uploads);
+
+    free(a);
+    free(b);
+    free_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+START_TEST(test_cuda_weights_follow) {
+    const rand_model *rm = &rand_models[0];
+    lego_model *m = build_rand(rm);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *first = malloc(img * sizeof(float)), *now = malloc(img * sizeof(float));
+    float *cpu = malloc(img * sizeof(float));
+    cuda_stats st;
+    denoise_n(m, rm, &io, rm->n, 1.0f, first);
+
+    char path[] = "/tmp/lego_cuda_XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert(fd >= 0);
+    close(fd);
+    ck_assert_msg(lego_model_save(m, path) == LEGO_OK, "%s", lego_model_error(m));
+
+    /* In place + the hook. */
+    randomize(m, 777, 0.05f);
+    denoise_n(m, rm, &io, rm->n, 1.0f, now);
+    ck_assert(scaled_error(now, first, img) > 1e-3);
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    ck_assert(st.weight_uploads == 2);
+    /* ... and it is the CPU's answer for the new weights. */
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    expect_close(rm->name, "after in-place change", now, cpu, img, GPU_TOL);
+
+    /* lego_model_load_weights brings the saved weights back. */
+    ck_assert_msg(lego_model_load_weights(m, path) == LEGO_OK, "%s", lego_model_error(m));
+    denoise_n(m, rm, &io, rm->n, 1.0f, now);
+    expect_close(rm->name, "after load_weights", now, first, img, 1e-5);
+
+    /* lego_model_init_weights too (adaLN zero: F = 0, D = c_skip x). */
+    ck_assert(lego_model_init_weights(m, 5) == LEGO_OK);
+    denoise_n(m, rm, &io, rm->n, 1.0f, now);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
+    expect_close(rm->name, "after init_weights", now, cpu, img, GPU_TOL);
+
+    /* A device that does not exist leaves the model as it was. */
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_int_eq(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 4096), LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK && st.device == 0);
+    denoise_n(m, rm, &io, rm->n, 1.0f, now);
+    expect_close(rm->name, "after a refused move", now, cpu, img, GPU_TOL);
+    /* fp32 is the only precision so far. */
+    ck_assert_int_eq(cuda_backend_set_option(m, CUDA_OPT_PRECISION, CUDA_PRECISION_BF16),
+                     LEGO_ERR_UNSUPPORTED);
+
+    remove(path);
+    free(first);
+    free(now);
+    free(cpu);
+    free_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+/* Named parts, so that one can be run alone: CK_RUN_CASE=golden. */
+static TCase *add_case(Suite *s, const char *name) {
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 1200);
+    suite_add_tcase(s, tc);
+    return tc;
+}
+
+int main(void) {
+    Suite *s = suite_create("cuda");
+#ifdef LEGO_HAVE_CUDA
+    const char *build = "built with CUDA";
+#else
+    const char *build = "built without CUDA";
+#endif
+    if (!lego_backend_available(LEGO_BACKEND_CUDA)) {
+        printf("test_cuda: no CUDA device present (liblego %s): device tests skipped\n", build);
+        tcase_add_test(add_case(s, "nodevice"), test_cuda_unavailable);
+    } else {
+        discover_cases();
+        printf("test_cuda: CUDA device present (liblego %s); %d golden cases under %s\n", build,
+               num_cases, golden_dir());
+        tcase_add_test(add_case(s, "philox"), test_cuda_philox);
+        tcase_add_loop_test(add_case(s, "random"), test_cuda_random_models, 0,
+                            (int)NUM_RAND_MODELS);
+        TCase *ws = add_case(s, "workspace");
+        tcase_add_test(ws, test_cuda_no_realloc);
+        tcase_add_test(ws, test_cuda_weights_follow);
+        if (num_cases > 0) {
+            tcase_add_loop_test(add_case(s, "golden"), test_cuda_golden_denoiser, 0, num_cases);
+            tcase_add_loop_test(add_case(s, "sampler"), test_cuda_golden_sampler, 0, num_cases);
+        } else {
+            printf("test_cuda: no golden cases under %s, skipping those\n", golden_dir());
+        }
+    }
+    SRunner *sr = srunner_create(s);
+    /* The CUDA runtime, initialised by the availability check above, does
+     * not survive fork(). */
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
