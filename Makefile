@@ -175,4 +175,4 @@ deps:
 	  dataset-fashion-mnist
 
 clean:
-	rm -rf build lib bin
+	rm -rf build bin lib/liblego*

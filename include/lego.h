@@ -383,6 +383,151 @@ LEGO_API lego_status lego_step(lego_model *model, const lego_step_request *reque
                                const lego_sample_options *options);
 
 /* ------------------------------------------------------------------------ */
+/* Training                                                                 */
+/* ------------------------------------------------------------------------ */
+/* The loss is the LEGO training loss of the reference (EDM preconditioning,
+ * every brick supervised):  x = y + sigma*noise,  D_k = c_skip x + c_out F_k,
+ * weight = (sigma^2 + sd^2) / (sigma sd)^2 with sd = sigma_data,
+ *     loss = (1/n) sum_images sum_pixels (1/K) sum_k weight (D_k - y)^2.
+ * Gradients use the layout of the model's parameters: one flat float array
+ * of lego_model_num_params() values, tensor after tensor in checkpoint
+ * order (lego_model_tensor_info says where each one lies).  Training runs on
+ * the CPU whatever the model's backend; a model on the GPU sees the updated
+ * weights at its next lego_denoise. */
+
+/* One tensor of the flat parameter array. */
+typedef struct lego_tensor_info {
+    size_t size;      /* sizeof(lego_tensor_info)                           */
+    const char *name; /* reference key ("model.t_embedder.mlp.0.weight"),
+                         owned by the model, valid until it changes         */
+    int rank;
+    int64_t shape[4];
+    int64_t offset;   /* first value in the flat array                      */
+    int64_t numel;
+    int trainable;    /* 0 for the fixed position embeddings                */
+} lego_tensor_info;
+
+LEGO_API void lego_tensor_info_init(lego_tensor_info *info);
+
+/* Number of tensors (0 for NULL or failed models). */
+LEGO_API int lego_model_num_tensors(const lego_model *model);
+LEGO_API lego_status lego_model_tensor_info(lego_model *model, int index,
+                                            lego_tensor_info *info);
+
+/* Copy the flat parameter array out of / into the model; `count` must be
+ * lego_model_num_params(). */
+LEGO_API lego_status lego_model_get_params(lego_model *model, float *params,
+                                           int64_t count);
+LEGO_API lego_status lego_model_set_params(lego_model *model,
+                                           const float *params, int64_t count);
+
+/* One batch with everything random already drawn. */
+typedef struct lego_train_batch {
+    size_t size;
+    int n;                       /* images                                   */
+    int height, width;           /* multiples of lego_model_resolution_multiple() */
+    const float *y;              /* clean images, n x C x H x W              */
+    const float *noise;          /* standard normal, n x C x H x W           */
+    const float *sigma;          /* n noise levels, finite and > 0           */
+    /* Labels as in lego_denoise_request: at most one of the two; with
+     * neither (or label_dim 0) every image gets the null label. */
+    const int32_t *labels;       /* n class indices, -1 = null label         */
+    const float *label_vectors;  /* n x label_dim                            */
+} lego_train_batch;
+
+LEGO_API void lego_train_batch_init(lego_train_batch *batch);
+
+/* The loss of one batch and, when `grads` is not NULL, its gradient with
+ * respect to every parameter (lego_model_num_params() floats, overwritten;
+ * fixed parameters get 0).  Allocates its activations for the call; a
+ * trainer keeps them between steps instead. */
+LEGO_API lego_status lego_train_loss(lego_model *model,
+                                     const lego_train_batch *batch,
+                                     float *loss, float *grads);
+
+typedef struct lego_trainer lego_trainer;
+
+typedef enum lego_optimizer {
+    LEGO_OPTIMIZER_ADAMW = 0, /* decoupled weight decay: p -= lr*wd*p      */
+    LEGO_OPTIMIZER_ADAM = 1   /* L2 weight decay: g += wd*p (torch Adam)   */
+} lego_optimizer;
+
+typedef struct lego_train_options {
+    size_t size;
+    lego_optimizer optimizer; /* (LEGO_OPTIMIZER_ADAMW)                      */
+    double lr;                /* learning rate after warm-up (1e-4)          */
+    double beta1, beta2;      /* (0.9, 0.999)                                */
+    double eps;               /* (1e-8)                                      */
+    double weight_decay;      /* (0)                                         */
+    int warmup_steps;         /* lr ramps linearly over the first steps:
+                                 lr * min(1, (step+1)/warmup_steps) (0)     */
+    double grad_clip;         /* clip the global L2 norm to this; 0 = off (0) */
+    double ema_halflife_kimg; /* EMA half-life in thousands of images (500) */
+    double ema_rampup_ratio;  /* as EDM: half-life at most images_seen*ratio;
+                                 0 = off (0.05)                             */
+    double p_mean, p_std;     /* ln(sigma) ~ N(p_mean, p_std^2) (-1.2, 1.2)  */
+    double label_dropout;     /* probability of replacing a label by the
+                                 null label, for guidance (0)               */
+    int hflip;                /* 1: mirror each image left-right with
+                                 probability 1/2 (0)                        */
+    int height, width;        /* image size; 0 = the model's img_resolution */
+    uint64_t seed;            /* sigma, noise, dropout and flips (0)         */
+} lego_train_options;
+
+LEGO_API void lego_train_options_init(lego_train_options *options);
+
+typedef struct lego_train_stats {
+    size_t size;
+    int64_t step;          /* steps taken, this one included                */
+    int64_t images_seen;   /* images over all steps, this one included      */
+    double loss;           /* this step's loss (as lego_train_loss)         */
+    double grad_norm;      /* global L2 norm before clipping                */
+    double lr;             /* learning rate used                            */
+    double ema_beta;       /* EMA decay used                                */
+    int skipped;           /* 1: the gradient was not finite; nothing was
+                              updated                                       */
+    int64_t skipped_total; /* such steps so far                             */
+} lego_train_stats;
+
+LEGO_API void lego_train_stats_init(lego_train_stats *stats);
+
+/*
+ * A trainer updates `model`'s weights in place and keeps the EMA weights,
+ * the optimiser's moments and the step counter.  It borrows the model: the
+ * model must outlive it, keep its bricks, and not be used by another thread
+ * during a step.  `options` may be NULL (defaults).  Failure is reported as
+ * for lego_model_create(): a failed handle carries the message.
+ */
+LEGO_API lego_status lego_trainer_create(lego_model *model,
+                                         const lego_train_options *options,
+                                         lego_trainer **out);
+
+/* One optimiser step on n images (n x C x H x W) with their class labels
+ * (n indices, -1 = null; NULL = all null).  Draws sigma, noise, label
+ * dropout and flips from Philox streams keyed by the seed and the step
+ * number, so a run is reproducible and resumes exactly.  A non-finite
+ * gradient skips the update (counted in the stats).  `stats` may be NULL. */
+LEGO_API lego_status lego_trainer_step(lego_trainer *trainer,
+                                       const float *images,
+                                       const int32_t *labels, int n,
+                                       lego_train_stats *stats);
+
+/* Everything needed to resume bit-exactly (weights, EMA, Adam moments,
+ * counters, seed) as safetensors.  Options are not stored: resume with the
+ * same ones.  load_state needs a trainer on a model of the same
+ * architecture; on failure nothing changes. */
+LEGO_API lego_status lego_trainer_save_state(lego_trainer *trainer, const char *path);
+LEGO_API lego_status lego_trainer_load_state(lego_trainer *trainer, const char *path);
+
+/* The EMA weights as a checkpoint lego_model_load() reads. */
+LEGO_API lego_status lego_trainer_export_ema(lego_trainer *trainer, const char *path);
+
+LEGO_API void lego_trainer_free(lego_trainer *trainer);
+
+/* The message of the trainer's last failure ("" when none). */
+LEGO_API const char *lego_trainer_error(const lego_trainer *trainer);
+
+/* ------------------------------------------------------------------------ */
 /* Image output                                                             */
 /* ------------------------------------------------------------------------ */
 /* These functions take no handle; where `errmsg` is not NULL, a failure
