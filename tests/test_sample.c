@@ -9,31 +9,9 @@
 
 #include "model.h"
 #include "rng.h"
+#define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
-#define MAX_CASES 256
-static char *case_dirs[MAX_CASES];
-static int num_cases;
-
-static int compare_names(const void *a, const void *b) {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void discover_cases(void) {
-    DIR *d = opendir(golden_dir());
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) && num_cases < MAX_CASES) {
-        char path[4096];
-        if (e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "%s/%s/model.safetensors", golden_dir(), e->d_name);
-        if (!path_exists(path)) continue;
-        snprintf(path, sizeof path, "%s/%s", golden_dir(), e->d_name);
-        case_dirs[num_cases++] = strdup(path);
-    }
-    closedir(d);
-    qsort(case_dirs, (size_t)num_cases, sizeof *case_dirs, compare_names);
-}
 
 typedef struct scase {
     const char *name;

@@ -18,6 +18,7 @@
  * Tiny models (hidden 16, 8x8 images) keep it fast under valgrind.
  */
 #define _POSIX_C_SOURCE 200809L
+#define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
 #include <cjson/cJSON.h>
@@ -124,31 +125,6 @@ static int find_tensor(lego_model *m, const char *name) {
 /* golden                                                                   */
 /* ------------------------------------------------------------------------ */
 
-#define MAX_CASES 256
-static char *case_dirs[MAX_CASES];
-static int num_cases;
-
-static int compare_names(const void *a, const void *b) {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void discover_cases(void) {
-    DIR *d = opendir(golden_dir());
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) && num_cases < MAX_CASES) {
-        if (e->d_name[0] == '.') continue;
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s/model.safetensors", golden_dir(), e->d_name);
-        if (!path_exists(path)) continue;
-        snprintf(path, sizeof path, "%s/%s/io.safetensors", golden_dir(), e->d_name);
-        if (!path_exists(path)) continue;
-        snprintf(path, sizeof path, "%s/%s", golden_dir(), e->d_name);
-        case_dirs[num_cases++] = strdup(path);
-    }
-    closedir(d);
-    qsort(case_dirs, (size_t)num_cases, sizeof *case_dirs, compare_names);
-}
 
 /* tolerance.denoiser of case.json: the gradients are held to it too. */
 static double case_tolerance(const char *dir) {

@@ -75,4 +75,35 @@ static inline int run_suite(Suite *s) {
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+
+#ifdef TESTUTIL_GOLDEN_CASES
+#include <dirent.h>
+
+/* The golden cases: every folder under golden_dir() holding a
+ * model.safetensors, sorted by name.  Nothing names a case. */
+#define MAX_CASES 256
+static char *case_dirs[MAX_CASES];
+static int num_cases;
+
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void discover_cases(void) {
+    DIR *d = opendir(golden_dir());
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) && num_cases < MAX_CASES) {
+        char path[4096];
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s/model.safetensors", golden_dir(), e->d_name);
+        if (!path_exists(path)) continue;
+        snprintf(path, sizeof path, "%s/%s", golden_dir(), e->d_name);
+        case_dirs[num_cases++] = strdup(path);
+    }
+    closedir(d);
+    qsort(case_dirs, (size_t)num_cases, sizeof *case_dirs, compare_names);
+}
+#endif /* TESTUTIL_GOLDEN_CASES */
+
 #endif /* LEGO_TESTUTIL_H */
