@@ -107,7 +107,7 @@ check: $(TESTS) examples check-header
 	done; exit $$status
 
 # The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
-# emulated runtime and cuBLASLt of cuda/emu/, with the library's C sources,
+# emulated runtime and cuBLASLt of tests/cuda-emu/, with the library's C sources,
 # into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part
 # with e.g. CK_RUN_CASE=golden.  Independent of CUDA=; needs no CUDA toolkit.
 EMU_SAN ?= -fsanitize=address,undefined -fno-omit-frame-pointer
@@ -116,7 +116,7 @@ EMU_OBJ := $(patsubst src/%.c,build/emu/%.o,$(SRC)) \
 EMU_CFLAGS := -std=c11 $(WARN) -fopenmp -Iinclude -Isrc \
               $(shell pkg-config --cflags openblas 2>/dev/null) -DLEGO_HAVE_CUDA=1 -O2 -g $(EMU_SAN)
 EMU_CXXFLAGS := -std=c++17 $(WARN) -Wno-unknown-pragmas -ffp-contract=off -O2 -g $(EMU_SAN) \
-                -DLEGO_HAVE_CUDA=1 -Icuda/emu -Iinclude -Isrc
+                -DLEGO_HAVE_CUDA=1 -Itests/cuda-emu -Iinclude -Isrc
 
 build/emu:
 	mkdir -p $@
@@ -124,10 +124,10 @@ build/emu:
 build/emu/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build/emu
 	$(CC) $(EMU_CFLAGS) -c $< -o $@
 
-build/emu/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) $(wildcard cuda/emu/*.h) $(wildcard src/*.h) include/lego.h | build/emu
+build/emu/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) $(wildcard tests/cuda-emu/*.h) $(wildcard src/*.h) include/lego.h | build/emu
 	$(CXX) $(EMU_CXXFLAGS) -x c++ -c $< -o $@
 
-build/emu/emu.o: cuda/emu/emu.cpp $(wildcard cuda/emu/*.h) | build/emu
+build/emu/emu.o: tests/cuda-emu/emu.cpp $(wildcard tests/cuda-emu/*.h) | build/emu
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 
 build/emu/test_cuda: tests/test_cuda.c tests/testutil.h $(EMU_OBJ)

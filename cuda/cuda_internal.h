@@ -24,7 +24,7 @@ extern "C" {
 #include "backend_cuda.h"
 
 /* Kernel launches and dynamic shared memory go through these two macros so
- * that the host emulation in cuda/emu/ can run the same sources without a
+ * that the host emulation in tests/cuda-emu/ can run the same sources without a
  * GPU (its cuda_runtime.h defines its own versions; docs/cuda.md). */
 #ifndef LAUNCH
 #define LAUNCH(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
