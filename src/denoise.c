@@ -61,6 +61,25 @@ static void guide(const float *f, int n, size_t chw, float g, float *out) {
     for (size_t j = 0; j < len; j++) out[j] = f[len + j] + g * (f[j] - f[len + j]);
 }
 
+lego_status labels_to_rows(lego_model *m, int n, const int32_t *labels, float **out) {
+    int L = m->cfg.label_dim;
+    *out = NULL;
+    if (L == 0 || !labels) return LEGO_OK;
+    size_t len = (size_t)n * (size_t)L;
+    float *rows = len <= LEGO_MAX_ALLOC / sizeof(float) ? calloc(len, sizeof *rows) : NULL;
+    if (!rows) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for labels");
+    for (int i = 0; i < n; i++) {
+        if (labels[i] < -1 || labels[i] >= L) {
+            free(rows);
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                             "label[%d] = %d is out of range [-1, %d)", i, labels[i], L);
+        }
+        if (labels[i] >= 0) rows[(size_t)i * L + (size_t)labels[i]] = 1.0f;
+    }
+    *out = rows;
+    return LEGO_OK;
+}
+
 lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int guided,
                                  size_t *floats) {
     size_t nb = (size_t)n * (guided ? 2 : 1), chw, img, t;
@@ -69,7 +88,7 @@ lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int g
     if (!size_mul((size_t)h * (size_t)w, (size_t)m->cfg.img_channels, &chw) ||
         !size_mul(chw, nb, &img) || img > LEGO_MAX_ALLOC / 16)
         return LEGO_ERR_OUT_OF_MEMORY;
-    size_t total = nb * (fdim + 3 * D + L) + 3 * img, most = 0;
+    size_t total = nb * (fdim + 3 * D + L + 1) + 3 * img, most = 0;
     for (int k = 0; k < m->num_bricks; k++) {
         /* rows * (2D + widest) must be bounded before the exact figure. */
         size_t pix = (size_t)h * (size_t)w, per_pixel = 2 * D + 3 * D + (size_t)m->mlp_hidden +
@@ -110,16 +129,8 @@ lego_status model_denoise(lego_model *m, const denoise_args *a) {
     float *labels = silu_c + (size_t)nb * D;
     float *xin = labels + (size_t)nb * L;
     float *fa = xin + (size_t)nb * chw, *fb = fa + (size_t)nb * chw;
-    float *scratch = fb + (size_t)nb * chw;
-
-    /* Per-image sigma, duplicated for the unconditional half. */
-    float sig[2 * 4096], *sigma = sig;
-    float *sigma_heap = NULL;
-    if (nb > (int)(sizeof sig / sizeof sig[0])) {
-        sigma_heap = malloc((size_t)nb * sizeof *sigma_heap);
-        if (!sigma_heap) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
-        sigma = sigma_heap;
-    }
+    float *sigma = fb + (size_t)nb * chw; /* per image, repeated for the unconditional half */
+    float *scratch = sigma + nb;
     for (int i = 0; i < nb; i++) sigma[i] = a->sigma[i % n];
 
     const float *label_rows = NULL;
@@ -165,6 +176,5 @@ lego_status model_denoise(lego_model *m, const denoise_args *a) {
         float *o = a->out + (size_t)i * chw;
         for (size_t j = 0; j < chw; j++) o[j] = c_skip * x[j] + c_out * f[j];
     }
-    free(sigma_heap);
     return LEGO_OK;
 }

@@ -21,6 +21,10 @@ typedef struct denoise_args {
 
 lego_status model_denoise(lego_model *m, const denoise_args *a);
 
+/* Class indices (-1 = null) to one-hot rows, malloc'd, n x label_dim; NULL
+ * for unconditional models or NULL labels.  Fails on out-of-range labels. */
+lego_status labels_to_rows(lego_model *m, int n, const int32_t *labels, float **out);
+
 /* Scratch floats model_denoise needs; fails on absurd sizes. */
 lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int guided,
                                  size_t *floats);

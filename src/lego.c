@@ -115,17 +115,7 @@ LEGO_API lego_status lego_denoise(lego_model *m, const lego_denoise_request *req
     int L = m->cfg.label_dim;
     float *vectors = NULL;
     if (L > 0 && r.labels) {
-        size_t len = (size_t)r.n * (size_t)L;
-        if (len > LEGO_MAX_ALLOC / sizeof(float) || !(vectors = calloc(len, sizeof *vectors)))
-            return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for labels");
-        for (int i = 0; i < r.n; i++) {
-            if (r.labels[i] < -1 || r.labels[i] >= L) {
-                free(vectors);
-                return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
-                                 "label[%d] = %d is out of range [-1, %d)", i, r.labels[i], L);
-            }
-            if (r.labels[i] >= 0) vectors[(size_t)i * L + (size_t)r.labels[i]] = 1.0f;
-        }
+        if ((s = labels_to_rows(m, r.n, r.labels, &vectors)) != LEGO_OK) return s;
     } else if (L > 0 && r.label_vectors) {
         for (size_t i = 0; i < (size_t)r.n * (size_t)L; i++)
             if (!isfinite(r.label_vectors[i]))

@@ -55,26 +55,6 @@ LEGO_API void lego_step_request_init(lego_step_request *r) {
     r->size = sizeof *r;
 }
 
-/* One-hot rows for n labels (-1 = the all-zero null row); NULL for an
- * unconditional model.  Fails on out-of-range labels. */
-static lego_status label_rows(lego_model *m, int n, const int32_t *labels, float **out) {
-    int L = m->cfg.label_dim;
-    *out = NULL;
-    if (L == 0 || !labels) return LEGO_OK;
-    float *rows = calloc((size_t)n * L, sizeof *rows);
-    if (!rows) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for labels");
-    for (int i = 0; i < n; i++) {
-        if (labels[i] < -1 || labels[i] >= L) {
-            free(rows);
-            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
-                             "label[%d] = %d is out of range [-1, %d)", i, labels[i], L);
-        }
-        if (labels[i] >= 0) rows[(size_t)i * L + (size_t)labels[i]] = 1.0f;
-    }
-    *out = rows;
-    return LEGO_OK;
-}
-
 static int round_up(int v, int mult) { return (v + mult - 1) / mult * mult; }
 
 /* Bounded batch and image sizes, so that n * C * H * W fits comfortably. */
@@ -200,7 +180,7 @@ static lego_status prepare(sample_run *s) {
         for (int i = 0; i < s->n; i++) torch_gen_seed(&s->gens[i], seed_of(s, i));
     if (s->labels && s->r.labels) memcpy(s->labels, s->r.labels, (size_t)s->n * sizeof *s->labels);
     if ((st = draw_start(s)) != LEGO_OK) return st;
-    if ((st = label_rows(m, s->n, s->labels, &s->label_vec)) != LEGO_OK) return st;
+    if ((st = labels_to_rows(m, s->n, s->labels, &s->label_vec)) != LEGO_OK) return st;
     return solver_ctx_init(&s->ctx, m, s->n, s->h, s->w, &s->o, s->label_vec);
 }
 
@@ -288,7 +268,7 @@ LEGO_API lego_status lego_step(lego_model *m, const lego_step_request *request,
         st = lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
-    if ((st = label_rows(m, r.n, r.labels, &vec)) != LEGO_OK) goto done;
+    if ((st = labels_to_rows(m, r.n, r.labels, &vec)) != LEGO_OK) goto done;
     if ((st = solver_ctx_init(&ctx, m, r.n, r.height, r.width, &o, vec)) != LEGO_OK) goto done;
     for (size_t i = 0; i < len; i++) x[i] = r.x[i];
     for (size_t i = 0; noise && i < len; i++) noise[i] = r.noise[i];
