@@ -81,6 +81,11 @@ static const preset presets[] = {
     {"XL-U-32",  1152, 16,   4, 32, 1000,   5,
      {{32, 2, 14}, {16, 8, 10}, {4, 2, 4}, {16, 8, 10}, {32, 2, 14}}},
     {"XL-PG-64", 1152, 16,   4, 64, 1000,   3, {{4, 2, 4}, {16, 8, 12}, {64, 2, 14}}},
+    /* DiTs of the same widths: one image brick (the reference's DiT-S/2,
+     * DiT-L/2 and DiT-XL/2 baselines). */
+    {"DiT-S-64",  384,  6,   3, 64, 1000,   1, {{64, 2, 12}}},
+    {"DiT-L-64",  1024, 16,  3, 64, 1000,   1, {{64, 2, 24}}},
+    {"DiT-XL-32", 1152, 16,  4, 32, 1000,   1, {{32, 2, 28}}},
 };
 #define NUM_PRESETS (sizeof presets / sizeof presets[0])
 

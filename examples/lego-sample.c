@@ -47,6 +47,8 @@ static void usage(FILE *fp) {
         "  --pad                 allow sizes that are not brick multiples (sample larger, crop)\n"
         "  --rng philox|torch    generator (default philox; torch = reference generate.py)\n"
         "  --threads N           CPU threads (default: all cores)\n"
+        "  --backend cpu|cuda    where the network runs (default cpu)\n"
+        "  --device N            CUDA device index (default 0)\n"
         "  --batch N             images per call (default 64)\n"
         "  --quiet               no progress bar\n");
 }
@@ -54,6 +56,8 @@ static void usage(FILE *fp) {
 typedef struct args {
     const char *model, *out_dir, *grid, *npz, *seeds, *skip;
     int labels_cycle, class_label, have_class, steps, height, width, pad, threads, batch, quiet;
+    int device;
+    lego_backend backend;
     lego_solver solver;
     lego_rng rng;
     float cfg;
@@ -141,6 +145,12 @@ static int parse_args(int argc, char **argv, args *a) {
             if (!strcmp(v, "heun")) a->solver = LEGO_SOLVER_HEUN;
             else if (!strcmp(v, "euler")) a->solver = LEGO_SOLVER_EULER;
             else if (!strcmp(v, "dpmpp2m")) a->solver = LEGO_SOLVER_DPMPP_2M;
+            else ok = 0;
+        }
+        else if (!strcmp(o, "--device")) ok = parse_int(v, &a->device) && a->device >= 0;
+        else if (!strcmp(o, "--backend")) {
+            if (!strcmp(v, "cpu")) a->backend = LEGO_BACKEND_CPU;
+            else if (!strcmp(v, "cuda")) a->backend = LEGO_BACKEND_CUDA;
             else ok = 0;
         }
         else if (!strcmp(o, "--rng")) {
@@ -247,6 +257,8 @@ int main(int argc, char **argv) {
     lego_load_options lo;
     lego_load_options_init(&lo);
     lo.num_threads = a.threads;
+    lo.backend = a.backend;
+    lo.device = a.device;
     lego_model *m = NULL;
     int status = 1;
     float *images = NULL;
