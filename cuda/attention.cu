@@ -17,13 +17,26 @@
  *    memory, keeping for each query a running maximum, a running sum and
  *    the un-normalised output (online softmax), all in fp32 registers.
  *
- * Both keep head_dim/32 (rounded up) output values per lane in registers,
- * a template parameter E <= 8, so head_dim <= ATTN_MAX_HEAD_DIM.  Scores
- * are computed as (q . k) * scale, the CPU's as (q * scale) . k: the same
- * up to rounding.  expf is the accurate one (no --use_fast_math).
+ *  - long sequences in bf16/fp16 with head_dim a multiple of 8 (<= 128):
+ *    a flash-attention kernel on the tensor cores (mma.sync m16n8k16,
+ *    fp32 accumulation).  A block of MMA_WARPS warps takes 64 queries of
+ *    one (sequence, head), each warp 16; keys and values come in tiles of
+ *    64 through shared memory (V transposed, so that its MMA fragments are
+ *    contiguous words); scores, the online softmax and the output stay in
+ *    registers, and the probabilities are re-packed as the A operand of
+ *    P V without leaving them.
+ *
+ * The two CUDA-core kernels keep head_dim/32 (rounded up) output values
+ * per lane in registers, a template parameter E <= 8, so head_dim <=
+ * ATTN_MAX_HEAD_DIM.  Operands of type T (float, bf16, fp16) are widened
+ * to fp32 on load.  Scores are computed as (q . k) * scale, the CPU's as
+ * (q * scale) . k: the same up to rounding.  expf is the accurate one (no
+ * --use_fast_math); the tensor-core kernel uses exp2f on log2e-scaled
+ * scores, well inside bf16's rounding.
  */
 #include <limits.h>
 #include <math.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -50,8 +63,8 @@ static size_t flash_bytes(int hd) {
            sizeof(float);
 }
 
-template <int E>
-__global__ void attention_short_kernel(const float *__restrict__ qkv, float *__restrict__ out,
+template <class TT, int E>
+__global__ void attention_short_kernel(const TT *__restrict__ qkv, TT *__restrict__ out,
                                        size_t jobs, int T, int heads, int hd, float scale) {
     DYNAMIC_SMEM(float, smem);
     const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -65,17 +78,17 @@ __global__ void attention_short_kernel(const float *__restrict__ qkv, float *__r
     float *qs = smem + (size_t)warp * ((size_t)T * hd * 2 + (size_t)T * kst);
     float *ks = qs + (size_t)T * hd;
     float *vs = ks + (size_t)T * kst;
-    const float *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
+    const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
     for (int idx = lane; idx < T * hd; idx += 32) {
         int t = idx / hd, d = idx % hd;
-        const float *row = base + (size_t)t * stride;
-        qs[idx] = row[d];
-        ks[t * kst + d] = row[D + d];
-        vs[idx] = row[2 * D + d];
+        const TT *row = base + (size_t)t * stride;
+        qs[idx] = to_float<TT>(row[d]);
+        ks[t * kst + d] = to_float<TT>(row[D + d]);
+        vs[idx] = to_float<TT>(row[2 * D + d]);
     }
     __syncwarp();
 
-    float *obase = out + seq * (size_t)T * D + (size_t)head * hd;
+    TT *obase = out + seq * (size_t)T * D + (size_t)head * hd;
     for (int t = 0; t < T; t++) {
         float s = -INFINITY;
         if (lane < T) {
@@ -101,14 +114,14 @@ __global__ void attention_short_kernel(const float *__restrict__ qkv, float *__r
 #pragma unroll
         for (int e = 0; e < E; e++) {
             int d = lane + 32 * e;
-            if (d < hd) obase[(size_t)t * D + d] = o[e] * inv;
+            if (d < hd) obase[(size_t)t * D + d] = from_float<TT>(o[e] * inv);
         }
     }
 }
 
-template <int E>
+template <class TT, int E>
 __global__ void __launch_bounds__(32 * FLASH_WARPS)
-    attention_flash_kernel(const float *__restrict__ qkv, float *__restrict__ out, int T,
+    attention_flash_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T,
                            int heads, int hd, int qblocks, float scale) {
     DYNAMIC_SMEM(float, smem);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -118,14 +131,14 @@ __global__ void __launch_bounds__(32 * FLASH_WARPS)
     const int head = (int)(job % (size_t)heads);
     const int D = heads * hd, kst = hd + 1;
     const size_t stride = 3 * (size_t)D;
-    const float *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
+    const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
 
     float *qs = smem;                      /* [FLASH_QB][hd]   */
     float *ks = qs + FLASH_QB * hd;        /* [FLASH_KT][hd+1] */
     float *vs = ks + FLASH_KT * kst;       /* [FLASH_KT][hd]   */
     for (int idx = threadIdx.x; idx < FLASH_QB * hd; idx += blockDim.x) {
         int t = q0 + idx / hd, d = idx % hd;
-        qs[idx] = t < T ? base[(size_t)t * stride + d] : 0.0f;
+        qs[idx] = t < T ? to_float<TT>(base[(size_t)t * stride + d]) : 0.0f;
     }
 
     float m[FLASH_QPW], l[FLASH_QPW], acc[FLASH_QPW][E];
@@ -141,9 +154,9 @@ __global__ void __launch_bounds__(32 * FLASH_WARPS)
         __syncthreads(); /* the previous tile is used up (and Q is loaded) */
         for (int idx = threadIdx.x; idx < FLASH_KT * hd; idx += blockDim.x) {
             int j = idx / hd, d = idx % hd, t = k0 + j;
-            const float *row = base + (size_t)t * stride;
-            ks[j * kst + d] = t < T ? row[D + d] : 0.0f;
-            vs[idx] = t < T ? row[2 * D + d] : 0.0f;
+            const TT *row = base + (size_t)t * stride;
+            ks[j * kst + d] = t < T ? to_float<TT>(row[D + d]) : 0.0f;
+            vs[idx] = t < T ? to_float<TT>(row[2 * D + d]) : 0.0f;
         }
         __syncthreads();
         const int nk = T - k0 < FLASH_KT ? T - k0 : FLASH_KT;
@@ -181,60 +194,293 @@ __global__ void __launch_bounds__(32 * FLASH_WARPS)
         int t = q0 + warp * FLASH_QPW + i;
         if (t >= T) continue;
         float inv = 1.0f / l[i];
-        float *o = out + (seq * (size_t)T + (size_t)t) * D + (size_t)head * hd;
+        TT *o = out + (seq * (size_t)T + (size_t)t) * D + (size_t)head * hd;
 #pragma unroll
         for (int e = 0; e < E; e++) {
             int d = lane + 32 * e;
-            if (d < hd) o[d] = acc[i][e] * inv;
+            if (d < hd) o[d] = from_float<TT>(acc[i][e] * inv);
         }
     }
 }
 
-template <int E>
-static lego_status launch_attention(cudaStream_t s, const float *qkv, size_t seqs, int T,
-                                    int heads, int hd, float *out, int flash_only, lego_err *err) {
+/* ---- tensor cores ------------------------------------------------------------ */
+
+#define MMA_WARPS 4
+#define MMA_QB (16 * MMA_WARPS) /* queries per block: 16 per warp */
+#define MMA_KB 64               /* keys per tile                 */
+#define MMA_MAX_HEAD_DIM 128
+#define MMA_PAD 8               /* row padding (elements): spreads the fragment reads over the banks */
+
+/* Q [QB][HDP+PAD], K [KB][HDP+PAD], V^T [HDP][KB+PAD], elements of 2 bytes. */
+static size_t mma_bytes(int hdp) {
+    return ((size_t)(MMA_QB + MMA_KB) * (hdp + MMA_PAD) + (size_t)hdp * (MMA_KB + MMA_PAD)) * 2;
+}
+
+/* Two values as one word of two TT, the first in the low half. */
+template <class TT> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    TT a = from_float<TT>(lo), b = from_float<TT>(hi);
+    uint16_t ua, ub;
+    memcpy(&ua, &a, 2);
+    memcpy(&ub, &b, 2);
+    return (uint32_t)ua | (uint32_t)ub << 16;
+}
+
+template <class TT> __device__ __forceinline__ uint32_t word_at(const TT *p) {
+    return *(const uint32_t *)p;
+}
+
+/* Rows [t0, t0+rows) of one head's Q, K or V (column offset `col` in the
+ * qkv row) into shared memory, [rows][HDP] at row stride `ld`, zero past
+ * T and past hd; transposed ([HDP][rows] at stride ld) when `transpose`.
+ * 16-byte loads: hd and the row strides are multiples of 8 elements. */
+template <class TT, int HDP>
+__device__ __forceinline__ void mma_load_tile(const TT *base, size_t stride, int col, int t0,
+                                              int rows, int T, int hd, TT *dst, int ld,
+                                              bool transpose) {
+    const int chunks = HDP / 8;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+        int r = idx / chunks, c = (idx % chunks) * 8, t = t0 + r;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (t < T && c < hd) v = *(const uint4 *)(base + (size_t)t * stride + col + c);
+        if (!transpose) {
+            *(uint4 *)(dst + (size_t)r * ld + c) = v;
+        } else {
+            TT e[8];
+            memcpy(e, &v, sizeof e);
+#pragma unroll
+            for (int i = 0; i < 8; i++) dst[(size_t)(c + i) * ld + r] = e[i];
+        }
+    }
+}
+
+template <class TT, int HDP>
+__global__ void __launch_bounds__(32 * MMA_WARPS)
+    attention_mma_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T, int heads,
+                         int hd, int qblocks, float scale_log2) {
+    DYNAMIC_SMEM(float, smem);
+    const int QS = HDP + MMA_PAD, VS = MMA_KB + MMA_PAD;
+    TT *qs = (TT *)smem;       /* [MMA_QB][QS]  */
+    TT *ks = qs + MMA_QB * QS; /* [MMA_KB][QS]  */
+    TT *vt = ks + MMA_KB * QS; /* [HDP][VS]     */
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q4 = lane % 4;
+    const size_t job = blockIdx.x / (unsigned)qblocks;
+    const int q0 = (int)(blockIdx.x % (unsigned)qblocks) * MMA_QB;
+    const size_t seq = job / (size_t)heads;
+    const int head = (int)(job % (size_t)heads);
+    const int D = heads * hd;
+    const size_t stride = 3 * (size_t)D;
+    const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
+
+    mma_load_tile<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, QS, false);
+    __syncthreads();
+    uint32_t qa[HDP / 16][4];
+    const TT *q_lo = qs + (warp * 16 + g) * QS, *q_hi = q_lo + 8 * QS;
+#pragma unroll
+    for (int kk = 0; kk < HDP / 16; kk++) {
+        qa[kk][0] = word_at(q_lo + kk * 16 + 2 * q4);
+        qa[kk][1] = word_at(q_hi + kk * 16 + 2 * q4);
+        qa[kk][2] = word_at(q_lo + kk * 16 + 8 + 2 * q4);
+        qa[kk][3] = word_at(q_hi + kk * 16 + 8 + 2 * q4);
+    }
+
+    /* Rows g and g+8 of the warp's 16: running max (log2 units), this
+     * thread's part of the running sum, and the output accumulators. */
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+    float o[HDP / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < HDP / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+
+    for (int k0 = 0; k0 < T; k0 += MMA_KB) {
+        __syncthreads(); /* the previous tile is used up */
+        mma_load_tile<TT, HDP>(base, stride, D, k0, MMA_KB, T, hd, ks, QS, false);
+        mma_load_tile<TT, HDP>(base, stride, 2 * D, k0, MMA_KB, T, hd, vt, VS, true);
+        __syncthreads();
+
+        float sc[MMA_KB / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < MMA_KB / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const TT *krow = ks + (nt * 8 + g) * QS + 2 * q4;
+#pragma unroll
+            for (int kk = 0; kk < HDP / 16; kk++) {
+                uint32_t b[2] = {word_at(krow + kk * 16), word_at(krow + kk * 16 + 8)};
+                mma_16816<TT>(sc[nt], qa[kk], b);
+            }
+        }
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < MMA_KB / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + nt * 8 + 2 * q4 + (e & 1);
+                sc[nt][e] = key < T ? sc[nt][e] * scale_log2 : -INFINITY;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(sc[nt][0], sc[nt][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        /* A row's 64 scores lie in the 4 threads of its quad. */
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(FULL_MASK, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(FULL_MASK, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(FULL_MASK, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(FULL_MASK, mx_hi, 2));
+        const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi); /* finite */
+        const float corr_lo = exp2f(m_lo - new_lo), corr_hi = exp2f(m_hi - new_hi);
+        m_lo = new_lo;
+        m_hi = new_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < MMA_KB / 8; nt++) {
+            sc[nt][0] = exp2f(sc[nt][0] - new_lo);
+            sc[nt][1] = exp2f(sc[nt][1] - new_lo);
+            sc[nt][2] = exp2f(sc[nt][2] - new_hi);
+            sc[nt][3] = exp2f(sc[nt][3] - new_hi);
+            sum_lo += sc[nt][0] + sc[nt][1];
+            sum_hi += sc[nt][2] + sc[nt][3];
+        }
+        l_lo = l_lo * corr_lo + sum_lo;
+        l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+        for (int dt = 0; dt < HDP / 8; dt++) {
+            o[dt][0] *= corr_lo;
+            o[dt][1] *= corr_lo;
+            o[dt][2] *= corr_hi;
+            o[dt][3] *= corr_hi;
+        }
+        /* O += P V: the score accumulators of key tiles 2ks and 2ks+1 are
+         * exactly the A fragments of P's k-step ks. */
+#pragma unroll
+        for (int ks16 = 0; ks16 < MMA_KB / 16; ks16++) {
+            uint32_t pa[4] = {pack2<TT>(sc[2 * ks16][0], sc[2 * ks16][1]),
+                              pack2<TT>(sc[2 * ks16][2], sc[2 * ks16][3]),
+                              pack2<TT>(sc[2 * ks16 + 1][0], sc[2 * ks16 + 1][1]),
+                              pack2<TT>(sc[2 * ks16 + 1][2], sc[2 * ks16 + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < HDP / 8; dt++) {
+                const TT *vrow = vt + (dt * 8 + g) * VS + ks16 * 16 + 2 * q4;
+                uint32_t b[2] = {word_at(vrow), word_at(vrow + 8)};
+                mma_16816<TT>(o[dt], pa, b);
+            }
+        }
+    }
+
+    l_lo += __shfl_xor_sync(FULL_MASK, l_lo, 1);
+    l_lo += __shfl_xor_sync(FULL_MASK, l_lo, 2);
+    l_hi += __shfl_xor_sync(FULL_MASK, l_hi, 1);
+    l_hi += __shfl_xor_sync(FULL_MASK, l_hi, 2);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+    const int t_lo = q0 + warp * 16 + g, t_hi = t_lo + 8;
+    TT *o_lo = out + (seq * (size_t)T + (size_t)t_lo) * D + (size_t)head * hd;
+    TT *o_hi = o_lo + 8 * (size_t)D;
+#pragma unroll
+    for (int dt = 0; dt < HDP / 8; dt++) {
+        int d = dt * 8 + 2 * q4;
+        if (d >= hd) continue;
+        if (t_lo < T) *(uint32_t *)(o_lo + d) = pack2<TT>(o[dt][0] * inv_lo, o[dt][1] * inv_lo);
+        if (t_hi < T) *(uint32_t *)(o_hi + d) = pack2<TT>(o[dt][2] * inv_hi, o[dt][3] * inv_hi);
+    }
+}
+
+template <class TT, int HDP>
+static lego_status launch_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads,
+                              int hd, TT *out, lego_err *err) {
+    const size_t smem = mma_bytes(HDP);
+    auto kernel = attention_mma_kernel<TT, HDP>; /* one name: LAUNCH is a macro */
+    if (smem > DEFAULT_SMEM_LIMIT)
+        CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+    const size_t qblocks = ((size_t)T + MMA_QB - 1) / MMA_QB;
+    const size_t blocks = seqs * (size_t)heads * qblocks;
+    if (blocks > (size_t)INT_MAX)
+        return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many", seqs);
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
+    LAUNCH(kernel, (unsigned)blocks, 32 * MMA_WARPS, smem, s)(
+        qkv, out, T, heads, hd, (int)qblocks, scale_log2);
+    LAUNCH_CHECK("attention_mma");
+    return LEGO_OK;
+}
+
+/* The tensor-core kernel for (TT, head_dim), if there is one: 1 = launched. */
+template <class TT>
+static int try_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads, int hd, TT *out,
+                   lego_status *st, lego_err *err) {
+    if (hd % 8 != 0 || hd > MMA_MAX_HEAD_DIM) return 0;
+    switch ((hd + 15) / 16) {
+    case 1: *st = launch_mma<TT, 16>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 2: *st = launch_mma<TT, 32>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 3: *st = launch_mma<TT, 48>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 4: *st = launch_mma<TT, 64>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 5: *st = launch_mma<TT, 80>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 6: *st = launch_mma<TT, 96>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 7: *st = launch_mma<TT, 112>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 8: *st = launch_mma<TT, 128>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    }
+    return 0;
+}
+template <>
+int try_mma<float>(cudaStream_t, const float *, size_t, int, int, int, float *, lego_status *,
+                   lego_err *) {
+    return 0; /* fp32 stays on the CUDA cores: no TF32 */
+}
+
+/* ---- dispatch ------------------------------------------------------------------ */
+
+template <class TT, int E>
+static lego_status launch_attention(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads,
+                                    int hd, TT *out, int mode, lego_err *err) {
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t jobs = seqs * (size_t)heads;
     const size_t per_warp = short_bytes_per_warp(T, hd);
-    if (!flash_only && T <= SHORT_MAX_TOKENS && per_warp <= SHORT_SMEM_LIMIT) {
+    if (mode != ATTN_FLASH_ONLY && T <= SHORT_MAX_TOKENS && per_warp <= SHORT_SMEM_LIMIT) {
         size_t warps = SHORT_SMEM_LIMIT / per_warp;
         if (warps > SHORT_MAX_WARPS) warps = SHORT_MAX_WARPS;
         size_t blocks = (jobs + warps - 1) / warps;
         if (blocks > (size_t)INT_MAX)
             return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many",
                              seqs);
-        LAUNCH(attention_short_kernel<E>, (unsigned)blocks, (unsigned)(32 * warps),
-               warps * per_warp, s)(qkv, out, jobs, T, heads, hd, scale);
+        auto kernel = attention_short_kernel<TT, E>;
+        LAUNCH(kernel, (unsigned)blocks, (unsigned)(32 * warps), warps * per_warp, s)(
+            qkv, out, jobs, T, heads, hd, scale);
         LAUNCH_CHECK("attention_short");
         return LEGO_OK;
     }
+    lego_status st = LEGO_OK;
+    if (mode != ATTN_NO_MMA && try_mma<TT>(s, qkv, seqs, T, heads, hd, out, &st, err)) return st;
     const size_t smem = flash_bytes(hd);
+    auto kernel = attention_flash_kernel<TT, E>;
     if (smem > DEFAULT_SMEM_LIMIT)
-        CU_TRY(cudaFuncSetAttribute(attention_flash_kernel<E>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
     const size_t qblocks = ((size_t)T + FLASH_QB - 1) / FLASH_QB, blocks = jobs * qblocks;
     if (blocks > (size_t)INT_MAX)
         return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many", seqs);
-    LAUNCH(attention_flash_kernel<E>, (unsigned)blocks, 32 * FLASH_WARPS, smem, s)(
+    LAUNCH(kernel, (unsigned)blocks, 32 * FLASH_WARPS, smem, s)(
         qkv, out, T, heads, hd, (int)qblocks, scale);
     LAUNCH_CHECK("attention_flash");
     return LEGO_OK;
 }
 
-lego_status k_attention(cudaStream_t s, const float *qkv, size_t seqs, int tokens, int heads,
-                        int head_dim, float *out, int flash_only, lego_err *err) {
+template <class TT>
+lego_status k_attention(cudaStream_t s, const TT *qkv, size_t seqs, int tokens, int heads,
+                        int head_dim, TT *out, int mode, lego_err *err) {
     switch ((head_dim + 31) / 32) {
-    case 1: return launch_attention<1>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 2: return launch_attention<2>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 3: return launch_attention<3>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 4: return launch_attention<4>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 5: return launch_attention<5>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 6: return launch_attention<6>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 7: return launch_attention<7>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
-    case 8: return launch_attention<8>(s, qkv, seqs, tokens, heads, head_dim, out, flash_only, err);
+    case 1: return launch_attention<TT, 1>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 2: return launch_attention<TT, 2>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 3: return launch_attention<TT, 3>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 4: return launch_attention<TT, 4>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 5: return launch_attention<TT, 5>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 6: return launch_attention<TT, 6>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 7: return launch_attention<TT, 7>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+    case 8: return launch_attention<TT, 8>(s, qkv, seqs, tokens, heads, head_dim, out, mode, err);
     default:
         return lego_fail(err, LEGO_ERR_UNSUPPORTED,
                          "attention: head_dim %d is not supported on CUDA (1..%d)", head_dim,
                          ATTN_MAX_HEAD_DIM);
     }
 }
+
+template lego_status k_attention<float>(cudaStream_t, const float *, size_t, int, int, int,
+                                        float *, int, lego_err *);
+template lego_status k_attention<bf16>(cudaStream_t, const bf16 *, size_t, int, int, int, bf16 *,
+                                       int, lego_err *);
+template lego_status k_attention<f16>(cudaStream_t, const f16 *, size_t, int, int, int, f16 *,
+                                      int, lego_err *);

@@ -48,17 +48,44 @@ lego_status lt_status(cublasStatus_t st, lego_err *err, const char *what) {
 
 /* ---- the handle --------------------------------------------------------------- */
 
+/* Graphs kept per handle: a sampling loop needs one or two (guided or not,
+ * a skipped top brick), a few sizes more fit. */
+#define GRAPH_CACHE 8
+
+/* Everything the captured work depends on besides the staged inputs: the
+ * request's shape and options, the handle's settings, and every device
+ * address a kernel or GEMM was given.  Zero-initialised, compared bytewise. */
+typedef struct graph_key {
+    int n, nb, hgt, wid, guided, label_rows;
+    uint32_t brick_mask;
+    float guidance;
+    int precision, attn_mode, gelu_epilogue;
+    const void *ws, *params, *lp, *freq;
+    int lp_type;
+} graph_key;
+
+typedef struct graph_entry {
+    cudaGraphExec_t exec;
+    graph_key key;
+} graph_entry;
+
 typedef struct cuda_handle {
     int device;
     cudaStream_t stream;
     gemm_ctx gemm;
     int gemm_ready;
-    int flash_only;
-    int precision;
+    int attn_mode; /* attn_mode */
+    int precision; /* cuda_precision */
 
-    /* Weights: tensor i of the model's table at params + doff[i]. */
+    /* Weights: tensor i of the model's table at params + doff[i], and in
+     * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
+     * a multiple of DEVICE_ALIGN/2 elements so both copies are aligned). */
     float *params;
     size_t params_capacity; /* floats */
+    size_t params_used;     /* floats, padding included */
+    void *lp;
+    size_t lp_capacity;     /* elements */
+    cudaDataType lp_type;   /* CUDA_R_32F: no low-precision copy yet */
     size_t *doff;
     int doff_count;
     int have_weights;
@@ -75,7 +102,12 @@ typedef struct cuda_handle {
     float *stage;
     size_t stage_floats;
 
-    uint64_t workspace_allocs, weight_uploads;
+    /* Instantiated graphs of whole network evaluations (see run_graph). */
+    int use_graphs;
+    graph_entry graphs[GRAPH_CACHE];
+    int next_graph;
+
+    uint64_t workspace_allocs, weight_uploads, graph_captures, graph_launches;
 } cuda_handle;
 
 /* Switch to `device` for the lifetime of the guard, then back. */
@@ -106,11 +138,15 @@ extern "C" int cuda_device_count(void) {
     return count;
 }
 
+static void graphs_clear(cuda_handle *h);
+
 static void handle_free(cuda_handle *h) {
     if (!h) return;
+    graphs_clear(h);
     if (h->gemm_ready) gemm_destroy(&h->gemm);
     if (h->ws) cudaFree(h->ws);
     if (h->params) cudaFree(h->params);
+    if (h->lp) cudaFree(h->lp);
     if (h->freq) cudaFree(h->freq);
     if (h->stream) cudaStreamDestroy(h->stream);
     free(h->doff);
@@ -126,11 +162,38 @@ extern "C" void cuda_backend_destroy(void *handle) {
     handle_free(h);
 }
 
+/* The type of the brick activations (and of the weight copy they multiply)
+ * for a precision. */
+static cudaDataType precision_type(int precision) {
+    return precision == CUDA_PRECISION_BF16   ? CUDA_R_16BF
+           : precision == CUDA_PRECISION_FP16 ? CUDA_R_16F
+                                              : CUDA_R_32F;
+}
+
+/* The bf16/fp16 copy of the weights, converted on the device from the fp32
+ * copy, when the precision asks for one and it is missing or stale. */
+static lego_status sync_low_precision(cuda_handle *h, lego_err *err) {
+    cudaDataType want = precision_type(h->precision);
+    if (want == CUDA_R_32F || h->lp_type == want) return LEGO_OK;
+    h->lp_type = CUDA_R_32F;
+    if (h->params_used > h->lp_capacity) {
+        if (h->lp) cudaFree(h->lp);
+        h->lp = NULL;
+        h->lp_capacity = 0;
+        CU_TRY(cudaMalloc(&h->lp, h->params_used * 2));
+        h->lp_capacity = h->params_used;
+    }
+    LEGO_TRY(k_convert(h->stream, h->params, h->params_used, h->lp, want, err));
+    CU_TRY(cudaStreamSynchronize(h->stream));
+    h->lp_type = want;
+    return LEGO_OK;
+}
+
 /* Copy the parameter array to the device if it changed since the last
  * upload: every tensor on its own aligned offset. */
 static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *err) {
     if (h->have_weights && h->weights_gen == m->weights_gen && h->doff_count == m->num_params)
-        return LEGO_OK;
+        return sync_low_precision(h, err);
     if (h->doff_count != m->num_params) {
         size_t *d = (size_t *)realloc(h->doff, (size_t)(m->num_params ? m->num_params : 1) *
                                                    sizeof *d);
@@ -138,13 +201,18 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
         h->doff = d;
         h->doff_count = m->num_params;
     }
+    /* Offsets in multiples of DEVICE_ALIGN / 2 elements: DEVICE_ALIGN bytes
+     * apart in the 2-byte copy, twice that in the fp32 one. */
+    const size_t step = DEVICE_ALIGN / 2;
     size_t total = 0;
     for (int i = 0; i < m->num_params; i++) {
         h->doff[i] = total;
-        total += round_up_floats(m->table[i].numel);
+        total += (m->table[i].numel + step - 1) / step * step;
     }
-    if (total == 0) total = ALIGN_FLOATS;
+    if (total == 0) total = step;
     h->have_weights = 0;
+    h->lp_type = CUDA_R_32F;
+    graphs_clear(h); /* the weights may move, or the model have changed shape */
     if (total > h->params_capacity) {
         if (h->params) cudaFree(h->params);
         h->params = NULL;
@@ -158,24 +226,34 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
                                p->numel * sizeof(float), cudaMemcpyHostToDevice, h->stream));
     }
     CU_TRY(cudaStreamSynchronize(h->stream));
+    h->params_used = total;
     h->have_weights = 1;
     h->weights_gen = m->weights_gen;
     h->weight_uploads++;
-    return LEGO_OK;
+    return sync_low_precision(h, err);
 }
 
-/* The device address of the tensor that host pointer `p` (a view into
- * m->params, always the start of a table entry) names. */
-static const float *dev_param(const cuda_handle *h, const lego_model *m, const float *p) {
+/* The device address, in the copy of type `type` (fp32 or the low-precision
+ * one), of the tensor that host pointer `p` (a view into m->params, always
+ * the start of a table entry) names. */
+static const void *dev_param_as(const cuda_handle *h, const lego_model *m, const float *p,
+                                cudaDataType type) {
     size_t off = (size_t)(p - m->params);
     int lo = 0, hi = m->num_params - 1;
     while (lo <= hi) { /* the table is in increasing offset order */
         int mid = lo + (hi - lo) / 2;
-        if (m->table[mid].offset == off) return h->params + h->doff[mid];
+        if (m->table[mid].offset == off) {
+            if (type == CUDA_R_32F) return h->params + h->doff[mid];
+            return type == h->lp_type ? (const char *)h->lp + h->doff[mid] * 2 : NULL;
+        }
         if (m->table[mid].offset < off) lo = mid + 1;
         else hi = mid - 1;
     }
     return NULL;
+}
+
+static const float *dev_param(const cuda_handle *h, const lego_model *m, const float *p) {
+    return (const float *)dev_param_as(h, m, p, CUDA_R_32F);
 }
 
 extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void **out,
@@ -203,7 +281,9 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     cuda_handle *h = (cuda_handle *)calloc(1, sizeof *h);
     if (!h) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     h->device = device;
-    h->precision = CUDA_PRECISION_FP32;
+    /* lego_precision and cuda_precision number their values alike. */
+    h->precision = (int)m->cfg.precision;
+    h->use_graphs = 1;
 
     lego_status s = cu_status(cudaStreamCreateWithFlags(&h->stream, cudaStreamNonBlocking), err,
                               "cudaStreamCreateWithFlags");
@@ -249,7 +329,11 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->workspace_bytes = h->ws_bytes;
     out->weight_uploads = h->weight_uploads;
     out->gelu_epilogue = h->gemm.gelu_epilogue;
-    out->flash_only = h->flash_only;
+    out->flash_only = h->attn_mode == ATTN_FLASH_ONLY;
+    out->attn_mode = h->attn_mode;
+    out->graphs = h->use_graphs;
+    out->graph_captures = h->graph_captures;
+    out->graph_launches = h->graph_launches;
     out->precision = h->precision;
     return LEGO_OK;
 }
@@ -263,15 +347,24 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         h->gemm.gelu_epilogue = value != 0;
         return LEGO_OK;
     case CUDA_OPT_FLASH_ONLY:
-        h->flash_only = value != 0;
+        h->attn_mode = value ? ATTN_FLASH_ONLY : ATTN_AUTO;
+        return LEGO_OK;
+    case CUDA_OPT_ATTENTION:
+        if (value < ATTN_AUTO || value > ATTN_NO_MMA)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown attention mode %d",
+                             value);
+        h->attn_mode = value;
+        return LEGO_OK;
+    case CUDA_OPT_GRAPHS:
+        h->use_graphs = value != 0;
         return LEGO_OK;
     case CUDA_OPT_PRECISION:
-        if (value == CUDA_PRECISION_FP32) {
-            h->precision = value;
-            return LEGO_OK;
-        }
-        return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED,
-                         "backend CUDA: precision %d is not implemented (fp32 only)", value);
+        if (value != CUDA_PRECISION_FP32 && value != CUDA_PRECISION_BF16 &&
+            value != CUDA_PRECISION_FP16)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown CUDA precision %d",
+                             value);
+        h->precision = value; /* the low-precision weights follow at the next call */
+        return LEGO_OK;
     }
     return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown CUDA option %d", (int)option);
 }
@@ -295,8 +388,10 @@ typedef struct ws_layout {
     float *out;     /* n x chw, D(x; sigma)        */
     float *mods;    /* adaLN vectors, slots below  */
     size_t mod_slot;/* floats per (block or final layer) slot, aligned */
-    float *tx, *th; /* rows x D: residual stream, LayerNorm output */
-    float *wide;    /* rows x widest               */
+    float *tx;      /* rows x D: the residual stream (fp32)         */
+    float *th;      /* rows x D: LayerNorm / attention output (T)   */
+    float *ty;      /* rows x D: proj and fc2 outputs (fp32)        */
+    float *wide;    /* rows x widest: GEMM inputs and outputs (T or fp32) */
     size_t bytes;
 } ws_layout;
 
@@ -359,6 +454,7 @@ static void plan_layout(const lego_model *m, int n, int nb, int h, int w, char *
     CARVE(mods, mod_slots * l->mod_slot);
     CARVE(tx, tok);
     CARVE(th, tok);
+    CARVE(ty, tok);
     CARVE(wide, wide);
 #undef CARVE
     l->bytes = used * sizeof(float);
@@ -368,8 +464,10 @@ static void plan_layout(const lego_model *m, int n, int nb, int h, int w, char *
 static lego_status reserve_workspace(cuda_handle *h, size_t bytes, lego_err *err) {
     if (bytes <= h->ws_bytes) return LEGO_OK;
     if (h->ws) {
-        /* Work queued on the old buffer must finish before it goes. */
+        /* Work queued on the old buffer must finish before it goes, and
+         * the graphs that use it with it. */
         CU_TRY(cudaStreamSynchronize(h->stream));
+        graphs_clear(h);
         cudaFree(h->ws);
     }
     h->ws = NULL;
@@ -391,27 +489,30 @@ static lego_status reserve_stage(cuda_handle *h, size_t floats, lego_err *err) {
 
 /* ---- the forward pass ------------------------------------------------------------ */
 
-/* Device views of a linear layer. */
-static lego_status dev_linear(const cuda_handle *h, const lego_model *m, const linear *l,
-                              const float **w, const float **b, lego_err *err) {
-    *w = dev_param(h, m, l->w);
-    *b = dev_param(h, m, l->b);
-    if (!*w || !*b)
+/* y = x W^T + b for a linear layer: x (and so W) of type x_type, y (and so
+ * the bias) of type y_type; the weights come from the matching copy. */
+static lego_status linear_fwd(cuda_handle *h, const lego_model *m, const linear *l,
+                              const void *x, cudaDataType x_type, size_t rows, void *y,
+                              cudaDataType y_type, gemm_act act, lego_err *err) {
+    const void *w = dev_param_as(h, m, l->w, x_type), *b = dev_param_as(h, m, l->b, y_type);
+    if (!w || !b)
         return lego_fail(err, LEGO_ERR_BACKEND, "internal: a weight is not in the device table");
-    return LEGO_OK;
+    return gemm_linear(&h->gemm, w, b, l->in, l->out, x, rows, y, x_type, y_type, act, err);
 }
 
-static lego_status linear_fwd(cuda_handle *h, const lego_model *m, const linear *l,
-                              const float *x, size_t rows, float *y, gemm_act act, lego_err *err) {
-    const float *w, *b;
-    LEGO_TRY(dev_linear(h, m, l, &w, &b, err));
-    return gemm_linear(&h->gemm, w, b, l->in, l->out, x, rows, y, act, err);
+/* The same for the fp32 conditioning path. */
+static lego_status linear_f32(cuda_handle *h, const lego_model *m, const linear *l,
+                              const float *x, size_t rows, float *y, lego_err *err) {
+    return linear_fwd(h, m, l, x, CUDA_R_32F, rows, y, CUDA_R_32F, GEMM_ACT_NONE, err);
 }
 
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
- * chunk. */
+ * chunk.  T is the type of the GEMM inputs and of the attention operands;
+ * the residual stream, LayerNorm statistics and adaLN vectors are fp32. */
+template <class T>
 static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb, int hgt, int wid,
                              const ws_layout *l, const float *below, float *out, lego_err *err) {
+    const cudaDataType tt = lt_type<T>::value, f32 = CUDA_R_32F;
     const brick *b = &m->bricks[k];
     cudaStream_t s = h->stream;
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads;
@@ -437,41 +538,51 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
      * scale_msa gate_msa shift_mlp scale_mlp gate_mlp), the final layer's
      * ([nb][2D]: shift scale) in slot depth. */
     for (size_t j = 0; j < depth; j++)
-        LEGO_TRY(linear_fwd(h, m, &b->blocks[j].ada, l->silu_c, (size_t)nb,
-                            l->mods + j * l->mod_slot, GEMM_ACT_NONE, err));
+        LEGO_TRY(linear_f32(h, m, &b->blocks[j].ada, l->silu_c, (size_t)nb,
+                            l->mods + j * l->mod_slot, err));
     float *final_mod = l->mods + depth * l->mod_slot;
-    LEGO_TRY(linear_fwd(h, m, &b->final_ada, l->silu_c, (size_t)nb, final_mod, GEMM_ACT_NONE,
-                        err));
+    LEGO_TRY(linear_f32(h, m, &b->final_ada, l->silu_c, (size_t)nb, final_mod, err));
 
     /* Patch embedding; the position embedding is added by the first
      * LayerNorm, which reads the row anyway. */
-    LEGO_TRY(k_gather(s, &g, l->xin, below, l->wide, err));
-    LEGO_TRY(linear_fwd(h, m, &b->embed, l->wide, rows, l->tx, GEMM_ACT_NONE, err));
+    T *th = (T *)l->th, *wide = (T *)l->wide;
+    LEGO_TRY(k_gather<T>(s, &g, l->xin, below, wide, err));
+    LEGO_TRY(linear_fwd(h, m, &b->embed, wide, tt, rows, l->tx, f32, GEMM_ACT_NONE, err));
     const float *pos = dev_param(h, m, b->pos_embed);
     if (!pos) return lego_fail(err, LEGO_ERR_BACKEND, "internal: pos_embed not on the device");
-    LEGO_TRY(k_layernorm_modulate(s, l->tx, pos, b->tokens, rows, D, rpi, l->mods, l->mods + d,
-                                  ms, l->th, err));
+    LEGO_TRY(k_layernorm_modulate<T>(s, l->tx, pos, b->tokens, rows, D, rpi, l->mods,
+                                     l->mods + d, ms, th, err));
 
     for (size_t j = 0; j < depth; j++) {
         const dit_block *blk = &b->blocks[j];
         const float *mod = l->mods + j * l->mod_slot;
-        LEGO_TRY(linear_fwd(h, m, &blk->qkv, l->th, rows, l->wide, GEMM_ACT_NONE, err));
-        LEGO_TRY(k_attention(s, l->wide, rows / (size_t)b->tokens, b->tokens, heads, D / heads,
-                             l->th, h->flash_only, err));
-        LEGO_TRY(linear_fwd(h, m, &blk->proj, l->th, rows, l->wide, GEMM_ACT_NONE, err));
-        LEGO_TRY(k_gated_residual_layernorm(s, l->tx, l->wide, rows, D, rpi, mod + 2 * d, ms,
-                                            mod + 3 * d, mod + 4 * d, ms, l->th, err));
-        LEGO_TRY(linear_fwd(h, m, &blk->fc1, l->th, rows, l->wide, GEMM_ACT_GELU, err));
-        LEGO_TRY(linear_fwd(h, m, &blk->fc2, l->wide, rows, l->th, GEMM_ACT_NONE, err));
+        LEGO_TRY(linear_fwd(h, m, &blk->qkv, th, tt, rows, wide, tt, GEMM_ACT_NONE, err));
+        LEGO_TRY(k_attention<T>(s, wide, rows / (size_t)b->tokens, b->tokens, heads, D / heads,
+                                th, h->attn_mode, err));
+        LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, l->ty, f32, GEMM_ACT_NONE, err));
+        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, l->ty, rows, D, rpi, mod + 2 * d, ms,
+                                               mod + 3 * d, mod + 4 * d, ms, th, err));
+        LEGO_TRY(linear_fwd(h, m, &blk->fc1, th, tt, rows, wide, tt, GEMM_ACT_GELU, err));
+        LEGO_TRY(linear_fwd(h, m, &blk->fc2, wide, tt, rows, l->ty, f32, GEMM_ACT_NONE, err));
         /* The LayerNorm that follows: the next block's first, or the final one. */
         const float *next = j + 1 < depth ? l->mods + (j + 1) * l->mod_slot : final_mod;
         size_t next_stride = j + 1 < depth ? ms : 2 * d;
-        LEGO_TRY(k_gated_residual_layernorm(s, l->tx, l->th, rows, D, rpi, mod + 5 * d, ms, next,
-                                            next + d, next_stride, l->th, err));
+        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, l->ty, rows, D, rpi, mod + 5 * d, ms,
+                                               next, next + d, next_stride, th, err));
     }
 
-    LEGO_TRY(linear_fwd(h, m, &b->final_out, l->th, rows, l->wide, GEMM_ACT_NONE, err));
+    LEGO_TRY(linear_fwd(h, m, &b->final_out, th, tt, rows, l->wide, f32, GEMM_ACT_NONE, err));
     return k_scatter(s, &g, l->wide, out, err);
+}
+
+static lego_status brick_forward(cuda_handle *h, const lego_model *m, int k, int nb, int hgt,
+                                 int wid, const ws_layout *l, const float *below, float *out,
+                                 lego_err *err) {
+    switch (h->precision) {
+    case CUDA_PRECISION_BF16: return brick_fwd<bf16>(h, m, k, nb, hgt, wid, l, below, out, err);
+    case CUDA_PRECISION_FP16: return brick_fwd<f16>(h, m, k, nb, hgt, wid, l, below, out, err);
+    default: return brick_fwd<float>(h, m, k, nb, hgt, wid, l, below, out, err);
+    }
 }
 
 /* c for nb images from the staged c_noise and label rows (denoise.c's
@@ -481,47 +592,175 @@ static lego_status conditioning(cuda_handle *h, const lego_model *m, int nb, int
     cudaStream_t s = h->stream;
     int D = m->cfg.hidden_size, fdim = m->cfg.frequency_embedding_size;
     LEGO_TRY(k_timestep_embedding(s, l->c_noise, h->freq, nb, fdim, l->emb, err));
-    LEGO_TRY(linear_fwd(h, m, &m->t_fc1, l->emb, (size_t)nb, l->hid, GEMM_ACT_NONE, err));
+    LEGO_TRY(linear_f32(h, m, &m->t_fc1, l->emb, (size_t)nb, l->hid, err));
     LEGO_TRY(k_silu(s, l->hid, (size_t)nb * D, l->hid, err));
-    LEGO_TRY(linear_fwd(h, m, &m->t_fc2, l->hid, (size_t)nb, l->cond, GEMM_ACT_NONE, err));
+    LEGO_TRY(linear_f32(h, m, &m->t_fc2, l->hid, (size_t)nb, l->cond, err));
     if (m->cfg.label_dim > 0) {
         if (label_rows) {
-            LEGO_TRY(linear_fwd(h, m, &m->y_embed, l->labels, (size_t)nb, l->hid, GEMM_ACT_NONE,
-                                err));
+            LEGO_TRY(linear_f32(h, m, &m->y_embed, l->labels, (size_t)nb, l->hid, err));
             LEGO_TRY(k_add(s, l->cond, l->hid, (size_t)nb * D, err));
         } else {
             /* The null label's embedding is the bias alone. */
             const float *yb = dev_param(h, m, m->y_embed.b);
             if (!yb)
                 return lego_fail(err, LEGO_ERR_BACKEND, "internal: y_embedder not on the device");
-            LEGO_TRY(k_add_bias(s, l->cond, yb, (size_t)nb, D, err));
+            LEGO_TRY(k_add_bias(s, l->cond, yb, CUDA_R_32F, (size_t)nb, D, err));
         }
     }
     return k_silu(s, l->cond, (size_t)nb * D, l->silu_c, err);
 }
 
+/* What one request enqueues, once the inputs are on the device. */
+typedef struct request_plan {
+    int n, nb, hgt, wid, guided, label_rows;
+    size_t chw;
+} request_plan;
+
+/* The device work of D(x; sigma) after the inputs are staged: the
+ * conditioning, the bricks, guidance and the EDM scaling into l->out.
+ * Copies brick outputs and c to the caller's host memory only when asked
+ * (never while a graph is captured). */
+static lego_status enqueue_network(cuda_handle *h, const lego_model *m, const denoise_args *a,
+                                   const request_plan *p, const ws_layout *l, lego_err *err) {
+    cudaStream_t s = h->stream;
+    int n = p->n, D = m->cfg.hidden_size;
+    size_t chw = p->chw;
+    LEGO_TRY(conditioning(h, m, p->nb, p->label_rows, l, err));
+    if (a->cond_out)
+        CU_TRY(cudaMemcpyAsync(a->cond_out, l->cond, (size_t)n * D * sizeof(float),
+                               cudaMemcpyDeviceToHost, s));
+    LEGO_TRY(k_scale_inputs(s, l->x, l->coef, n, p->nb, chw, l->xin, err));
+
+    const float *below = NULL;
+    float *cur = l->fa;
+    for (int k = 0; k < m->num_bricks; k++) {
+        if (!(a->brick_mask >> k & 1u)) continue;
+        LEGO_TRY(brick_forward(h, m, k, p->nb, p->hgt, p->wid, l, below, cur, err));
+        if (a->brick_outputs) {
+            /* Each pass feeds its own output upwards; only what is reported
+             * is mixed. */
+            const float *rep = cur;
+            if (p->guided) {
+                LEGO_TRY(k_guide(s, cur, n, chw, a->guidance, l->mix, err));
+                rep = l->mix;
+            }
+            CU_TRY(cudaMemcpyAsync(a->brick_outputs + (size_t)k * n * chw, rep,
+                                   (size_t)n * chw * sizeof(float), cudaMemcpyDeviceToHost, s));
+        }
+        below = cur;
+        cur = cur == l->fa ? l->fb : l->fa;
+    }
+
+    /* D = c_skip x + c_out F, F guided. */
+    const float *f = below;
+    if (p->guided) {
+        LEGO_TRY(k_guide(s, below, n, chw, a->guidance, l->mix, err));
+        f = l->mix;
+    }
+    return k_edm(s, l->x, f, l->coef, n, chw, l->out, err);
+}
+
+/* ---- CUDA graphs ------------------------------------------------------------------ */
+
+static graph_key key_for(const cuda_handle *h, const denoise_args *a, const request_plan *p) {
+    graph_key k;
+    memset(&k, 0, sizeof k);
+    k.n = p->n;
+    k.nb = p->nb;
+    k.hgt = p->hgt;
+    k.wid = p->wid;
+    k.guided = p->guided;
+    k.label_rows = p->label_rows;
+    k.brick_mask = a->brick_mask;
+    k.guidance = p->guided ? a->guidance : 0.0f;
+    k.precision = h->precision;
+    k.attn_mode = h->attn_mode;
+    k.gelu_epilogue = h->gemm.gelu_epilogue;
+    k.ws = h->ws;
+    k.params = h->params;
+    k.lp = h->lp;
+    k.freq = h->freq;
+    k.lp_type = (int)h->lp_type;
+    return k;
+}
+
+static void graphs_clear(cuda_handle *h) {
+    for (int i = 0; i < GRAPH_CACHE; i++) {
+        if (h->graphs[i].exec) cudaGraphExecDestroy(h->graphs[i].exec);
+        memset(&h->graphs[i], 0, sizeof h->graphs[i]);
+    }
+}
+
+/* Capture enqueue_network into a graph and instantiate it. */
+static lego_status capture(cuda_handle *h, const lego_model *m, const denoise_args *a,
+                           const request_plan *p, const ws_layout *l, cudaGraphExec_t *exec,
+                           lego_err *err) {
+    *exec = NULL;
+    CU_TRY(cudaStreamBeginCapture(h->stream, cudaStreamCaptureModeThreadLocal));
+    lego_status st = enqueue_network(h, m, a, p, l, err);
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(h->stream, &graph); /* always: the stream must leave capture */
+    if (st == LEGO_OK) st = cu_status(e, err, "cudaStreamEndCapture");
+    if (st == LEGO_OK) st = cu_status(cudaGraphInstantiate(exec, graph, 0), err,
+                                      "cudaGraphInstantiate");
+    if (graph) cudaGraphDestroy(graph);
+    if (st != LEGO_OK) {
+        cudaGetLastError(); /* a failed capture leaves its error behind */
+        *exec = NULL;
+    }
+    return st;
+}
+
+/* Launch the graph for this request, capturing it first if it is new. */
+static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_args *a,
+                             const request_plan *p, const ws_layout *l, lego_err *err) {
+    graph_key key = key_for(h, a, p);
+    for (int i = 0; i < GRAPH_CACHE; i++) {
+        if (h->graphs[i].exec && memcmp(&h->graphs[i].key, &key, sizeof key) == 0) {
+            CU_TRY(cudaGraphLaunch(h->graphs[i].exec, h->stream));
+            h->graph_launches++;
+            return LEGO_OK;
+        }
+    }
+    cudaGraphExec_t exec = NULL;
+    LEGO_TRY(capture(h, m, a, p, l, &exec, err));
+    graph_entry *slot = &h->graphs[h->next_graph];
+    h->next_graph = (h->next_graph + 1) % GRAPH_CACHE;
+    if (slot->exec) cudaGraphExecDestroy(slot->exec);
+    slot->exec = exec;
+    slot->key = key;
+    h->graph_captures++;
+    CU_TRY(cudaGraphLaunch(exec, h->stream));
+    h->graph_launches++;
+    return LEGO_OK;
+}
+
 static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denoise_args *a,
                                      lego_err *err) {
-    int n = a->n, hgt = a->h, wid = a->w, C = m->cfg.img_channels, D = m->cfg.hidden_size;
+    request_plan p;
     int L = m->cfg.label_dim;
-    int guided = L > 0 && a->guidance != 1.0f && a->guidance != 0.0f;
-    int nb = guided ? 2 * n : n;
-    size_t chw = (size_t)C * hgt * wid;
+    p.n = a->n;
+    p.hgt = a->h;
+    p.wid = a->w;
+    p.guided = L > 0 && a->guidance != 1.0f && a->guidance != 0.0f;
+    p.nb = p.guided ? 2 * p.n : p.n;
+    p.label_rows = L > 0 && a->label_vectors && a->guidance != 0.0f;
+    p.chw = (size_t)m->cfg.img_channels * p.hgt * p.wid;
+    int n = p.n, nb = p.nb;
     cudaStream_t s = h->stream;
 
     size_t bound;
-    if (model_denoise_floats(m, n, hgt, wid, guided, &bound) != LEGO_OK)
+    if (model_denoise_floats(m, n, p.hgt, p.wid, p.guided, &bound) != LEGO_OK)
         return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images of %dx%d is too large",
-                         n, hgt, wid);
+                         n, p.hgt, p.wid);
     LEGO_TRY(sync_weights(h, m, err));
     ws_layout l;
-    plan_layout(m, n, nb, hgt, wid, NULL, &l);
+    plan_layout(m, n, nb, p.hgt, p.wid, NULL, &l);
     LEGO_TRY(reserve_workspace(h, l.bytes, err));
-    plan_layout(m, n, nb, hgt, wid, h->ws, &l);
+    plan_layout(m, n, nb, p.hgt, p.wid, h->ws, &l);
 
     /* Per-image values, staged: c_noise (nb), coefficients (3n), labels. */
-    int label_rows = L > 0 && a->label_vectors && a->guidance != 0.0f;
-    size_t stage = (size_t)nb + 3 * (size_t)n + (label_rows ? (size_t)nb * L : 0);
+    size_t stage = (size_t)nb + 3 * (size_t)n + (p.label_rows ? (size_t)nb * L : 0);
     LEGO_TRY(reserve_stage(h, stage, err));
     float *c_noise = h->stage, *coef = c_noise + nb, *labels = coef + 3 * (size_t)n;
     double sd = m->cfg.sigma_data, sd2 = sd * sd;
@@ -533,54 +772,29 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
         coef[3 * i + 1] = (float)(sd2 / (s2 + sd2));
         coef[3 * i + 2] = (float)(sig * sd / sqrt(s2 + sd2));
     }
-    if (label_rows) {
+    if (p.label_rows) {
         memcpy(labels, a->label_vectors, (size_t)n * L * sizeof *labels);
-        if (guided) memset(labels + (size_t)n * L, 0, (size_t)n * L * sizeof *labels);
+        if (p.guided) memset(labels + (size_t)n * L, 0, (size_t)n * L * sizeof *labels);
     }
     CU_TRY(cudaMemcpyAsync(l.c_noise, c_noise, (size_t)nb * sizeof(float), cudaMemcpyHostToDevice,
                            s));
     CU_TRY(cudaMemcpyAsync(l.coef, coef, 3 * (size_t)n * sizeof(float), cudaMemcpyHostToDevice,
                            s));
-    if (label_rows)
+    if (p.label_rows)
         CU_TRY(cudaMemcpyAsync(l.labels, labels, (size_t)nb * L * sizeof(float),
                                cudaMemcpyHostToDevice, s));
-    CU_TRY(cudaMemcpyAsync(l.x, a->x, (size_t)n * chw * sizeof(float), cudaMemcpyHostToDevice, s));
-
-    LEGO_TRY(conditioning(h, m, nb, label_rows, &l, err));
-    if (a->cond_out)
-        CU_TRY(cudaMemcpyAsync(a->cond_out, l.cond, (size_t)n * D * sizeof(float),
-                               cudaMemcpyDeviceToHost, s));
-    LEGO_TRY(k_scale_inputs(s, l.x, l.coef, n, nb, chw, l.xin, err));
-
-    const float *below = NULL;
-    float *cur = l.fa;
-    for (int k = 0; k < m->num_bricks; k++) {
-        if (!(a->brick_mask >> k & 1u)) continue;
-        LEGO_TRY(brick_fwd(h, m, k, nb, hgt, wid, &l, below, cur, err));
-        if (a->brick_outputs) {
-            /* Each pass feeds its own output upwards; only what is reported
-             * is mixed. */
-            const float *rep = cur;
-            if (guided) {
-                LEGO_TRY(k_guide(s, cur, n, chw, a->guidance, l.mix, err));
-                rep = l.mix;
-            }
-            CU_TRY(cudaMemcpyAsync(a->brick_outputs + (size_t)k * n * chw, rep,
-                                   (size_t)n * chw * sizeof(float), cudaMemcpyDeviceToHost, s));
-        }
-        below = cur;
-        cur = cur == l.fa ? l.fb : l.fa;
-    }
-
-    /* D = c_skip x + c_out F, F guided. */
-    const float *f = below;
-    if (guided) {
-        LEGO_TRY(k_guide(s, below, n, chw, a->guidance, l.mix, err));
-        f = l.mix;
-    }
-    LEGO_TRY(k_edm(s, l.x, f, l.coef, n, chw, l.out, err));
-    CU_TRY(cudaMemcpyAsync(a->out, l.out, (size_t)n * chw * sizeof(float), cudaMemcpyDeviceToHost,
+    CU_TRY(cudaMemcpyAsync(l.x, a->x, (size_t)n * p.chw * sizeof(float), cudaMemcpyHostToDevice,
                            s));
+
+    /* A graph replays the whole network in one launch: what the sampling
+     * loop asks for (no per-brick outputs, no c), at one size after the
+     * first step. */
+    if (h->use_graphs && !a->brick_outputs && !a->cond_out)
+        LEGO_TRY(run_graph(h, m, a, &p, &l, err));
+    else
+        LEGO_TRY(enqueue_network(h, m, a, &p, &l, err));
+    CU_TRY(cudaMemcpyAsync(a->out, l.out, (size_t)n * p.chw * sizeof(float),
+                           cudaMemcpyDeviceToHost, s));
     CU_TRY(cudaStreamSynchronize(s));
     return LEGO_OK;
 }
@@ -589,8 +803,6 @@ extern "C" lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a
     cuda_handle *h = (cuda_handle *)m->cuda;
     lego_err *err = &m->err;
     if (!h) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
-    if (h->precision != CUDA_PRECISION_FP32)
-        return lego_fail(err, LEGO_ERR_UNSUPPORTED, "backend CUDA: only fp32 is implemented");
     device_guard guard(h->device);
     CU_TRY(guard.status);
     lego_status s = denoise_on_device(h, m, a, err);

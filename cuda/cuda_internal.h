@@ -13,6 +13,8 @@
 #define LEGO_CUDA_INTERNAL_H
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,6 +81,60 @@ static inline unsigned ew_blocks(size_t total) {
     return b ? (unsigned)b : 1u;
 }
 
+/* ---- activation types ------------------------------------------------------ */
+
+/* A brick's GEMM inputs and the attention's operands are stored in the
+ * handle's precision: float, bf16 or fp16 (T below).  The residual stream,
+ * LayerNorm statistics, adaLN vectors and every accumulation stay fp32. */
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+template <class T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<bf16>(bf16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float<f16>(f16 v) { return __half2float(v); }
+
+template <class T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ f16 from_float<f16>(float v) { return __float2half_rn(v); }
+
+/* The cuBLASLt type of T. */
+template <class T> struct lt_type;
+template <> struct lt_type<float> { static const cudaDataType value = CUDA_R_32F; };
+template <> struct lt_type<bf16> { static const cudaDataType value = CUDA_R_16BF; };
+template <> struct lt_type<f16> { static const cudaDataType value = CUDA_R_16F; };
+
+static inline size_t dtype_bytes(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
+
+/* ---- tensor-core MMA (device) --------------------------------------------- */
+
+/* d += a b for one warp: a 16x16 (row-major fragments a[4]), b 16x8
+ * (column-major fragments b[2]), d 16x8 fp32 (d[4]), the fragment layouts
+ * of PTX's mma.m16n8k16: with g = lane / 4 and q = lane % 4, a[0] holds
+ * A[g][2q..2q+1], a[1] A[g+8][2q..], a[2] A[g][2q+8..], a[3] A[g+8][2q+8..];
+ * b[0] holds B[2q..2q+1][g], b[1] B[2q+8..2q+9][g]; d[0..1] are D[g][2q..],
+ * d[2..3] D[g+8][2q..].  The lower half of a word is the lower column (or
+ * row, for B).  The host emulation (tests/cuda-emu/) defines its own. */
+#ifndef LEGO_EMU_MMA
+template <class T> __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4],
+                                                             const uint32_t b[2]);
+template <> __device__ __forceinline__ void mma_16816<bf16>(float d[4], const uint32_t a[4],
+                                                            const uint32_t b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma_16816<f16>(float d[4], const uint32_t a[4],
+                                                           const uint32_t b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 /* ---- warp reductions (device) ------------------------------------------- */
 
 #define FULL_MASK 0xffffffffu
@@ -98,10 +154,11 @@ __device__ __forceinline__ float warp_max(float v) {
 typedef enum gemm_act { GEMM_ACT_NONE = 0, GEMM_ACT_GELU = 1 } gemm_act;
 
 /* One prepared cuBLASLt call shape: descriptors and the algorithm the
- * heuristic chose, keyed by (out, rows, in, act, epilogue allowed). */
+ * heuristic chose, keyed by (out, rows, in, types, act, epilogue allowed). */
 typedef struct gemm_entry {
     int used;
     uint64_t out, rows, in;
+    cudaDataType ab_type, d_type;
     int act, gelu_allowed;
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, d;
@@ -126,10 +183,12 @@ lego_status gemm_init(gemm_ctx *g, cudaStream_t stream, lego_err *err);
 void gemm_destroy(gemm_ctx *g);
 
 /* y[rows][out] = act(x[rows][in] * W^T + b), W row-major [out][in], all
- * pointers DEVICE_ALIGN-aligned device memory.  fp32 in and out, fp32
- * accumulation (CUBLAS_COMPUTE_32F: no TF32). */
-lego_status gemm_linear(gemm_ctx *g, const float *w, const float *b, int in, int out,
-                        const float *x, size_t rows, float *y, gemm_act act, lego_err *err);
+ * pointers DEVICE_ALIGN-aligned device memory.  W and x are of ab_type, y
+ * and b of d_type (CUDA_R_32F, CUDA_R_16BF or CUDA_R_16F); accumulation is
+ * fp32 (CUBLAS_COMPUTE_32F: no TF32). */
+lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int out,
+                        const void *x, size_t rows, void *y, cudaDataType ab_type,
+                        cudaDataType d_type, gemm_act act, lego_err *err);
 
 /* Whether cuBLASLt's GELU_BIAS epilogue computes the tanh-approximated GELU
  * of the reference (to 1e-5 relative): runs it on a ramp of inputs and
@@ -160,31 +219,40 @@ lego_status k_timestep_embedding(cudaStream_t s, const float *c_noise, const flo
                                  int fdim, float *emb, lego_err *err);
 /* y = SiLU(x); y may be x. */
 lego_status k_silu(cudaStream_t s, const float *x, size_t n, float *y, lego_err *err);
-/* x = GELU_tanh(x), the CPU's formula. */
-lego_status k_gelu(cudaStream_t s, float *x, size_t n, lego_err *err);
+/* x = GELU_tanh(x), the CPU's formula; x of type `type`. */
+lego_status k_gelu(cudaStream_t s, void *x, cudaDataType type, size_t n, lego_err *err);
 /* x += y. */
 lego_status k_add(cudaStream_t s, float *x, const float *y, size_t n, lego_err *err);
-/* x[r][i] += bias[i]. */
-lego_status k_add_bias(cudaStream_t s, float *x, const float *bias, size_t rows, int dim,
-                       lego_err *err);
+/* x[r][i] += bias[i]; x and bias of type `type`. */
+lego_status k_add_bias(cudaStream_t s, void *x, const void *bias, cudaDataType type, size_t rows,
+                       int dim, lego_err *err);
+/* dst[i] = (T)src[i], for the low-precision copy of the weights. */
+lego_status k_convert(cudaStream_t s, const float *src, size_t n, void *dst, cudaDataType type,
+                      lego_err *err);
 /* xin[i] = coef[3*(i%n)] * x[i%n] for the nb images of chw floats. */
 lego_status k_scale_inputs(cudaStream_t s, const float *x, const float *coef, int n, int nb,
                            size_t chw, float *xin, lego_err *err);
-/* Token rows [rows][c_in*p*p] from [below], xin and the coordinates. */
+/* Token rows [rows][c_in*p*p] (of type T) from [below], xin and the
+ * coordinates. */
+template <class T>
 lego_status k_gather(cudaStream_t s, const tok_geom *g, const float *xin, const float *below,
-                     float *dst, lego_err *err);
+                     T *dst, lego_err *err);
 /* Token rows [rows][p*p*C] back into n x C x h x w. */
 lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float *out,
                       lego_err *err);
-/* (x += pos[r % tokens] when pos) then y = LN(x)*(1+scale)+shift. */
+/* (x += pos[r % tokens] when pos) then y = LN(x)*(1+scale)+shift, y of
+ * type T. */
+template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
-                                 const float *scale, size_t mod_stride, float *y, lego_err *err);
-/* x += gate*y, out = LN(x)*(1+scale)+shift; out may alias y. */
+                                 const float *scale, size_t mod_stride, T *y, lego_err *err);
+/* x += gate*y, out = LN(x)*(1+scale)+shift, out of type T; out must not
+ * overlap y. */
+template <class T>
 lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
-                                       const float *scale, size_t mod_stride, float *out,
+                                       const float *scale, size_t mod_stride, T *out,
                                        lego_err *err);
 /* out = f[n..2n) + g (f[0..n) - f[n..2n)) over n images of chw floats. */
 lego_status k_guide(cudaStream_t s, const float *f, int n, size_t chw, float g, float *out,
@@ -198,11 +266,20 @@ lego_status k_edm(cudaStream_t s, const float *x, const float *f, const float *c
 /* The largest head_dim the kernels take (8 values per lane of a warp). */
 #define ATTN_MAX_HEAD_DIM 256
 
+/* How k_attention may choose its kernel (tests force each one). */
+typedef enum attn_mode {
+    ATTN_AUTO = 0,       /* short kernel for <= 32 tokens, else the best tiled one */
+    ATTN_FLASH_ONLY = 1, /* the tiled kernels even for short sequences      */
+    ATTN_NO_MMA = 2      /* never the tensor-core kernel                    */
+} attn_mode;
+
 /* Multi-head self-attention of `seqs` sequences of `tokens` rows each, qkv
  * rows [q | k | v] each [heads][head_dim], out rows [heads][head_dim] (as
- * op_attention).  Short sequences take the one-warp-per-head kernel unless
- * flash_only; the rest the tiled online-softmax kernel. */
-lego_status k_attention(cudaStream_t s, const float *qkv, size_t seqs, int tokens, int heads,
-                        int head_dim, float *out, int flash_only, lego_err *err);
+ * op_attention), both of type T, fp32 arithmetic.  Short sequences take
+ * the one-warp-per-head kernel; longer ones a flash-style kernel, on the
+ * tensor cores for bf16/fp16 when head_dim is a multiple of 8 (<= 128). */
+template <class T>
+lego_status k_attention(cudaStream_t s, const T *qkv, size_t seqs, int tokens, int heads,
+                        int head_dim, T *out, int mode, lego_err *err);
 
 #endif /* LEGO_CUDA_INTERNAL_H */

@@ -1,5 +1,5 @@
 /*
- * gemm.cu -- every linear layer as one cuBLASLt matmul, fp32.
+ * gemm.cu -- every linear layer as one cuBLASLt matmul.
  *
  * Activations are row-major token matrices and weights row-major
  * [out][in], so y = x W^T + b.  cuBLASLt is column-major: a row-major
@@ -10,9 +10,10 @@
  * broadcasts a vector of length out (the rows of Y) over the columns, which
  * is the per-feature bias we want.
  *
- * Compute type CUBLAS_COMPUTE_32F: fp32 all the way, no TF32 (that would
- * need CUBLAS_COMPUTE_32F_FAST_TF32 and would not meet the golden
- * tolerance).
+ * Operands: W and x fp32, bf16 or fp16 (the same type), y and the bias
+ * fp32 or the operands' type.  Compute type CUBLAS_COMPUTE_32F: fp32
+ * accumulation always, and no TF32 for fp32 operands (that would need
+ * CUBLAS_COMPUTE_32F_FAST_TF32 and would not meet the golden tolerance).
  *
  * Descriptors and the heuristic's algorithm are prepared once per shape and
  * cached in the handle (GEMM_CACHE entries, evicted round-robin), so a
@@ -63,18 +64,21 @@ static int has_bias(cublasLtEpilogue_t e) {
  * offers an algorithm.  `bias` is a representative bias pointer (the
  * heuristic reads its alignment, not its contents). */
 static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint64_t rows,
-                                 uint64_t in, gemm_act act, int gelu_allowed, const float *bias,
+                                 uint64_t in, cudaDataType ab_type, cudaDataType d_type,
+                                 gemm_act act, int gelu_allowed, const void *bias,
                                  lego_err *err) {
     memset(e, 0, sizeof *e);
     e->used = 1; /* from here on entry_destroy frees what exists */
     e->out = out;
     e->rows = rows;
     e->in = in;
+    e->ab_type = ab_type;
+    e->d_type = d_type;
     e->act = act;
     e->gelu_allowed = gelu_allowed;
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, CUDA_R_32F, in, out, (int64_t)in));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, CUDA_R_32F, in, rows, (int64_t)in));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->d, CUDA_R_32F, out, rows, (int64_t)out));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, ab_type, in, out, (int64_t)in));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, ab_type, in, rows, (int64_t)in));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->d, d_type, out, rows, (int64_t)out));
     LT_TRY(cublasLtMatmulDescCreate(&e->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
@@ -128,22 +132,25 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint6
     cublasLtMatmulPreferenceDestroy(pref);
     if (!found)
         return lego_fail(err, LEGO_ERR_BACKEND,
-                         "cuBLASLt offers no fp32 algorithm for a %llu x %llu x %llu GEMM (%s)",
+                         "cuBLASLt offers no algorithm for a %llu x %llu x %llu GEMM of types "
+                         "%d -> %d (%s)",
                          (unsigned long long)rows, (unsigned long long)out,
-                         (unsigned long long)in, cublasLtGetStatusString(last));
+                         (unsigned long long)in, (int)ab_type, (int)d_type,
+                         cublasLtGetStatusString(last));
     return LEGO_OK;
 }
 
 static int misaligned(const void *p) { return p && (uintptr_t)p % DEVICE_ALIGN != 0; }
 
 /* The cached entry for a key, preparing it (and evicting another) if new. */
-static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t in, gemm_act act,
-                             int gelu_allowed, const float *bias, gemm_entry **found,
+static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t in,
+                             cudaDataType ab_type, cudaDataType d_type, gemm_act act,
+                             int gelu_allowed, const void *bias, gemm_entry **found,
                              lego_err *err) {
     for (int i = 0; i < GEMM_CACHE; i++) {
         gemm_entry *e = &g->cache[i];
         if (e->used && e->out == out && e->rows == rows && e->in == in && e->act == (int)act &&
-            e->gelu_allowed == gelu_allowed) {
+            e->gelu_allowed == gelu_allowed && e->ab_type == ab_type && e->d_type == d_type) {
             *found = e;
             return LEGO_OK;
         }
@@ -156,7 +163,8 @@ static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t 
         g->next_evict = (g->next_evict + 1) % GEMM_CACHE;
         entry_destroy(e);
     }
-    lego_status s = entry_prepare(g, e, out, rows, in, act, gelu_allowed, bias, err);
+    lego_status s = entry_prepare(g, e, out, rows, in, ab_type, d_type, act, gelu_allowed, bias,
+                                  err);
     if (s != LEGO_OK) {
         entry_destroy(e);
         return s;
@@ -167,15 +175,16 @@ static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t 
 
 /* gemm_linear with the epilogue choice spelled out; *used (may be NULL)
  * receives the epilogue the GEMM itself applied. */
-static lego_status gemm_linear_ex(gemm_ctx *g, const float *w, const float *b, int in, int out,
-                                  const float *x, size_t rows, float *y, gemm_act act,
-                                  int gelu_allowed, cublasLtEpilogue_t *used, lego_err *err) {
+static lego_status gemm_linear_ex(gemm_ctx *g, const void *w, const void *b, int in, int out,
+                                  const void *x, size_t rows, void *y, cudaDataType ab_type,
+                                  cudaDataType d_type, gemm_act act, int gelu_allowed,
+                                  cublasLtEpilogue_t *used, lego_err *err) {
     if (misaligned(w) || misaligned(b) || misaligned(x) || misaligned(y))
         return lego_fail(err, LEGO_ERR_BACKEND,
                          "internal: a GEMM operand is not %d-byte aligned", DEVICE_ALIGN);
     gemm_entry *e = NULL;
-    LEGO_TRY(entry_for(g, (uint64_t)out, (uint64_t)rows, (uint64_t)in, act, gelu_allowed, b, &e,
-                       err));
+    LEGO_TRY(entry_for(g, (uint64_t)out, (uint64_t)rows, (uint64_t)in, ab_type, d_type, act,
+                       gelu_allowed, b, &e, err));
     if (has_bias(e->epilogue)) {
         const void *bp = b;
         LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
@@ -184,15 +193,16 @@ static lego_status gemm_linear_ex(gemm_ctx *g, const float *w, const float *b, i
     const float alpha = 1.0f, beta = 0.0f;
     LT_TRY(cublasLtMatmul(g->lt, e->desc, &alpha, w, e->a, x, e->b, &beta, y, e->d, y, e->d,
                           &e->algo, g->workspace, g->workspace_bytes, g->stream));
-    if (e->post_bias) LEGO_TRY(k_add_bias(g->stream, y, b, rows, out, err));
-    if (e->post_gelu) LEGO_TRY(k_gelu(g->stream, y, rows * (size_t)out, err));
+    if (e->post_bias) LEGO_TRY(k_add_bias(g->stream, y, b, d_type, rows, out, err));
+    if (e->post_gelu) LEGO_TRY(k_gelu(g->stream, y, d_type, rows * (size_t)out, err));
     if (used) *used = e->epilogue;
     return LEGO_OK;
 }
 
-lego_status gemm_linear(gemm_ctx *g, const float *w, const float *b, int in, int out,
-                        const float *x, size_t rows, float *y, gemm_act act, lego_err *err) {
-    return gemm_linear_ex(g, w, b, in, out, x, rows, y, act,
+lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int out,
+                        const void *x, size_t rows, void *y, cudaDataType ab_type,
+                        cudaDataType d_type, gemm_act act, lego_err *err) {
+    return gemm_linear_ex(g, w, b, in, out, x, rows, y, ab_type, d_type, act,
                           act == GEMM_ACT_GELU ? g->gelu_epilogue : 0, NULL, err);
 }
 
@@ -228,7 +238,8 @@ lego_status gemm_probe_gelu(gemm_ctx *g, int *is_tanh, lego_err *err) {
                       err, "cudaMemcpyAsync (probe)");
     if (s == LEGO_OK)
         s = gemm_linear_ex(g, dev + w_off, dev + b_off, PROBE_IN, PROBE_OUT, dev + x_off,
-                           PROBE_ROWS, dev + y_off, GEMM_ACT_GELU, 1, &used, err);
+                           PROBE_ROWS, dev + y_off, CUDA_R_32F, CUDA_R_32F, GEMM_ACT_GELU, 1,
+                           &used, err);
     if (s == LEGO_OK)
         s = cu_status(cudaMemcpyAsync(host + y_off, dev + y_off,
                                       PROBE_OUT * PROBE_ROWS * sizeof(float),

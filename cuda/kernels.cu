@@ -60,14 +60,16 @@ __device__ __forceinline__ float gelu_tanh(float v) {
     return v / (1.0f + expf(-2.0f * u));
 }
 
-__global__ void gelu_kernel(float *x, size_t n) {
+template <class T> __global__ void gelu_kernel(T *x, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
-        x[i] = gelu_tanh(x[i]);
+        x[i] = from_float<T>(gelu_tanh(to_float<T>(x[i])));
 }
 
-lego_status k_gelu(cudaStream_t s, float *x, size_t n, lego_err *err) {
-    LAUNCH(gelu_kernel, ew_blocks(n), EW_THREADS, 0, s)(x, n);
+lego_status k_gelu(cudaStream_t s, void *x, cudaDataType type, size_t n, lego_err *err) {
+    if (type == CUDA_R_32F) LAUNCH(gelu_kernel<float>, ew_blocks(n), EW_THREADS, 0, s)((float *)x, n);
+    else if (type == CUDA_R_16BF) LAUNCH(gelu_kernel<bf16>, ew_blocks(n), EW_THREADS, 0, s)((bf16 *)x, n);
+    else LAUNCH(gelu_kernel<f16>, ew_blocks(n), EW_THREADS, 0, s)((f16 *)x, n);
     LAUNCH_CHECK("gelu");
     return LEGO_OK;
 }
@@ -84,17 +86,44 @@ lego_status k_add(cudaStream_t s, float *x, const float *y, size_t n, lego_err *
     return LEGO_OK;
 }
 
-__global__ void add_bias_kernel(float *x, const float *bias, size_t rows, int dim) {
+template <class T> __global__ void add_bias_kernel(T *x, const T *bias, size_t rows, int dim) {
     size_t n = rows * (size_t)dim;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
-        x[i] += bias[i % (size_t)dim];
+        x[i] = from_float<T>(to_float<T>(x[i]) + to_float<T>(bias[i % (size_t)dim]));
 }
 
-lego_status k_add_bias(cudaStream_t s, float *x, const float *bias, size_t rows, int dim,
-                       lego_err *err) {
-    LAUNCH(add_bias_kernel, ew_blocks(rows * (size_t)dim), EW_THREADS, 0, s)(x, bias, rows, dim);
+lego_status k_add_bias(cudaStream_t s, void *x, const void *bias, cudaDataType type, size_t rows,
+                       int dim, lego_err *err) {
+    unsigned blocks = ew_blocks(rows * (size_t)dim);
+    if (type == CUDA_R_32F)
+        LAUNCH(add_bias_kernel<float>, blocks, EW_THREADS, 0, s)((float *)x, (const float *)bias,
+                                                                 rows, dim);
+    else if (type == CUDA_R_16BF)
+        LAUNCH(add_bias_kernel<bf16>, blocks, EW_THREADS, 0, s)((bf16 *)x, (const bf16 *)bias,
+                                                                rows, dim);
+    else
+        LAUNCH(add_bias_kernel<f16>, blocks, EW_THREADS, 0, s)((f16 *)x, (const f16 *)bias, rows,
+                                                               dim);
     LAUNCH_CHECK("add_bias");
+    return LEGO_OK;
+}
+
+template <class T> __global__ void convert_kernel(const float *src, size_t n, T *dst) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = from_float<T>(src[i]);
+}
+
+lego_status k_convert(cudaStream_t s, const float *src, size_t n, void *dst, cudaDataType type,
+                      lego_err *err) {
+    if (type == CUDA_R_16BF)
+        LAUNCH(convert_kernel<bf16>, ew_blocks(n), EW_THREADS, 0, s)(src, n, (bf16 *)dst);
+    else if (type == CUDA_R_16F)
+        LAUNCH(convert_kernel<f16>, ew_blocks(n), EW_THREADS, 0, s)(src, n, (f16 *)dst);
+    else
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: conversion to type %d", (int)type);
+    LAUNCH_CHECK("convert");
     return LEGO_OK;
 }
 
@@ -130,7 +159,8 @@ __device__ __forceinline__ void token_origin(const tok_geom &g, size_t r, size_t
 /* One thread per value of the [rows][c_in*p*p] token matrix, columns in the
  * (channel, y, x) order of the patch-embedding weight [D, c_in, p, p];
  * channels [F_below], c_in*x, row coordinate, column coordinate. */
-__global__ void gather_kernel(tok_geom g, const float *xin, const float *below, float *dst) {
+template <class T>
+__global__ void gather_kernel(tok_geom g, const float *xin, const float *below, T *dst) {
     int pp = g.p * g.p, width = g.c_in * pp, C = g.C;
     size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
     int first_x = below ? C : 0, first_coord = below ? 2 * C : C;
@@ -149,17 +179,24 @@ __global__ void gather_kernel(tok_geom g, const float *xin, const float *below, 
         else if (ci < first_coord) v = xin[(img * C + (size_t)(ci - first_x)) * plane + pix];
         else if (ci == first_coord) v = __fadd_rn(__fmul_rn((float)y, g.row_step), -1.0f);
         else v = __fadd_rn(__fmul_rn((float)x, g.col_step), -1.0f);
-        dst[idx] = v;
+        dst[idx] = from_float<T>(v);
     }
 }
 
+template <class T>
 lego_status k_gather(cudaStream_t s, const tok_geom *g, const float *xin, const float *below,
-                     float *dst, lego_err *err) {
+                     T *dst, lego_err *err) {
     size_t total = g->rows * (size_t)g->c_in * g->p * g->p;
-    LAUNCH(gather_kernel, ew_blocks(total), EW_THREADS, 0, s)(*g, xin, below, dst);
+    LAUNCH(gather_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)(*g, xin, below, dst);
     LAUNCH_CHECK("gather");
     return LEGO_OK;
 }
+template lego_status k_gather<float>(cudaStream_t, const tok_geom *, const float *, const float *,
+                                     float *, lego_err *);
+template lego_status k_gather<bf16>(cudaStream_t, const tok_geom *, const float *, const float *,
+                                    bf16 *, lego_err *);
+template lego_status k_gather<f16>(cudaStream_t, const tok_geom *, const float *, const float *,
+                                   f16 *, lego_err *);
 
 /* One thread per value of the [rows][p*p*C] output rows, laid out
  * (y, x, channel) as the final linear produces them (unpatchify). */
@@ -190,9 +227,8 @@ lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float
 
 /* One warp per row; ROWS_PER_BLOCK rows per block.  Two-pass variance as
  * the CPU (mean first, then the mean of squared deviations).  A lane
- * reads and writes the same columns in every pass, so the row it wrote
- * in the first pass is what it reads in the next ones, and an output
- * that aliases an input (gated residual) is read before it is written. */
+ * reads and writes the same columns of x in every pass, so the row it
+ * wrote in the first pass is what it reads in the next ones. */
 #define LN_ROWS_PER_BLOCK 8
 
 static unsigned ln_blocks(size_t rows) {
@@ -201,8 +237,9 @@ static unsigned ln_blocks(size_t rows) {
     return b > 65535u * 16u ? 65535u * 16u : (unsigned)b;
 }
 
+template <class T>
 __device__ __forceinline__ void modulate_row(const float *xr, int dim, float mean, int lane,
-                                             const float *shift, const float *scale, float *yr) {
+                                             const float *shift, const float *scale, T *yr) {
     float var = 0.0f;
     for (int i = lane; i < dim; i += 32) {
         float d = xr[i] - mean;
@@ -211,12 +248,13 @@ __device__ __forceinline__ void modulate_row(const float *xr, int dim, float mea
     var = warp_sum(var);
     float rstd = 1.0f / sqrtf(var / (float)dim + 1e-6f);
     for (int i = lane; i < dim; i += 32)
-        yr[i] = (xr[i] - mean) * rstd * (1.0f + scale[i]) + shift[i];
+        yr[i] = from_float<T>((xr[i] - mean) * rstd * (1.0f + scale[i]) + shift[i]);
 }
 
+template <class T>
 __global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens, size_t rows,
                                           int dim, size_t rows_per_image, const float *shift,
-                                          const float *scale, size_t mod_stride, float *y) {
+                                          const float *scale, size_t mod_stride, T *y) {
     int lane = threadIdx.x % 32;
     /* r is the same for the whole warp, so the shuffles see every lane. */
     for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
@@ -239,21 +277,21 @@ __global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens
     }
 }
 
+template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
-                                 const float *scale, size_t mod_stride, float *y, lego_err *err) {
-    LAUNCH(layernorm_modulate_kernel, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+                                 const float *scale, size_t mod_stride, T *y, lego_err *err) {
+    LAUNCH(layernorm_modulate_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
         x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
     LAUNCH_CHECK("layernorm_modulate");
     return LEGO_OK;
 }
 
-/* No __restrict__ here: out may be y. */
+template <class T>
 __global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t rows, int dim,
                                                 size_t rows_per_image, const float *gate,
                                                 size_t gate_stride, const float *shift,
-                                                const float *scale, size_t mod_stride,
-                                                float *out) {
+                                                const float *scale, size_t mod_stride, T *out) {
     int lane = threadIdx.x % 32;
     for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
          r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
@@ -272,16 +310,28 @@ __global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t
     }
 }
 
+template <class T>
 lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
-                                       const float *scale, size_t mod_stride, float *out,
+                                       const float *scale, size_t mod_stride, T *out,
                                        lego_err *err) {
-    LAUNCH(gated_residual_layernorm_kernel, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+    LAUNCH(gated_residual_layernorm_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
         x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
     LAUNCH_CHECK("gated_residual_layernorm");
     return LEGO_OK;
 }
+
+#define LN_INSTANTIATE(T)                                                                 \
+    template lego_status k_layernorm_modulate<T>(cudaStream_t, float *, const float *, int, \
+                                                 size_t, int, size_t, const float *,       \
+                                                 const float *, size_t, T *, lego_err *);  \
+    template lego_status k_gated_residual_layernorm<T>(                                    \
+        cudaStream_t, float *, const float *, size_t, int, size_t, const float *, size_t,  \
+        const float *, const float *, size_t, T *, lego_err *);
+LN_INSTANTIATE(float)
+LN_INSTANTIATE(bf16)
+LN_INSTANTIATE(f16)
 
 /* ---- guidance and EDM ------------------------------------------------------- */
 

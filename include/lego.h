@@ -79,6 +79,18 @@ typedef enum lego_backend {
     LEGO_BACKEND_CUDA = 1
 } lego_backend;
 
+/* Arithmetic of the network on a GPU.  FP32 is fp32 throughout (no TF32).
+ * BF16 and FP16 store the GEMM operands and the attention's Q, K, V in
+ * 16 bits and accumulate in fp32; the residual stream, LayerNorm
+ * statistics, adaLN modulation, conditioning and the EDM scaling stay fp32.
+ * The CPU backend always computes in fp32: the precision is what the model
+ * uses whenever it is on a GPU. */
+typedef enum lego_precision {
+    LEGO_PRECISION_FP32 = 0,
+    LEGO_PRECISION_BF16 = 1,
+    LEGO_PRECISION_FP16 = 2
+} lego_precision;
+
 /* Global settings of a LEGO network (the "lego.config" JSON of a checkpoint). */
 typedef struct lego_model_config {
     size_t size;                  /* sizeof(lego_model_config)               */
@@ -93,6 +105,7 @@ typedef struct lego_model_config {
     int num_threads;              /* CPU worker threads; 0 = all cores (0)   */
     lego_backend backend;         /* where to compute (LEGO_BACKEND_CPU)     */
     int device;                   /* CUDA device index (0)                   */
+    lego_precision precision;     /* GPU arithmetic (LEGO_PRECISION_FP32)    */
 } lego_model_config;
 
 LEGO_API void lego_model_config_init(lego_model_config *config);
@@ -134,6 +147,7 @@ typedef struct lego_load_options {
     int num_threads;         /* as lego_model_config.num_threads (0)          */
     lego_backend backend;    /* (LEGO_BACKEND_CPU)                            */
     int device;              /* (0)                                           */
+    lego_precision precision; /* (LEGO_PRECISION_FP32)                        */
 } lego_load_options;
 
 LEGO_API void lego_load_options_init(lego_load_options *options);
@@ -203,6 +217,11 @@ LEGO_API int lego_backend_available(lego_backend b);
  * unchanged on failure.
  */
 LEGO_API lego_status lego_model_set_backend(lego_model *model, lego_backend b, int device);
+
+/* Change the model's GPU arithmetic (see lego_precision); it takes effect
+ * at the next evaluation on a GPU (the 16-bit copy of the weights is made
+ * then, once).  Errors: LEGO_ERR_INVALID_ARGUMENT for an unknown value. */
+LEGO_API lego_status lego_model_set_precision(lego_model *model, lego_precision precision);
 
 /* ------------------------------------------------------------------------ */
 /* The denoiser D(x; sigma)                                                 */

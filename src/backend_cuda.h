@@ -37,6 +37,10 @@ typedef struct cuda_stats {
     int gelu_epilogue;         /* 1: fc1 uses cuBLASLt's GELU_BIAS epilogue  */
     int flash_only;            /* 1: short sequences use the tiled kernel too */
     int precision;             /* cuda_precision of the handle               */
+    int attn_mode;             /* CUDA_OPT_ATTENTION's value                  */
+    int graphs;                /* 1: plain evaluations replay CUDA graphs     */
+    uint64_t graph_captures;   /* graphs captured and instantiated           */
+    uint64_t graph_launches;   /* graph launches                             */
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -49,12 +53,21 @@ typedef enum cuda_option {
      * sequences short enough for the one-warp-per-head kernel. */
     CUDA_OPT_FLASH_ONLY = 1,
     /* Arithmetic of the forward pass: a cuda_precision value. */
-    CUDA_OPT_PRECISION = 2
+    CUDA_OPT_PRECISION = 2,
+    /* Attention kernel choice: 0 automatic, 1 = CUDA_OPT_FLASH_ONLY, 2 never
+     * the tensor-core kernel (bf16/fp16 then use the CUDA-core one). */
+    CUDA_OPT_ATTENTION = 3,
+    /* 1 (the default): an evaluation without per-brick outputs or c runs
+     * as one CUDA graph, captured at its first occurrence per request
+     * shape and replayed after; 0: kernels are launched one by one. */
+    CUDA_OPT_GRAPHS = 4
 } cuda_option;
 
 typedef enum cuda_precision {
     CUDA_PRECISION_FP32 = 0, /* fp32 storage and accumulation, no TF32       */
-    CUDA_PRECISION_BF16 = 1  /* reserved: not implemented yet                */
+    CUDA_PRECISION_BF16 = 1, /* bf16 GEMM operands and attention, fp32
+                                accumulation, residual, LayerNorm, adaLN    */
+    CUDA_PRECISION_FP16 = 2  /* the same with fp16                          */
 } cuda_precision;
 
 #ifdef LEGO_HAVE_CUDA

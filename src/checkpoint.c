@@ -75,6 +75,7 @@ static lego_status build_model(const char *json, const lego_load_options *o, leg
     cfg.num_threads = o->num_threads;
     cfg.backend = o->backend;
     cfg.device = o->device;
+    cfg.precision = o->precision;
     lego_model *m = NULL;
     s = lego_model_create(&cfg, &m);
     for (int k = 0; s == LEGO_OK && k < nb; k++) s = lego_brick_add(m, &bricks[k]);

@@ -43,6 +43,7 @@ LEGO_API void lego_model_config_init(lego_model_config *c) {
     c->num_threads = 0;
     c->backend = LEGO_BACKEND_CPU;
     c->device = 0;
+    c->precision = LEGO_PRECISION_FP32;
 }
 
 LEGO_API void lego_brick_config_init(lego_brick_config *b) {

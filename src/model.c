@@ -69,6 +69,10 @@ lego_status model_validate_config(const lego_model_config *c, lego_err *err) {
     if (c->img_resolution < 0 || c->num_threads < 0 || c->num_threads > 4096)
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
                          "img_resolution and num_threads must be non-negative");
+    if (c->precision != LEGO_PRECISION_FP32 && c->precision != LEGO_PRECISION_BF16 &&
+        c->precision != LEGO_PRECISION_FP16)
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "precision %d is not known to this liblego",
+                         (int)c->precision);
     if (c->backend == LEGO_BACKEND_CUDA) {
 #ifndef LEGO_HAVE_CUDA
         return lego_fail(err, LEGO_ERR_UNSUPPORTED,
@@ -518,5 +522,18 @@ LEGO_API lego_status lego_model_set_backend(lego_model *m, lego_backend b, int d
     m->cuda = h;
     m->cfg.backend = LEGO_BACKEND_CUDA;
     m->cfg.device = device;
+    return LEGO_OK;
+}
+
+LEGO_API lego_status lego_model_set_precision(lego_model *m, lego_precision p) {
+    MODEL_CHECK(m);
+    if (p != LEGO_PRECISION_FP32 && p != LEGO_PRECISION_BF16 && p != LEGO_PRECISION_FP16)
+        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                         "precision %d is not known to this liblego", (int)p);
+    if (m->cuda) {
+        lego_status s = cuda_backend_set_option(m, CUDA_OPT_PRECISION, (int)p);
+        if (s != LEGO_OK) return s;
+    }
+    m->cfg.precision = p;
     return LEGO_OK;
 }

@@ -11,8 +11,11 @@
  *     conditioning, every brick output, D(x), skipping, guidance and double
  *     resolution on the GPU within 1e-3 scaled of the golden tensors and of
  *     the CPU result, with each kernel variant (GELU in the GEMM or not,
- *     short-sequence attention or the tiled kernel only); the golden Heun
- *     samples within the case's sampler tolerance;
+ *     short-sequence attention or the tiled kernel only); the same in bf16
+ *     and fp16 within 3e-2 (tensor-core attention, CUDA-core attention, and
+ *     the tensor-core kernel for short sequences too); the golden Heun
+ *     samples within the case's sampler tolerance; Philox sampling on the
+ *     GPU equal to the CPU's within 1e-3;
  *   - random models covering head_dim 16..256, 1 to 1024 tokens, patch 1,
  *     odd MLP widths, non-square images, labels with null entries: GPU vs
  *     CPU;
@@ -34,8 +37,11 @@
 #define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
-/* GPU vs golden and GPU vs CPU, as the brief of the backend asks. */
+/* GPU vs golden and GPU vs CPU, as the brief of the backend asks: fp32
+ * within 1e-3, bf16 and fp16 (16-bit GEMM operands and attention, fp32
+ * accumulation) within 3e-2. */
 #define GPU_TOL 1e-3
+#define LOW_TOL 3e-2
 
 
 static void expect_close(const char *who, const char *what, const float *got, const float *want,
@@ -316,34 +322,62 @@ static void free_outputs(case_outputs *o) {
 /* One output of the GPU against the golden tensor (if the case has it)
  * and against the CPU. */
 static void compare_one(const golden_case *g, const char *variant, const char *name,
-                        const float *gpu, const float *cpu, size_t n) {
+                        const float *gpu, const float *cpu, size_t n, double tol) {
     char what[96];
     size_t count = 0;
     float *want = tensor_f32(g->io, name, &count);
     if (want) {
         ck_assert_msg(count == n, "%s %s: %zu values, expected %zu", g->name, name, n, count);
         snprintf(what, sizeof what, "%s%s vs golden", name, variant);
-        expect_close(g->name, what, gpu, want, n, GPU_TOL);
+        expect_close(g->name, what, gpu, want, n, tol);
         free(want);
     }
     snprintf(what, sizeof what, "%s%s vs cpu", name, variant);
-    expect_close(g->name, what, gpu, cpu, n, GPU_TOL);
+    expect_close(g->name, what, gpu, cpu, n, tol);
 }
 
 static void compare_case(const golden_case *g, const char *variant, const case_outputs *gpu,
-                         const case_outputs *cpu) {
+                         const case_outputs *cpu, double tol) {
     size_t img = (size_t)g->n * g->C * g->H * g->W;
-    compare_one(g, variant, "cond", gpu->cond, cpu->cond, (size_t)g->n * g->D);
+    /* The conditioning is fp32 in every precision. */
+    compare_one(g, variant, "cond", gpu->cond, cpu->cond, (size_t)g->n * g->D, GPU_TOL);
     for (int k = 0; k < g->K; k++) {
         char name[32];
         snprintf(name, sizeof name, "brick.%d", k);
         compare_one(g, variant, name, gpu->bricks + (size_t)k * img, cpu->bricks + (size_t)k * img,
-                    img);
+                    img, tol);
     }
-    compare_one(g, variant, "denoised", gpu->out, cpu->out, img);
-    if (gpu->skip) compare_one(g, variant, "denoised.skip", gpu->skip, cpu->skip, img);
-    if (gpu->cfg) compare_one(g, variant, "denoised.cfg4", gpu->cfg, cpu->cfg, img);
-    if (gpu->big) compare_one(g, variant, "denoised.big", gpu->big, cpu->big, g->big->numel);
+    compare_one(g, variant, "denoised", gpu->out, cpu->out, img, tol);
+    if (gpu->skip) compare_one(g, variant, "denoised.skip", gpu->skip, cpu->skip, img, tol);
+    if (gpu->cfg) compare_one(g, variant, "denoised.cfg4", gpu->cfg, cpu->cfg, img, tol);
+    if (gpu->big) compare_one(g, variant, "denoised.big", gpu->big, cpu->big, g->big->numel, tol);
+}
+
+/* The 16-bit precisions, each with its attention kernels: automatic (the
+ * tensor-core kernel for long sequences), every sequence through the
+ * tiled kernels (tensor cores for short ones too), and no tensor cores. */
+static const struct {
+    lego_precision precision;
+    int attn_mode;
+    const char *name;
+} low_variants[] = {
+    {LEGO_PRECISION_BF16, 0, " [bf16]"},
+    {LEGO_PRECISION_BF16, 1, " [bf16 flash only]"},
+    {LEGO_PRECISION_BF16, 2, " [bf16 no mma]"},
+    {LEGO_PRECISION_FP16, 0, " [fp16]"},
+};
+#define NUM_LOW_VARIANTS (sizeof low_variants / sizeof low_variants[0])
+
+static void set_low_variant(lego_model *m, size_t v) {
+    ck_assert_msg(lego_model_set_precision(m, low_variants[v].precision) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, low_variants[v].attn_mode) ==
+              LEGO_OK);
+}
+
+static void reset_fp32(lego_model *m) {
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_FP32) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, 0) == LEGO_OK);
 }
 
 START_TEST(test_cuda_golden_denoiser) {
@@ -367,29 +401,37 @@ START_TEST(test_cuda_golden_denoiser) {
     int fused = st.gelu_epilogue;
 
     run_case(&g, gpu, &got);
-    compare_case(&g, "", &got, &want);
+    compare_case(&g, "", &got, &want, GPU_TOL);
     free_outputs(&got);
 
     /* The other GELU path, when the epilogue is usable at all. */
     if (fused) {
         ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GELU_EPILOGUE, 0) == LEGO_OK);
         run_case(&g, gpu, &got);
-        compare_case(&g, " [gelu kernel]", &got, &want);
+        compare_case(&g, " [gelu kernel]", &got, &want, GPU_TOL);
         free_outputs(&got);
         ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GELU_EPILOGUE, 1) == LEGO_OK);
     }
     /* Every attention through the tiled kernel. */
     ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
     run_case(&g, gpu, &got);
-    compare_case(&g, " [flash only]", &got, &want);
+    compare_case(&g, " [flash only]", &got, &want, GPU_TOL);
     free_outputs(&got);
+
+    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) {
+        set_low_variant(gpu, v);
+        run_case(&g, gpu, &got);
+        compare_case(&g, low_variants[v].name, &got, &want, LOW_TOL);
+        free_outputs(&got);
+    }
+    reset_fp32(gpu);
 
     /* The same model moved to the GPU after loading. */
     lego_model *moved = load_model(case_dirs[_i], LEGO_BACKEND_CPU);
     ck_assert_msg(lego_model_set_backend(moved, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
                   lego_model_error(moved));
     run_case(&g, moved, &got);
-    compare_case(&g, " [set_backend]", &got, &want);
+    compare_case(&g, " [set_backend]", &got, &want, GPU_TOL);
     free_outputs(&got);
 
     free_outputs(&want);
@@ -603,7 +645,7 @@ static void free_rand_outputs(rand_outputs *o) {
 }
 
 static void compare_rand(const rand_model *rm, const char *variant, const rand_outputs *gpu,
-                         const rand_outputs *cpu) {
+                         const rand_outputs *cpu, double tol) {
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
     char what[96];
     snprintf(what, sizeof what, "cond%s", variant);
@@ -611,14 +653,14 @@ static void compare_rand(const rand_model *rm, const char *variant, const rand_o
     for (int k = 0; k < rm->num_bricks; k++) {
         snprintf(what, sizeof what, "brick.%d%s", k, variant);
         expect_close(rm->name, what, gpu->bricks + (size_t)k * img, cpu->bricks + (size_t)k * img,
-                     img, GPU_TOL);
+                     img, tol);
     }
     snprintf(what, sizeof what, "denoised%s", variant);
-    expect_close(rm->name, what, gpu->out, cpu->out, img, GPU_TOL);
+    expect_close(rm->name, what, gpu->out, cpu->out, img, tol);
     snprintf(what, sizeof what, "guided%s", variant);
-    expect_close(rm->name, what, gpu->cfg, cpu->cfg, img, GPU_TOL);
+    expect_close(rm->name, what, gpu->cfg, cpu->cfg, img, tol);
     snprintf(what, sizeof what, "skip%s", variant);
-    expect_close(rm->name, what, gpu->skip, cpu->skip, img, GPU_TOL);
+    expect_close(rm->name, what, gpu->skip, cpu->skip, img, tol);
 }
 
 START_TEST(test_cuda_random_models) {
@@ -631,21 +673,30 @@ START_TEST(test_cuda_random_models) {
     ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
                   lego_model_error(m));
     run_rand(rm, m, &io, &gpu);
-    compare_rand(rm, "", &gpu, &cpu);
+    compare_rand(rm, "", &gpu, &cpu, GPU_TOL);
     free_rand_outputs(&gpu);
 
     cuda_stats st;
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, !st.gelu_epilogue) == LEGO_OK);
     run_rand(rm, m, &io, &gpu);
-    compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu);
+    compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu,
+                 GPU_TOL);
     free_rand_outputs(&gpu);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, st.gelu_epilogue) == LEGO_OK);
 
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
     run_rand(rm, m, &io, &gpu);
-    compare_rand(rm, " [flash only]", &gpu, &cpu);
+    compare_rand(rm, " [flash only]", &gpu, &cpu, GPU_TOL);
     free_rand_outputs(&gpu);
+
+    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) {
+        set_low_variant(m, v);
+        run_rand(rm, m, &io, &gpu);
+        compare_rand(rm, low_variants[v].name, &gpu, &cpu, LOW_TOL);
+        free_rand_outputs(&gpu);
+    }
+    reset_fp32(m);
 
     /* Back on the CPU: the same numbers as before the trip. */
     ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
@@ -770,15 +821,51 @@ START_TEST(test_cuda_weights_follow) {
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK && st.device == 0);
     denoise_n(m, rm, &io, rm->n, 1.0f, now);
     expect_close(rm->name, "after a refused move", now, cpu, img, GPU_TOL);
-    /* fp32 is the only precision so far. */
-    ck_assert_int_eq(cuda_backend_set_option(m, CUDA_OPT_PRECISION, CUDA_PRECISION_BF16),
-                     LEGO_ERR_UNSUPPORTED);
+    /* bf16: its weight copy follows in-place changes too. */
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    randomize(m, 4242, 0.05f);
+    denoise_n(m, rm, &io, rm->n, 1.0f, now);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
+    expect_close(rm->name, "bf16 after in-place change", now, cpu, img, LOW_TOL);
+    ck_assert_int_eq(lego_model_set_precision(m, (lego_precision)7), LEGO_ERR_INVALID_ARGUMENT);
 
     remove(path);
     free(first);
     free(now);
     free(cpu);
     free_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+/* lego_sample with the Philox generator (latents, churn noise, labels from
+ * the seeds) on the GPU against the CPU, in fp32. */
+START_TEST(test_cuda_sample_philox) {
+    const rand_model *rm = &rand_models[0];
+    lego_model *m = build_rand(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *cpu = malloc(img * sizeof(float)), *gpu = malloc(img * sizeof(float));
+    uint64_t seeds[3] = {7, 8, 1000003};
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = rm->n;
+    r.height = rm->h;
+    r.width = rm->w;
+    r.seeds = seeds;
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = 6;
+    o.s_churn = 10.0;
+    o.guidance = 1.5f;
+    for (int pass = 0; pass < 2; pass++) {
+        r.out = pass ? gpu : cpu;
+        if (pass) ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+        ck_assert_msg(lego_sample(m, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(m));
+    }
+    expect_close(rm->name, "philox sample vs cpu", gpu, cpu, img, GPU_TOL);
+    free(cpu);
+    free(gpu);
     lego_model_free(m);
 }
 END_TEST
@@ -811,6 +898,7 @@ int main(void) {
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);
+        tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
         if (num_cases > 0) {
             tcase_add_loop_test(add_case(s, "golden"), test_cuda_golden_denoiser, 0, num_cases);
             tcase_add_loop_test(add_case(s, "sampler"), test_cuda_golden_sampler, 0, num_cases);

@@ -16,6 +16,9 @@
 
 #include <functional>
 
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
 #define __global__
 #define __device__
 #define __host__
@@ -36,15 +39,30 @@ typedef enum cudaError {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
-    cudaErrorNoDevice = 100
+    cudaErrorNoDevice = 100,
+    cudaErrorStreamCaptureUnsupported = 900
 } cudaError_t;
 typedef struct emu_stream *cudaStream_t;
+/* Graphs: a capture records the stream's work as closures; a launch runs
+ * them in order. */
+typedef struct emu_graph *cudaGraph_t;
+typedef struct emu_graph *cudaGraphExec_t;
+enum cudaStreamCaptureMode { cudaStreamCaptureModeThreadLocal = 1 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #define cudaStreamNonBlocking 1u
 typedef int cudaDataType;
 typedef int cudaDataType_t;
 #define CUDA_R_32F 0
+#define CUDA_R_16F 2
+#define CUDA_R_16BF 14
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+    return uint4{x, y, z, w};
+}
 
 const char *cudaGetErrorString(cudaError_t e);
 const char *cudaGetErrorName(cudaError_t e);
@@ -63,6 +81,15 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned flags);
 cudaError_t cudaStreamDestroy(cudaStream_t stream);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph,
+                                 unsigned long long flags);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+/* Run `work` now, or record it if `stream` is capturing. */
+void emu_enqueue(cudaStream_t stream, const std::function<void()> &work);
 cudaError_t emu_set_max_smem(const void *kernel, int bytes);
 template <class F> cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
     return emu_set_max_smem((const void *)kernel, bytes);
@@ -80,20 +107,58 @@ static inline unsigned __umulhi(unsigned a, unsigned b) {
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 
+/* Every lane of the warp contributes `words` words and receives all 32
+ * contributions, lane by lane, in all[32 * words]; a scheduling point. */
+void emu_warp_gather(const uint32_t *mine, int words, uint32_t *all);
+
+/* mma.m16n8k16 (cuda_internal.h) from the fragments of the whole warp,
+ * with the layout PTX documents: A (r, c) is in lane (r%8)*4 + (c%8)/2,
+ * word (r >= 8) + 2 (c >= 8), half c%2; B (k, n) in lane n*4 + (k%8)/2,
+ * word k >= 8, half k%2; D (r, n) in lane (r%8)*4 + n/2, value
+ * 2 (r >= 8) + n%2.  Products and sums in double. */
+#define LEGO_EMU_MMA 1
+template <class T> inline float emu_half_of(uint32_t w, int hi) {
+    uint16_t u = (uint16_t)(hi ? w >> 16 : w & 0xffffu);
+    T v;
+    memcpy(&v, &u, 2);
+    return emu_to_float(v);
+}
+template <class T> inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    uint32_t A[32 * 4], B[32 * 2];
+    emu_warp_gather(a, 4, A);
+    emu_warp_gather(b, 2, B);
+    int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    for (int e = 0; e < 4; e++) {
+        int r = g + (e >= 2 ? 8 : 0), n = 2 * q + (e & 1);
+        double acc = d[e];
+        for (int k = 0; k < 16; k++) {
+            int la = (r % 8) * 4 + (k % 8) / 2, wa = (r >= 8) + 2 * (k >= 8);
+            int lb = n * 4 + (k % 8) / 2, wb = k >= 8;
+            acc += (double)emu_half_of<T>(A[la * 4 + wa], k % 2) *
+                   (double)emu_half_of<T>(B[lb * 2 + wb], k % 2);
+        }
+        d[e] = (float)acc;
+    }
+}
+
 /* Launches: every block in turn, its threads as user-level contexts. */
 void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_t smem,
              const void *kernel);
 template <class K> struct emu_launch {
     K kernel;
     size_t grid, block, smem;
+    cudaStream_t stream;
     template <class... A> void operator()(A... args) {
         K k = kernel;
-        emu_run([=] { k(args...); }, grid, block, smem, (const void *)kernel);
+        size_t g = grid, b = block, sm = smem;
+        std::function<void()> body = [=] { k(args...); };
+        emu_enqueue(stream, [=] { emu_run(body, g, b, sm, (const void *)k); });
     }
 };
 template <class K>
-emu_launch<K> emu_launcher(K kernel, size_t grid, size_t block, size_t smem, cudaStream_t) {
-    return emu_launch<K>{kernel, grid, block, smem};
+emu_launch<K> emu_launcher(K kernel, size_t grid, size_t block, size_t smem,
+                           cudaStream_t stream) {
+    return emu_launch<K>{kernel, grid, block, smem, stream};
 }
 #define LAUNCH(kernel, grid, block, smem, stream) \
     emu_launcher(kernel, (grid), (block), (smem), (stream))

@@ -134,6 +134,18 @@ float __shfl_sync(unsigned, float v, int src_lane) {
     return shuffle_buf[warp][phase][src_lane & 31];
 }
 
+static uint32_t gather_buf[32][2][32][8]; /* [warp][phase][lane][word] */
+
+void emu_warp_gather(const uint32_t *mine, int words, uint32_t *all) {
+    if (words < 1 || words > 8) emu_abort("emu_warp_gather: 1 to 8 words");
+    int lane = current % 32, warp = current / 32, phase = threads[current].phase;
+    memcpy(gather_buf[warp][phase][lane], mine, (size_t)words * 4);
+    threads[current].state = AT_WARP;
+    yield_to_scheduler();
+    threads[current].phase ^= 1; /* as for shuffles */
+    for (int l = 0; l < 32; l++) memcpy(all + l * words, gather_buf[warp][phase][l], (size_t)words * 4);
+}
+
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return __shfl_sync(mask, v, (current % 32) ^ lane_mask);
 }
@@ -326,14 +338,59 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind 
     return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
-    return cudaMemcpy(dst, src, bytes, kind);
-}
+struct emu_graph {
+    std::vector<std::function<void()>> work;
+};
 
 struct emu_stream {
-    int unused;
+    emu_graph *capture = nullptr; /* recording into this graph */
 };
+
+void emu_enqueue(cudaStream_t stream, const std::function<void()> &work) {
+    if (stream && stream->capture) stream->capture->work.push_back(work);
+    else work();
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+    /* The range checks happen when the copy runs. */
+    emu_enqueue(stream, [=] { cudaMemcpy(dst, src, bytes, kind); });
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+    if (!stream || stream->capture) return cudaErrorInvalidValue;
+    stream->capture = new emu_graph();
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
+    if (!stream || !stream->capture) return cudaErrorInvalidValue;
+    *graph = stream->capture;
+    stream->capture = nullptr;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
+    *exec = new emu_graph(*graph);
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+    if (stream && stream->capture) return cudaErrorStreamCaptureUnsupported;
+    for (auto &w : exec->work) w();
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+    delete graph;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    delete exec;
+    return cudaSuccess;
+}
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
     *stream = new emu_stream();
@@ -341,11 +398,15 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
 }
 
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    if (stream) delete stream->capture;
     delete stream;
     return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+/* As on a GPU, a capturing stream cannot be waited for. */
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    return stream && stream->capture ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+}
 
 /* ---- cuBLASLt ----------------------------------------------------------------- */
 
@@ -355,12 +416,28 @@ struct emu_lt {
 struct emu_desc {
     int32_t transa = CUBLAS_OP_N, transb = CUBLAS_OP_N;
     uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    const float *bias = nullptr;
+    const void *bias = nullptr;
 };
 struct emu_layout {
+    int type;
     uint64_t rows, cols;
     int64_t ld;
 };
+
+static size_t type_bytes(int type) { return type == CUDA_R_32F ? 4 : 2; }
+
+/* Element i of a matrix of `type` as a double, and back. */
+static double load_elem(const void *p, int type, uint64_t i) {
+    if (type == CUDA_R_32F) return ((const float *)p)[i];
+    if (type == CUDA_R_16BF) return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    return __half2float(((const __half *)p)[i]);
+}
+
+static void store_elem(void *p, int type, uint64_t i, double v) {
+    if (type == CUDA_R_32F) ((float *)p)[i] = (float)v;
+    else if (type == CUDA_R_16BF) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v);
+    else ((__half *)p)[i] = __float2half_rn((float)v);
+}
 struct emu_pref {
     uint64_t workspace = 0;
 };
@@ -385,9 +462,10 @@ const char *cublasLtGetStatusName(cublasStatus_t s) {
 
 cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType type,
                                           uint64_t rows, uint64_t cols, int64_t ld) {
-    if (type != CUDA_R_32F || rows == 0 || cols == 0 || ld < (int64_t)rows)
+    if ((type != CUDA_R_32F && type != CUDA_R_16BF && type != CUDA_R_16F) || rows == 0 ||
+        cols == 0 || ld < (int64_t)rows)
         return CUBLAS_STATUS_INVALID_VALUE;
-    *l = new emu_layout{rows, cols, ld};
+    *l = new emu_layout{type, rows, cols, ld};
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -453,6 +531,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
 
 static bool consistent(const emu_desc *d, const emu_layout *a, const emu_layout *b,
                        const emu_layout *dl) {
+    /* A and B of one type; D fp32 or that type (what the backend uses). */
+    if (a->type != b->type || (dl->type != CUDA_R_32F && dl->type != a->type)) return false;
     uint64_t am = d->transa ? a->cols : a->rows, ak = d->transa ? a->rows : a->cols;
     uint64_t bk = d->transb ? b->cols : b->rows, bn = d->transb ? b->rows : b->cols;
     return am == dl->rows && bn == dl->cols && ak == bk;
@@ -484,42 +564,60 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
     return CUBLAS_STATUS_SUCCESS;
 }
 
+static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_layout *al,
+                       const void *b, const emu_layout *bl, double bet, const void *c,
+                       const emu_layout *cl, void *dst, const emu_layout *dl, void *workspace,
+                       size_t workspace_bytes);
+
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void *alpha,
                               const void *a, cublasLtMatrixLayout_t al, const void *b,
                               cublasLtMatrixLayout_t bl, const void *beta, const void *c,
                               cublasLtMatrixLayout_t cl, void *dst, cublasLtMatrixLayout_t dl,
                               const cublasLtMatmulAlgo_t *algo, void *workspace,
-                              size_t workspace_bytes, cudaStream_t) {
+                              size_t workspace_bytes, cudaStream_t stream) {
     if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (workspace_bytes) check_device_range(workspace, workspace_bytes, "matmul workspace");
-    check_device_range(a, ((al->cols - 1) * al->ld + al->rows) * 4, "matmul A");
-    check_device_range(b, ((bl->cols - 1) * bl->ld + bl->rows) * 4, "matmul B");
-    check_device_range(dst, ((dl->cols - 1) * dl->ld + dl->rows) * 4, "matmul D");
-    if (has_bias(d->epilogue)) check_device_range(d->bias, dl->rows * 4, "matmul bias");
-    const float *A = (const float *)a, *B = (const float *)b, *C = (const float *)c;
-    float *D = (float *)dst;
+    /* What a GPU bakes into the launch: the descriptors' values now. */
+    emu_desc dv = *d;
+    emu_layout av = *al, bv = *bl, cv = *cl, dlv = *dl;
     double alf = *(const float *)alpha, bet = *(const float *)beta;
+    emu_enqueue(stream, [=] {
+        matmul_now(&dv, alf, a, &av, b, &bv, bet, c, &cv, dst, &dlv, workspace, workspace_bytes);
+    });
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_layout *al,
+                       const void *b, const emu_layout *bl, double bet, const void *c,
+                       const emu_layout *cl, void *dst, const emu_layout *dl, void *workspace,
+                       size_t workspace_bytes) {
+    if (workspace_bytes) check_device_range(workspace, workspace_bytes, "matmul workspace");
+    size_t ab = type_bytes(al->type), db = type_bytes(dl->type);
+    check_device_range(a, ((al->cols - 1) * al->ld + al->rows) * ab, "matmul A");
+    check_device_range(b, ((bl->cols - 1) * bl->ld + bl->rows) * ab, "matmul B");
+    check_device_range(dst, ((dl->cols - 1) * dl->ld + dl->rows) * db, "matmul D");
+    /* The bias has the type of D (no CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE). */
+    if (has_bias(d->epilogue)) check_device_range(d->bias, dl->rows * db, "matmul bias");
     uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
     const char *gelu = getenv("LEGO_EMU_GELU");
     bool erf_gelu = gelu && strcmp(gelu, "erf") == 0;
-    std::vector<float> out(m * n); /* D may alias C */
+    std::vector<double> out(m * n); /* D may alias C */
     for (uint64_t j = 0; j < n; j++)
         for (uint64_t i = 0; i < m; i++) {
             double acc = 0;
             for (uint64_t q = 0; q < k; q++) {
-                double av = d->transa ? A[q + i * al->ld] : A[i + q * al->ld];
-                double bv = d->transb ? B[j + q * bl->ld] : B[q + j * bl->ld];
+                double av = load_elem(a, al->type, d->transa ? q + i * al->ld : i + q * al->ld);
+                double bv = load_elem(b, bl->type, d->transb ? j + q * bl->ld : q + j * bl->ld);
                 acc += av * bv;
             }
-            double v = alf * acc + (bet != 0 ? bet * C[i + j * cl->ld] : 0.0);
-            if (has_bias(d->epilogue)) v += d->bias[i];
+            double v = alf * acc + (bet != 0 ? bet * load_elem(c, cl->type, i + j * cl->ld) : 0.0);
+            if (has_bias(d->epilogue)) v += load_elem(d->bias, dl->type, i);
             if (d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS)
                 v = erf_gelu ? 0.5 * v * (1 + erf(v / sqrt(2.0)))
                              : 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
-            out[i + j * m] = (float)v;
+            out[i + j * m] = v;
         }
     for (uint64_t j = 0; j < n; j++)
-        for (uint64_t i = 0; i < m; i++) D[i + j * dl->ld] = out[i + j * m];
+        for (uint64_t i = 0; i < m; i++) store_elem(dst, dl->type, i + j * dl->ld, out[i + j * m]);
     return CUBLAS_STATUS_SUCCESS;
 }
