@@ -2,8 +2,8 @@
 #
 #   make                 library (lib/liblego.so.0.1.0, lib/liblego.a) and examples
 #   make check           unit and golden tests (Check); reads ../shared when present;
-#                        also check-pkgconfig (an outside program built via
-#                        pkg-config) and check-man
+#                        also check-python (the Python bindings), check-pkgconfig
+#                        (an outside program built via pkg-config), check-man
 #   make install PREFIX=/usr/local DESTDIR=
 #   make deps            install the Debian packages the build and tests need
 #   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
@@ -64,7 +64,7 @@ TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 MANPAGES := $(wildcard docs/man/*.1)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
-.PHONY: all lib examples check check-header check-pkgconfig check-man valgrind install \
+.PHONY: all lib examples check check-header check-pkgconfig check-python check-man valgrind install \
         uninstall clean deps cuda-emu-check
 
 all: lib examples
@@ -107,7 +107,7 @@ bin/%: examples/%.c $(SHARED) | bin
 build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests $< -o $@ $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
 
-check: $(TESTS) examples check-header check-pkgconfig check-man
+check: $(TESTS) examples check-header check-python check-pkgconfig check-man
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
@@ -176,6 +176,19 @@ uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/lego.h $(DESTDIR)$(LIBDIR)/liblego.* $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
 	rm -f $(patsubst bin/%,$(DESTDIR)$(BINDIR)/%,$(EXAMPLES)) \
 	  $(patsubst docs/man/%,$(DESTDIR)$(MANDIR)/man1/%,$(MANPAGES))
+
+# Python: the bindings (bindings/python), with the library just built.  Debian's python3 has numpy; the tests also run the
+# bindings with numpy hidden.  An ASan build cannot be loaded by an
+# uninstrumented python, so SANITIZE=1 skips this and check-pkgconfig.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+PY_ENV := LEGO_LIBRARY=$(CURDIR)/lib/liblego.so OPENBLAS_NUM_THREADS=1
+check-python: lib examples
+ifeq ($(SANITIZE),1)
+	@echo "check-python: skipped (SANITIZE=1)"
+else
+	@echo "== python bindings"
+	$(PY_ENV) $(PYTHON) -m unittest discover -s bindings/python/tests -t bindings/python/tests
+endif
 
 # The man pages render without a warning (when groff is installed).
 check-man:
