@@ -2,7 +2,7 @@
 #
 #   make                 library (lib/liblego.so.0.1.0, lib/liblego.a) and examples
 #   make check           unit and golden tests (Check); reads ../shared when present;
-#                        also check-python (the Python bindings), check-pkgconfig
+#                        also check-python (bindings, lego-convert), check-pkgconfig
 #                        (an outside program built via pkg-config), check-man
 #   make install PREFIX=/usr/local DESTDIR=
 #   make deps            install the Debian packages the build and tests need
@@ -177,7 +177,8 @@ uninstall:
 	rm -f $(patsubst bin/%,$(DESTDIR)$(BINDIR)/%,$(EXAMPLES)) \
 	  $(patsubst docs/man/%,$(DESTDIR)$(MANDIR)/man1/%,$(MANPAGES))
 
-# Python: the bindings (bindings/python), with the library just built.  Debian's python3 has numpy; the tests also run the
+# Python: the bindings (bindings/python) and tools/lego-convert, with the
+# library just built.  Debian's python3 has numpy; the tests also run the
 # bindings with numpy hidden.  An ASan build cannot be loaded by an
 # uninstrumented python, so SANITIZE=1 skips this and check-pkgconfig.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
@@ -188,6 +189,8 @@ ifeq ($(SANITIZE),1)
 else
 	@echo "== python bindings"
 	$(PY_ENV) $(PYTHON) -m unittest discover -s bindings/python/tests -t bindings/python/tests
+	@echo "== tools/lego-convert"
+	$(PY_ENV) $(PYTHON) -m unittest discover -s tools/tests -t tools/tests
 endif
 
 # The man pages render without a warning (when groff is installed).
