@@ -3,7 +3,7 @@
 #   make                 library (lib/liblego.so.0.1.0, lib/liblego.a) and examples
 #   make check           unit and golden tests (Check); reads ../shared when present;
 #                        also check-python (bindings, lego-convert), check-pkgconfig
-#                        (an outside program built via pkg-config), check-man
+#                        (an outside program built via pkg-config), check-docs
 #   make install PREFIX=/usr/local DESTDIR=
 #   make deps            install the Debian packages the build and tests need
 #   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
@@ -64,7 +64,7 @@ TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 MANPAGES := $(wildcard docs/man/*.1)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
-.PHONY: all lib examples check check-header check-pkgconfig check-python check-man valgrind install \
+.PHONY: all lib examples check check-header check-pkgconfig check-python check-docs valgrind install \
         uninstall clean deps cuda-emu-check
 
 all: lib examples
@@ -107,7 +107,7 @@ bin/%: examples/%.c $(SHARED) | bin
 build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests $< -o $@ $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
 
-check: $(TESTS) examples check-header check-python check-pkgconfig check-man
+check: $(TESTS) examples check-header check-python check-pkgconfig check-docs
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
@@ -193,14 +193,19 @@ else
 	$(PY_ENV) $(PYTHON) -m unittest discover -s tools/tests -t tools/tests
 endif
 
-# The man pages render without a warning (when groff is installed).
-check-man:
+# The docs keep up: the man pages render without a warning (when groff is
+# installed) and docs/api.md names every function lego.h declares.
+check-docs:
 	@if command -v groff >/dev/null; then \
 	  for f in $(MANPAGES); do \
 	    w=$$(groff -man -Tutf8 -ww -z $$f 2>&1); \
 	    if [ -n "$$w" ]; then echo "$$f: $$w"; exit 1; fi; \
-	  done; echo "check-man: $(words $(MANPAGES)) pages render cleanly"; \
-	else echo "check-man: skipped (no groff)"; fi
+	  done; echo "check-docs: $(words $(MANPAGES)) man pages render cleanly"; \
+	else echo "check-docs: groff absent, man pages not rendered"; fi
+	@missing=$$(sed -n 's/^LEGO_API [^(]*[ *]\(lego_[a-z0-9_]*\)(.*/\1/p' include/lego.h | \
+	  while read f; do grep -q "\`[^\`]*[ *]$$f(" docs/api.md || echo $$f; done); \
+	if [ -n "$$missing" ]; then echo "docs/api.md lacks:" $$missing; exit 1; fi; \
+	echo "check-docs: docs/api.md covers every function of lego.h"
 
 # An outside program built against an installed liblego with nothing but
 # pkg-config: install into a scratch prefix, compile tests/external/hello_lego.c
