@@ -1,7 +1,9 @@
 # liblego -- build, test and install.
 #
 #   make                 library (lib/liblego.so.0.1.0, lib/liblego.a) and examples
-#   make check           unit and golden tests (Check); reads ../shared when present
+#   make check           unit and golden tests (Check); reads ../shared when present;
+#                        also check-python (bindings, lego-convert), check-pkgconfig
+#                        (an outside program built via pkg-config), check-docs
 #   make install PREFIX=/usr/local DESTDIR=
 #   make deps            install the Debian packages the build and tests need
 #   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
@@ -13,6 +15,8 @@ VERSION := 0.1.0
 PREFIX ?= /usr/local
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
 CUDA ?= 0
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(CUDA_HOME)/bin/nvcc
@@ -57,9 +61,11 @@ SHARED := lib/liblego.so.$(VERSION)
 STATIC := lib/liblego.a
 EXAMPLES := $(patsubst examples/%.c,bin/%,$(wildcard examples/*.c))
 TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
+MANPAGES := $(wildcard docs/man/*.1)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
-.PHONY: all lib examples check check-header valgrind install uninstall clean deps cuda-emu-check
+.PHONY: all lib examples check check-header check-pkgconfig check-python check-docs valgrind install \
+        uninstall clean deps cuda-emu-check
 
 all: lib examples
 
@@ -101,7 +107,7 @@ bin/%: examples/%.c $(SHARED) | bin
 build/tests/%: tests/%.c tests/testutil.h $(STATIC) | build/tests
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests $< -o $@ $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
 
-check: $(TESTS) examples check-header
+check: $(TESTS) examples check-header check-python check-pkgconfig check-docs
 	@status=0; for t in $(TESTS); do \
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
@@ -153,8 +159,9 @@ valgrind: $(TESTS)
 	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
 	done; exit $$status
 
-install: lib
-	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+install: lib examples
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(BINDIR) \
+	  $(DESTDIR)$(MANDIR)/man1
 	install -m 644 include/lego.h $(DESTDIR)$(INCLUDEDIR)/
 	install -m 755 $(SHARED) $(DESTDIR)$(LIBDIR)/
 	ln -sf liblego.so.$(VERSION) $(DESTDIR)$(LIBDIR)/liblego.so.$(VERSION_MAJOR)
@@ -162,9 +169,66 @@ install: lib
 	install -m 644 $(STATIC) $(DESTDIR)$(LIBDIR)/
 	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|; s|@VERSION@|$(VERSION)|' \
 	  pkgconfig/lego.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
+	install -m 755 $(EXAMPLES) $(DESTDIR)$(BINDIR)/
+	install -m 644 $(MANPAGES) $(DESTDIR)$(MANDIR)/man1/
 
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/lego.h $(DESTDIR)$(LIBDIR)/liblego.* $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
+	rm -f $(patsubst bin/%,$(DESTDIR)$(BINDIR)/%,$(EXAMPLES)) \
+	  $(patsubst docs/man/%,$(DESTDIR)$(MANDIR)/man1/%,$(MANPAGES))
+
+# Python: the bindings (bindings/python) and tools/lego-convert, with the
+# library just built.  Debian's python3 has numpy; the tests also run the
+# bindings with numpy hidden.  An ASan build cannot be loaded by an
+# uninstrumented python, so SANITIZE=1 skips this and check-pkgconfig.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+PY_ENV := LEGO_LIBRARY=$(CURDIR)/lib/liblego.so OPENBLAS_NUM_THREADS=1
+check-python: lib examples
+ifeq ($(SANITIZE),1)
+	@echo "check-python: skipped (SANITIZE=1)"
+else
+	@echo "== python bindings"
+	$(PY_ENV) $(PYTHON) -m unittest discover -s bindings/python/tests -t bindings/python/tests
+	@echo "== tools/lego-convert"
+	$(PY_ENV) $(PYTHON) -m unittest discover -s tools/tests -t tools/tests
+endif
+
+# The docs keep up: the man pages render without a warning (when groff is
+# installed) and docs/api.md names every function lego.h declares.
+check-docs:
+	@if command -v groff >/dev/null; then \
+	  for f in $(MANPAGES); do \
+	    w=$$(groff -man -Tutf8 -ww -z $$f 2>&1); \
+	    if [ -n "$$w" ]; then echo "$$f: $$w"; exit 1; fi; \
+	  done; echo "check-docs: $(words $(MANPAGES)) man pages render cleanly"; \
+	else echo "check-docs: groff absent, man pages not rendered"; fi
+	@missing=$$(sed -n 's/^LEGO_API [^(]*[ *]\(lego_[a-z0-9_]*\)(.*/\1/p' include/lego.h | \
+	  while read f; do grep -q "\`[^\`]*[ *]$$f(" docs/api.md || echo $$f; done); \
+	if [ -n "$$missing" ]; then echo "docs/api.md lacks:" $$missing; exit 1; fi; \
+	echo "check-docs: docs/api.md covers every function of lego.h"
+
+# An outside program built against an installed liblego with nothing but
+# pkg-config: install into a scratch prefix, compile tests/external/hello_lego.c
+# with `pkg-config --cflags --libs lego` (shared) and with `--static` against
+# liblego.a (which checks Libs.private), run both.
+check-pkgconfig: lib examples
+ifeq ($(SANITIZE),1)
+	@echo "check-pkgconfig: skipped (SANITIZE=1)"
+else
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(MAKE) --no-print-directory install PREFIX=$$tmp DESTDIR= >/dev/null && \
+	pc="env PKG_CONFIG_PATH=$$tmp/lib/pkgconfig pkg-config" && \
+	echo "== pkg-config: $$($$pc --cflags --libs lego)" && \
+	$(CC) -std=c11 $(WARN) tests/external/hello_lego.c -o $$tmp/hello_shared \
+	  $$($$pc --cflags --libs lego) -Wl,-rpath,$$tmp/lib && \
+	$$tmp/hello_shared && \
+	$(CC) -std=c11 $(WARN) tests/external/hello_lego.c -o $$tmp/hello_static \
+	  $$($$pc --cflags lego) -Wl,-Bstatic -llego -Wl,-Bdynamic \
+	  $$($$pc --static --libs lego | sed 's/-llego//') && \
+	$$tmp/hello_static && \
+	test -f $$tmp/share/man/man1/lego-sample.1 && test -x $$tmp/bin/lego-sample && \
+	$$tmp/bin/lego-sample --help >/dev/null && echo "check-pkgconfig: ok"
+endif
 
 # Debian packages for building (first line) and testing (second line).
 deps:

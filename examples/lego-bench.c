@@ -11,7 +11,9 @@
  * one evaluation counted analytically, and the FLOP rate that implies.
  *
  * Without --model or --preset it times ../shared/models/fmnist_lego_pg32
- * when that file exists, else the small random "tiny" preset.  Presets are
+ * when that file exists, else the small random "tiny" model.  --preset
+ * takes a library preset (lego_S_PG_64, dit_XL2_32, ...; --list shows them
+ * with their sizes) or one of the short aliases (S-PG-64, DiT-S-64, ...),
  * built with random weights (lego_model_init_weights); the paper-sized ones
  * need gigabytes and are slow on a small CPU, so ask for them by name.
  *
@@ -48,83 +50,84 @@
 #define MAX_BATCHES 32
 
 /* ---- presets -------------------------------------------------------------
- * One row per model.  Brick lists are (brick size, patch size, depth) from
- * the bottom brick up, as in the reference lego_models.py of
- * JegZheng/LEGODiffusion; S/L/XL are D 384/6 heads, 1024/16, 1152/16.
- * The *_64 S and L models work on 64x64 RGB pixels, the XL models and the
- * *_32 ones on 32x32x4 latents (256x256 images), all with 1000 classes.
- * lego_S_PG_64, lego_L_PG_64 and lego_XL_U_32 reproduce the parameter
- * counts of ../shared/reference/pytorch_reference_speed_h100.json. */
-typedef struct preset {
-    const char *name;
-    int hidden, heads, channels, resolution, classes;
-    int num_bricks;
-    int bricks[5][3]; /* brick_size, patch_size, depth */
-} preset;
-
-static const preset presets[] = {
-    /* name      D     heads C  res classes K  bricks: {size, patch, depth} bottom up */
-    {"tiny",     64,   4,    1, 32, 10,     3, {{4, 2, 1}, {16, 8, 1}, {32, 2, 2}}},
-    {"fmnist",   256,  4,    1, 32, 10,     3, {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}},
-    {"S-PG-64",  384,  6,    3, 64, 1000,   3, {{4, 2, 2}, {16, 8, 4}, {64, 2, 6}}},
-    {"S-PR-64",  384,  6,    3, 64, 1000,   3, {{64, 2, 6}, {16, 8, 4}, {4, 2, 2}}},
-    {"S-U-64",   384,  6,    3, 64, 1000,   5,
-     {{64, 2, 6}, {16, 8, 4}, {4, 2, 2}, {16, 8, 4}, {64, 2, 6}}},
-    {"S-U-32",   384,  6,    4, 32, 1000,   5,
-     {{32, 2, 6}, {16, 8, 4}, {4, 2, 2}, {16, 8, 4}, {32, 2, 6}}},
-    {"L-PG-64",  1024, 16,   3, 64, 1000,   3, {{4, 2, 6}, {16, 8, 8}, {64, 2, 12}}},
-    {"L-PR-64",  1024, 16,   3, 64, 1000,   3, {{64, 2, 12}, {16, 8, 8}, {4, 2, 6}}},
-    {"L-U-32",   1024, 16,   4, 32, 1000,   5,
-     {{32, 2, 12}, {16, 8, 8}, {4, 2, 6}, {16, 8, 8}, {32, 2, 12}}},
-    {"XL-PG-32", 1152, 16,   4, 32, 1000,   3, {{4, 2, 4}, {16, 8, 12}, {32, 2, 14}}},
-    {"XL-PR-32", 1152, 16,   4, 32, 1000,   3, {{32, 2, 14}, {16, 8, 12}, {4, 2, 4}}},
-    {"XL-U-32",  1152, 16,   4, 32, 1000,   5,
-     {{32, 2, 14}, {16, 8, 10}, {4, 2, 4}, {16, 8, 10}, {32, 2, 14}}},
-    {"XL-PG-64", 1152, 16,   4, 64, 1000,   3, {{4, 2, 4}, {16, 8, 12}, {64, 2, 14}}},
-    /* DiTs of the same widths: one image brick (the reference's DiT-S/2,
-     * DiT-L/2 and DiT-XL/2 baselines). */
-    {"DiT-S-64",  384,  6,   3, 64, 1000,   1, {{64, 2, 12}}},
-    {"DiT-L-64",  1024, 16,  3, 64, 1000,   1, {{64, 2, 24}}},
-    {"DiT-XL-32", 1152, 16,  4, 32, 1000,   1, {{32, 2, 28}}},
+ * The library's presets (lego_preset_name: the reference architectures of
+ * lego_models.py, the DiT baselines, fmnist_lego_pg32), built with random
+ * weights.  The short names earlier versions used stay as aliases
+ * (tools/gpu-checks.sh uses them), and "tiny" is a small model of our own
+ * for a quick run without ../shared. */
+static const struct { const char *alias, *name; } aliases[] = {
+    {"fmnist", "fmnist_lego_pg32"},  {"S-PG-64", "lego_S_PG_64"},   {"S-PR-64", "lego_S_PR_64"},
+    {"S-U-64", "lego_S_U_64"},       {"S-U-32", "lego_S_U_32"},     {"L-PG-64", "lego_L_PG_64"},
+    {"L-PR-64", "lego_L_PR_64"},     {"L-U-32", "lego_L_U_32"},     {"XL-PG-32", "lego_XL_PG_32"},
+    {"XL-PR-32", "lego_XL_PR_32"},   {"XL-U-32", "lego_XL_U_32"},   {"XL-PG-64", "lego_XL_PG_64"},
+    {"DiT-S-64", "dit_S2_64"},       {"DiT-L-64", "dit_L2_64"},     {"DiT-XL-32", "dit_XL2_32"},
 };
-#define NUM_PRESETS (sizeof presets / sizeof presets[0])
+#define NUM_ALIASES (sizeof aliases / sizeof aliases[0])
 
-static const preset *find_preset(const char *name) {
-    for (size_t i = 0; i < NUM_PRESETS; i++)
-        if (strcmp(presets[i].name, name) == 0) return &presets[i];
-    return NULL;
+static const char *resolve_alias(const char *name) {
+    for (size_t i = 0; i < NUM_ALIASES; i++)
+        if (strcmp(aliases[i].alias, name) == 0) return aliases[i].name;
+    return name;
 }
 
 static void list_presets(void) {
-    printf("%-10s %5s %5s %3s %4s %7s  bricks (size/patch x depth)\n", "preset", "D", "heads",
-           "C", "res", "classes");
-    for (size_t i = 0; i < NUM_PRESETS; i++) {
-        const preset *p = &presets[i];
-        printf("%-10s %5d %5d %3d %4d %7d ", p->name, p->hidden, p->heads, p->channels,
-               p->resolution, p->classes);
-        for (int k = 0; k < p->num_bricks; k++)
-            printf(" %d/%dx%d", p->bricks[k][0], p->bricks[k][1], p->bricks[k][2]);
+    printf("%-17s %5s %5s %3s %4s %7s %9s  bricks (size/patch x depth)\n", "preset", "D",
+           "heads", "C", "res", "classes", "params");
+    for (int i = 0; i < lego_preset_count(); i++) {
+        const char *name = lego_preset_name(i);
+        lego_model_config c;
+        lego_model_config_init(&c);
+        int64_t n = 0;
+        lego_preset_config(name, NULL, &c);
+        lego_preset_num_params(name, NULL, &n);
+        printf("%-17s %5d %5d %3d %4d %7d %8.1fM ", name, c.hidden_size, c.num_heads,
+               c.img_channels, c.img_resolution, c.label_dim, (double)n / 1e6);
+        for (int k = 0; k < lego_preset_num_bricks(name); k++) {
+            lego_brick_config b;
+            lego_brick_config_init(&b);
+            lego_preset_get_brick(name, k, &b);
+            printf(" %d/%dx%d", b.brick_size, b.patch_size, b.depth);
+        }
+        for (size_t a = 0; a < NUM_ALIASES; a++)
+            if (strcmp(aliases[a].name, name) == 0) printf("  (alias %s)", aliases[a].alias);
         printf("\n");
     }
+    printf("%-17s %5d %5d %3d %4d %7d %9s  4/2x1 16/8x1 32/2x2 (lego-bench's own)\n", "tiny", 64,
+           4, 1, 32, 10, "");
 }
 
-static lego_status build_preset(const preset *p, int threads, lego_model **out) {
+/* "tiny": D 64, 4 heads, one channel, 10 classes, bricks 4/2x1 16/8x1 32/2x2. */
+static lego_status build_tiny(int threads, lego_model **out) {
     lego_model_config cfg;
     lego_model_config_init(&cfg);
-    cfg.img_channels = p->channels;
-    cfg.img_resolution = p->resolution;
-    cfg.label_dim = p->classes;
-    cfg.hidden_size = p->hidden;
-    cfg.num_heads = p->heads;
+    cfg.img_channels = 1;
+    cfg.img_resolution = 32;
+    cfg.label_dim = 10;
+    cfg.hidden_size = 64;
+    cfg.num_heads = 4;
     cfg.num_threads = threads;
     lego_status s = lego_model_create(&cfg, out);
-    for (int k = 0; s == LEGO_OK && k < p->num_bricks; k++) {
+    const int bricks[3][3] = {{4, 2, 1}, {16, 8, 1}, {32, 2, 2}};
+    for (int k = 0; s == LEGO_OK && k < 3; k++) {
         lego_brick_config b;
         lego_brick_config_init(&b);
-        b.brick_size = p->bricks[k][0];
-        b.patch_size = p->bricks[k][1];
-        b.depth = p->bricks[k][2];
+        b.brick_size = bricks[k][0];
+        b.patch_size = bricks[k][1];
+        b.depth = bricks[k][2];
         s = lego_brick_add(*out, &b);
+    }
+    return s;
+}
+
+static lego_status build_preset(const char *name, int threads, lego_model **out) {
+    lego_status s;
+    if (strcmp(name, "tiny") == 0) {
+        s = build_tiny(threads, out);
+    } else {
+        lego_preset_options o;
+        lego_preset_options_init(&o);
+        o.num_threads = threads;
+        s = lego_model_create_preset(resolve_alias(name), &o, out);
     }
     if (s == LEGO_OK) s = lego_model_init_weights(*out, 1);
     return s;
@@ -266,13 +269,8 @@ int main(int argc, char **argv) {
         s = lego_model_load(model_path, &o, &m);
         what = model_path;
     } else {
-        const preset *p = find_preset(preset_name);
-        if (!p) {
-            fprintf(stderr, "lego-bench: no preset \"%s\" (see --list)\n", preset_name);
-            return 2;
-        }
-        s = build_preset(p, threads, &m);
-        what = p->name;
+        s = build_preset(preset_name, threads, &m);
+        what = resolve_alias(preset_name);
     }
     if (s == LEGO_OK && backend != LEGO_BACKEND_CPU) s = lego_model_set_backend(m, backend, device);
     if (s != LEGO_OK) {

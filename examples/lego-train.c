@@ -87,27 +87,17 @@ static int parse_args(int argc, char **argv, args *a) {
     return 1;
 }
 
-/* The reference Fashion-MNIST LEGO-PG. */
+/* The reference Fashion-MNIST LEGO-PG (the library's fmnist_lego_pg32
+ * preset) for the data's channels, classes and size. */
 static lego_status fmnist_pg32(int channels, int labels, int resolution, int threads,
                                lego_model **out) {
-    lego_model_config cfg;
-    lego_model_config_init(&cfg);
-    cfg.img_channels = channels;
-    cfg.img_resolution = resolution;
-    cfg.label_dim = labels;
-    cfg.hidden_size = 256;
-    cfg.num_heads = 4;
-    cfg.num_threads = threads;
-    lego_status s = lego_model_create(&cfg, out);
-    const int bricks[3][3] = {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}};
-    for (int k = 0; s == LEGO_OK && k < 3; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[k][0];
-        b.patch_size = bricks[k][1];
-        b.depth = bricks[k][2];
-        s = lego_brick_add(*out, &b);
-    }
+    lego_preset_options o;
+    lego_preset_options_init(&o);
+    o.img_channels = channels;
+    o.img_resolution = resolution;
+    o.label_dim = labels;
+    o.num_threads = threads;
+    lego_status s = lego_model_create_preset("fmnist_lego_pg32", &o, out);
     if (s == LEGO_OK) s = lego_model_init_weights(*out, 0);
     return s;
 }

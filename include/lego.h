@@ -681,6 +681,69 @@ LEGO_API lego_status lego_dataset_get_batch(lego_dataset *dataset,
                                             const int64_t *indices, int n,
                                             float *out, int32_t *labels_out);
 
+/* ------------------------------------------------------------------------ */
+/* Presets                                                                  */
+/* ------------------------------------------------------------------------ */
+/*
+ * The architectures of the reference code (lego_models.py of
+ * JegZheng/LEGODiffusion) by name, brick lists bottom brick first:
+ *   lego_S_PG_64  lego_S_PR_64  lego_S_U_32   lego_S_U_64      (D 384, 6 heads)
+ *   lego_L_PG_32  lego_L_PG_64  lego_L_PR_32  lego_L_PR_64
+ *   lego_L_U_32   lego_L_U_64   lego_L_PG_64_old  lego_L_PR_64_old
+ *                                                              (D 1024, 16 heads)
+ *   lego_XL_PG_32 lego_XL_PG_64 lego_XL_PR_32 lego_XL_PR_64
+ *   lego_XL_U_32  lego_XL_U_64                                 (D 1152, 16 heads)
+ * the DiT baselines of the same widths as one-brick models
+ *   dit_S2_64 (64/2 x 12)  dit_L2_64 (64/2 x 24)  dit_XL2_32 (32/2 x 28)
+ * and fmnist_lego_pg32, the Fashion-MNIST model (D 256, 4 heads, 1 channel,
+ * 10 classes).  A preset's own data: 3 channels at 64x64 (ImageNet pixels)
+ * for the S and L *_64 models and dit_S2_64 / dit_L2_64, 4 channels
+ * (latents) otherwise; 1000 classes.  Names are case-sensitive.
+ */
+typedef struct lego_preset_options {
+    size_t size;          /* sizeof(lego_preset_options)                     */
+    int img_channels;     /* 0 = the preset's (0)                            */
+    int img_resolution;   /* 0 = the preset's (0)                            */
+    int label_dim;        /* classes; 0 = unconditional; -1 = the preset's (-1) */
+    int num_threads;      /* as lego_model_config.num_threads (0)            */
+    lego_backend backend; /* (LEGO_BACKEND_CPU)                              */
+    int device;           /* (0)                                             */
+} lego_preset_options;
+
+LEGO_API void lego_preset_options_init(lego_preset_options *options);
+
+/* Number of presets, and the name of preset `index` (0 <= index < count;
+ * NULL otherwise).  Names are static strings. */
+LEGO_API int lego_preset_count(void);
+LEGO_API const char *lego_preset_name(int index);
+
+/* The global settings of preset `name` with `options` applied (NULL =
+ * defaults).  LEGO_ERR_INVALID_ARGUMENT for an unknown name, a NULL
+ * pointer or a negative option.  Allocates nothing. */
+LEGO_API lego_status lego_preset_config(const char *name,
+                                        const lego_preset_options *options,
+                                        lego_model_config *config);
+/* Its number of bricks (0 for an unknown name) and brick `index`, bottom
+ * brick first. */
+LEGO_API int lego_preset_num_bricks(const char *name);
+LEGO_API lego_status lego_preset_get_brick(const char *name, int index,
+                                           lego_brick_config *brick);
+
+/* The number of parameters lego_model_num_params() would report for the
+ * preset built with `options`, without allocating them (the large presets
+ * hold gigabytes). */
+LEGO_API lego_status lego_preset_num_params(const char *name,
+                                            const lego_preset_options *options,
+                                            int64_t *count);
+
+/* Create the preset's model (lego_model_create + lego_brick_add), weights
+ * zero: follow with lego_model_init_weights() or lego_model_load_weights().
+ * Failure is reported as for lego_model_create(); an unknown name gives
+ * LEGO_ERR_INVALID_ARGUMENT and a handle whose message lists the presets. */
+LEGO_API lego_status lego_model_create_preset(const char *name,
+                                              const lego_preset_options *options,
+                                              lego_model **out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -245,6 +245,48 @@ static lego_status grow_params(lego_model *m, size_t old_size) {
     return LEGO_OK;
 }
 
+/* Fill brick k's derived sizes from a validated configuration. */
+static void setup_brick(lego_model *m, int k, const lego_brick_config *bc) {
+    brick *b = &m->bricks[k];
+    memset(b, 0, sizeof *b);
+    b->cfg = *bc;
+    b->c_in = (k == 0 ? 1 : 2) * m->cfg.img_channels + 2;
+    b->grid = bc->brick_size / bc->patch_size;
+    b->tokens = b->grid * b->grid;
+}
+
+/* Count by building the same parameter table lego_model_create and
+ * lego_brick_add build, only never the array itself: the count cannot drift
+ * from the real layout, and a 1.3 G-parameter model costs a few KiB. */
+lego_status model_count_params(const lego_model_config *config, const lego_brick_config *bricks,
+                               int num_bricks, int64_t *count, lego_err *err) {
+    lego_model *m = calloc(1, sizeof *m);
+    if (!m) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    lego_model_config_init(&m->cfg);
+    lego_copy_options(&m->cfg, sizeof m->cfg, config, config->size);
+    m->cfg.size = sizeof m->cfg;
+    m->cfg.backend = LEGO_BACKEND_CPU; /* counting needs no device */
+    lego_status s = model_validate_config(&m->cfg, &m->err);
+    if (s == LEGO_OK) {
+        m->mlp_hidden = (int)(m->cfg.hidden_size * m->cfg.mlp_ratio);
+        s = register_globals(m);
+    }
+    for (int k = 0; s == LEGO_OK && k < num_bricks; k++) {
+        lego_brick_config bc;
+        lego_brick_config_init(&bc);
+        lego_copy_options(&bc, sizeof bc, &bricks[k], bricks[k].size);
+        bc.size = sizeof bc;
+        if ((s = model_validate_brick(m, &bc, &m->err)) != LEGO_OK) break;
+        setup_brick(m, k, &bc);
+        if ((s = register_brick(m, k)) == LEGO_OK) m->num_bricks++;
+    }
+    if (s == LEGO_OK) *count = (int64_t)m->params_size;
+    else lego_fail(err, s, "%s", m->err.msg);
+    free(m->table);
+    free(m);
+    return s;
+}
+
 LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_model **out) {
     if (!out) return LEGO_ERR_INVALID_ARGUMENT;
     *out = NULL;
@@ -290,11 +332,7 @@ LEGO_API lego_status lego_brick_add(lego_model *m, const lego_brick_config *conf
 
     int k = m->num_bricks;
     brick *b = &m->bricks[k];
-    memset(b, 0, sizeof *b);
-    b->cfg = bc;
-    b->c_in = (k == 0 ? 1 : 2) * m->cfg.img_channels + 2;
-    b->grid = bc.brick_size / bc.patch_size;
-    b->tokens = b->grid * b->grid;
+    setup_brick(m, k, &bc);
 
     int old_count = m->num_params;
     size_t old_size = m->params_size;

@@ -84,6 +84,11 @@ lego_model *model_new_failed(lego_status status, const char *msg);
 lego_status model_validate_config(const lego_model_config *cfg, lego_err *err);
 lego_status model_validate_brick(const lego_model *m, const lego_brick_config *b, lego_err *err);
 
+/* The number of parameters lego_model_create + lego_brick_add would give
+ * this architecture, without allocating them.  Validates as they do. */
+lego_status model_count_params(const lego_model_config *cfg, const lego_brick_config *bricks,
+                               int num_bricks, int64_t *count, lego_err *err);
+
 /* Point the linear views at their slices of m->params (also counts as
  * model_weights_changed). */
 void model_bind_views(lego_model *m);

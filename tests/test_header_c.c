@@ -21,6 +21,7 @@ _Static_assert(offsetof(lego_model_config, size) == 0, "size first");
 _Static_assert(offsetof(lego_brick_config, size) == 0, "size first");
 _Static_assert(offsetof(lego_load_options, size) == 0, "size first");
 _Static_assert(offsetof(lego_denoise_request, size) == 0, "size first");
+_Static_assert(offsetof(lego_preset_options, size) == 0, "size first");
 _Static_assert(LEGO_VERSION_NUMBER ==
                    LEGO_VERSION_MAJOR * 10000 + LEGO_VERSION_MINOR * 100 + LEGO_VERSION_PATCH,
                "version number");
@@ -57,12 +58,22 @@ static lego_status (*const p_grid)(const char *, const uint8_t *, int, int, int,
                                    char *, size_t) = lego_write_png_grid;
 static lego_status (*const p_npz)(const char *, const uint8_t *, int, int, int, int,
                                   const int32_t *, char *, size_t) = lego_write_npz;
+static lego_status (*const p_create_preset)(const char *, const lego_preset_options *,
+                                            lego_model **) = lego_model_create_preset;
+static lego_status (*const p_preset_params)(const char *, const lego_preset_options *,
+                                            int64_t *) = lego_preset_num_params;
+static lego_status (*const p_preset_config)(const char *, const lego_preset_options *,
+                                            lego_model_config *) = lego_preset_config;
+static lego_status (*const p_preset_brick)(const char *, int, lego_brick_config *) =
+    lego_preset_get_brick;
+static const char *(*const p_preset_name)(int) = lego_preset_name;
 
 START_TEST(test_header_links) {
     ck_assert(p_create && p_brick_add && p_init && p_load && p_load_weights && p_save && p_free &&
               p_error && p_get_config && p_num_bricks && p_get_brick && p_num_params &&
               p_multiple && p_check_res && p_threads && p_denoise && p_req_init && p_to_u8 &&
-              p_png && p_grid && p_npz);
+              p_png && p_grid && p_npz && p_create_preset && p_preset_params &&
+              p_preset_config && p_preset_brick && p_preset_name);
     ck_assert_str_eq(lego_version(), LEGO_VERSION_STRING);
     ck_assert_int_eq(lego_version_number(), LEGO_VERSION_NUMBER);
     lego_denoise_request r;
