@@ -3,7 +3,8 @@
  *
  *   lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]
  *              [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]
- *              [--backend cpu|cuda] [--device N]
+ *              [--backend cpu|cuda] [--device N] [--precision fp32|bf16|fp16]
+ *              [--peak TFLOPS]
  *   lego-bench --list
  *
  * For every batch size it prints the median (and fastest) time of one
@@ -35,7 +36,10 @@
  * --backend cuda moves the model to CUDA device --device (0) after it is
  * built or loaded (lego_model_set_backend); lego_denoise returns only when
  * the device is done, so the times are complete evaluations, host-device
- * copies of x and D(x) included.
+ * copies of x and D(x) included.  --precision sets the model's GPU
+ * arithmetic (lego_model_set_precision).  The last column relates the
+ * FLOP rate to the GPU's dense bf16 peak, --peak TFLOP/s (989.4: an H100
+ * or H200 SXM, by the datasheet), whatever the precision timed.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
@@ -190,7 +194,8 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]\n"
             "                  [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]\n"
-            "                  [--backend cpu|cuda] [--device N]\n"
+            "                  [--backend cpu|cuda] [--device N] [--precision fp32|bf16|fp16]\n"
+            "                  [--peak TFLOPS]\n"
             "       lego-bench --list\n"
             "Default model: %s if present, else the \"tiny\" preset.\n"
             "Environment: OPENBLAS_NUM_THREADS (1 lets liblego thread the GEMMs itself).\n",
@@ -202,7 +207,10 @@ int main(int argc, char **argv) {
     int batches[MAX_BATCHES] = {1, 100}, num_batches = 2;
     int threads = 0, iters = 5, warmup = 1, skip_top = 0, h = 0, w = 0, device = 0;
     float guidance = 1.0f;
+    double peak_tflops = 989.4;
     lego_backend backend = LEGO_BACKEND_CPU;
+    lego_precision precision = LEGO_PRECISION_FP32;
+    const char *precision_name = "fp32";
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -229,6 +237,17 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--warmup") == 0) warmup = atoi(v);
         else if (strcmp(a, "--cfg") == 0) guidance = strtof(v, NULL);
         else if (strcmp(a, "--device") == 0) device = atoi(v);
+        else if (strcmp(a, "--peak") == 0) peak_tflops = strtod(v, NULL);
+        else if (strcmp(a, "--precision") == 0) {
+            precision_name = v;
+            if (strcmp(v, "fp32") == 0) precision = LEGO_PRECISION_FP32;
+            else if (strcmp(v, "bf16") == 0) precision = LEGO_PRECISION_BF16;
+            else if (strcmp(v, "fp16") == 0) precision = LEGO_PRECISION_FP16;
+            else {
+                usage(stderr);
+                return 2;
+            }
+        }
         else if (strcmp(a, "--backend") == 0) {
             if (strcmp(v, "cpu") == 0) backend = LEGO_BACKEND_CPU;
             else if (strcmp(v, "cuda") == 0) backend = LEGO_BACKEND_CUDA;
@@ -244,7 +263,8 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (num_batches < 1 || iters < 1 || warmup < 0 || threads < 0 || guidance < 0) {
+    if (num_batches < 1 || iters < 1 || warmup < 0 || threads < 0 || guidance < 0 ||
+        !(peak_tflops > 0)) {
         usage(stderr);
         return 2;
     }
@@ -272,6 +292,7 @@ int main(int argc, char **argv) {
         s = build_preset(preset_name, threads, &m);
         what = resolve_alias(preset_name);
     }
+    if (s == LEGO_OK) s = lego_model_set_precision(m, precision);
     if (s == LEGO_OK && backend != LEGO_BACKEND_CPU) s = lego_model_set_backend(m, backend, device);
     if (s != LEGO_OK) {
         fprintf(stderr, "lego-bench: %s: %s\n", what, lego_model_error(m));
@@ -304,14 +325,14 @@ int main(int argc, char **argv) {
     }
     printf(" (size/patch x depth)\n");
     if (backend == LEGO_BACKEND_CUDA)
-        printf("backend  CUDA device %d; guidance %g; median of %d after %d warm-up\n", device,
-               (double)guidance, iters, warmup);
+        printf("backend  CUDA device %d, %s; guidance %g; median of %d after %d warm-up\n",
+               device, precision_name, (double)guidance, iters, warmup);
     else
         printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
                "median of %d after %d warm-up\n",
                threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
-    printf("%7s %12s %12s %10s %10s %12s %9s\n", "batch", "ms/eval", "min ms", "ms/image",
-           "images/s", "GFLOP/eval", "GFLOP/s");
+    printf("%7s %12s %12s %10s %10s %12s %9s %8s\n", "batch", "ms/eval", "min ms", "ms/image",
+           "images/s", "GFLOP/eval", "GFLOP/s", "%peak");
 
     int status = 0;
     double *times = malloc((size_t)iters * sizeof *times);
@@ -356,8 +377,9 @@ int main(int argc, char **argv) {
             double med = iters % 2 ? times[iters / 2]
                                    : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
             double flops = eval_flops(m, n, h, w, run, guided);
-            printf("%7d %12.2f %12.2f %10.3f %10.1f %12.3f %9.1f\n", n, med * 1e3, times[0] * 1e3,
-                   med * 1e3 / n, n / med, flops * 1e-9, flops * 1e-9 / med);
+            printf("%7d %12.2f %12.2f %10.3f %10.1f %12.3f %9.1f %7.1f%%\n", n, med * 1e3,
+                   times[0] * 1e3, med * 1e3 / n, n / med, flops * 1e-9, flops * 1e-9 / med,
+                   100.0 * flops / med / (peak_tflops * 1e12));
             fflush(stdout);
         }
         free(x), free(out), free(sigma), free(labels);

@@ -49,6 +49,7 @@ static void usage(FILE *fp) {
         "  --threads N           CPU threads (default: all cores)\n"
         "  --backend cpu|cuda    where the network runs (default cpu)\n"
         "  --device N            CUDA device index (default 0)\n"
+        "  --precision P         fp32, bf16 or fp16 arithmetic on the GPU (default fp32)\n"
         "  --batch N             images per call (default 64)\n"
         "  --quiet               no progress bar\n");
 }
@@ -58,6 +59,7 @@ typedef struct args {
     int labels_cycle, class_label, have_class, steps, height, width, pad, threads, batch, quiet;
     int device;
     lego_backend backend;
+    lego_precision precision;
     lego_solver solver;
     lego_rng rng;
     float cfg;
@@ -151,6 +153,12 @@ static int parse_args(int argc, char **argv, args *a) {
         else if (!strcmp(o, "--backend")) {
             if (!strcmp(v, "cpu")) a->backend = LEGO_BACKEND_CPU;
             else if (!strcmp(v, "cuda")) a->backend = LEGO_BACKEND_CUDA;
+            else ok = 0;
+        }
+        else if (!strcmp(o, "--precision")) {
+            if (!strcmp(v, "fp32")) a->precision = LEGO_PRECISION_FP32;
+            else if (!strcmp(v, "bf16")) a->precision = LEGO_PRECISION_BF16;
+            else if (!strcmp(v, "fp16")) a->precision = LEGO_PRECISION_FP16;
             else ok = 0;
         }
         else if (!strcmp(o, "--rng")) {
@@ -259,6 +267,7 @@ int main(int argc, char **argv) {
     lo.num_threads = a.threads;
     lo.backend = a.backend;
     lo.device = a.device;
+    lo.precision = a.precision;
     lego_model *m = NULL;
     int status = 1;
     float *images = NULL;

@@ -708,6 +708,7 @@ typedef struct lego_preset_options {
     int num_threads;      /* as lego_model_config.num_threads (0)            */
     lego_backend backend; /* (LEGO_BACKEND_CPU)                              */
     int device;           /* (0)                                             */
+    lego_precision precision; /* GPU arithmetic (LEGO_PRECISION_FP32)        */
 } lego_preset_options;
 
 LEGO_API void lego_preset_options_init(lego_preset_options *options);

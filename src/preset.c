@@ -114,6 +114,7 @@ static lego_status preset_settings(const preset *p, const lego_preset_options *o
     cfg->num_threads = o.num_threads;
     cfg->backend = o.backend;
     cfg->device = o.device;
+    cfg->precision = o.precision;
     return LEGO_OK;
 }
 

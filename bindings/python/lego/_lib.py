@@ -31,6 +31,7 @@ STATUS_NAMES = {
 MAX_BRICKS = 32
 
 BACKENDS = {"cpu": 0, "cuda": 1}
+PRECISIONS = {"fp32": 0, "bf16": 1, "fp16": 2}
 SOLVERS = {"heun": 0, "euler": 1, "dpmpp2m": 2}
 RNGS = {"philox": 0, "torch": 1}
 SKIP_RULES = {"pg": 0, "pr": 1}  # TOP_AT_LOW_NOISE, TOP_AT_HIGH_NOISE
@@ -55,6 +56,7 @@ class ModelConfig(ctypes.Structure):
         ("num_threads", c_int),
         ("backend", c_int),
         ("device", c_int),
+        ("precision", c_int),
     ]
 
 
@@ -74,6 +76,7 @@ class LoadOptions(ctypes.Structure):
         ("num_threads", c_int),
         ("backend", c_int),
         ("device", c_int),
+        ("precision", c_int),
     ]
 
 
@@ -192,6 +195,7 @@ class PresetOptions(ctypes.Structure):
         ("num_threads", c_int),
         ("backend", c_int),
         ("device", c_int),
+        ("precision", c_int),
     ]
 
 
@@ -232,6 +236,7 @@ PROTOTYPES = {
     "lego_model_set_threads": (c_int, [c_void_p, c_int]),
     "lego_backend_available": (c_int, [c_int]),
     "lego_model_set_backend": (c_int, [c_void_p, c_int, c_int]),
+    "lego_model_set_precision": (c_int, [c_void_p, c_int]),
     "lego_denoise": (c_int, [c_void_p, P(DenoiseRequest)]),
     "lego_karras_sigmas": (c_int, [c_int, c_double, c_double, c_double, P(c_double)]),
     "lego_skip_policy_preset": (c_int, [P(SkipPolicy), c_void_p, c_int, c_int, c_double, c_double]),

@@ -61,22 +61,24 @@ class Model:
     # ---- construction ---------------------------------------------------
 
     @classmethod
-    def load(cls, path, config_json=None, threads=0, backend="cpu", device=0):
+    def load(cls, path, config_json=None, threads=0, backend="cpu", device=0, precision="fp32"):
         """Read a safetensors checkpoint.  `config_json` gives the
-        architecture for a plain state dict (lego.config JSON form)."""
+        architecture for a plain state dict (lego.config JSON form);
+        `precision` (fp32, bf16, fp16) is the arithmetic on a GPU."""
         lib = _lib.lib()
         o = _lib.new(_lib.LoadOptions)
         o.config_json = config_json.encode() if isinstance(config_json, str) else config_json
         o.num_threads = threads
         o.backend = _choice(_lib.BACKENDS, backend, "backend")
         o.device = device
+        o.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
         return _from_handle(lib.lego_model_load(_encode(path), ctypes.byref(o), ctypes.byref(h)), h)
 
     @classmethod
     def create(cls, bricks, img_channels=3, img_resolution=32, label_dim=0, hidden_size=384,
                num_heads=6, mlp_ratio=4.0, frequency_embedding_size=256, sigma_data=0.5,
-               threads=0, backend="cpu", device=0):
+               threads=0, backend="cpu", device=0, precision="fp32"):
         """An architecture of your own: `bricks` is a list of (brick_size,
         patch_size, depth), bottom brick first.  Weights are zero until
         init_weights() or load_weights()."""
@@ -87,6 +89,7 @@ class Model:
         c.frequency_embedding_size, c.sigma_data = frequency_embedding_size, sigma_data
         c.num_threads, c.device = threads, device
         c.backend = _choice(_lib.BACKENDS, backend, "backend")
+        c.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
         model = _from_handle(lib.lego_model_create(ctypes.byref(c), ctypes.byref(h)), h)
         for b in bricks:
@@ -97,11 +100,12 @@ class Model:
 
     @classmethod
     def preset(cls, name, img_channels=0, img_resolution=0, label_dim=-1, threads=0,
-               backend="cpu", device=0):
+               backend="cpu", device=0, precision="fp32"):
         """A reference architecture by name (lego.presets()); 0 / -1 keep the
         preset's channels, resolution and classes.  Weights are zero."""
         lib = _lib.lib()
         o = _preset_options(img_channels, img_resolution, label_dim, threads, backend, device)
+        o.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
         return _from_handle(lib.lego_model_create_preset(_encode(name), ctypes.byref(o),
                                                           ctypes.byref(h)), h)
@@ -171,16 +175,18 @@ class Model:
     @property
     def config(self):
         """The global settings as a dict (the lego.config keys, plus
-        num_threads, backend, device)."""
+        num_threads, backend, device, precision)."""
         c = _lib.new(_lib.ModelConfig)
         self._check(_lib.lib().lego_model_get_config(self._handle(), ctypes.byref(c)))
         backends = {v: k for k, v in _lib.BACKENDS.items()}
+        precisions = {v: k for k, v in _lib.PRECISIONS.items()}
         return {
             "img_channels": c.img_channels, "img_resolution": c.img_resolution,
             "label_dim": c.label_dim, "hidden_size": c.hidden_size, "num_heads": c.num_heads,
             "mlp_ratio": c.mlp_ratio, "frequency_embedding_size": c.frequency_embedding_size,
             "sigma_data": c.sigma_data, "num_threads": c.num_threads,
             "backend": backends.get(c.backend, c.backend), "device": c.device,
+            "precision": precisions.get(c.precision, c.precision),
         }
 
     @property
@@ -218,6 +224,12 @@ class Model:
     def set_backend(self, backend, device=0):
         self._check(_lib.lib().lego_model_set_backend(
             self._handle(), _choice(_lib.BACKENDS, backend, "backend"), device))
+
+    def set_precision(self, precision):
+        """The arithmetic on a GPU: fp32, bf16 or fp16 (the CPU computes in
+        fp32 whatever this says)."""
+        self._check(_lib.lib().lego_model_set_precision(
+            self._handle(), _choice(_lib.PRECISIONS, precision, "precision")))
 
     # ---- the denoiser -----------------------------------------------------
 
