@@ -3,8 +3,8 @@
  *
  *   lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]
  *              [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]
- *              [--backend cpu|cuda] [--device N] [--precision fp32|bf16|fp16]
- *              [--peak TFLOPS]
+ *              [--backend cpu|cuda] [--device N] [--precision P[,P...]]
+ *              [--both] [--peak TFLOPS]
  *   lego-bench --list
  *
  * For every batch size it prints the median (and fastest) time of one
@@ -37,7 +37,9 @@
  * built or loaded (lego_model_set_backend); lego_denoise returns only when
  * the device is done, so the times are complete evaluations, host-device
  * copies of x and D(x) included.  --precision sets the model's GPU
- * arithmetic (lego_model_set_precision).  The last column relates the
+ * arithmetic (lego_model_set_precision): fp32, bf16 or fp16, or a list of
+ * them timed in turn on the same model; --both times every configuration
+ * with and without the top brick.  The last column relates the
  * FLOP rate to the GPU's dense bf16 peak, --peak TFLOP/s (989.4: an H100
  * or H200 SXM, by the datasheet), whatever the precision timed.
  */
@@ -190,12 +192,60 @@ static int parse_batches(const char *s, int *batches) {
     return count;
 }
 
+/* Time `iters` evaluations of n images (after `warmup`) with the bottom
+ * `run` bricks: the median and the fastest, in seconds.  0 on success. */
+static int time_batch(lego_model *m, const lego_model_config *cfg, int n, int h, int w,
+                      float guidance, int run, int warmup, int iters, double *times, double *med,
+                      double *best) {
+    size_t len = (size_t)n * cfg->img_channels * h * w;
+    float *x = malloc(len * sizeof *x), *out = malloc(len * sizeof *out);
+    float *sigma = malloc((size_t)n * sizeof *sigma);
+    int32_t *labels = malloc((size_t)n * sizeof *labels);
+    int status = 0;
+    if (!x || !out || !sigma || !labels || !times) {
+        fprintf(stderr, "lego-bench: out of memory for batch %d\n", n);
+        status = 1;
+    }
+    for (size_t i = 0; status == 0 && i < len; i++)
+        x[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 1000.0f;
+    for (int i = 0; status == 0 && i < n; i++) {
+        sigma[i] = 1.0f;
+        labels[i] = cfg->label_dim > 0 ? i % cfg->label_dim : -1;
+    }
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = n;
+    r.height = h;
+    r.width = w;
+    r.x = x;
+    r.sigma = sigma;
+    r.labels = cfg->label_dim > 0 ? labels : NULL;
+    r.guidance = guidance;
+    r.num_bricks = run;
+    r.out = out;
+    for (int it = 0; status == 0 && it < warmup + iters; it++) {
+        double t0 = now_s();
+        if (lego_denoise(m, &r) != LEGO_OK) {
+            fprintf(stderr, "lego-bench: batch %d: %s\n", n, lego_model_error(m));
+            status = 1;
+        }
+        if (it >= warmup) times[it - warmup] = now_s() - t0;
+    }
+    if (status == 0) {
+        qsort(times, (size_t)iters, sizeof *times, compare_doubles);
+        *med = iters % 2 ? times[iters / 2] : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
+        *best = times[0];
+    }
+    free(x), free(out), free(sigma), free(labels);
+    return status;
+}
+
 static void usage(FILE *f) {
     fprintf(f,
             "usage: lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]\n"
             "                  [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]\n"
-            "                  [--backend cpu|cuda] [--device N] [--precision fp32|bf16|fp16]\n"
-            "                  [--peak TFLOPS]\n"
+            "                  [--backend cpu|cuda] [--device N] [--precision P[,P...]]\n"
+            "                  [--both] [--peak TFLOPS]   (P: fp32, bf16, fp16)\n"
             "       lego-bench --list\n"
             "Default model: %s if present, else the \"tiny\" preset.\n"
             "Environment: OPENBLAS_NUM_THREADS (1 lets liblego thread the GEMMs itself).\n",
@@ -209,8 +259,9 @@ int main(int argc, char **argv) {
     float guidance = 1.0f;
     double peak_tflops = 989.4;
     lego_backend backend = LEGO_BACKEND_CPU;
-    lego_precision precision = LEGO_PRECISION_FP32;
-    const char *precision_name = "fp32";
+    static const char *precision_names[] = {"fp32", "bf16", "fp16"};
+    lego_precision precisions[8] = {LEGO_PRECISION_FP32};
+    int num_precisions = 1, both = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -222,6 +273,9 @@ int main(int argc, char **argv) {
             return 0;
         } else if (strcmp(a, "--skip-top") == 0) {
             skip_top = 1;
+            continue;
+        } else if (strcmp(a, "--both") == 0) {
+            both = 1;
             continue;
         }
         if (!v) {
@@ -239,13 +293,19 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--device") == 0) device = atoi(v);
         else if (strcmp(a, "--peak") == 0) peak_tflops = strtod(v, NULL);
         else if (strcmp(a, "--precision") == 0) {
-            precision_name = v;
-            if (strcmp(v, "fp32") == 0) precision = LEGO_PRECISION_FP32;
-            else if (strcmp(v, "bf16") == 0) precision = LEGO_PRECISION_BF16;
-            else if (strcmp(v, "fp16") == 0) precision = LEGO_PRECISION_FP16;
-            else {
-                usage(stderr);
-                return 2;
+            num_precisions = 0;
+            for (const char *p = v; *p && num_precisions < 8;) {
+                size_t len = strcspn(p, ",");
+                int found = -1;
+                for (int k = 0; k < 3; k++)
+                    if (strlen(precision_names[k]) == len && strncmp(p, precision_names[k], len) == 0)
+                        found = k;
+                if (found < 0) {
+                    usage(stderr);
+                    return 2;
+                }
+                precisions[num_precisions++] = (lego_precision)found;
+                p += len + (p[len] == ',');
             }
         }
         else if (strcmp(a, "--backend") == 0) {
@@ -292,7 +352,6 @@ int main(int argc, char **argv) {
         s = build_preset(preset_name, threads, &m);
         what = resolve_alias(preset_name);
     }
-    if (s == LEGO_OK) s = lego_model_set_precision(m, precision);
     if (s == LEGO_OK && backend != LEGO_BACKEND_CPU) s = lego_model_set_backend(m, backend, device);
     if (s != LEGO_OK) {
         fprintf(stderr, "lego-bench: %s: %s\n", what, lego_model_error(m));
@@ -303,7 +362,7 @@ int main(int argc, char **argv) {
     lego_model_config cfg;
     lego_model_config_init(&cfg);
     lego_model_get_config(m, &cfg);
-    int K = lego_model_num_bricks(m), run = skip_top && K > 1 ? K - 1 : K;
+    int K = lego_model_num_bricks(m);
     if (h == 0) h = w = cfg.img_resolution;
     if (lego_model_check_resolution(m, h, w) != LEGO_OK) {
         fprintf(stderr, "lego-bench: %s\n", lego_model_error(m));
@@ -321,68 +380,43 @@ int main(int argc, char **argv) {
         lego_brick_config b;
         lego_brick_config_init(&b);
         lego_model_get_brick(m, k, &b);
-        printf(" %d/%dx%d%s", b.brick_size, b.patch_size, b.depth, k < run ? "" : " (skipped)");
+        printf(" %d/%dx%d", b.brick_size, b.patch_size, b.depth);
     }
-    printf(" (size/patch x depth)\n");
+    printf(" (size/patch x depth, bottom first)\n");
     if (backend == LEGO_BACKEND_CUDA)
-        printf("backend  CUDA device %d, %s; guidance %g; median of %d after %d warm-up\n",
-               device, precision_name, (double)guidance, iters, warmup);
+        printf("backend  CUDA device %d; guidance %g; median of %d after %d warm-up\n", device,
+               (double)guidance, iters, warmup);
     else
         printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
                "median of %d after %d warm-up\n",
                threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
-    printf("%7s %12s %12s %10s %10s %12s %9s %8s\n", "batch", "ms/eval", "min ms", "ms/image",
-           "images/s", "GFLOP/eval", "GFLOP/s", "%peak");
+    printf("%-5s %6s %7s %12s %12s %10s %10s %12s %9s %8s\n", "prec", "bricks", "batch",
+           "ms/eval", "min ms", "ms/image", "images/s", "GFLOP/eval", "GFLOP/s", "%peak");
 
     int status = 0;
     double *times = malloc((size_t)iters * sizeof *times);
-    for (int bi = 0; bi < num_batches && status == 0; bi++) {
-        int n = batches[bi];
-        size_t len = (size_t)n * cfg.img_channels * h * w;
-        float *x = malloc(len * sizeof *x), *out = malloc(len * sizeof *out);
-        float *sigma = malloc((size_t)n * sizeof *sigma);
-        int32_t *labels = malloc((size_t)n * sizeof *labels);
-        if (!x || !out || !sigma || !labels || !times) {
-            fprintf(stderr, "lego-bench: out of memory for batch %d\n", n);
+    for (int pi = 0; pi < num_precisions && status == 0; pi++) {
+        if (lego_model_set_precision(m, precisions[pi]) != LEGO_OK) {
+            fprintf(stderr, "lego-bench: %s\n", lego_model_error(m));
             status = 1;
         }
-        for (size_t i = 0; status == 0 && i < len; i++)
-            x[i] = (float)((int)(i * 2654435761u % 2001) - 1000) / 1000.0f;
-        for (int i = 0; status == 0 && i < n; i++) {
-            sigma[i] = 1.0f;
-            labels[i] = cfg.label_dim > 0 ? i % cfg.label_dim : -1;
-        }
-
-        lego_denoise_request r;
-        lego_denoise_request_init(&r);
-        r.n = n;
-        r.height = h;
-        r.width = w;
-        r.x = x;
-        r.sigma = sigma;
-        r.labels = cfg.label_dim > 0 ? labels : NULL;
-        r.guidance = guidance;
-        r.num_bricks = run;
-        r.out = out;
-        for (int it = 0; status == 0 && it < warmup + iters; it++) {
-            double t0 = now_s();
-            if (lego_denoise(m, &r) != LEGO_OK) {
-                fprintf(stderr, "lego-bench: batch %d: %s\n", n, lego_model_error(m));
-                status = 1;
+        for (int variant = 0; variant < (both && K > 1 ? 2 : 1) && status == 0; variant++) {
+            int run = (skip_top || variant == 1) && K > 1 ? K - 1 : K;
+            for (int bi = 0; bi < num_batches && status == 0; bi++) {
+                int n = batches[bi];
+                double med, best;
+                status = time_batch(m, &cfg, n, h, w, guidance, run, warmup, iters, times, &med,
+                                    &best);
+                if (status == 0) {
+                    double flops = eval_flops(m, n, h, w, run, guided);
+                    printf("%-5s %3d/%-2d %7d %12.2f %12.2f %10.3f %10.1f %12.3f %9.1f %7.1f%%\n",
+                           precision_names[precisions[pi]], run, K, n, med * 1e3, best * 1e3,
+                           med * 1e3 / n, n / med, flops * 1e-9, flops * 1e-9 / med,
+                           100.0 * flops / med / (peak_tflops * 1e12));
+                    fflush(stdout);
+                }
             }
-            if (it >= warmup) times[it - warmup] = now_s() - t0;
         }
-        if (status == 0) {
-            qsort(times, (size_t)iters, sizeof *times, compare_doubles);
-            double med = iters % 2 ? times[iters / 2]
-                                   : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
-            double flops = eval_flops(m, n, h, w, run, guided);
-            printf("%7d %12.2f %12.2f %10.3f %10.1f %12.3f %9.1f %7.1f%%\n", n, med * 1e3,
-                   times[0] * 1e3, med * 1e3 / n, n / med, flops * 1e-9, flops * 1e-9 / med,
-                   100.0 * flops / med / (peak_tflops * 1e12));
-            fflush(stdout);
-        }
-        free(x), free(out), free(sigma), free(labels);
     }
     free(times);
     lego_model_free(m);
