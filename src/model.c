@@ -232,6 +232,7 @@ static lego_status grow_params(lego_model *m, size_t old_size) {
     if (m->params_size > LEGO_MAX_ALLOC / sizeof(float))
         return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "model would need %zu parameters",
                          m->params_size);
+    if (m->table_only) return LEGO_OK;
     float *p = realloc(m->params, m->params_size * sizeof *p);
     if (!p) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
                              "out of memory for %zu parameters", m->params_size);
@@ -242,6 +243,10 @@ static lego_status grow_params(lego_model *m, size_t old_size) {
 }
 
 LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_model **out) {
+    return model_create(config, 0, out);
+}
+
+lego_status model_create(const lego_model_config *config, int table_only, lego_model **out) {
     if (!out) return LEGO_ERR_INVALID_ARGUMENT;
     *out = NULL;
     if (!config) {
@@ -250,6 +255,7 @@ LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_mod
     }
     lego_model *m = calloc(1, sizeof *m);
     if (!m) return LEGO_ERR_OUT_OF_MEMORY;
+    m->table_only = table_only;
     lego_model_config_init(&m->cfg);
     lego_copy_options(&m->cfg, sizeof m->cfg, config, config->size);
     m->cfg.size = sizeof m->cfg;
@@ -299,8 +305,9 @@ LEGO_API lego_status lego_brick_add(lego_model *m, const lego_brick_config *conf
         m->num_bricks++;
         s = grow_params(m, old_size);
         if (s == LEGO_OK) {
-            sincos_pos_embed(m->params + m->table[b->first_param].offset, b->grid,
-                             m->cfg.hidden_size);
+            if (!m->table_only)
+                sincos_pos_embed(m->params + m->table[b->first_param].offset, b->grid,
+                                 m->cfg.hidden_size);
             return LEGO_OK;
         }
         m->num_bricks--;

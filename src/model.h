@@ -62,6 +62,10 @@ struct lego_model {
     int num_params, cap_params;
     float *params;
     size_t params_size; /* floats */
+    /* A model being loaded: the table is built but `params` stays NULL
+     * until the file has shown it holds every tensor (read_weights), so a
+     * small file cannot make the loader allocate what its config claims. */
+    int table_only;
 
     /* Scratch for the forward pass, grown on demand and kept between calls
      * so the sampling loop does not allocate. */
@@ -79,6 +83,10 @@ struct lego_model {
 /* Allocate a blank handle carrying `status` and a message: what a failed
  * constructor hands back (NULL if even that fails). */
 lego_model *model_new_failed(lego_status status, const char *msg);
+
+/* lego_model_create; with table_only, a model whose parameter array is
+ * left for the loader to allocate (see lego_model.table_only). */
+lego_status model_create(const lego_model_config *config, int table_only, lego_model **out);
 
 /* Check global settings; fills a message in `err` on failure. */
 lego_status model_validate_config(const lego_model_config *cfg, lego_err *err);
