@@ -205,6 +205,26 @@ LEGO_API int lego_backend_available(lego_backend b);
 LEGO_API lego_status lego_model_set_backend(lego_model *model, lego_backend b, int device);
 
 /* ------------------------------------------------------------------------ */
+/* Memory budget                                                            */
+/* ------------------------------------------------------------------------ */
+/*
+ * A cap on the host memory one model uses: what it holds (handle, weights,
+ * scratch) plus what a lego_denoise, lego_sample or lego_step call allocates
+ * while it runs.  A request that would pass it fails with
+ * LEGO_ERR_OUT_OF_MEMORY before anything is allocated, and the message
+ * names the bytes needed and allowed; a service facing untrusted request
+ * sizes sets one.  GPU memory of a CUDA model is not counted.
+ */
+
+/* Set the budget in bytes; 0 = no limit (the default).  Fails with
+ * LEGO_ERR_OUT_OF_MEMORY, the budget unchanged, when the model's weights
+ * alone take more (the scratch is released first: it regrows on demand). */
+LEGO_API lego_status lego_model_set_memory_budget(lego_model *model, size_t bytes);
+
+/* Host bytes the model holds now (0 for NULL). */
+LEGO_API size_t lego_model_memory_usage(const lego_model *model);
+
+/* ------------------------------------------------------------------------ */
 /* The denoiser D(x; sigma)                                                 */
 /* ------------------------------------------------------------------------ */
 

@@ -71,6 +71,9 @@ struct lego_model {
      * so the sampling loop does not allocate. */
     float *work;
     size_t work_size; /* floats */
+    /* lego_model_set_memory_budget: the most host bytes the model may hold
+     * plus what one call allocates while it runs; 0 = no limit. */
+    size_t mem_budget;
 
     /* Bumped whenever the values in `params` change (model_weights_changed):
      * a device copy of the weights is stale when its generation differs. */
@@ -101,8 +104,22 @@ void model_bind_views(lego_model *m);
  * before its next use.  Anything that writes m->params must call it. */
 void model_weights_changed(lego_model *m);
 
-/* Ensure m->work holds at least `floats` floats. */
+/* Ensure m->work holds at least `floats` floats (within the budget). */
 lego_status model_reserve_work(lego_model *m, size_t floats);
+
+/* Host bytes the model holds now: the handle, the parameter table and
+ * array, the scratch. */
+size_t model_memory_usage(const lego_model *m);
+
+/* LEGO_OK when a call may allocate `extra_bytes` more than the model holds
+ * without passing its memory budget; else LEGO_ERR_OUT_OF_MEMORY with a
+ * message naming the bytes needed and allowed.  Every path that allocates
+ * for a request (the CPU forward pass, the samplers, another backend's host
+ * buffers) asks before it allocates. */
+lego_status model_memory_check(lego_model *m, size_t extra_bytes);
+
+/* Bytes by which model_reserve_work(m, floats) would grow the scratch. */
+size_t model_work_growth(const lego_model *m, size_t floats);
 
 /* The lego.config JSON of a model (malloc'd), and its parser. */
 char *config_to_json(const lego_model *m);
