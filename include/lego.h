@@ -15,10 +15,17 @@
  *     so old binaries keep working when fields are appended.
  *   - Tensors are float32, NCHW, row-major, owned by the caller.  The library
  *     never keeps a pointer to caller memory after a call returns.
- *   - Threading: separate models may be used from separate threads at the same
- *     time.  One model must not be used by two threads at once (the model owns
- *     its scratch memory); read-only queries (lego_model_get_*) are the
- *     exception only while no other call is running on the same model.
+ *   - Threading: the library keeps no mutable global state, so separate
+ *     models (and datasets, and trainers of separate models) may be used
+ *     from separate threads at the same time, with the results of using them
+ *     one after the other, bit for bit.  One model takes one call at a time
+ *     (it owns its scratch memory): it may move between threads, or be
+ *     shared behind a lock.  lego_model_error() is the message of the
+ *     model's last call, whichever thread made it: read it on that thread
+ *     before the model's next call.  Read-only queries (lego_model_get_*,
+ *     lego_model_num_*) may run beside each other, not beside other calls
+ *     on the same model.  A call runs on the model's own worker threads
+ *     (num_threads); OpenBLAS's thread count is process-wide (README).
  */
 #ifndef LEGO_H
 #define LEGO_H
