@@ -156,6 +156,58 @@ valgrind: $(TESTS)
 	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
 	done; exit $$status
 
+# libFuzzer harnesses (tests/fuzz/fuzz_*.c): clang with ASan + UBSan, the
+# library sources compiled in.  `make fuzz` runs each for FUZZ_SECONDS over
+# its committed seeds (tests/fuzz/corpus/<harness>/) and past crashes
+# (tests/fuzz/regress/<harness>/), both left untouched (new inputs go to
+# build/fuzz/), and fails on any crash, sanitizer report, leak, timeout or
+# oversized malloc; the input that did it is build/fuzz/crash-<harness>-*.
+# `make fuzz-seeds` rebuilds the seeds (tests/fuzz/make_seeds.c);
+# tests/test_fuzz.c replays all of them in `make check`.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 30
+FUZZ_HARNESSES := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_CFLAGS := -std=c11 $(WARN) -Wno-pass-failed -fopenmp -g -O1 -fno-omit-frame-pointer \
+               -fsanitize=address,undefined -fno-sanitize-recover=all -Iinclude -Isrc \
+               $(shell pkg-config --cflags openblas 2>/dev/null)
+FUZZ_OBJ := $(patsubst src/%.c,build/fuzz/%.o,$(SRC))
+FUZZ_ARGS := -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+.PHONY: fuzz fuzz-build fuzz-seeds
+.SECONDARY: $(FUZZ_OBJ)
+
+build/fuzz:
+	mkdir -p $@
+
+build/fuzz/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $< -o $@ $(FUZZ_OBJ) $(BASE_LDLIBS)
+
+fuzz-build: $(addprefix build/fuzz/fuzz_,$(FUZZ_HARNESSES))
+
+fuzz: fuzz-build
+	@status=0; for h in $(FUZZ_HARNESSES); do \
+	  echo "== fuzz $$h ($(FUZZ_SECONDS) s)"; mkdir -p build/fuzz/corpus-$$h; \
+	  dict=; [ -f tests/fuzz/$$h.dict ] && dict=-dict=tests/fuzz/$$h.dict; \
+	  regress=; [ -d tests/fuzz/regress/$$h ] && regress=tests/fuzz/regress/$$h; \
+	  OPENBLAS_NUM_THREADS=1 ./build/fuzz/fuzz_$$h $(FUZZ_ARGS) $$dict \
+	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz/crash-$$h- \
+	    build/fuzz/corpus-$$h tests/fuzz/corpus/$$h $$regress 2>build/fuzz/$$h.log || \
+	    { status=1; tail -n 60 build/fuzz/$$h.log; }; \
+	  grep -h "stat::number_of_executed_runs\|stat::peak_rss_mb" build/fuzz/$$h.log; \
+	done; exit $$status
+
+build/fuzz/make_seeds: tests/fuzz/make_seeds.c $(STATIC) | build/fuzz
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
+# test_fuzz includes the harnesses.
+build/tests/test_fuzz: $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+
+fuzz-seeds: build/fuzz/make_seeds
+	rm -rf tests/fuzz/corpus
+	./build/fuzz/make_seeds tests/fuzz/corpus
+
 install: lib
 	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
 	install -m 644 include/lego.h $(DESTDIR)$(INCLUDEDIR)/
