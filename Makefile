@@ -201,6 +201,50 @@ fuzz: fuzz-build
 build/fuzz/make_seeds: tests/fuzz/make_seeds.c $(STATIC) | build/fuzz
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
 
+# The ABI of the release build against the committed baseline:
+#   abi/liblego.symbols  exported symbols (nm -D), one per line, sorted
+#   abi/liblego.abi      abidw's description of lib/liblego.so (types too)
+# `make check-abi` fails when the exported symbols differ from the list in
+# any way (new API is recorded on purpose with `make abi-update`), when
+# abidiff reports an error (exit bits 1, 2) or an incompatible change (bit
+# 8: a symbol removed or changed), and when a change (bit 4) is anything
+# but added functions and members appended to structs
+# (abi/liblego.abignore).  Needs abigail-tools and -g (the default CFLAGS).
+ABI_CHECKED := $(if $(filter 1,$(CUDA) $(SANITIZE)),,yes)
+ABIDIFF := abidiff --headers-dir1 include --headers-dir2 include
+.PHONY: check-abi abi-update
+
+build/abi:
+	mkdir -p $@
+
+build/abi/liblego.symbols: $(SHARED) | build/abi
+	nm -D --defined-only $(SHARED) | awk '$$2 != "A" {print $$3}' | LC_ALL=C sort > $@
+
+check-abi: build/abi/liblego.symbols
+	@[ -n "$(ABI_CHECKED)" ] || { echo "check-abi: needs the release build (no CUDA=1, SANITIZE=1)"; exit 2; }
+	@diff -u abi/liblego.symbols build/abi/liblego.symbols || { \
+	  echo "check-abi: the exported symbols differ from abi/liblego.symbols (-: gone, +: new);"; \
+	  echo "check-abi: removing one breaks programs; after adding API on purpose, make abi-update"; \
+	  exit 1; }
+	@$(ABIDIFF) abi/liblego.abi $(SHARED) > build/abi/report.txt; rc=$$?; \
+	if [ $$((rc & 11)) -ne 0 ]; then \
+	  cat build/abi/report.txt; echo "check-abi: abidiff exit status $$rc: error or incompatible change"; exit 1; \
+	elif [ $$((rc & 4)) -ne 0 ]; then \
+	  $(ABIDIFF) --no-added-syms --suppressions abi/liblego.abignore abi/liblego.abi $(SHARED) \
+	    > build/abi/strict.txt || { cat build/abi/strict.txt; \
+	    echo "check-abi: an ABI change other than added functions or appended struct members"; exit 1; }; \
+	  echo "check-abi: compatible additions since the baseline (build/abi/report.txt)"; \
+	else echo "check-abi: the ABI matches abi/liblego.abi"; fi
+
+# Record the current release build as the baseline (after reviewing what
+# check-abi reports).  comp-dir-path is dropped: the file does not depend
+# on where the tree is checked out.
+abi-update: build/abi/liblego.symbols
+	@[ -n "$(ABI_CHECKED)" ] || { echo "abi-update: needs the release build (no CUDA=1, SANITIZE=1)"; exit 2; }
+	cp build/abi/liblego.symbols abi/liblego.symbols
+	abidw --no-corpus-path --headers-dir include $(SHARED) | sed "s| comp-dir-path='[^']*'||" \
+	  > abi/liblego.abi
+
 # test_fuzz includes the harnesses.
 build/tests/test_fuzz: $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
 
@@ -221,13 +265,16 @@ install: lib
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/lego.h $(DESTDIR)$(LIBDIR)/liblego.* $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
 
-# Debian packages for building (first line) and testing (second line).
+# Debian packages for building (first line), testing (second line), and
+# the ABI check and fuzzers (third line).
 deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config \
 	  libopenblas-dev libcjson-dev libpng-dev zlib1g-dev
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq check valgrind python3-numpy \
 	  dataset-fashion-mnist
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq abigail-tools clang libclang-rt-14-dev \
+	  libomp-14-dev
 
 clean:
 	rm -rf build bin lib/liblego*
