@@ -195,7 +195,7 @@ fuzz: fuzz-build
 	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz/crash-$$h- \
 	    build/fuzz/corpus-$$h tests/fuzz/corpus/$$h $$regress 2>build/fuzz/$$h.log || \
 	    { status=1; tail -n 60 build/fuzz/$$h.log; }; \
-	  grep -h "stat::number_of_executed_runs\|stat::peak_rss_mb" build/fuzz/$$h.log; \
+	  grep -h "stat::number_of_executed_units\|stat::peak_rss_mb" build/fuzz/$$h.log; \
 	done; exit $$status
 
 build/fuzz/make_seeds: tests/fuzz/make_seeds.c $(STATIC) | build/fuzz
