@@ -150,14 +150,113 @@ check-header:
 	g++ -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/test_header_cxx.cpp
 
 # Every test program under valgrind memcheck (no fork, so valgrind sees the
-# test bodies); any error or definite leak fails.
-VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
+# test bodies); any error or definite leak fails.  test_allocfail defines
+# its own malloc: nouserintercepts leaves it in place (valgrind still sees
+# the C library's underneath).
+VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+            --soname-synonyms=somalloc=nouserintercepts
 # test_sample is left to the ASan run: the samplers' loops take too long under memcheck.
 VALGRIND_TESTS := $(filter-out build/tests/test_sample,$(TESTS))
 valgrind: $(TESTS)
 	@status=0; for t in $(VALGRIND_TESTS); do \
 	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
 	done; exit $$status
+
+# libFuzzer harnesses (tests/fuzz/fuzz_*.c): clang with ASan + UBSan, the
+# library sources compiled in.  `make fuzz` runs each for FUZZ_SECONDS over
+# its committed seeds (tests/fuzz/corpus/<harness>/) and past crashes
+# (tests/fuzz/regress/<harness>/), both left untouched (new inputs go to
+# build/fuzz/), and fails on any crash, sanitizer report, leak, timeout or
+# oversized malloc; the input that did it is build/fuzz/crash-<harness>-*.
+# `make fuzz-seeds` rebuilds the seeds (tests/fuzz/make_seeds.c);
+# tests/test_fuzz.c replays all of them in `make check`.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 30
+FUZZ_HARNESSES := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_CFLAGS := -std=c11 $(WARN) -Wno-pass-failed -fopenmp -g -O1 -fno-omit-frame-pointer \
+               -fsanitize=address,undefined -fno-sanitize-recover=all -Iinclude -Isrc \
+               $(shell pkg-config --cflags openblas 2>/dev/null)
+FUZZ_OBJ := $(patsubst src/%.c,build/fuzz/%.o,$(SRC))
+FUZZ_ARGS := -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+.PHONY: fuzz fuzz-build fuzz-seeds
+.SECONDARY: $(FUZZ_OBJ)
+
+build/fuzz:
+	mkdir -p $@
+
+build/fuzz/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $< -o $@ $(FUZZ_OBJ) $(BASE_LDLIBS)
+
+fuzz-build: $(addprefix build/fuzz/fuzz_,$(FUZZ_HARNESSES))
+
+fuzz: fuzz-build
+	@status=0; for h in $(FUZZ_HARNESSES); do \
+	  echo "== fuzz $$h ($(FUZZ_SECONDS) s)"; mkdir -p build/fuzz/corpus-$$h; \
+	  dict=; [ -f tests/fuzz/$$h.dict ] && dict=-dict=tests/fuzz/$$h.dict; \
+	  regress=; [ -d tests/fuzz/regress/$$h ] && regress=tests/fuzz/regress/$$h; \
+	  OPENBLAS_NUM_THREADS=1 ./build/fuzz/fuzz_$$h $(FUZZ_ARGS) $$dict \
+	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz/crash-$$h- \
+	    build/fuzz/corpus-$$h tests/fuzz/corpus/$$h $$regress 2>build/fuzz/$$h.log || \
+	    { status=1; tail -n 60 build/fuzz/$$h.log; }; \
+	  grep -h "stat::number_of_executed_units\|stat::peak_rss_mb" build/fuzz/$$h.log; \
+	done; exit $$status
+
+build/fuzz/make_seeds: tests/fuzz/make_seeds.c $(STATIC) | build/fuzz
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
+# The ABI of the release build against the committed baseline:
+#   abi/liblego.symbols  exported symbols (nm -D), one per line, sorted
+#   abi/liblego.abi      abidw's description of lib/liblego.so (types too)
+# `make check-abi` fails when the exported symbols differ from the list in
+# any way (new API is recorded on purpose with `make abi-update`), when
+# abidiff reports an error (exit bits 1, 2) or an incompatible change (bit
+# 8: a symbol removed or changed), and when a change (bit 4) is anything
+# but added functions and members appended to structs
+# (abi/liblego.abignore).  Needs abigail-tools and -g (the default CFLAGS).
+ABI_CHECKED := $(if $(filter 1,$(CUDA) $(SANITIZE)),,yes)
+ABIDIFF := abidiff --headers-dir1 include --headers-dir2 include
+.PHONY: check-abi abi-update
+
+build/abi:
+	mkdir -p $@
+
+build/abi/liblego.symbols: $(SHARED) | build/abi
+	nm -D --defined-only $(SHARED) | awk '$$2 != "A" {print $$3}' | LC_ALL=C sort > $@
+
+check-abi: build/abi/liblego.symbols
+	@[ -n "$(ABI_CHECKED)" ] || { echo "check-abi: needs the release build (no CUDA=1, SANITIZE=1)"; exit 2; }
+	@diff -u abi/liblego.symbols build/abi/liblego.symbols || { \
+	  echo "check-abi: the exported symbols differ from abi/liblego.symbols (-: gone, +: new);"; \
+	  echo "check-abi: removing one breaks programs; after adding API on purpose, make abi-update"; \
+	  exit 1; }
+	@$(ABIDIFF) abi/liblego.abi $(SHARED) > build/abi/report.txt; rc=$$?; \
+	if [ $$((rc & 11)) -ne 0 ]; then \
+	  cat build/abi/report.txt; echo "check-abi: abidiff exit status $$rc: error or incompatible change"; exit 1; \
+	elif [ $$((rc & 4)) -ne 0 ]; then \
+	  $(ABIDIFF) --no-added-syms --suppressions abi/liblego.abignore abi/liblego.abi $(SHARED) \
+	    > build/abi/strict.txt || { cat build/abi/strict.txt; \
+	    echo "check-abi: an ABI change other than added functions or appended struct members"; exit 1; }; \
+	  echo "check-abi: compatible additions since the baseline (build/abi/report.txt)"; \
+	else echo "check-abi: the ABI matches abi/liblego.abi"; fi
+
+# Record the current release build as the baseline (after reviewing what
+# check-abi reports).  comp-dir-path is dropped: the file does not depend
+# on where the tree is checked out.
+abi-update: build/abi/liblego.symbols
+	@[ -n "$(ABI_CHECKED)" ] || { echo "abi-update: needs the release build (no CUDA=1, SANITIZE=1)"; exit 2; }
+	cp build/abi/liblego.symbols abi/liblego.symbols
+	abidw --no-corpus-path --headers-dir include $(SHARED) | sed "s| comp-dir-path='[^']*'||" \
+	  > abi/liblego.abi
+
+# test_fuzz includes the harnesses.
+build/tests/test_fuzz: $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+
+fuzz-seeds: build/fuzz/make_seeds
+	rm -rf tests/fuzz/corpus
+	./build/fuzz/make_seeds tests/fuzz/corpus
 
 install: lib examples
 	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(BINDIR) \
@@ -230,13 +329,16 @@ else
 	$$tmp/bin/lego-sample --help >/dev/null && echo "check-pkgconfig: ok"
 endif
 
-# Debian packages for building (first line) and testing (second line).
+# Debian packages for building (first line), testing (second line), and
+# the ABI check and fuzzers (third line).
 deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config \
 	  libopenblas-dev libcjson-dev libpng-dev zlib1g-dev
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq check valgrind python3-numpy \
 	  dataset-fashion-mnist
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq abigail-tools clang libclang-rt-14-dev \
+	  libomp-14-dev
 
 clean:
 	rm -rf build bin lib/liblego*

@@ -15,10 +15,17 @@
  *     so old binaries keep working when fields are appended.
  *   - Tensors are float32, NCHW, row-major, owned by the caller.  The library
  *     never keeps a pointer to caller memory after a call returns.
- *   - Threading: separate models may be used from separate threads at the same
- *     time.  One model must not be used by two threads at once (the model owns
- *     its scratch memory); read-only queries (lego_model_get_*) are the
- *     exception only while no other call is running on the same model.
+ *   - Threading: the library keeps no mutable global state, so separate
+ *     models (and datasets, and trainers of separate models) may be used
+ *     from separate threads at the same time, with the results of using them
+ *     one after the other, bit for bit.  One model takes one call at a time
+ *     (it owns its scratch memory): it may move between threads, or be
+ *     shared behind a lock.  lego_model_error() is the message of the
+ *     model's last call, whichever thread made it: read it on that thread
+ *     before the model's next call.  Read-only queries (lego_model_get_*,
+ *     lego_model_num_*) may run beside each other, not beside other calls
+ *     on the same model.  A call runs on the model's own worker threads
+ *     (num_threads); OpenBLAS's thread count is process-wide (README).
  */
 #ifndef LEGO_H
 #define LEGO_H
@@ -222,6 +229,26 @@ LEGO_API lego_status lego_model_set_backend(lego_model *model, lego_backend b, i
  * at the next evaluation on a GPU (the 16-bit copy of the weights is made
  * then, once).  Errors: LEGO_ERR_INVALID_ARGUMENT for an unknown value. */
 LEGO_API lego_status lego_model_set_precision(lego_model *model, lego_precision precision);
+
+/* ------------------------------------------------------------------------ */
+/* Memory budget                                                            */
+/* ------------------------------------------------------------------------ */
+/*
+ * A cap on the host memory one model uses: what it holds (handle, weights,
+ * scratch) plus what a lego_denoise, lego_sample or lego_step call allocates
+ * while it runs.  A request that would pass it fails with
+ * LEGO_ERR_OUT_OF_MEMORY before anything is allocated, and the message
+ * names the bytes needed and allowed; a service facing untrusted request
+ * sizes sets one.  GPU memory of a CUDA model is not counted.
+ */
+
+/* Set the budget in bytes; 0 = no limit (the default).  Fails with
+ * LEGO_ERR_OUT_OF_MEMORY, the budget unchanged, when the model's weights
+ * alone take more (the scratch is released first: it regrows on demand). */
+LEGO_API lego_status lego_model_set_memory_budget(lego_model *model, size_t bytes);
+
+/* Host bytes the model holds now (0 for NULL). */
+LEGO_API size_t lego_model_memory_usage(const lego_model *model);
 
 /* ------------------------------------------------------------------------ */
 /* The denoiser D(x; sigma)                                                 */

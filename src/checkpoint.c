@@ -22,7 +22,10 @@ static void shape_string(const int64_t *shape, int rank, char *buf, size_t size)
 }
 
 /* Fill a fresh parameter array from the file; on success it replaces the
- * model's, on failure the model is untouched. */
+ * model's, on failure the model is untouched.  Every tensor is checked
+ * before the array is allocated: its size then is bounded by the file's
+ * (F16 and BF16 store 2 bytes per float), whatever the architecture
+ * claims. */
 static lego_status read_weights(lego_model *m, const st_file *f, lego_err *err) {
     for (int i = 0; i < f->num_tensors; i++) {
         const char *name = f->tensors[i].name;
@@ -32,39 +35,37 @@ static lego_status read_weights(lego_model *m, const st_file *f, lego_err *err) 
             return lego_fail(err, LEGO_ERR_SHAPE,
                              "unexpected tensor '%s' (not part of this architecture)", name);
     }
-    float *params = malloc(m->params_size * sizeof *params);
-    if (!params) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for weights");
     for (int j = 0; j < m->num_params; j++) {
         const lego_param *p = &m->table[j];
         const st_tensor *t = st_find(f, p->name);
-        if (!t) {
-            free(params);
-            return lego_fail(err, LEGO_ERR_SHAPE, "missing tensor '%s'", p->name);
-        }
+        if (!t) return lego_fail(err, LEGO_ERR_SHAPE, "missing tensor '%s'", p->name);
         int same = t->rank == p->rank;
         for (int d = 0; same && d < p->rank; d++) same = t->shape[d] == p->shape[d];
         if (!same) {
             char want[96], got[96];
             shape_string(p->shape, p->rank, want, sizeof want);
             shape_string(t->shape, t->rank, got, sizeof got);
-            free(params);
             return lego_fail(err, LEGO_ERR_SHAPE, "tensor '%s' has shape [%s], expected [%s]",
                              p->name, got, want);
         }
-        if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16) {
-            free(params);
+        if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
             return lego_fail(err, LEGO_ERR_UNSUPPORTED,
                              "tensor '%s' has dtype %s; checkpoints must be F32, F16 or BF16",
                              p->name, st_dtype_name(t->dtype));
-        }
-        st_to_f32(t, params + p->offset, err);
     }
+    float *params = malloc(m->params_size * sizeof *params);
+    if (!params) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for weights");
+    for (int j = 0; j < m->num_params; j++)
+        st_to_f32(st_find(f, m->table[j].name), params + m->table[j].offset, err);
     free(m->params);
     m->params = params;
+    m->table_only = 0;
     model_bind_views(m);
     return LEGO_OK;
 }
 
+/* The model a file's lego.config describes, parameter table only: the
+ * caller reads the weights into it (read_weights) or just compares it. */
 static lego_status build_model(const char *json, const lego_load_options *o, lego_model **out,
                                lego_err *err) {
     lego_model_config cfg;
@@ -77,7 +78,7 @@ static lego_status build_model(const char *json, const lego_load_options *o, leg
     cfg.device = o->device;
     cfg.precision = o->precision;
     lego_model *m = NULL;
-    s = lego_model_create(&cfg, &m);
+    s = model_create(&cfg, 1, &m);
     for (int k = 0; s == LEGO_OK && k < nb; k++) s = lego_brick_add(m, &bricks[k]);
     if (s != LEGO_OK) {
         if (m) *err = m->err;

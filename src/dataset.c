@@ -778,11 +778,11 @@ static lego_status png_decode(png_mem *m, const png_shape *want, png_shape *got,
     size_t rowbytes;
 
     png = png_create_read_struct(PNG_LIBPNG_VER_STRING, m, png_on_error, png_on_warning);
-    if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "cannot start libpng");
+    if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     info = png_create_info_struct(png);
     if (!info) {
         png_destroy_read_struct(&png, NULL, NULL);
-        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "cannot start libpng");
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     }
     if (setjmp(png_jmpbuf(png))) {
         png_destroy_read_struct(&png, &info, NULL);
@@ -1331,31 +1331,39 @@ static lego_status idx_header(gz_in *in, const char *path, int ndims, uint32_t *
 }
 
 /* "x/train-images-idx3-ubyte.gz" -> "x/train-labels-idx1-ubyte.gz" (then
- * without or with ".gz"); NULL when the name does not follow the pattern
- * or no such file exists. */
-static char *find_labels(const char *images) {
+ * without or with ".gz") into *out; NULL when the name does not follow the
+ * pattern or no such file exists.  Running out of memory is an error, not
+ * "no labels": the set would silently lose them. */
+static lego_status find_labels(const char *images, char **out, lego_err *err) {
     const char *base = strrchr(images, '/');
     char *p, *a, *b;
     size_t len = strlen(images);
     struct stat sb;
 
+    *out = NULL;
     base = base ? base + 1 : images;
     a = strstr(base, "images");
     b = strstr(base, "idx3");
-    if (!a || !b) return NULL;
+    if (!a || !b) return LEGO_OK;
     p = malloc(len + 4);
-    if (!p) return NULL;
+    if (!p) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     memcpy(p, images, len + 1);
     memcpy(p + (a - images), "labels", 6);
     p[(b - images) + 3] = '1';
-    if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) return p;
+    if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) {
+        *out = p;
+        return LEGO_OK;
+    }
     if (has_ext(p, ".gz"))
         p[len - 3] = '\0';
     else
         memcpy(p + len, ".gz", 4);
-    if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) return p;
+    if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) {
+        *out = p;
+        return LEGO_OK;
+    }
     free(p);
-    return NULL;
+    return LEGO_OK;
 }
 
 /* Read the labels file: its count must match the images; all labels are
@@ -1468,7 +1476,7 @@ static lego_status load_idx(lego_dataset *ds, const char *path, const lego_datas
 
     if (o->labels_path) {
         st = idx_labels(o->labels_path, dims[0], path, n_use, ds, err);
-    } else if ((labels_path = find_labels(path)) != NULL) {
+    } else if ((st = find_labels(path, &labels_path, err)) == LEGO_OK && labels_path) {
         st = idx_labels(labels_path, dims[0], path, n_use, ds, err);
     }
 

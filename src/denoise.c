@@ -104,6 +104,22 @@ lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int g
     return LEGO_OK;
 }
 
+int denoise_guided(const lego_model *m, float guidance) {
+    return m->cfg.label_dim > 0 && guidance != 1.0f && guidance != 0.0f;
+}
+
+lego_status denoise_memory_check(lego_model *m, int n, int h, int w, int guided,
+                                 size_t temp_bytes) {
+    size_t need, extra;
+    if (model_denoise_floats(m, n, h, w, guided, &need) != LEGO_OK)
+        return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
+                         "a batch of %d images of %dx%d is too large", n, h, w);
+    /* A model on the GPU keeps its scratch there. */
+    size_t growth = m->cuda ? 0 : model_work_growth(m, need);
+    if (!size_add(growth, temp_bytes, &extra)) extra = SIZE_MAX;
+    return model_memory_check(m, extra);
+}
+
 lego_status model_denoise(lego_model *m, const denoise_args *a) {
     /* A model on the GPU runs the same computation there (cuda/). */
     if (m->cuda) return cuda_backend_denoise(m, a);
@@ -111,7 +127,7 @@ lego_status model_denoise(lego_model *m, const denoise_args *a) {
     int L = m->cfg.label_dim;
     /* Guidance needs a second, unconditional pass; the two passes run as one
      * batch of 2n: conditional images first, then the same with null labels. */
-    int guided = L > 0 && a->guidance != 1.0f && a->guidance != 0.0f;
+    int guided = denoise_guided(m, a->guidance);
     int nb = guided ? 2 * n : n;
     size_t chw = (size_t)C * h * w, fdim = (size_t)m->cfg.frequency_embedding_size;
 

@@ -29,4 +29,13 @@ lego_status labels_to_rows(lego_model *m, int n, const int32_t *labels, float **
 lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int guided,
                                  size_t *floats);
 
+/* Whether a guidance scale makes model_denoise run the unconditional half. */
+int denoise_guided(const lego_model *m, float guidance);
+
+/* The memory-budget check of a request that evaluates D on n images of
+ * h x w: the scratch it would add plus `temp_bytes` the caller allocates
+ * for the call.  Message into m->err. */
+lego_status denoise_memory_check(lego_model *m, int n, int h, int w, int guided,
+                                 size_t temp_bytes);
+
 #endif /* LEGO_DENOISE_H */

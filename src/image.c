@@ -214,11 +214,11 @@ static lego_status png_encode(FILE *f, uint32_t width, uint32_t height,
 
     png = png_create_write_struct(PNG_LIBPNG_VER_STRING, msgs, on_png_error,
                                   on_png_warning);
-    if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "cannot start libpng");
+    if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     info = png_create_info_struct(png);
     if (!info) {
         png_destroy_write_struct(&png, NULL);
-        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "cannot start libpng");
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     }
     if (setjmp(png_jmpbuf(png))) {
         png_destroy_write_struct(&png, &info);

@@ -114,6 +114,11 @@ LEGO_API lego_status lego_denoise(lego_model *m, const lego_denoise_request *req
     run &= ~r.skip_mask;
 
     int L = m->cfg.label_dim;
+    /* n <= MAX_BATCH and L <= 10^6: the one-hot rows' size fits. */
+    size_t label_bytes = L > 0 && r.labels ? (size_t)r.n * (size_t)L * sizeof(float) : 0;
+    s = denoise_memory_check(m, r.n, r.height, r.width, denoise_guided(m, r.guidance),
+                             label_bytes);
+    if (s != LEGO_OK) return s;
     float *vectors = NULL;
     if (L > 0 && r.labels) {
         if ((s = labels_to_rows(m, r.n, r.labels, &vectors)) != LEGO_OK) return s;

@@ -236,6 +236,7 @@ static lego_status grow_params(lego_model *m, size_t old_size) {
     if (m->params_size > LEGO_MAX_ALLOC / sizeof(float))
         return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "model would need %zu parameters",
                          m->params_size);
+    if (m->table_only) return LEGO_OK;
     float *p = realloc(m->params, m->params_size * sizeof *p);
     if (!p) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
                              "out of memory for %zu parameters", m->params_size);
@@ -288,6 +289,10 @@ lego_status model_count_params(const lego_model_config *config, const lego_brick
 }
 
 LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_model **out) {
+    return model_create(config, 0, out);
+}
+
+lego_status model_create(const lego_model_config *config, int table_only, lego_model **out) {
     if (!out) return LEGO_ERR_INVALID_ARGUMENT;
     *out = NULL;
     if (!config) {
@@ -296,6 +301,7 @@ LEGO_API lego_status lego_model_create(const lego_model_config *config, lego_mod
     }
     lego_model *m = calloc(1, sizeof *m);
     if (!m) return LEGO_ERR_OUT_OF_MEMORY;
+    m->table_only = table_only;
     lego_model_config_init(&m->cfg);
     lego_copy_options(&m->cfg, sizeof m->cfg, config, config->size);
     m->cfg.size = sizeof m->cfg;
@@ -341,8 +347,9 @@ LEGO_API lego_status lego_brick_add(lego_model *m, const lego_brick_config *conf
         m->num_bricks++;
         s = grow_params(m, old_size);
         if (s == LEGO_OK) {
-            sincos_pos_embed(m->params + m->table[b->first_param].offset, b->grid,
-                             m->cfg.hidden_size);
+            if (!m->table_only)
+                sincos_pos_embed(m->params + m->table[b->first_param].offset, b->grid,
+                                 m->cfg.hidden_size);
             return LEGO_OK;
         }
         m->num_bricks--;
@@ -366,18 +373,68 @@ LEGO_API const char *lego_model_error(const lego_model *m) {
     return m->err.msg;
 }
 
+size_t model_work_growth(const lego_model *m, size_t floats) {
+    return floats > m->work_size ? (floats - m->work_size) * sizeof(float) : 0;
+}
+
 lego_status model_reserve_work(lego_model *m, size_t floats) {
     if (floats <= m->work_size) return LEGO_OK;
     if (floats > LEGO_MAX_ALLOC / sizeof(float))
         return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "request needs %zu floats of scratch",
                          floats);
+    lego_status s = model_memory_check(m, model_work_growth(m, floats));
+    if (s != LEGO_OK) return s;
+    /* The old contents are not needed: free first, so the old and the new
+     * scratch are never held together. */
+    free(m->work);
+    m->work = NULL;
+    m->work_size = 0;
     float *w = malloc(floats * sizeof *w);
     if (!w) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
                              "out of memory for %zu MiB of scratch", floats * 4 >> 20);
-    free(m->work);
     m->work = w;
     m->work_size = floats;
     return LEGO_OK;
+}
+
+/* ---- the memory budget ---- */
+
+size_t model_memory_usage(const lego_model *m) {
+    /* Each term is an allocation that succeeded, so the sum fits.  A failed
+     * handle has only the handle. */
+    return sizeof *m + (m->table ? (size_t)m->cap_params * sizeof *m->table : 0) +
+           (m->params ? m->params_size * sizeof *m->params : 0) +
+           (m->work ? m->work_size * sizeof *m->work : 0);
+}
+
+lego_status model_memory_check(lego_model *m, size_t extra_bytes) {
+    size_t held = model_memory_usage(m), total;
+    if (m->mem_budget == 0) return LEGO_OK;
+    if (size_add(held, extra_bytes, &total) && total <= m->mem_budget) return LEGO_OK;
+    return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
+                     "the request needs %zu bytes more than the model's %zu, but the memory "
+                     "budget allows %zu in all (lego_model_set_memory_budget)",
+                     extra_bytes, held, m->mem_budget);
+}
+
+LEGO_API lego_status lego_model_set_memory_budget(lego_model *m, size_t bytes) {
+    MODEL_CHECK(m);
+    if (bytes != 0 && model_memory_usage(m) > bytes) {
+        /* The scratch regrows on demand; give it back before refusing. */
+        free(m->work);
+        m->work = NULL;
+        m->work_size = 0;
+        if (model_memory_usage(m) > bytes)
+            return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
+                             "the model's weights alone take %zu bytes, more than a budget of "
+                             "%zu", model_memory_usage(m), bytes);
+    }
+    m->mem_budget = bytes;
+    return LEGO_OK;
+}
+
+LEGO_API size_t lego_model_memory_usage(const lego_model *m) {
+    return m ? model_memory_usage(m) : 0;
 }
 
 /* ---- the fixed 2-D sin-cos position embedding (MAE / DiT layout) ---- */

@@ -62,11 +62,18 @@ struct lego_model {
     int num_params, cap_params;
     float *params;
     size_t params_size; /* floats */
+    /* A model being loaded: the table is built but `params` stays NULL
+     * until the file has shown it holds every tensor (read_weights), so a
+     * small file cannot make the loader allocate what its config claims. */
+    int table_only;
 
     /* Scratch for the forward pass, grown on demand and kept between calls
      * so the sampling loop does not allocate. */
     float *work;
     size_t work_size; /* floats */
+    /* lego_model_set_memory_budget: the most host bytes the model may hold
+     * plus what one call allocates while it runs; 0 = no limit. */
+    size_t mem_budget;
 
     /* Bumped whenever the values in `params` change (model_weights_changed):
      * a device copy of the weights is stale when its generation differs. */
@@ -79,6 +86,10 @@ struct lego_model {
 /* Allocate a blank handle carrying `status` and a message: what a failed
  * constructor hands back (NULL if even that fails). */
 lego_model *model_new_failed(lego_status status, const char *msg);
+
+/* lego_model_create; with table_only, a model whose parameter array is
+ * left for the loader to allocate (see lego_model.table_only). */
+lego_status model_create(const lego_model_config *config, int table_only, lego_model **out);
 
 /* Check global settings; fills a message in `err` on failure. */
 lego_status model_validate_config(const lego_model_config *cfg, lego_err *err);
@@ -98,8 +109,22 @@ void model_bind_views(lego_model *m);
  * before its next use.  Anything that writes m->params must call it. */
 void model_weights_changed(lego_model *m);
 
-/* Ensure m->work holds at least `floats` floats. */
+/* Ensure m->work holds at least `floats` floats (within the budget). */
 lego_status model_reserve_work(lego_model *m, size_t floats);
+
+/* Host bytes the model holds now: the handle, the parameter table and
+ * array, the scratch. */
+size_t model_memory_usage(const lego_model *m);
+
+/* LEGO_OK when a call may allocate `extra_bytes` more than the model holds
+ * without passing its memory budget; else LEGO_ERR_OUT_OF_MEMORY with a
+ * message naming the bytes needed and allowed.  Every path that allocates
+ * for a request (the CPU forward pass, the samplers, another backend's host
+ * buffers) asks before it allocates. */
+lego_status model_memory_check(lego_model *m, size_t extra_bytes);
+
+/* Bytes by which model_reserve_work(m, floats) would grow the scratch. */
+size_t model_work_growth(const lego_model *m, size_t floats);
 
 /* The lego.config JSON of a model (malloc'd), and its parser. */
 char *config_to_json(const lego_model *m);

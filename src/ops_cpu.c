@@ -39,6 +39,9 @@ static int have_avx2_fma(void) {
  * 2^n assembled in the exponent bits.  Inputs are clamped to the range where
  * the result is a normal float. */
 static inline float fast_expf(float x) {
+    /* NaN (from NaN weights or inputs) would reach the float-to-int
+     * conversion below, which is undefined for it: pass it through. */
+    if (x != x) return x;
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = (float)(int)(x * 1.44269504f + (x >= 0 ? 0.5f : -0.5f));
     float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 split in two */

@@ -137,6 +137,21 @@ static const double *draw_noise(sample_run *s, int step) {
     return s->noise;
 }
 
+/* Everything a run allocates, against the model's memory budget, before
+ * any of it is allocated.  check_batch bounded n * chw far below 2^40, so
+ * the sum cannot overflow. */
+static lego_status sample_memory_check(sample_run *s, size_t len) {
+    lego_model *m = s->m;
+    size_t n = (size_t)s->n, L = (size_t)m->cfg.label_dim;
+    size_t bytes = ((size_t)s->o.steps + 1) * sizeof *s->sigmas /* sigmas */
+                   + 2 * len * sizeof(double)                   /* x, noise */
+                   + s->chw * sizeof(float)                     /* latents of one image */
+                   + solver_ctx_bytes(s->n, s->chw, s->o.solver);
+    if (s->o.rng == LEGO_RNG_TORCH) bytes += n * sizeof *s->gens;
+    if (L > 0) bytes += n * sizeof *s->labels + n * L * sizeof(float); /* labels, one-hot rows */
+    return denoise_memory_check(m, s->n, s->h, s->w, denoise_guided(m, s->o.guidance), bytes);
+}
+
 static lego_status prepare(sample_run *s) {
     lego_model *m = s->m;
     lego_status st;
@@ -161,6 +176,7 @@ static lego_status prepare(sample_run *s) {
     s->chw = (size_t)m->cfg.img_channels * s->h * s->w;
 
     size_t len = (size_t)s->n * s->chw;
+    if ((st = sample_memory_check(s, len)) != LEGO_OK) return st;
     s->sigmas = malloc(((size_t)s->o.steps + 1) * sizeof *s->sigmas);
     s->x = malloc(len * sizeof *s->x);
     s->noise = malloc(len * sizeof *s->noise);
@@ -260,6 +276,13 @@ LEGO_API lego_status lego_step(lego_model *m, const lego_step_request *request,
     if ((st = check_batch(m, r.n, r.height, r.width)) != LEGO_OK) return st;
 
     size_t len = (size_t)r.n * m->cfg.img_channels * r.height * r.width;
+    size_t chw = len / (size_t)r.n, L = (size_t)m->cfg.label_dim;
+    size_t bytes = len * sizeof(double) * (r.noise ? 2 : 1) + /* x, noise */
+                   solver_ctx_bytes(r.n, chw, o.solver) +
+                   (L > 0 && r.labels ? (size_t)r.n * L * sizeof(float) : 0);
+    if ((st = denoise_memory_check(m, r.n, r.height, r.width, denoise_guided(m, o.guidance),
+                                   bytes)) != LEGO_OK)
+        return st;
     float *vec = NULL;
     double *x = malloc(len * sizeof *x), *noise = r.noise ? malloc(len * sizeof *noise) : NULL;
     solver_ctx ctx;

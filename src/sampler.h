@@ -31,6 +31,9 @@ typedef struct solver_ctx {
 
 lego_status solver_ctx_init(solver_ctx *c, lego_model *m, int n, int h, int w,
                             const lego_sample_options *opt, const float *label_vectors);
+/* Bytes solver_ctx_init allocates for n images of chw values (sizes
+ * already bounded by the caller). */
+size_t solver_ctx_bytes(int n, size_t chw, lego_solver solver);
 void solver_ctx_free(solver_ctx *c);
 
 /* Check solver options; message into m->err. */

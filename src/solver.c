@@ -83,6 +83,13 @@ lego_status solver_ctx_init(solver_ctx *c, lego_model *m, int n, int h, int w,
     return LEGO_OK;
 }
 
+size_t solver_ctx_bytes(int n, size_t chw, lego_solver solver) {
+    size_t len = (size_t)n * chw;
+    size_t per = 2 * sizeof(float) + 2 * sizeof(double); /* xf, den, x_hat, d_cur */
+    if (solver == LEGO_SOLVER_DPMPP_2M) per += sizeof(double); /* old_den */
+    return len * per + (size_t)n * sizeof(float);
+}
+
 void solver_ctx_free(solver_ctx *c) {
     free(c->xf);
     free(c->den);

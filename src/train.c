@@ -199,6 +199,12 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
                              "sigma[%d] = %g: noise levels must be finite and positive", i,
                              (double)b.sigma[i]);
+    /* The size check first: it bounds img (below the scratch), which the
+     * loops over the caller's arrays use. */
+    size_t scratch_floats = train_scratch_floats(m, b.n, b.height, b.width);
+    if (scratch_floats == 0)
+        return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images of %dx%d is too large",
+                         b.n, b.height, b.width);
     size_t img = (size_t)b.n * (size_t)m->cfg.img_channels * b.height * b.width;
     int L = m->cfg.label_dim;
     if ((s = check_finite(&m->err, "y", b.y, img)) != LEGO_OK ||
@@ -208,10 +214,6 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
         (s = check_finite(&m->err, "label_vectors", b.label_vectors, (size_t)b.n * L)) != LEGO_OK)
         return s;
 
-    size_t scratch_floats = train_scratch_floats(m, b.n, b.height, b.width);
-    if (scratch_floats == 0)
-        return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images of %dx%d is too large",
-                         b.n, b.height, b.width);
     net_cache *c = NULL;
     float *scratch = NULL, *vectors = NULL;
     if ((s = net_cache_create(m, b.n, b.height, b.width, &c, &m->err)) != LEGO_OK) goto done;

@@ -11,7 +11,10 @@
  *                (missing file, truncation, no lego.config, missing / extra /
  *                wrongly shaped tensors, F64); load_weights
  *   denoise      every bad request; skipping, num_bricks, guidance, labels,
- *                conditioning, batch invariance; two models on two threads
+ *                conditioning, batch invariance; threads: two models denoising
+ *                and sampling at once give the sequential results bit for
+ *                bit, messages stay with their model, one model shared under
+ *                a lock
  *   golden       ../shared/models/fmnist_lego_pg32.safetensors loads
  *                (skipped when ../shared is absent)
  *
@@ -1790,6 +1793,197 @@ START_TEST(test_two_models_two_threads) {
 }
 END_TEST
 
+/* Sampling: two models drawing at once in two threads give, bit for bit,
+ * the images they draw one after the other (no state is shared between
+ * models, and each call's numbers depend only on its model and request). */
+typedef struct sample_job {
+    lego_model *m;
+    int n, h, w;
+    lego_solver solver;
+    lego_rng rng;
+    float guidance;
+    float *out;
+    int32_t *labels_out;
+    lego_status status;
+} sample_job;
+
+static void *run_sample_job(void *arg) {
+    sample_job *j = arg;
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = j->n;
+    r.height = j->h;
+    r.width = j->w;
+    r.out = j->out;
+    r.labels_out = j->labels_out;
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = 4;
+    o.solver = j->solver;
+    o.rng = j->rng;
+    o.guidance = j->guidance;
+    o.s_churn = j->solver == LEGO_SOLVER_DPMPP_2M ? 0 : 3;
+    j->status = lego_sample(j->m, &r, &o, NULL);
+    return NULL;
+}
+
+START_TEST(test_two_models_sample_threads) {
+    lego_model *a = std_model(42), *b = std_model(43);
+    sample_job base[2] = {{a, 3, 8, 16, LEGO_SOLVER_HEUN, LEGO_RNG_TORCH, 2.0f, NULL, NULL, 0},
+                          {b, 2, 16, 8, LEGO_SOLVER_DPMPP_2M, LEGO_RNG_PHILOX, 1.0f, NULL, NULL, 0}};
+    sample_job seq[2], par[2];
+    size_t len[2];
+    for (int k = 0; k < 2; k++) {
+        len[k] = (size_t)base[k].n * 2 * base[k].h * base[k].w;
+        seq[k] = par[k] = base[k];
+        seq[k].out = alloc_out(len[k]);
+        par[k].out = alloc_out(len[k]);
+        seq[k].labels_out = malloc((size_t)base[k].n * sizeof(int32_t));
+        par[k].labels_out = malloc((size_t)base[k].n * sizeof(int32_t));
+        run_sample_job(&seq[k]);
+        ck_assert_msg(seq[k].status == LEGO_OK, "%s", lego_model_error(seq[k].m));
+    }
+    for (int round = 0; round < 2; round++) {
+        pthread_t t[2];
+        for (int k = 0; k < 2; k++)
+            ck_assert(pthread_create(&t[k], NULL, run_sample_job, &par[k]) == 0);
+        for (int k = 0; k < 2; k++) ck_assert(pthread_join(t[k], NULL) == 0);
+        for (int k = 0; k < 2; k++) {
+            ck_assert_msg(par[k].status == LEGO_OK, "thread %d: %s", k,
+                          lego_model_error(par[k].m));
+            ck_assert_msg(memcmp(par[k].out, seq[k].out, len[k] * sizeof(float)) == 0,
+                          "round %d, model %d: concurrent images differ by %g", round, k,
+                          max_abs_diff(par[k].out, seq[k].out, len[k]));
+            ck_assert(memcmp(par[k].labels_out, seq[k].labels_out,
+                             (size_t)base[k].n * sizeof(int32_t)) == 0);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        free(seq[k].out), free(par[k].out);
+        free(seq[k].labels_out), free(par[k].labels_out);
+    }
+    lego_model_free(a);
+    lego_model_free(b);
+}
+END_TEST
+
+/* Messages belong to their model: a thread failing call after call on one
+ * model leaves another thread's model, succeeding meanwhile, with an empty
+ * message, and its own model with the message of its own last call. */
+typedef struct error_job {
+    lego_model *m;
+    const inputs *in;
+    int fail;          /* make every call fail, each with its own message */
+    float *out;
+    int ok, failed;
+    char last[512];    /* the message after the last call, read at once */
+} error_job;
+
+static void *run_error_job(void *arg) {
+    error_job *j = arg;
+    float *sigma = malloc((size_t)j->in->n * sizeof *sigma);
+    for (int it = 0; it < 40; it++) {
+        lego_denoise_request r;
+        request(&r, j->in, j->out);
+        memcpy(sigma, j->in->sigma, (size_t)j->in->n * sizeof *sigma);
+        if (j->fail) sigma[0] = -(float)(it + 1); /* "sigma[0] = -<it+1>" */
+        r.sigma = sigma;
+        lego_status s = lego_denoise(j->m, &r);
+        snprintf(j->last, sizeof j->last, "%s", lego_model_error(j->m));
+        if (s == LEGO_OK) j->ok++;
+        else j->failed++;
+    }
+    free(sigma);
+    return NULL;
+}
+
+START_TEST(test_errors_per_model) {
+    lego_model *a = std_model(44), *b = std_model(45);
+    inputs in = make_inputs(2, 2, 8, 8, 18);
+    error_job ja = {a, &in, 1, alloc_out(in.img), 0, 0, ""};
+    error_job jb = {b, &in, 0, alloc_out(in.img), 0, 0, ""};
+    pthread_t ta, tb;
+    ck_assert(pthread_create(&ta, NULL, run_error_job, &ja) == 0);
+    ck_assert(pthread_create(&tb, NULL, run_error_job, &jb) == 0);
+    ck_assert(pthread_join(ta, NULL) == 0);
+    ck_assert(pthread_join(tb, NULL) == 0);
+    ck_assert_int_eq(ja.failed, 40);
+    ck_assert_int_eq(jb.ok, 40);
+    ck_assert_str_eq(lego_model_error(b), "");
+    ck_assert_str_eq(jb.last, "");
+    ck_assert_msg(strstr(lego_model_error(a), "sigma[0] = -40") != NULL, "model a says '%s'",
+                  lego_model_error(a));
+    ck_assert_str_eq(ja.last, lego_model_error(a));
+    /* The next successful call clears it. */
+    lego_denoise_request r;
+    request(&r, &in, ja.out);
+    denoise_ok(a, &r);
+    free(ja.out), free(jb.out);
+    free_inputs(&in);
+    lego_model_free(a);
+    lego_model_free(b);
+}
+END_TEST
+
+/* One model shared by two threads, one call at a time (a lock around each
+ * call): allowed, and the results are those of the same calls made by one
+ * thread. */
+typedef struct shared_job {
+    lego_model *m;
+    pthread_mutex_t *lock;
+    const inputs *in;
+    float guidance;
+    float *out[4];
+    lego_status status;
+} shared_job;
+
+static void *run_shared_job(void *arg) {
+    shared_job *j = arg;
+    j->status = LEGO_OK;
+    for (int it = 0; it < 4 && j->status == LEGO_OK; it++) {
+        int32_t labels[3] = {it % 10, -1, 7};
+        lego_denoise_request r;
+        request(&r, j->in, j->out[it]);
+        r.labels = labels;
+        r.guidance = j->guidance;
+        pthread_mutex_lock(j->lock);
+        j->status = lego_denoise(j->m, &r);
+        pthread_mutex_unlock(j->lock);
+    }
+    return NULL;
+}
+
+START_TEST(test_one_model_serialised) {
+    lego_model *m = std_model(46);
+    pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    /* Different sizes, so the shared scratch is regrown between calls. */
+    inputs small = make_inputs(2, 2, 8, 8, 19), large = make_inputs(3, 2, 16, 8, 20);
+    shared_job seq[2] = {{m, &lock, &small, 1.0f, {0}, 0}, {m, &lock, &large, 2.5f, {0}, 0}};
+    shared_job par[2] = {{m, &lock, &small, 1.0f, {0}, 0}, {m, &lock, &large, 2.5f, {0}, 0}};
+    for (int k = 0; k < 2; k++)
+        for (int it = 0; it < 4; it++) {
+            seq[k].out[it] = alloc_out(seq[k].in->img);
+            par[k].out[it] = alloc_out(par[k].in->img);
+        }
+    run_shared_job(&seq[0]);
+    run_shared_job(&seq[1]);
+    ck_assert(seq[0].status == LEGO_OK && seq[1].status == LEGO_OK);
+    pthread_t t[2];
+    for (int k = 0; k < 2; k++) ck_assert(pthread_create(&t[k], NULL, run_shared_job, &par[k]) == 0);
+    for (int k = 0; k < 2; k++) ck_assert(pthread_join(t[k], NULL) == 0);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_msg(par[k].status == LEGO_OK, "thread %d: %s", k, lego_model_error(m));
+        for (int it = 0; it < 4; it++) {
+            ck_assert(memcmp(par[k].out[it], seq[k].out[it], seq[k].in->img * 4) == 0);
+            free(seq[k].out[it]), free(par[k].out[it]);
+        }
+    }
+    free_inputs(&small);
+    free_inputs(&large);
+    lego_model_free(m);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------ */
 /* the trained model in ../shared                                           */
 /* ------------------------------------------------------------------------ */
@@ -1888,6 +2082,9 @@ int main(void) {
     tcase_add_test(denoise, test_batch_invariance);
     tcase_add_test(denoise, test_resolutions);
     tcase_add_test(denoise, test_two_models_two_threads);
+    tcase_add_test(denoise, test_two_models_sample_threads);
+    tcase_add_test(denoise, test_errors_per_model);
+    tcase_add_test(denoise, test_one_model_serialised);
     suite_add_tcase(s, denoise);
 
     TCase *golden = tcase_create("golden");

@@ -284,6 +284,36 @@ START_TEST(test_attention_large_logits) {
 }
 END_TEST
 
+/* NaN (a checkpoint's NaN weights, NaN pixels) must come out as NaN and
+ * stay inside what it touches: fast_expf once converted it to int, which
+ * is undefined (found by tests/fuzz/fuzz_model_load, clang UBSan). */
+START_TEST(test_nan_passes_through) {
+    float g[11] = {NAN, 1.0f, -NAN, 0.5f, NAN, 2.0f, -1.0f, 3.0f, NAN, 0.25f, -2.0f};
+    float want1 = (float)ref_gelu(1.0f);
+    op_gelu_tanh(g, 11, 1); /* 8 lanes, then the scalar tail */
+    for (int i = 0; i < 11; i++)
+        ck_assert_msg(isnan(g[i]) == (i == 0 || i == 2 || i == 4 || i == 8),
+                      "gelu: element %d is %g", i, (double)g[i]);
+    ck_assert(fabsf(g[1] - want1) <= 1e-6f);
+
+    /* Two sequences; a NaN key in the first: its outputs are NaN, the
+     * second's are untouched. */
+    const int tokens = 4, heads = 1, hd = 4, dim = heads * hd;
+    rng_seed(6);
+    size_t per = (size_t)tokens * 3 * dim, nout = (size_t)tokens * dim;
+    float *qkv = rand_floats(2 * per, -1, 1), *out = malloc(2 * nout * sizeof *out);
+    float *scratch = malloc(op_attention_scratch(tokens, hd) * sizeof *scratch);
+    double *qd = malloc(per * sizeof *qd), *want = malloc(nout * sizeof *want);
+    qkv[dim + 1] = NAN; /* token 0, key element 1 */
+    for (size_t i = 0; i < per; i++) qd[i] = qkv[per + i];
+    op_attention(qkv, 2, tokens, heads, hd, out, scratch, 1);
+    ref_attention(qd, tokens, heads, hd, want);
+    for (size_t i = 0; i < nout; i++) ck_assert_msg(isnan(out[i]), "out[%zu] = %g", i, (double)out[i]);
+    expect_close_d("attention beside a NaN sequence", out + nout, want, nout, 2e-6, 1e-5);
+    free(qkv), free(out), free(scratch), free(qd), free(want);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------ */
 /* position embedding                                                       */
 /* ------------------------------------------------------------------------ */
@@ -687,6 +717,7 @@ int main(void) {
     tcase_add_test(k, test_silu);
     tcase_add_test(k, test_attention);
     tcase_add_test(k, test_attention_large_logits);
+    tcase_add_test(k, test_nan_passes_through);
     suite_add_tcase(s, k);
     TCase *p = tcase_create("pos_embed");
     tcase_add_test(p, test_sincos_pos_embed);
