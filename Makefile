@@ -112,6 +112,12 @@ check: $(TESTS) examples check-header check-python check-pkgconfig check-docs
 	  echo "== $$t"; ./$$t || status=1; \
 	done; exit $$status
 
+# Where a GPU evaluation spends its time (tools/cuda_profile.c; needs CUDA=1
+# to measure anything).
+build/tools/cuda_profile: tools/cuda_profile.c $(STATIC)
+	mkdir -p build/tools
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
 # The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
 # emulated runtime and cuBLASLt of tests/cuda-emu/, with the library's C sources,
 # into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part

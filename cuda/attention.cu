@@ -7,8 +7,9 @@
  * with qkv rows [q | k | v], each [heads][head_dim], and out rows
  * [heads][head_dim].  Two kernels:
  *
- *  - short sequences (tokens <= 32, the 4-token bricks of LEGO-PG/PR):
- *    one warp per (sequence, head).  Q, K, V of the head sit in shared
+ *  - at most 4 tokens (the 4-token bricks of LEGO-PG/PR): one warp per
+ *    (sequence, head), everything in registers (attention_tiny_kernel);
+ *  - short sequences (tokens <= 32): one warp per (sequence, head).  Q, K, V of the head sit in shared
  *    memory; lane j computes score j, the softmax is two warp reductions,
  *    and each lane accumulates head_dim/32 output columns.
  *  - long sequences (64, 256, 1024 tokens): a simple flash-style kernel.
@@ -19,10 +20,10 @@
  *
  *  - long sequences in bf16/fp16 with head_dim a multiple of 8 (<= 128):
  *    a flash-attention kernel on the tensor cores (mma.sync m16n8k16,
- *    fp32 accumulation).  A block of MMA_WARPS warps takes 64 queries of
+ *    fp32 accumulation).  A block of MMA_WARPS warps takes 128 queries of
  *    one (sequence, head), each warp 16; keys and values come in tiles of
- *    64 through shared memory (V transposed, so that its MMA fragments are
- *    contiguous words); scores, the online softmax and the output stay in
+ *    64 through shared memory, their MMA fragments read with ldmatrix
+ *    (.trans for V); scores, the online softmax and the output stay in
  *    registers, and the probabilities are re-packed as the A operand of
  *    P V without leaving them.
  *
@@ -203,17 +204,85 @@ __global__ void __launch_bounds__(32 * FLASH_WARPS)
     }
 }
 
+/* ---- sequences of at most 4 tokens ---------------------------------------------- */
+
+/* The 4-token bricks of LEGO-PG/PR (patch 2 on 4x4, patch 8 on 16x16) run
+ * hundreds of thousands of these per layer: one warp per (sequence, head),
+ * each lane holding E columns (d = lane + 32 e) of every q, k and v in
+ * registers, loaded coalesced straight from the qkv rows.  The T x T dot
+ * products are warp sums of the lanes' partial products; softmax and the
+ * output columns follow in registers.  Memory-bound: qkv is read once. */
+#define TINY_MAX_TOKENS 4
+#define TINY_WARPS 8
+
+template <class TT, int E>
+__global__ void __launch_bounds__(32 * TINY_WARPS)
+    attention_tiny_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, size_t jobs, int T,
+                          int heads, int hd, float scale) {
+    const int lane = threadIdx.x % 32;
+    const size_t job = (size_t)blockIdx.x * TINY_WARPS + threadIdx.x / 32;
+    if (job >= jobs) return; /* warp-uniform */
+    const size_t seq = job / (size_t)heads;
+    const int head = (int)(job % (size_t)heads);
+    const int D = heads * hd;
+    const size_t stride = 3 * (size_t)D;
+    const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
+
+    float q[TINY_MAX_TOKENS][E], k[TINY_MAX_TOKENS][E], v[TINY_MAX_TOKENS][E];
+#pragma unroll
+    for (int t = 0; t < TINY_MAX_TOKENS; t++) {
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            int d = lane + 32 * e;
+            bool in = t < T && d < hd;
+            const TT *row = base + (size_t)t * stride;
+            q[t][e] = in ? to_float<TT>(row[d]) : 0.0f;
+            k[t][e] = in ? to_float<TT>(row[D + d]) : 0.0f;
+            v[t][e] = in ? to_float<TT>(row[2 * D + d]) : 0.0f;
+        }
+    }
+    TT *obase = out + seq * (size_t)T * D + (size_t)head * hd;
+#pragma unroll
+    for (int t = 0; t < TINY_MAX_TOKENS; t++) {
+        if (t >= T) break;
+        float sc[TINY_MAX_TOKENS], mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < TINY_MAX_TOKENS; j++) {
+            float part = 0.0f;
+#pragma unroll
+            for (int e = 0; e < E; e++) part += q[t][e] * k[j][e];
+            sc[j] = j < T ? warp_sum(part) * scale : -INFINITY;
+            mx = fmaxf(mx, sc[j]);
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < TINY_MAX_TOKENS; j++) {
+            sc[j] = j < T ? expf(sc[j] - mx) : 0.0f;
+            sum += sc[j];
+        }
+        const float inv = 1.0f / sum;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            int d = lane + 32 * e;
+            float o = 0.0f;
+#pragma unroll
+            for (int j = 0; j < TINY_MAX_TOKENS; j++) o += sc[j] * v[j][e];
+            if (d < hd) obase[(size_t)t * D + d] = from_float<TT>(o * inv);
+        }
+    }
+}
+
 /* ---- tensor cores ------------------------------------------------------------ */
 
-#define MMA_WARPS 4
+#define MMA_WARPS 8
 #define MMA_QB (16 * MMA_WARPS) /* queries per block: 16 per warp */
 #define MMA_KB 64               /* keys per tile                 */
 #define MMA_MAX_HEAD_DIM 128
-#define MMA_PAD 8               /* row padding (elements): spreads the fragment reads over the banks */
+#define MMA_PAD 8               /* row padding (elements): ldmatrix rows spread over the banks */
 
-/* Q [QB][HDP+PAD], K [KB][HDP+PAD], V^T [HDP][KB+PAD], elements of 2 bytes. */
+/* Q [QB][HDP+PAD], K and V [2][KB][HDP+PAD] (two stages), 2-byte elements. */
 static size_t mma_bytes(int hdp) {
-    return ((size_t)(MMA_QB + MMA_KB) * (hdp + MMA_PAD) + (size_t)hdp * (MMA_KB + MMA_PAD)) * 2;
+    return (size_t)(MMA_QB + 4 * MMA_KB) * (hdp + MMA_PAD) * 2;
 }
 
 /* Two values as one word of two TT, the first in the low half. */
@@ -230,26 +299,32 @@ template <class TT> __device__ __forceinline__ uint32_t word_at(const TT *p) {
 }
 
 /* Rows [t0, t0+rows) of one head's Q, K or V (column offset `col` in the
- * qkv row) into shared memory, [rows][HDP] at row stride `ld`, zero past
- * T and past hd; transposed ([HDP][rows] at stride ld) when `transpose`.
- * 16-byte loads: hd and the row strides are multiples of 8 elements. */
+ * qkv row) into shared memory, [rows][HDP] at row stride `ld`, zero past T
+ * and past hd.  16-byte loads and stores: hd and the strides are multiples
+ * of 8 elements. */
 template <class TT, int HDP>
 __device__ __forceinline__ void mma_load_tile(const TT *base, size_t stride, int col, int t0,
-                                              int rows, int T, int hd, TT *dst, int ld,
-                                              bool transpose) {
+                                              int rows, int T, int hd, TT *dst, int ld) {
     const int chunks = HDP / 8;
     for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
         int r = idx / chunks, c = (idx % chunks) * 8, t = t0 + r;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (t < T && c < hd) v = *(const uint4 *)(base + (size_t)t * stride + col + c);
-        if (!transpose) {
-            *(uint4 *)(dst + (size_t)r * ld + c) = v;
-        } else {
-            TT e[8];
-            memcpy(e, &v, sizeof e);
-#pragma unroll
-            for (int i = 0; i < 8; i++) dst[(size_t)(c + i) * ld + r] = e[i];
-        }
+        *(uint4 *)(dst + (size_t)r * ld + c) = v;
+    }
+}
+
+/* The same with cp.async: the copies run while the block computes on the
+ * other stage. */
+template <class TT, int HDP>
+__device__ __forceinline__ void mma_load_tile_async(const TT *base, size_t stride, int col,
+                                                    int t0, int rows, int T, int hd, TT *dst,
+                                                    int ld) {
+    const int chunks = HDP / 8;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+        int r = idx / chunks, c = (idx % chunks) * 8, t = t0 + r;
+        bool in = t < T && c < hd;
+        cp_async16(dst + (size_t)r * ld + c, in ? base + (size_t)t * stride + col + c : base, in);
     }
 }
 
@@ -258,10 +333,10 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
     attention_mma_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T, int heads,
                          int hd, int qblocks, float scale_log2) {
     DYNAMIC_SMEM(float, smem);
-    const int QS = HDP + MMA_PAD, VS = MMA_KB + MMA_PAD;
-    TT *qs = (TT *)smem;       /* [MMA_QB][QS]  */
-    TT *ks = qs + MMA_QB * QS; /* [MMA_KB][QS]  */
-    TT *vt = ks + MMA_KB * QS; /* [HDP][VS]     */
+    const int LD = HDP + MMA_PAD;
+    TT *qs = (TT *)smem;              /* [MMA_QB][LD]    */
+    TT *kbuf = qs + MMA_QB * LD;      /* [2][MMA_KB][LD] */
+    TT *vbuf = kbuf + 2 * MMA_KB * LD; /* [2][MMA_KB][LD] */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q4 = lane % 4;
     const size_t job = blockIdx.x / (unsigned)qblocks;
     const int q0 = (int)(blockIdx.x % (unsigned)qblocks) * MMA_QB;
@@ -271,10 +346,10 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
     const size_t stride = 3 * (size_t)D;
     const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
 
-    mma_load_tile<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, QS, false);
+    mma_load_tile<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, LD);
     __syncthreads();
     uint32_t qa[HDP / 16][4];
-    const TT *q_lo = qs + (warp * 16 + g) * QS, *q_hi = q_lo + 8 * QS;
+    const TT *q_lo = qs + (warp * 16 + g) * LD, *q_hi = q_lo + 8 * LD;
 #pragma unroll
     for (int kk = 0; kk < HDP / 16; kk++) {
         qa[kk][0] = word_at(q_lo + kk * 16 + 2 * q4);
@@ -283,6 +358,9 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
         qa[kk][3] = word_at(q_hi + kk * 16 + 8 + 2 * q4);
     }
 
+    /* ldmatrix row addresses: lane L gives row L%8 of matrix L/8. */
+    const int lm = lane / 8, lr = lane % 8;
+
     /* Rows g and g+8 of the warp's 16: running max (log2 units), this
      * thread's part of the running sum, and the output accumulators. */
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
@@ -290,20 +368,44 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
 #pragma unroll
     for (int dt = 0; dt < HDP / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
 
-    for (int k0 = 0; k0 < T; k0 += MMA_KB) {
-        __syncthreads(); /* the previous tile is used up */
-        mma_load_tile<TT, HDP>(base, stride, D, k0, MMA_KB, T, hd, ks, QS, false);
-        mma_load_tile<TT, HDP>(base, stride, 2 * D, k0, MMA_KB, T, hd, vt, VS, true);
-        __syncthreads();
+    /* Two stages: tile it+1 is copied in while tile it is used. */
+    const int ntiles = (T + MMA_KB - 1) / MMA_KB;
+    mma_load_tile_async<TT, HDP>(base, stride, D, 0, MMA_KB, T, hd, kbuf, LD);
+    mma_load_tile_async<TT, HDP>(base, stride, 2 * D, 0, MMA_KB, T, hd, vbuf, LD);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int k0 = it * MMA_KB;
+        const TT *ks = kbuf + (it % 2) * MMA_KB * LD, *vs = vbuf + (it % 2) * MMA_KB * LD;
+        if (it + 1 < ntiles) {
+            TT *kn = kbuf + ((it + 1) % 2) * MMA_KB * LD, *vn = vbuf + ((it + 1) % 2) * MMA_KB * LD;
+            mma_load_tile_async<TT, HDP>(base, stride, D, k0 + MMA_KB, MMA_KB, T, hd, kn, LD);
+            mma_load_tile_async<TT, HDP>(base, stride, 2 * D, k0 + MMA_KB, MMA_KB, T, hd, vn,
+                                         LD);
+            cp_async_commit();
+            cp_async_wait<1>(); /* this tile's group is complete */
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); /* every thread's copies of this tile are visible */
 
+        /* S = Q K^T: K's rows are the B fragments as ldmatrix reads them;
+         * one x4 serves two k-steps of one 8-key tile. */
         float sc[MMA_KB / 8][4];
 #pragma unroll
         for (int nt = 0; nt < MMA_KB / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const TT *krow = ks + (nt * 8 + g) * QS + 2 * q4;
+            const TT *krow = ks + (nt * 8 + lr) * LD + lm * 8;
 #pragma unroll
-            for (int kk = 0; kk < HDP / 16; kk++) {
-                uint32_t b[2] = {word_at(krow + kk * 16), word_at(krow + kk * 16 + 8)};
+            for (int kk = 0; kk + 1 < HDP / 16; kk += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, krow + kk * 16);
+                mma_16816<TT>(sc[nt], qa[kk], b);
+                mma_16816<TT>(sc[nt], qa[kk + 1], b + 2);
+            }
+            if ((HDP / 16) % 2) {
+                const int kk = HDP / 16 - 1;
+                uint32_t b[2];
+                ldmatrix_x2(b, ks + (nt * 8 + lr) * LD + (lm % 2) * 8 + kk * 16);
                 mma_16816<TT>(sc[nt], qa[kk], b);
             }
         }
@@ -347,20 +449,24 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
             o[dt][3] *= corr_hi;
         }
         /* O += P V: the score accumulators of key tiles 2ks and 2ks+1 are
-         * exactly the A fragments of P's k-step ks. */
+         * exactly the A fragments of P's k-step ks; V's B fragments come
+         * from ldmatrix.trans, one x4 for two 8-column tiles. */
 #pragma unroll
         for (int ks16 = 0; ks16 < MMA_KB / 16; ks16++) {
             uint32_t pa[4] = {pack2<TT>(sc[2 * ks16][0], sc[2 * ks16][1]),
                               pack2<TT>(sc[2 * ks16][2], sc[2 * ks16][3]),
                               pack2<TT>(sc[2 * ks16 + 1][0], sc[2 * ks16 + 1][1]),
                               pack2<TT>(sc[2 * ks16 + 1][2], sc[2 * ks16 + 1][3])};
+            const TT *vrow = vs + (ks16 * 16 + (lm % 2) * 8 + lr) * LD + (lm / 2) * 8;
 #pragma unroll
-            for (int dt = 0; dt < HDP / 8; dt++) {
-                const TT *vrow = vt + (dt * 8 + g) * VS + ks16 * 16 + 2 * q4;
-                uint32_t b[2] = {word_at(vrow), word_at(vrow + 8)};
+            for (int dt = 0; dt < HDP / 8; dt += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vrow + dt * 8);
                 mma_16816<TT>(o[dt], pa, b);
+                mma_16816<TT>(o[dt + 1], pa, b + 2);
             }
         }
+        __syncthreads(); /* the stage is used up before it is refilled */
     }
 
     l_lo += __shfl_xor_sync(FULL_MASK, l_lo, 1);
@@ -430,6 +536,17 @@ static lego_status launch_attention(cudaStream_t s, const TT *qkv, size_t seqs, 
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t jobs = seqs * (size_t)heads;
     const size_t per_warp = short_bytes_per_warp(T, hd);
+    if (mode != ATTN_FLASH_ONLY && T <= TINY_MAX_TOKENS) {
+        size_t blocks = (jobs + TINY_WARPS - 1) / TINY_WARPS;
+        if (blocks > (size_t)INT_MAX)
+            return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many",
+                             seqs);
+        auto kernel = attention_tiny_kernel<TT, E>;
+        LAUNCH(kernel, (unsigned)blocks, 32 * TINY_WARPS, 0, s)(qkv, out, jobs, T, heads, hd,
+                                                                scale);
+        LAUNCH_CHECK("attention_tiny");
+        return LEGO_OK;
+    }
     if (mode != ATTN_FLASH_ONLY && T <= SHORT_MAX_TOKENS && per_warp <= SHORT_SMEM_LIMIT) {
         size_t warps = SHORT_SMEM_LIMIT / per_warp;
         if (warps > SHORT_MAX_WARPS) warps = SHORT_MAX_WARPS;

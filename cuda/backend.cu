@@ -27,6 +27,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cuda_internal.h"
 
@@ -93,6 +94,7 @@ typedef struct cuda_handle {
 
     /* Time-embedding frequencies, fdim/2 floats, as the CPU computes them. */
     float *freq;
+    size_t freq_bytes;
 
     /* The request workspace. */
     char *ws;
@@ -108,6 +110,11 @@ typedef struct cuda_handle {
     int next_graph;
 
     uint64_t workspace_allocs, weight_uploads, graph_captures, graph_launches;
+
+    /* CUDA_OPT_PROFILE: wall time per part, the clock at the last mark. */
+    int profile;
+    double profile_ms[CUDA_PROF_PARTS];
+    double profile_last;
 } cuda_handle;
 
 /* Switch to `device` for the lifetime of the guard, then back. */
@@ -128,6 +135,22 @@ struct device_guard {
     device_guard(const device_guard &) = delete;
     device_guard &operator=(const device_guard &) = delete;
 };
+
+/* CUDA_OPT_PROFILE: charge the time since the last mark to `part`, after
+ * the device has caught up.  Nothing when not profiling. */
+static double wall_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec * 1e-6;
+}
+
+static void mark(cuda_handle *h, int part) {
+    if (!h->profile) return;
+    cudaStreamSynchronize(h->stream);
+    double now = wall_ms();
+    if (part >= 0) h->profile_ms[part] += now - h->profile_last;
+    h->profile_last = now;
+}
 
 extern "C" int cuda_device_count(void) {
     int count = 0;
@@ -162,6 +185,24 @@ extern "C" void cuda_backend_destroy(void *handle) {
     handle_free(h);
 }
 
+/* Device bytes the handle holds. */
+static size_t handle_bytes(const cuda_handle *h) {
+    return h->params_capacity * sizeof(float) + h->lp_capacity * 2 + h->ws_bytes +
+           h->gemm.workspace_bytes + h->freq_bytes;
+}
+
+/* Whether replacing `old_bytes` of the handle's memory by `new_bytes` stays
+ * within the model's device budget. */
+static lego_status within_budget(const cuda_handle *h, size_t budget, size_t old_bytes,
+                                 size_t new_bytes, const char *what, lego_err *err) {
+    size_t held = handle_bytes(h) - old_bytes;
+    if (budget == 0 || (new_bytes <= budget && held <= budget - new_bytes)) return LEGO_OK;
+    return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
+                     "backend CUDA: %s needs %zu bytes of GPU memory; with the %zu the model "
+                     "keeps, that passes its budget of %zu (lego_model_set_device_memory_budget)",
+                     what, new_bytes, held, budget);
+}
+
 /* The type of the brick activations (and of the weight copy they multiply)
  * for a precision. */
 static cudaDataType precision_type(int precision) {
@@ -172,11 +213,13 @@ static cudaDataType precision_type(int precision) {
 
 /* The bf16/fp16 copy of the weights, converted on the device from the fp32
  * copy, when the precision asks for one and it is missing or stale. */
-static lego_status sync_low_precision(cuda_handle *h, lego_err *err) {
+static lego_status sync_low_precision(cuda_handle *h, const lego_model *m, lego_err *err) {
     cudaDataType want = precision_type(h->precision);
     if (want == CUDA_R_32F || h->lp_type == want) return LEGO_OK;
     h->lp_type = CUDA_R_32F;
     if (h->params_used > h->lp_capacity) {
+        LEGO_TRY(within_budget(h, m->device_budget, h->lp_capacity * 2, h->params_used * 2,
+                               "the 16-bit copy of the weights", err));
         if (h->lp) cudaFree(h->lp);
         h->lp = NULL;
         h->lp_capacity = 0;
@@ -193,7 +236,7 @@ static lego_status sync_low_precision(cuda_handle *h, lego_err *err) {
  * upload: every tensor on its own aligned offset. */
 static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *err) {
     if (h->have_weights && h->weights_gen == m->weights_gen && h->doff_count == m->num_params)
-        return sync_low_precision(h, err);
+        return sync_low_precision(h, m, err);
     if (h->doff_count != m->num_params) {
         size_t *d = (size_t *)realloc(h->doff, (size_t)(m->num_params ? m->num_params : 1) *
                                                    sizeof *d);
@@ -214,6 +257,8 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
     h->lp_type = CUDA_R_32F;
     graphs_clear(h); /* the weights may move, or the model have changed shape */
     if (total > h->params_capacity) {
+        LEGO_TRY(within_budget(h, m->device_budget, h->params_capacity * sizeof(float),
+                               total * sizeof(float), "the weights", err));
         if (h->params) cudaFree(h->params);
         h->params = NULL;
         h->params_capacity = 0;
@@ -230,7 +275,7 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
     h->have_weights = 1;
     h->weights_gen = m->weights_gen;
     h->weight_uploads++;
-    return sync_low_precision(h, err);
+    return sync_low_precision(h, m, err);
 }
 
 /* The device address, in the copy of type `type` (fp32 or the low-precision
@@ -299,6 +344,7 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     if (s == LEGO_OK) {
         for (int i = 0; i < half; i++) freq[i] = expf(-9.21034037f * (float)i / (float)half);
         s = cu_status(cudaMalloc(&h->freq, (size_t)half * sizeof(float)), err, "cudaMalloc");
+        if (s == LEGO_OK) h->freq_bytes = (size_t)half * sizeof(float);
     }
     if (s == LEGO_OK)
         s = cu_status(cudaMemcpy(h->freq, freq, (size_t)half * sizeof(float),
@@ -319,6 +365,11 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     return LEGO_OK;
 }
 
+extern "C" size_t cuda_backend_memory(const lego_model *m) {
+    const cuda_handle *h = m ? (const cuda_handle *)m->cuda : NULL;
+    return h ? handle_bytes(h) : 0;
+}
+
 extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) {
     if (!m || !out) return LEGO_ERR_INVALID_ARGUMENT;
     const cuda_handle *h = (const cuda_handle *)m->cuda;
@@ -334,6 +385,8 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->graphs = h->use_graphs;
     out->graph_captures = h->graph_captures;
     out->graph_launches = h->graph_launches;
+    out->tuned_shapes = h->gemm.tuned_shapes;
+    for (int i = 0; i < CUDA_PROF_PARTS; i++) out->profile_ms[i] = h->profile_ms[i];
     out->precision = h->precision;
     return LEGO_OK;
 }
@@ -357,6 +410,13 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_GRAPHS:
         h->use_graphs = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_AUTOTUNE:
+        h->gemm.autotune = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_PROFILE:
+        if (value == 2) memset(h->profile_ms, 0, sizeof h->profile_ms);
+        h->profile = value != 0;
         return LEGO_OK;
     case CUDA_OPT_PRECISION:
         if (value != CUDA_PRECISION_FP32 && value != CUDA_PRECISION_BF16 &&
@@ -390,7 +450,7 @@ typedef struct ws_layout {
     size_t mod_slot;/* floats per (block or final layer) slot, aligned */
     float *tx;      /* rows x D: the residual stream (fp32)         */
     float *th;      /* rows x D: LayerNorm / attention output (T)   */
-    float *ty;      /* rows x D: proj and fc2 outputs (fp32)        */
+    float *ty;      /* rows x D: proj and fc2 outputs (T)           */
     float *wide;    /* rows x widest: GEMM inputs and outputs (T or fp32) */
     size_t bytes;
 } ws_layout;
@@ -461,8 +521,11 @@ static void plan_layout(const lego_model *m, int n, int nb, int h, int w, char *
 }
 
 /* Grow the workspace to `bytes` if it is smaller; never shrinks. */
-static lego_status reserve_workspace(cuda_handle *h, size_t bytes, lego_err *err) {
+static lego_status reserve_workspace(cuda_handle *h, const lego_model *m, size_t bytes,
+                                     lego_err *err) {
     if (bytes <= h->ws_bytes) return LEGO_OK;
+    LEGO_TRY(within_budget(h, m->device_budget, h->ws_bytes, bytes, "the request's workspace",
+                           err));
     if (h->ws) {
         /* Work queued on the old buffer must finish before it goes, and
          * the graphs that use it with it. */
@@ -507,8 +570,9 @@ static lego_status linear_f32(cuda_handle *h, const lego_model *m, const linear 
 }
 
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
- * chunk.  T is the type of the GEMM inputs and of the attention operands;
- * the residual stream, LayerNorm statistics and adaLN vectors are fp32. */
+ * chunk.  T is the type of the GEMM inputs and outputs inside the blocks
+ * and of the attention operands (as under the reference's autocast); the
+ * residual stream, LayerNorm statistics and adaLN vectors are fp32. */
 template <class T>
 static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb, int hgt, int wid,
                              const ws_layout *l, const float *below, float *out, lego_err *err) {
@@ -537,42 +601,55 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     /* adaLN vectors per image: block j in slot j ([nb][6D]: shift_msa
      * scale_msa gate_msa shift_mlp scale_mlp gate_mlp), the final layer's
      * ([nb][2D]: shift scale) in slot depth. */
+    mark(h, -1);
     for (size_t j = 0; j < depth; j++)
         LEGO_TRY(linear_f32(h, m, &b->blocks[j].ada, l->silu_c, (size_t)nb,
                             l->mods + j * l->mod_slot, err));
     float *final_mod = l->mods + depth * l->mod_slot;
     LEGO_TRY(linear_f32(h, m, &b->final_ada, l->silu_c, (size_t)nb, final_mod, err));
+    mark(h, CUDA_PROF_ADALN);
 
     /* Patch embedding; the position embedding is added by the first
      * LayerNorm, which reads the row anyway. */
-    T *th = (T *)l->th, *wide = (T *)l->wide;
+    T *th = (T *)l->th, *ty = (T *)l->ty, *wide = (T *)l->wide;
     LEGO_TRY(k_gather<T>(s, &g, l->xin, below, wide, err));
     LEGO_TRY(linear_fwd(h, m, &b->embed, wide, tt, rows, l->tx, f32, GEMM_ACT_NONE, err));
+    mark(h, CUDA_PROF_GATHER);
     const float *pos = dev_param(h, m, b->pos_embed);
     if (!pos) return lego_fail(err, LEGO_ERR_BACKEND, "internal: pos_embed not on the device");
     LEGO_TRY(k_layernorm_modulate<T>(s, l->tx, pos, b->tokens, rows, D, rpi, l->mods,
                                      l->mods + d, ms, th, err));
+    mark(h, CUDA_PROF_LAYERNORM);
 
     for (size_t j = 0; j < depth; j++) {
         const dit_block *blk = &b->blocks[j];
         const float *mod = l->mods + j * l->mod_slot;
         LEGO_TRY(linear_fwd(h, m, &blk->qkv, th, tt, rows, wide, tt, GEMM_ACT_NONE, err));
+        mark(h, CUDA_PROF_QKV);
         LEGO_TRY(k_attention<T>(s, wide, rows / (size_t)b->tokens, b->tokens, heads, D / heads,
                                 th, h->attn_mode, err));
-        LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, l->ty, f32, GEMM_ACT_NONE, err));
-        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, l->ty, rows, D, rpi, mod + 2 * d, ms,
+        mark(h, CUDA_PROF_ATTENTION);
+        LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, ty, tt, GEMM_ACT_NONE, err));
+        mark(h, CUDA_PROF_PROJ);
+        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 2 * d, ms,
                                                mod + 3 * d, mod + 4 * d, ms, th, err));
+        mark(h, CUDA_PROF_LAYERNORM);
         LEGO_TRY(linear_fwd(h, m, &blk->fc1, th, tt, rows, wide, tt, GEMM_ACT_GELU, err));
-        LEGO_TRY(linear_fwd(h, m, &blk->fc2, wide, tt, rows, l->ty, f32, GEMM_ACT_NONE, err));
+        mark(h, CUDA_PROF_FC1);
+        LEGO_TRY(linear_fwd(h, m, &blk->fc2, wide, tt, rows, ty, tt, GEMM_ACT_NONE, err));
+        mark(h, CUDA_PROF_FC2);
         /* The LayerNorm that follows: the next block's first, or the final one. */
         const float *next = j + 1 < depth ? l->mods + (j + 1) * l->mod_slot : final_mod;
         size_t next_stride = j + 1 < depth ? ms : 2 * d;
-        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, l->ty, rows, D, rpi, mod + 5 * d, ms,
+        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 5 * d, ms,
                                                next, next + d, next_stride, th, err));
+        mark(h, CUDA_PROF_LAYERNORM);
     }
 
     LEGO_TRY(linear_fwd(h, m, &b->final_out, th, tt, rows, l->wide, f32, GEMM_ACT_NONE, err));
-    return k_scatter(s, &g, l->wide, out, err);
+    LEGO_TRY(k_scatter(s, &g, l->wide, out, err));
+    mark(h, CUDA_PROF_OUTPUT);
+    return LEGO_OK;
 }
 
 static lego_status brick_forward(cuda_handle *h, const lego_model *m, int k, int nb, int hgt,
@@ -625,11 +702,13 @@ static lego_status enqueue_network(cuda_handle *h, const lego_model *m, const de
     cudaStream_t s = h->stream;
     int n = p->n, D = m->cfg.hidden_size;
     size_t chw = p->chw;
+    mark(h, -1);
     LEGO_TRY(conditioning(h, m, p->nb, p->label_rows, l, err));
     if (a->cond_out)
         CU_TRY(cudaMemcpyAsync(a->cond_out, l->cond, (size_t)n * D * sizeof(float),
                                cudaMemcpyDeviceToHost, s));
     LEGO_TRY(k_scale_inputs(s, l->x, l->coef, n, p->nb, chw, l->xin, err));
+    mark(h, CUDA_PROF_INPUT);
 
     const float *below = NULL;
     float *cur = l->fa;
@@ -657,7 +736,9 @@ static lego_status enqueue_network(cuda_handle *h, const lego_model *m, const de
         LEGO_TRY(k_guide(s, below, n, chw, a->guidance, l->mix, err));
         f = l->mix;
     }
-    return k_edm(s, l->x, f, l->coef, n, chw, l->out, err);
+    LEGO_TRY(k_edm(s, l->x, f, l->coef, n, chw, l->out, err));
+    mark(h, CUDA_PROF_OUTPUT);
+    return LEGO_OK;
 }
 
 /* ---- CUDA graphs ------------------------------------------------------------------ */
@@ -722,6 +803,9 @@ static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_
             return LEGO_OK;
         }
     }
+    /* A new request: run it as it is, which also prepares (and tunes)
+     * every GEMM outside the capture, then record it for the next time. */
+    LEGO_TRY(enqueue_network(h, m, a, p, l, err));
     cudaGraphExec_t exec = NULL;
     LEGO_TRY(capture(h, m, a, p, l, &exec, err));
     graph_entry *slot = &h->graphs[h->next_graph];
@@ -730,8 +814,6 @@ static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_
     slot->exec = exec;
     slot->key = key;
     h->graph_captures++;
-    CU_TRY(cudaGraphLaunch(exec, h->stream));
-    h->graph_launches++;
     return LEGO_OK;
 }
 
@@ -756,7 +838,7 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
     LEGO_TRY(sync_weights(h, m, err));
     ws_layout l;
     plan_layout(m, n, nb, p.hgt, p.wid, NULL, &l);
-    LEGO_TRY(reserve_workspace(h, l.bytes, err));
+    LEGO_TRY(reserve_workspace(h, m, l.bytes, err));
     plan_layout(m, n, nb, p.hgt, p.wid, h->ws, &l);
 
     /* Per-image values, staged: c_noise (nb), coefficients (3n), labels. */
@@ -789,7 +871,7 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
     /* A graph replays the whole network in one launch: what the sampling
      * loop asks for (no per-brick outputs, no c), at one size after the
      * first step. */
-    if (h->use_graphs && !a->brick_outputs && !a->cond_out)
+    if (h->use_graphs && !h->profile && !a->brick_outputs && !a->cond_out)
         LEGO_TRY(run_graph(h, m, a, &p, &l, err));
     else
         LEGO_TRY(enqueue_network(h, m, a, &p, &l, err));

@@ -133,6 +133,45 @@ template <> __device__ __forceinline__ void mma_16816<f16>(float d[4], const uin
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+/* ldmatrix: the warp loads 8x8 matrices of 16-bit values from shared
+ * memory, lanes 8m..8m+7 giving the addresses of the rows of matrix m (16
+ * bytes each, 16-byte aligned).  r[m] of lane L holds row L/4, columns
+ * 2(L%4) and 2(L%4)+1 of matrix m; with _trans, rows 2(L%4) and 2(L%4)+1
+ * of column L/4 (the matrix transposed).  x4: four matrices, x2: two (the
+ * addresses of lanes 0-15). */
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(row)));
+}
+/* cp.async: 16 bytes from global to shared memory without passing through
+ * registers, zero-filled when !valid (src is then not read); a commit
+ * closes a group of copies, cp_async_wait<N> waits until at most N groups
+ * are in flight. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit(void) {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> __device__ __forceinline__ void cp_async_wait(void) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
 #endif
 
 /* ---- warp reductions (device) ------------------------------------------- */
@@ -153,6 +192,12 @@ __device__ __forceinline__ float warp_max(float v) {
 
 typedef enum gemm_act { GEMM_ACT_NONE = 0, GEMM_ACT_GELU = 1 } gemm_act;
 
+/* Algorithms the heuristic is asked for per shape; the first call of a
+ * large enough shape outside graph capture times them and keeps the
+ * fastest. */
+#define GEMM_CANDIDATES 8
+#define GEMM_TUNE_MIN_FLOPS 1e8
+
 /* One prepared cuBLASLt call shape: descriptors and the algorithm the
  * heuristic chose, keyed by (out, rows, in, types, act, epilogue allowed). */
 typedef struct gemm_entry {
@@ -162,7 +207,10 @@ typedef struct gemm_entry {
     int act, gelu_allowed;
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, d;
-    cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulAlgo_t algo;   /* the one in use                     */
+    cublasLtMatmulAlgo_t candidates[GEMM_CANDIDATES]; /* the heuristic's best few */
+    int num_candidates;
+    int tuned;                   /* the candidates were timed (or need not be) */
     cublasLtEpilogue_t epilogue; /* what the GEMM applies itself        */
     int post_bias, post_gelu;    /* what kernels must apply afterwards */
 } gemm_entry;
@@ -175,6 +223,8 @@ typedef struct gemm_ctx {
     void *workspace; /* cuBLASLt's workspace, allocated once */
     size_t workspace_bytes;
     int gelu_epilogue; /* fc1's GELU inside the GEMM (see gemm_probe_gelu) */
+    int autotune;      /* time the candidates of large shapes (default 1) */
+    uint64_t tuned_shapes;
     gemm_entry cache[GEMM_CACHE];
     int next_evict;
 } gemm_ctx;
@@ -246,10 +296,10 @@ template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
                                  const float *scale, size_t mod_stride, T *y, lego_err *err);
-/* x += gate*y, out = LN(x)*(1+scale)+shift, out of type T; out must not
- * overlap y. */
+/* x += gate*y, out = LN(x)*(1+scale)+shift; y (a GEMM output) and out of
+ * type T, x fp32; out must not overlap y. */
 template <class T>
-lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y, size_t rows,
+lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
                                        const float *scale, size_t mod_stride, T *out,

@@ -36,6 +36,7 @@ lego_status gemm_init(gemm_ctx *g, cudaStream_t stream, lego_err *err) {
     LT_TRY(cublasLtCreate(&g->lt));
     CU_TRY(cudaMalloc(&g->workspace, LT_WORKSPACE_BYTES));
     g->workspace_bytes = LT_WORKSPACE_BYTES;
+    g->autotune = 1;
     return LEGO_OK;
 }
 
@@ -113,14 +114,17 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint6
             cublasLtMatmulPreferenceDestroy(pref);
             return lt_status(st, err, "cublasLtMatmulDescSetAttribute");
         }
-        cublasLtMatmulHeuristicResult_t res;
+        cublasLtMatmulHeuristicResult_t res[GEMM_CANDIDATES];
         int count = 0;
-        memset(&res, 0, sizeof res);
-        st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->desc, e->a, e->b, e->d, e->d, pref, 1, &res,
-                                            &count);
-        if (st == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS &&
-            res.workspaceSize <= g->workspace_bytes) {
-            e->algo = res.algo;
+        memset(res, 0, sizeof res);
+        st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->desc, e->a, e->b, e->d, e->d, pref,
+                                            GEMM_CANDIDATES, res, &count);
+        e->num_candidates = 0;
+        for (int c = 0; st == CUBLAS_STATUS_SUCCESS && c < count; c++)
+            if (res[c].state == CUBLAS_STATUS_SUCCESS && res[c].workspaceSize <= g->workspace_bytes)
+                e->candidates[e->num_candidates++] = res[c].algo;
+        if (e->num_candidates > 0) {
+            e->algo = e->candidates[0];
             e->epilogue = epi;
             e->post_bias = !has_bias(epi);
             e->post_gelu = act == GEMM_ACT_GELU && epi != CUBLASLT_EPILOGUE_GELU_BIAS;
@@ -173,6 +177,42 @@ static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t 
     return LEGO_OK;
 }
 
+/* Time every candidate of `e` on the call's own operands (a warm-up and
+ * three runs each, CUDA events) and keep the fastest.  Any candidate that
+ * fails to launch is passed over; the outputs are overwritten by the call
+ * that follows anyway. */
+static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const void *w, const void *x, void *y,
+                              lego_err *err) {
+    cudaEvent_t start = NULL, stop = NULL;
+    lego_status s = cu_status(cudaEventCreate(&start), err, "cudaEventCreate");
+    if (s == LEGO_OK) s = cu_status(cudaEventCreate(&stop), err, "cudaEventCreate");
+    const float alpha = 1.0f, beta = 0.0f;
+    float best_ms = 0.0f;
+    int best = -1;
+    for (int c = 0; s == LEGO_OK && c < e->num_candidates; c++) {
+        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+        for (int run = 0; run < 4 && st == CUBLAS_STATUS_SUCCESS; run++) {
+            if (run == 1) cudaEventRecord(start, g->stream);
+            st = cublasLtMatmul(g->lt, e->desc, &alpha, w, e->a, x, e->b, &beta, y, e->d, y, e->d,
+                                &e->candidates[c], g->workspace, g->workspace_bytes, g->stream);
+        }
+        if (st != CUBLAS_STATUS_SUCCESS) continue;
+        s = cu_status(cudaEventRecord(stop, g->stream), err, "cudaEventRecord");
+        if (s == LEGO_OK) s = cu_status(cudaEventSynchronize(stop), err, "a GEMM being timed");
+        float ms = 0.0f;
+        if (s == LEGO_OK) s = cu_status(cudaEventElapsedTime(&ms, start, stop), err,
+                                        "cudaEventElapsedTime");
+        if (s == LEGO_OK && (best < 0 || ms < best_ms)) {
+            best = c;
+            best_ms = ms;
+        }
+    }
+    if (start) cudaEventDestroy(start);
+    if (stop) cudaEventDestroy(stop);
+    if (s == LEGO_OK && best >= 0) e->algo = e->candidates[best];
+    return s;
+}
+
 /* gemm_linear with the epilogue choice spelled out; *used (may be NULL)
  * receives the epilogue the GEMM itself applied. */
 static lego_status gemm_linear_ex(gemm_ctx *g, const void *w, const void *b, int in, int out,
@@ -189,6 +229,19 @@ static lego_status gemm_linear_ex(gemm_ctx *g, const void *w, const void *b, int
         const void *bp = b;
         LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
                                               sizeof bp));
+    }
+    if (!e->tuned) {
+        /* Not while a graph is being captured: nothing runs then. */
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        CU_TRY(cudaStreamIsCapturing(g->stream, &cs));
+        if (cs == cudaStreamCaptureStatusNone) {
+            double flops = 2.0 * (double)rows * out * in;
+            if (g->autotune && e->num_candidates > 1 && flops >= GEMM_TUNE_MIN_FLOPS) {
+                LEGO_TRY(tune_entry(g, e, w, x, y, err));
+                g->tuned_shapes++;
+            }
+            e->tuned = 1;
+        }
     }
     const float alpha = 1.0f, beta = 0.0f;
     LT_TRY(cublasLtMatmul(g->lt, e->desc, &alpha, w, e->a, x, e->b, &beta, y, e->d, y, e->d,

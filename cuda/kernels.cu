@@ -11,6 +11,8 @@
  * reproduce bit for bit (the coordinate channels), the kernels use the
  * explicitly rounded intrinsics so that nvcc cannot contract them.
  */
+#include <string.h>
+
 #include "cuda_internal.h"
 
 /* ---- conditioning ---------------------------------------------------------- */
@@ -277,18 +279,164 @@ __global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens
     }
 }
 
+/* The same two kernels with the row in registers: for dim a multiple of
+ * 128 up to 32 * 4 * LN_MAX_VEC, each lane holds dim/128 float4 of its
+ * row, so x, y and the modulation vectors are read once with 16-byte
+ * loads and the statistics need no second pass over memory.  The
+ * arithmetic is the generic kernels' (two-pass variance, same formulas);
+ * only the order of the partial sums differs. */
+#define LN_MAX_VEC 16
+
+__device__ __forceinline__ float4 ld4(const float *p) { return *(const float4 *)p; }
+__device__ __forceinline__ void st4(float *p, float4 v) { *(float4 *)p = v; }
+
+template <class T> __device__ __forceinline__ void store4(T *p, float a, float b, float c, float d);
+template <> __device__ __forceinline__ void store4<float>(float *p, float a, float b, float c,
+                                                          float d) {
+    *(float4 *)p = make_float4(a, b, c, d);
+}
+template <class T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+    T u = from_float<T>(lo), v = from_float<T>(hi);
+    uint16_t a, b;
+    memcpy(&a, &u, 2);
+    memcpy(&b, &v, 2);
+    return (uint32_t)a | (uint32_t)b << 16;
+}
+template <> __device__ __forceinline__ void store4<bf16>(bf16 *p, float a, float b, float c,
+                                                         float d) {
+    *(uint2 *)p = make_uint2(pack_pair<bf16>(a, b), pack_pair<bf16>(c, d));
+}
+template <> __device__ __forceinline__ void store4<f16>(f16 *p, float a, float b, float c,
+                                                        float d) {
+    *(uint2 *)p = make_uint2(pack_pair<f16>(a, b), pack_pair<f16>(c, d));
+}
+
+/* Four consecutive values of type T as floats (8- or 16-byte load). */
+template <class T> __device__ __forceinline__ float4 load4(const T *p);
+template <> __device__ __forceinline__ float4 load4<float>(const float *p) { return ld4(p); }
+template <class T> __device__ __forceinline__ float4 unpack4(uint2 w) {
+    T e[4];
+    memcpy(e, &w, sizeof e);
+    return make_float4(to_float<T>(e[0]), to_float<T>(e[1]), to_float<T>(e[2]),
+                       to_float<T>(e[3]));
+}
+template <> __device__ __forceinline__ float4 load4<bf16>(const bf16 *p) {
+    return unpack4<bf16>(*(const uint2 *)p);
+}
+template <> __device__ __forceinline__ float4 load4<f16>(const f16 *p) {
+    return unpack4<f16>(*(const uint2 *)p);
+}
+
+/* Mean and variance of the lane's values, then the modulated row out. */
+template <class T>
+__device__ __forceinline__ void modulate_vec(const float4 *v, int nv, int dim, float sum,
+                                             int lane, const float *shift, const float *scale,
+                                             T *yr) {
+    const float mean = warp_sum(sum) / (float)dim;
+    float var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LN_MAX_VEC; j++) {
+        if (j >= nv) break;
+        float a = v[j].x - mean, b = v[j].y - mean, c = v[j].z - mean, d = v[j].w - mean;
+        var += a * a + b * b + c * c + d * d;
+    }
+    var = warp_sum(var);
+    const float rstd = 1.0f / sqrtf(var / (float)dim + 1e-6f);
+#pragma unroll
+    for (int j = 0; j < LN_MAX_VEC; j++) {
+        if (j >= nv) break;
+        int i = (lane + 32 * j) * 4;
+        float4 sc = ld4(scale + i), sh = ld4(shift + i);
+        store4<T>(yr + i, (v[j].x - mean) * rstd * (1.0f + sc.x) + sh.x,
+                  (v[j].y - mean) * rstd * (1.0f + sc.y) + sh.y,
+                  (v[j].z - mean) * rstd * (1.0f + sc.z) + sh.z,
+                  (v[j].w - mean) * rstd * (1.0f + sc.w) + sh.w);
+    }
+}
+
+template <class T>
+__global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int tokens, size_t rows,
+                                              int dim, size_t rows_per_image, const float *shift,
+                                              const float *scale, size_t mod_stride, T *y) {
+    const int lane = threadIdx.x % 32, nv = dim / 128;
+    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
+         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+        float *xr = x + r * (size_t)dim;
+        const float *pe = pos ? pos + (r % (size_t)tokens) * (size_t)dim : NULL;
+        float4 v[LN_MAX_VEC];
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < LN_MAX_VEC; j++) {
+            if (j >= nv) break;
+            int i = (lane + 32 * j) * 4;
+            float4 a = ld4(xr + i);
+            if (pe) {
+                float4 p = ld4(pe + i);
+                a.x += p.x, a.y += p.y, a.z += p.z, a.w += p.w;
+                st4(xr + i, a);
+            }
+            v[j] = a;
+            sum += a.x + a.y + a.z + a.w;
+        }
+        size_t img = r / rows_per_image;
+        modulate_vec<T>(v, nv, dim, sum, lane, shift + img * mod_stride, scale + img * mod_stride,
+                        y + r * (size_t)dim);
+    }
+}
+
+template <class T>
+__global__ void gated_residual_layernorm_vec_kernel(float *x, const T *y, size_t rows, int dim,
+                                                    size_t rows_per_image, const float *gate,
+                                                    size_t gate_stride, const float *shift,
+                                                    const float *scale, size_t mod_stride,
+                                                    T *out) {
+    const int lane = threadIdx.x % 32, nv = dim / 128;
+    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
+         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+        size_t img = r / rows_per_image;
+        const float *g = gate + img * gate_stride;
+        const T *yr = y + r * (size_t)dim;
+        float *xr = x + r * (size_t)dim;
+        float4 v[LN_MAX_VEC];
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < LN_MAX_VEC; j++) {
+            if (j >= nv) break;
+            int i = (lane + 32 * j) * 4;
+            float4 a = ld4(xr + i), b = load4<T>(yr + i), gg = ld4(g + i);
+            a.x += gg.x * b.x, a.y += gg.y * b.y, a.z += gg.z * b.z, a.w += gg.w * b.w;
+            st4(xr + i, a);
+            v[j] = a;
+            sum += a.x + a.y + a.z + a.w;
+        }
+        modulate_vec<T>(v, nv, dim, sum, lane, shift + img * mod_stride, scale + img * mod_stride,
+                        out + r * (size_t)dim);
+    }
+}
+
+/* Whether the register kernels take a row of `dim`, given where the
+ * vectors start (16-byte loads need 16-byte aligned rows). */
+static bool ln_vec_ok(int dim, size_t mod_stride, size_t gate_stride) {
+    return dim % 128 == 0 && dim / 128 <= LN_MAX_VEC && mod_stride % 4 == 0 &&
+           gate_stride % 4 == 0;
+}
+
 template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
                                  const float *scale, size_t mod_stride, T *y, lego_err *err) {
-    LAUNCH(layernorm_modulate_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
-        x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
+    if (ln_vec_ok(dim, mod_stride, 4))
+        LAUNCH(layernorm_modulate_vec_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+            x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
+    else
+        LAUNCH(layernorm_modulate_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+            x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
     LAUNCH_CHECK("layernorm_modulate");
     return LEGO_OK;
 }
 
 template <class T>
-__global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t rows, int dim,
+__global__ void gated_residual_layernorm_kernel(float *x, const T *y, size_t rows, int dim,
                                                 size_t rows_per_image, const float *gate,
                                                 size_t gate_stride, const float *shift,
                                                 const float *scale, size_t mod_stride, T *out) {
@@ -296,11 +444,12 @@ __global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t
     for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
          r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
         size_t img = r / rows_per_image;
-        const float *g = gate + img * gate_stride, *yr = y + r * (size_t)dim;
+        const float *g = gate + img * gate_stride;
+        const T *yr = y + r * (size_t)dim;
         float *xr = x + r * (size_t)dim;
         float sum = 0.0f;
         for (int i = lane; i < dim; i += 32) {
-            float v = xr[i] + g[i] * yr[i];
+            float v = xr[i] + g[i] * to_float<T>(yr[i]);
             xr[i] = v;
             sum += v;
         }
@@ -311,13 +460,18 @@ __global__ void gated_residual_layernorm_kernel(float *x, const float *y, size_t
 }
 
 template <class T>
-lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y, size_t rows,
+lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
                                        const float *scale, size_t mod_stride, T *out,
                                        lego_err *err) {
-    LAUNCH(gated_residual_layernorm_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
-        x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
+    if (ln_vec_ok(dim, mod_stride, gate_stride))
+        LAUNCH(gated_residual_layernorm_vec_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0,
+               s)(x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride,
+                  out);
+    else
+        LAUNCH(gated_residual_layernorm_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+            x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
     LAUNCH_CHECK("gated_residual_layernorm");
     return LEGO_OK;
 }
@@ -327,7 +481,7 @@ lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const float *y,
                                                  size_t, int, size_t, const float *,       \
                                                  const float *, size_t, T *, lego_err *);  \
     template lego_status k_gated_residual_layernorm<T>(                                    \
-        cudaStream_t, float *, const float *, size_t, int, size_t, const float *, size_t,  \
+        cudaStream_t, float *, const T *, size_t, int, size_t, const float *, size_t,      \
         const float *, const float *, size_t, T *, lego_err *);
 LN_INSTANTIATE(float)
 LN_INSTANTIATE(bf16)

@@ -250,6 +250,22 @@ LEGO_API lego_status lego_model_set_memory_budget(lego_model *model, size_t byte
 /* Host bytes the model holds now (0 for NULL). */
 LEGO_API size_t lego_model_memory_usage(const lego_model *model);
 
+/*
+ * The same for GPU memory.  A model on a CUDA device holds its weights (and
+ * their 16-bit copy in bf16/fp16 precision), one request workspace sized
+ * for the largest request so far, and cuBLASLt's workspace.  With a budget
+ * set, an allocation that would take the model past it fails with
+ * LEGO_ERR_OUT_OF_MEMORY (a message names the bytes) before it is made:
+ * moving a model to the GPU, or a request needing a larger workspace.
+ * 0 = no limit (the default).  The budget stays with the model across
+ * lego_model_set_backend; setting one below what the model holds now
+ * fails with LEGO_ERR_OUT_OF_MEMORY and leaves the budget unchanged.
+ */
+LEGO_API lego_status lego_model_set_device_memory_budget(lego_model *model, size_t bytes);
+
+/* GPU bytes the model holds now (0 on the CPU, and for NULL). */
+LEGO_API size_t lego_model_device_memory_usage(const lego_model *model);
+
 /* ------------------------------------------------------------------------ */
 /* The denoiser D(x; sigma)                                                 */
 /* ------------------------------------------------------------------------ */

@@ -41,6 +41,8 @@ typedef struct cuda_stats {
     int graphs;                /* 1: plain evaluations replay CUDA graphs     */
     uint64_t graph_captures;   /* graphs captured and instantiated           */
     uint64_t graph_launches;   /* graph launches                             */
+    uint64_t tuned_shapes;     /* GEMM shapes whose algorithms were timed    */
+    double profile_ms[16];     /* CUDA_OPT_PROFILE: milliseconds per cuda_profile_part */
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -60,8 +62,30 @@ typedef enum cuda_option {
     /* 1 (the default): an evaluation without per-brick outputs or c runs
      * as one CUDA graph, captured at its first occurrence per request
      * shape and replayed after; 0: kernels are launched one by one. */
-    CUDA_OPT_GRAPHS = 4
+    CUDA_OPT_GRAPHS = 4,
+    /* 1 (the default): time the heuristic's candidate algorithms of each
+     * large GEMM shape at its first use and keep the fastest. */
+    CUDA_OPT_AUTOTUNE = 5,
+    /* 1: synchronise after every step of the network and add its wall time
+     * to profile_ms (no graphs meanwhile); 2: the same after clearing the
+     * counters.  For tools/cuda-profile, not for production. */
+    CUDA_OPT_PROFILE = 6
 } cuda_option;
+
+/* The parts of an evaluation that CUDA_OPT_PROFILE times. */
+typedef enum cuda_profile_part {
+    CUDA_PROF_INPUT = 0, /* conditioning and input scaling   */
+    CUDA_PROF_ADALN,     /* adaLN GEMMs                      */
+    CUDA_PROF_GATHER,    /* token gather + patch embedding   */
+    CUDA_PROF_LAYERNORM, /* LayerNorm kernels (with residual) */
+    CUDA_PROF_QKV,
+    CUDA_PROF_ATTENTION,
+    CUDA_PROF_PROJ,
+    CUDA_PROF_FC1,
+    CUDA_PROF_FC2,
+    CUDA_PROF_OUTPUT,    /* final linear, scatter, guidance, EDM */
+    CUDA_PROF_PARTS
+} cuda_profile_part;
 
 typedef enum cuda_precision {
     CUDA_PRECISION_FP32 = 0, /* fp32 storage and accumulation, no TF32       */
@@ -89,6 +113,10 @@ void cuda_backend_destroy(void *handle);
 /* model_denoise on the device: same arguments, same results (within float
  * rounding) as the CPU path.  Records failures in m->err. */
 lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a);
+
+/* Device bytes m's handle holds (0 without one), and the check of a new
+ * allocation against m->device_budget. */
+size_t cuda_backend_memory(const lego_model *m);
 
 /* Counters and settings of m's handle; LEGO_ERR_STATE without one. */
 lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out);
@@ -126,6 +154,11 @@ static inline lego_status cuda_backend_denoise(lego_model *m, const denoise_args
     (void)a;
     return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED,
                      "backend CUDA: this liblego was built without CUDA");
+}
+
+static inline size_t cuda_backend_memory(const lego_model *m) {
+    (void)m;
+    return 0;
 }
 
 static inline lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) {

@@ -74,9 +74,9 @@ static lego_status build_model(const char *json, const lego_load_options *o, leg
     lego_status s = config_from_json(json, &cfg, bricks, &nb, err);
     if (s != LEGO_OK) return s;
     cfg.num_threads = o->num_threads;
-    cfg.backend = o->backend;
-    cfg.device = o->device;
     cfg.precision = o->precision;
+    /* On the CPU until the weights are in (lego_model_load moves it). */
+    cfg.backend = LEGO_BACKEND_CPU;
     lego_model *m = NULL;
     s = model_create(&cfg, 1, &m);
     for (int k = 0; s == LEGO_OK && k < nb; k++) s = lego_brick_add(m, &bricks[k]);
@@ -118,6 +118,12 @@ LEGO_API lego_status lego_model_load(const char *path, const lego_load_options *
     if ((s = build_model(json, &o, &m, &err)) != LEGO_OK) goto fail;
     if ((s = read_weights(m, f, &err)) != LEGO_OK) {
         lego_err_prefix(&err, "%s", path);
+        goto fail;
+    }
+    /* The device copy is made once, from the weights just read. */
+    if (o.backend != LEGO_BACKEND_CPU &&
+        (s = lego_model_set_backend(m, o.backend, o.device)) != LEGO_OK) {
+        err = m->err;
         goto fail;
     }
     st_close(f);

@@ -437,6 +437,21 @@ LEGO_API size_t lego_model_memory_usage(const lego_model *m) {
     return m ? model_memory_usage(m) : 0;
 }
 
+LEGO_API lego_status lego_model_set_device_memory_budget(lego_model *m, size_t bytes) {
+    MODEL_CHECK(m);
+    size_t held = cuda_backend_memory(m);
+    if (bytes != 0 && held > bytes)
+        return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY,
+                         "the model holds %zu bytes of GPU memory, more than a budget of %zu",
+                         held, bytes);
+    m->device_budget = bytes;
+    return LEGO_OK;
+}
+
+LEGO_API size_t lego_model_device_memory_usage(const lego_model *m) {
+    return m ? cuda_backend_memory(m) : 0;
+}
+
 /* ---- the fixed 2-D sin-cos position embedding (MAE / DiT layout) ---- */
 
 /* Half the channels encode the column, half the row; within each half,

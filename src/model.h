@@ -74,6 +74,9 @@ struct lego_model {
     /* lego_model_set_memory_budget: the most host bytes the model may hold
      * plus what one call allocates while it runs; 0 = no limit. */
     size_t mem_budget;
+    /* lego_model_set_device_memory_budget: the most GPU bytes the model's
+     * CUDA handle may hold; 0 = no limit. */
+    size_t device_budget;
 
     /* Bumped whenever the values in `params` change (model_weights_changed):
      * a device copy of the weights is stale when its generation differs. */

@@ -17,6 +17,7 @@
  *     samples within the case's sampler tolerance; Philox sampling on the
  *     GPU equal to the CPU's within 1e-3;
  *   - random models covering head_dim 16..256, 1 to 1024 tokens, patch 1,
+ *     D a multiple of 128 (register LayerNorm) or not,
  *     odd MLP widths, non-square images, labels with null entries: GPU vs
  *     CPU;
  *   - repeated calls at one size allocate no device memory; weights
@@ -528,6 +529,10 @@ static const rand_model rand_models[] = {
     /* head_dim 256: the tiled kernel needs more than 48 KiB of shared
      * memory; non-square images. */
     {"hd256-nonsquare", 256, 1, 4, 5, 4.0, 16, 32, 2, 2, {{16, 2, 2}, {8, 4, 1}}},
+    /* head_dim 64 (the S and L models'), D = 128: the register LayerNorm
+     * kernels, 16-token sequences (the short kernel) and the tensor-core
+     * attention's most used head size (64 tokens). */
+    {"hd64-d128", 128, 2, 3, 10, 4.0, 16, 16, 2, 2, {{8, 2, 1}, {16, 2, 1}}},
     /* head_dim 16, patch 1, a 1-token brick, MLP width 120. */
     {"odd", 48, 3, 2, 3, 2.5, 8, 16, 3, 2, {{8, 1, 1}, {2, 2, 1}}},
 };
@@ -665,6 +670,10 @@ static void compare_rand(const rand_model *rm, const char *variant, const rand_o
 
 START_TEST(test_cuda_random_models) {
     const rand_model *rm = &rand_models[_i];
+    /* LEGO_TEST_RAND_MODEL=name runs one model only (the host emulation
+     * is slow on the big ones). */
+    const char *only = getenv("LEGO_TEST_RAND_MODEL");
+    if (only && strcmp(only, rm->name) != 0) return;
     lego_model *m = build_rand(rm);
     rand_io io = rand_inputs(rm);
     rand_outputs cpu, gpu;
@@ -839,6 +848,57 @@ START_TEST(test_cuda_weights_follow) {
 }
 END_TEST
 
+/* The device memory report and budget. */
+START_TEST(test_cuda_device_budget) {
+    const rand_model *rm = &rand_models[0];
+    lego_model *m = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *out = malloc(img * sizeof *out);
+    ck_assert_uint_eq(lego_model_device_memory_usage(m), 0);
+
+    /* A budget too small for the weights: the move fails, the model stays. */
+    ck_assert(lego_model_set_device_memory_budget(m, 4096) == LEGO_OK);
+    ck_assert_int_eq(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0), LEGO_ERR_OUT_OF_MEMORY);
+    ck_assert_msg(strstr(lego_model_error(m), "budget") != NULL, "%s", lego_model_error(m));
+    ck_assert_uint_eq(lego_model_device_memory_usage(m), 0);
+    denoise_n(m, rm, &io, rm->n, 1.0f, out); /* still works, on the CPU */
+
+    ck_assert(lego_model_set_device_memory_budget(m, 0) == LEGO_OK);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    size_t held = lego_model_device_memory_usage(m);
+    ck_assert(held > (size_t)lego_model_num_params(m) * sizeof(float));
+    /* Below what it holds: refused, budget unchanged. */
+    ck_assert_int_eq(lego_model_set_device_memory_budget(m, held - 1), LEGO_ERR_OUT_OF_MEMORY);
+    /* Exactly what it holds: the first request needs a workspace and fails. */
+    ck_assert(lego_model_set_device_memory_budget(m, held) == LEGO_OK);
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = rm->n;
+    r.height = rm->h;
+    r.width = rm->w;
+    r.x = io.x;
+    r.sigma = io.sigma;
+    r.out = out;
+    ck_assert_int_eq(lego_denoise(m, &r), LEGO_ERR_OUT_OF_MEMORY);
+    ck_assert_msg(strstr(lego_model_error(m), "workspace") != NULL, "%s", lego_model_error(m));
+    ck_assert_uint_eq(lego_model_device_memory_usage(m), held);
+    /* Lifted: it runs, and the report grows by the workspace. */
+    ck_assert(lego_model_set_device_memory_budget(m, 0) == LEGO_OK);
+    ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert(lego_model_device_memory_usage(m) > held);
+    printf("cuda device budget: %zu bytes held after the move, %zu after a request\n", held,
+           lego_model_device_memory_usage(m));
+    /* Back on the CPU: nothing held on the device. */
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    ck_assert_uint_eq(lego_model_device_memory_usage(m), 0);
+
+    free(out);
+    free_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
 /* lego_sample with the Philox generator (latents, churn noise, labels from
  * the seeds) on the GPU against the CPU, in fp32. */
 START_TEST(test_cuda_sample_philox) {
@@ -898,6 +958,7 @@ int main(void) {
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);
+        tcase_add_test(ws, test_cuda_device_budget);
         tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
         if (num_cases > 0) {
             tcase_add_loop_test(add_case(s, "golden"), test_cuda_golden_denoiser, 0, num_cases);

@@ -201,6 +201,15 @@ START_TEST(test_budget_set) {
     ck_assert(lego_model_set_memory_budget(m, u0 + 16) == LEGO_OK);
     ck_assert_uint_eq(lego_model_memory_usage(m), u0);
     ck_assert_int_eq(denoise(m, &io, 1.0f), LEGO_ERR_OUT_OF_MEMORY);
+
+    /* A CPU model holds no GPU memory; a device budget is accepted and
+     * changes nothing here (test_cuda checks it on a device). */
+    ck_assert_uint_eq(lego_model_device_memory_usage(m), 0);
+    ck_assert_uint_eq(lego_model_device_memory_usage(NULL), 0);
+    ck_assert(lego_model_set_device_memory_budget(m, 1) == LEGO_OK);
+    ck_assert(lego_model_set_memory_budget(m, 0) == LEGO_OK);
+    ck_assert(denoise(m, &io, 1.0f) == LEGO_OK);
+    ck_assert_int_eq(lego_model_set_device_memory_budget(NULL, 1), LEGO_ERR_INVALID_ARGUMENT);
     lego_model_free(m);
 }
 END_TEST

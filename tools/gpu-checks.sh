@@ -5,7 +5,7 @@
 # (bin/, lib/, tests/test_cuda, deps/ with libcjson and libsubunit,
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
-#   tools/gpu-checks.sh [test] [sample] [bench] [bench-full]
+#   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -16,11 +16,11 @@ MODEL="$D/shared/models/fmnist_lego_pg32.safetensors"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 ldd "$D/bin/lego-bench" "$D/tests/test_cuda" | grep "not found"
 
-bench() { # preset batches [extra args]
-    p=$1; b=$2; shift 2
-    timeout 120 "$D/bin/lego-bench" --backend cuda --preset "$p" --batch "$b" --iters 10 --warmup 2 "$@" \
-        > "$OUT/bench_$p$*.log" 2>&1
-    echo "-- $p $* (rc $?)"; grep -E "^ +[0-9]+ " "$OUT/bench_$p$*.log" || tail -3 "$OUT/bench_$p$*.log"
+bench() { # preset [extra args]: batch 1 and 64, fp32 and bf16, with and without the top brick
+    p=$1; shift
+    timeout 150 "$D/bin/lego-bench" --backend cuda --preset "$p" --batch 1,64 --iters 5 --warmup 2 \
+        --precision fp32,bf16 --both "$@" > "$OUT/bench_$p.log" 2>&1
+    echo "-- $p $* (rc $?)"; grep -E "^(fp32|bf16|fp16) " "$OUT/bench_$p.log" || tail -3 "$OUT/bench_$p.log"
 }
 
 for what in "$@"; do
@@ -33,23 +33,42 @@ for what in "$@"; do
         grep -c "scaled error" "$OUT/test_cuda.log"
         ;;
     sample)
-        echo "== 1000 Fashion-MNIST samples, Heun 18 steps, on the GPU"
-        /usr/bin/time -f "%e s" timeout 200 "$D/bin/lego-sample" --backend cuda --model "$MODEL" \
-            --seeds 0-999 --labels cycle --batch 500 --quiet --npz "$OUT/fmnist_cuda.npz"
-        echo "rc=$?"
+        for prec in fp32 bf16; do
+            echo "== 1000 Fashion-MNIST samples, Heun 18 steps, on the GPU, $prec"
+            /usr/bin/time -f "%e s" timeout 200 "$D/bin/lego-sample" --backend cuda --model "$MODEL" \
+                --precision $prec --seeds 0-999 --labels cycle --batch 500 --quiet \
+                --npz "$OUT/fmnist_cuda_$prec.npz"
+            echo "rc=$?"
+        done
+        ;;
+    guided)
+        # Guidance 2 and the seed-to-seed spread of the scores (fp32).
+        for args in "--cfg 2 --seeds 0-999" "--cfg 2 --seeds 1000-1999" \
+                    "--cfg 2 --seeds 0-999 --rng torch" "--seeds 1000-1999"; do
+            name=$(echo "$args" | tr -d ' -' | tr -c 'a-z0-9\n' '_')
+            echo "== 1000 samples $args"
+            timeout 100 "$D/bin/lego-sample" --backend cuda --model "$MODEL" --labels cycle \
+                --batch 500 --quiet $args --npz "$OUT/fmnist_$name.npz"
+        done
+        ;;
+    profile-one)
+        timeout 120 "$D/tests/cuda_profile" lego_L_PG_64 64 bf16 2>&1
+        ;;
+    bench-bf16)
+        for p in S-PG-64 L-PG-64 L-PR-64 XL-U-32 DiT-S-64 DiT-L-64 DiT-XL-32; do
+            bench $p --precision bf16
+        done
+        ;;
+    profile)
+        echo "== where the time goes (tools/cuda_profile.c)"
+        for args in "lego_L_PG_64 64 bf16" "lego_L_PG_64 64 bf16 --skip-top" "lego_XL_U_32 64 bf16" \
+                    "lego_S_PG_64 1 bf16" "lego_S_PG_64 64 bf16"; do
+            timeout 120 "$D/tests/cuda_profile" $args 2>&1
+        done
         ;;
     bench)
-        echo "== speed (random weights, fp32 unless the build has more)"
-        bench S-PG-64 1,64
-        bench L-PG-64 1,64
-        bench XL-U-32 1,64
-        ;;
-    bench-full)
-        bench S-PG-64 1,64 --skip-top
-        bench L-PG-64 1,64 --skip-top
-        bench L-PR-64 1,64
-        bench XL-U-32 1,64 --skip-top
-        bench DiT-S-64 1,64
+        echo "== speed (random weights)"
+        for p in S-PG-64 L-PG-64 L-PR-64 XL-U-32 DiT-S-64 DiT-L-64 DiT-XL-32; do bench $p; done
         ;;
     esac
 done

@@ -48,6 +48,8 @@ typedef struct emu_stream *cudaStream_t;
 typedef struct emu_graph *cudaGraph_t;
 typedef struct emu_graph *cudaGraphExec_t;
 enum cudaStreamCaptureMode { cudaStreamCaptureModeThreadLocal = 1 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+typedef struct emu_event *cudaEvent_t;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #define cudaStreamNonBlocking 1u
@@ -60,6 +62,16 @@ typedef int cudaDataType_t;
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct uint2 {
+    unsigned x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
+static inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+static inline float4 make_float4(float x, float y, float z, float w) {
+    return float4{x, y, z, w};
+}
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
     return uint4{x, y, z, w};
 }
@@ -88,6 +100,13 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph,
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
 cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status);
+/* Events hold the host clock when the stream reaches them. */
+cudaError_t cudaEventCreate(cudaEvent_t *event);
+cudaError_t cudaEventDestroy(cudaEvent_t event);
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream);
+cudaError_t cudaEventSynchronize(cudaEvent_t event);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop);
 /* Run `work` now, or record it if `stream` is capturing. */
 void emu_enqueue(cudaStream_t stream, const std::function<void()> &work);
 cudaError_t emu_set_max_smem(const void *kernel, int bytes);
@@ -140,6 +159,41 @@ template <class T> inline void mma_16816(float d[4], const uint32_t a[4], const 
         d[e] = (float)acc;
     }
 }
+
+/* ldmatrix (cuda_internal.h): every lane's row address is gathered, then
+ * each lane reads its pieces of the matrices from them. */
+inline void emu_ldmatrix(uint32_t *r, int count, const void *row, bool trans) {
+    uint32_t mine[2], all[32 * 2];
+    uintptr_t p = (uintptr_t)row;
+    mine[0] = (uint32_t)p;
+    mine[1] = (uint32_t)(p >> 32);
+    emu_warp_gather(mine, 2, all);
+    int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    auto addr = [&](int l) {
+        return (const uint16_t *)(uintptr_t)((uint64_t)all[2 * l] | (uint64_t)all[2 * l + 1] << 32);
+    };
+    for (int m = 0; m < count; m++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            lo = addr(m * 8 + g)[2 * q];
+            hi = addr(m * 8 + g)[2 * q + 1];
+        } else {
+            lo = addr(m * 8 + 2 * q)[g];
+            hi = addr(m * 8 + 2 * q + 1)[g];
+        }
+        r[m] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+}
+inline void ldmatrix_x4(uint32_t r[4], const void *row) { emu_ldmatrix(r, 4, row, false); }
+/* cp.async: the copy happens at once; commits and waits have nothing to do. */
+inline void cp_async16(void *dst, const void *src, bool valid) {
+    if (valid) memcpy(dst, src, 16);
+    else memset(dst, 0, 16);
+}
+inline void cp_async_commit(void) {}
+template <int N> inline void cp_async_wait(void) {}
+inline void ldmatrix_x2(uint32_t r[2], const void *row) { emu_ldmatrix(r, 2, row, false); }
+inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) { emu_ldmatrix(r, 4, row, true); }
 
 /* Launches: every block in turn, its threads as user-level contexts. */
 void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_t smem,

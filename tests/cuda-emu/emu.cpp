@@ -21,6 +21,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include <map>
 #include <vector>
@@ -271,6 +272,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     }
     return "cudaError";
 }
@@ -355,6 +357,42 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
                             cudaStream_t stream) {
     /* The range checks happen when the copy runs. */
     emu_enqueue(stream, [=] { cudaMemcpy(dst, src, bytes, kind); });
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status) {
+    *status = stream && stream->capture ? cudaStreamCaptureStatusActive
+                                        : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+
+struct emu_event {
+    double ms;
+};
+
+cudaError_t cudaEventCreate(cudaEvent_t *event) {
+    *event = new emu_event{0.0};
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    delete event;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+    emu_enqueue(stream, [=] {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        event->ms = (double)t.tv_sec * 1e3 + (double)t.tv_nsec * 1e-6;
+    });
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop) {
+    *ms = (float)(stop->ms - start->ms);
     return cudaSuccess;
 }
 
@@ -557,10 +595,15 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
     /* The heuristic reads the bias pointer's alignment: 256 by default. */
     if (has_bias(d->epilogue) && (!d->bias || (uintptr_t)d->bias % 256 != 0))
         return CUBLAS_STATUS_INVALID_VALUE;
-    memset(results, 0, sizeof *results);
-    results->algo.data[0] = d->epilogue;
-    results->state = CUBLAS_STATUS_SUCCESS;
-    *returned = 1;
+    /* Two candidates, so that the backend's tuning has a choice to make. */
+    int count = requested < 2 ? requested : 2;
+    for (int i = 0; i < count; i++) {
+        memset(&results[i], 0, sizeof results[i]);
+        results[i].algo.data[0] = d->epilogue;
+        results[i].algo.data[1] = (uint64_t)i;
+        results[i].state = CUBLAS_STATUS_SUCCESS;
+    }
+    *returned = count;
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -619,5 +662,4 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
         }
     for (uint64_t j = 0; j < n; j++)
         for (uint64_t i = 0; i < m; i++) store_elem(dst, dl->type, i + j * dl->ld, out[i + j * m]);
-    return CUBLAS_STATUS_SUCCESS;
 }
