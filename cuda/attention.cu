@@ -285,15 +285,6 @@ static size_t mma_bytes(int hdp) {
     return (size_t)(MMA_QB + 4 * MMA_KB) * (hdp + MMA_PAD) * 2;
 }
 
-/* Two values as one word of two TT, the first in the low half. */
-template <class TT> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    TT a = from_float<TT>(lo), b = from_float<TT>(hi);
-    uint16_t ua, ub;
-    memcpy(&ua, &a, 2);
-    memcpy(&ub, &b, 2);
-    return (uint32_t)ua | (uint32_t)ub << 16;
-}
-
 template <class TT> __device__ __forceinline__ uint32_t word_at(const TT *p) {
     return *(const uint32_t *)p;
 }

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 extern "C" {
 #include "denoise.h"
@@ -98,6 +99,16 @@ template <class T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ f16 from_float<f16>(float v) { return __float2half_rn(v); }
+
+/* Two values as one word of two 16-bit T, the first in the low half (the
+ * layout of MMA fragments and of paired stores). */
+template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    T a = from_float<T>(lo), b = from_float<T>(hi);
+    uint16_t ua, ub;
+    memcpy(&ua, &a, 2);
+    memcpy(&ub, &b, 2);
+    return (uint32_t)ua | (uint32_t)ub << 16;
+}
 
 /* The cuBLASLt type of T. */
 template <class T> struct lt_type;

@@ -295,20 +295,13 @@ template <> __device__ __forceinline__ void store4<float>(float *p, float a, flo
                                                           float d) {
     *(float4 *)p = make_float4(a, b, c, d);
 }
-template <class T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-    T u = from_float<T>(lo), v = from_float<T>(hi);
-    uint16_t a, b;
-    memcpy(&a, &u, 2);
-    memcpy(&b, &v, 2);
-    return (uint32_t)a | (uint32_t)b << 16;
-}
 template <> __device__ __forceinline__ void store4<bf16>(bf16 *p, float a, float b, float c,
                                                          float d) {
-    *(uint2 *)p = make_uint2(pack_pair<bf16>(a, b), pack_pair<bf16>(c, d));
+    *(uint2 *)p = make_uint2(pack2<bf16>(a, b), pack2<bf16>(c, d));
 }
 template <> __device__ __forceinline__ void store4<f16>(f16 *p, float a, float b, float c,
                                                         float d) {
-    *(uint2 *)p = make_uint2(pack_pair<f16>(a, b), pack_pair<f16>(c, d));
+    *(uint2 *)p = make_uint2(pack2<f16>(a, b), pack2<f16>(c, d));
 }
 
 /* Four consecutive values of type T as floats (8- or 16-byte load). */
