@@ -319,8 +319,13 @@ __device__ __forceinline__ void mma_load_tile_async(const TT *base, size_t strid
     }
 }
 
+/* Two blocks (16 warps) per multiprocessor where the registers allow it
+ * (head_dim <= 80: the LEGO models' 64 and 72), so that one block's loads
+ * and barriers overlap the other's MMAs; one block above. */
+#define MMA_MIN_BLOCKS(hdp) ((hdp) <= 80 ? 2 : 1)
+
 template <class TT, int HDP>
-__global__ void __launch_bounds__(32 * MMA_WARPS)
+__global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
     attention_mma_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T, int heads,
                          int hd, int qblocks, float scale_log2) {
     DYNAMIC_SMEM(float, smem);
@@ -401,12 +406,13 @@ __global__ void __launch_bounds__(32 * MMA_WARPS)
             }
         }
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        const bool full = k0 + MMA_KB <= T; /* no key to mask in this tile */
 #pragma unroll
         for (int nt = 0; nt < MMA_KB / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = k0 + nt * 8 + 2 * q4 + (e & 1);
-                sc[nt][e] = key < T ? sc[nt][e] * scale_log2 : -INFINITY;
+                sc[nt][e] = full || key < T ? sc[nt][e] * scale_log2 : -INFINITY;
             }
             mx_lo = fmaxf(mx_lo, fmaxf(sc[nt][0], sc[nt][1]));
             mx_hi = fmaxf(mx_hi, fmaxf(sc[nt][2], sc[nt][3]));
