@@ -899,6 +899,42 @@ START_TEST(test_cuda_device_budget) {
 }
 END_TEST
 
+/* Two models on two devices, used in turn: each handle works on its own
+ * device and leaves the caller's current device alone (skipped with one
+ * GPU; the host emulation has LEGO_EMU_DEVICES=2). */
+START_TEST(test_cuda_two_devices) {
+    if (cuda_device_count() < 2) {
+        printf("cuda two devices: %d device(s), skipped\n", cuda_device_count());
+        return;
+    }
+    const rand_model *rm = &rand_models[0];
+    lego_model *cpu = build_rand(rm), *m0 = build_rand(rm), *m1 = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *want = malloc(img * sizeof(float)), *a = malloc(img * sizeof(float)),
+          *b = malloc(img * sizeof(float));
+    denoise_n(cpu, rm, &io, rm->n, 1.0f, want);
+    ck_assert(lego_model_set_backend(m0, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_msg(lego_model_set_backend(m1, LEGO_BACKEND_CUDA, 1) == LEGO_OK, "%s",
+                  lego_model_error(m1));
+    for (int round = 0; round < 2; round++) {
+        denoise_n(m1, rm, &io, rm->n, 1.0f, b);
+        denoise_n(m0, rm, &io, rm->n, 1.0f, a);
+        expect_close(rm->name, "device 0 vs cpu", a, want, img, GPU_TOL);
+        expect_close(rm->name, "device 1 vs cpu", b, want, img, GPU_TOL);
+    }
+    cuda_stats s0, s1;
+    ck_assert(cuda_backend_stats(m0, &s0) == LEGO_OK && cuda_backend_stats(m1, &s1) == LEGO_OK);
+    ck_assert_int_eq(s0.device, 0);
+    ck_assert_int_eq(s1.device, 1);
+    free(want), free(a), free(b);
+    free_inputs(&io);
+    lego_model_free(m1);
+    lego_model_free(m0);
+    lego_model_free(cpu);
+}
+END_TEST
+
 /* lego_sample with the Philox generator (latents, churn noise, labels from
  * the seeds) on the GPU against the CPU, in fp32. */
 START_TEST(test_cuda_sample_philox) {
@@ -959,6 +995,7 @@ int main(void) {
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);
         tcase_add_test(ws, test_cuda_device_budget);
+        tcase_add_test(ws, test_cuda_two_devices);
         tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
         if (num_cases > 0) {
             tcase_add_loop_test(add_case(s, "golden"), test_cuda_golden_denoiser, 0, num_cases);

@@ -24,7 +24,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 
 struct dim3 {
