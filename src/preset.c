@@ -61,7 +61,7 @@ static const preset presets[] = {
     {"dit_S2_64",        S,  3, 64, 1000, 1, {{64, 2, 12}}},
     {"dit_L2_64",        L,  3, 64, 1000, 1, {{64, 2, 24}}},
     {"dit_XL2_32",       XL, 4, 32, 1000, 1, {{32, 2, 28}}},
-    /* The Fashion-MNIST LEGO-PG of ../shared/models and examples/lego-train. */
+    /* The Fashion-MNIST LEGO-PG of the reference model (fmnist_lego_pg32) and lego-train. */
     {"fmnist_lego_pg32", 256, 4, 1, 32, 10, 3, {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}},
 };
 
