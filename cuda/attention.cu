@@ -291,22 +291,8 @@ template <class TT> __device__ __forceinline__ uint32_t word_at(const TT *p) {
 
 /* Rows [t0, t0+rows) of one head's Q, K or V (column offset `col` in the
  * qkv row) into shared memory, [rows][HDP] at row stride `ld`, zero past T
- * and past hd.  16-byte loads and stores: hd and the strides are multiples
- * of 8 elements. */
-template <class TT, int HDP>
-__device__ __forceinline__ void mma_load_tile(const TT *base, size_t stride, int col, int t0,
-                                              int rows, int T, int hd, TT *dst, int ld) {
-    const int chunks = HDP / 8;
-    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
-        int r = idx / chunks, c = (idx % chunks) * 8, t = t0 + r;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (t < T && c < hd) v = *(const uint4 *)(base + (size_t)t * stride + col + c);
-        *(uint4 *)(dst + (size_t)r * ld + c) = v;
-    }
-}
-
-/* The same with cp.async: the copies run while the block computes on the
- * other stage. */
+ * and past hd, with cp.async (16 bytes each: hd and the strides are
+ * multiples of 8 elements), so the copies run while the block computes. */
 template <class TT, int HDP>
 __device__ __forceinline__ void mma_load_tile_async(const TT *base, size_t stride, int col,
                                                     int t0, int rows, int T, int hd, TT *dst,
@@ -342,7 +328,13 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
     const size_t stride = 3 * (size_t)D;
     const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
 
-    mma_load_tile<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, LD);
+    /* Copy groups: Q, then K/V tile 0 behind it. */
+    mma_load_tile_async<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, LD);
+    cp_async_commit();
+    mma_load_tile_async<TT, HDP>(base, stride, D, 0, MMA_KB, T, hd, kbuf, LD);
+    mma_load_tile_async<TT, HDP>(base, stride, 2 * D, 0, MMA_KB, T, hd, vbuf, LD);
+    cp_async_commit();
+    cp_async_wait<1>(); /* Q is in */
     __syncthreads();
     uint32_t qa[HDP / 16][4];
     const TT *q_lo = qs + (warp * 16 + g) * LD, *q_hi = q_lo + 8 * LD;
@@ -366,9 +358,6 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
 
     /* Two stages: tile it+1 is copied in while tile it is used. */
     const int ntiles = (T + MMA_KB - 1) / MMA_KB;
-    mma_load_tile_async<TT, HDP>(base, stride, D, 0, MMA_KB, T, hd, kbuf, LD);
-    mma_load_tile_async<TT, HDP>(base, stride, 2 * D, 0, MMA_KB, T, hd, vbuf, LD);
-    cp_async_commit();
     for (int it = 0; it < ntiles; it++) {
         const int k0 = it * MMA_KB;
         const TT *ks = kbuf + (it % 2) * MMA_KB * LD, *vs = vbuf + (it % 2) * MMA_KB * LD;

@@ -841,10 +841,13 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
     LEGO_TRY(reserve_workspace(h, m, l.bytes, err));
     plan_layout(m, n, nb, p.hgt, p.wid, h->ws, &l);
 
-    /* Per-image values, staged: c_noise (nb), coefficients (3n), labels. */
-    size_t stage = (size_t)nb + 3 * (size_t)n + (p.label_rows ? (size_t)nb * L : 0);
-    LEGO_TRY(reserve_stage(h, stage, err));
-    float *c_noise = h->stage, *coef = c_noise + nb, *labels = coef + 3 * (size_t)n;
+    /* Per-image values, staged in the workspace's own layout (c_noise,
+     * coefficients and label rows are its first buffers) so that one copy
+     * per evaluation moves them all. */
+    size_t coef_at = (size_t)(l.coef - l.c_noise), labels_at = (size_t)(l.labels - l.c_noise);
+    size_t span = p.label_rows ? labels_at + (size_t)nb * L : coef_at + 3 * (size_t)n;
+    LEGO_TRY(reserve_stage(h, span, err));
+    float *c_noise = h->stage, *coef = h->stage + coef_at, *labels = h->stage + labels_at;
     double sd = m->cfg.sigma_data, sd2 = sd * sd;
     for (int i = 0; i < nb; i++) c_noise[i] = logf(a->sigma[i % n]) / 4.0f;
     for (int i = 0; i < n; i++) {
@@ -858,13 +861,7 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
         memcpy(labels, a->label_vectors, (size_t)n * L * sizeof *labels);
         if (p.guided) memset(labels + (size_t)n * L, 0, (size_t)n * L * sizeof *labels);
     }
-    CU_TRY(cudaMemcpyAsync(l.c_noise, c_noise, (size_t)nb * sizeof(float), cudaMemcpyHostToDevice,
-                           s));
-    CU_TRY(cudaMemcpyAsync(l.coef, coef, 3 * (size_t)n * sizeof(float), cudaMemcpyHostToDevice,
-                           s));
-    if (p.label_rows)
-        CU_TRY(cudaMemcpyAsync(l.labels, labels, (size_t)nb * L * sizeof(float),
-                               cudaMemcpyHostToDevice, s));
+    CU_TRY(cudaMemcpyAsync(l.c_noise, h->stage, span * sizeof(float), cudaMemcpyHostToDevice, s));
     CU_TRY(cudaMemcpyAsync(l.x, a->x, (size_t)n * p.chw * sizeof(float), cudaMemcpyHostToDevice,
                            s));
 
