@@ -37,6 +37,8 @@ static void usage(FILE *fp) {
         "  --ema-kimg X       EMA half-life in thousands of images (default 500)\n"
         "  --label-dropout P  null-label probability, for guidance (default 0.1)\n"
         "  --hflip            random horizontal flips\n"
+        "  --patch-fraction F patch-sampled brick training (paper eq. 12): each brick\n"
+        "                     trains on this fraction of its patches (default 1: all)\n"
         "  --seed N           data order, noise and flips (default 0)\n"
         "  --every N          save state, EMA and a sample grid every N steps (default 500)\n"
         "  --threads N        CPU threads (default: all cores)\n");
@@ -45,7 +47,7 @@ static void usage(FILE *fp) {
 typedef struct args {
     const char *data, *out, *init;
     int resume, steps, batch, warmup, hflip, every, threads;
-    double lr, ema_kimg, dropout;
+    double lr, ema_kimg, dropout, patch_fraction;
     uint64_t seed;
 } args;
 
@@ -59,6 +61,7 @@ static int parse_args(int argc, char **argv, args *a) {
     a->ema_kimg = 500;
     a->dropout = 0.1;
     a->every = 500;
+    a->patch_fraction = 1;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -78,6 +81,8 @@ static int parse_args(int argc, char **argv, args *a) {
         else if (!strcmp(o, "--seed")) { a->seed = strtoull(v, &end, 10); ok = !*end; }
         else if (!strcmp(o, "--lr")) ok = (a->lr = strtod(v, &end)) > 0 && !*end;
         else if (!strcmp(o, "--ema-kimg")) ok = (a->ema_kimg = strtod(v, &end)) >= 0 && !*end;
+        else if (!strcmp(o, "--patch-fraction"))
+            ok = (a->patch_fraction = strtod(v, &end)) > 0 && a->patch_fraction <= 1 && !*end;
         else if (!strcmp(o, "--label-dropout"))
             ok = (a->dropout = strtod(v, &end)) >= 0 && a->dropout <= 1 && !*end;
         else { fprintf(stderr, "lego-train: unknown option %s (see --help)\n", o); return 0; }
@@ -214,6 +219,7 @@ int main(int argc, char **argv) {
     to.height = h;
     to.width = w;
     to.seed = a.seed;
+    to.patch_fraction = a.patch_fraction;
     if (lego_trainer_create(m, &to, &t) != LEGO_OK) {
         fprintf(stderr, "lego-train: %s\n", lego_trainer_error(t));
         goto done;

@@ -31,6 +31,7 @@
 #endif
 
 #include "ops.h"
+#include "rng.h"
 
 #define LN_EPS 1e-6f
 /* Loops touching fewer floats than this run on the calling thread: waking
@@ -101,6 +102,9 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
         size_t bs = (size_t)b->cfg.brick_size, T = (size_t)b->tokens;
         size_t depth = (size_t)b->cfg.depth, R;
         ba->patches_x = c->w / b->cfg.brick_size;
+        ba->patches_total = (c->h / b->cfg.brick_size) * ba->patches_x;
+        ba->patches_used = ba->patches_total;
+        ba->patch_index = NULL;
         /* (h/bs)(w/bs)T = hw/p^2: below 2^36 for any valid resolution. */
         ba->rows_per_image = ((size_t)c->h / bs) * ((size_t)c->w / bs) * T;
         if (!size_mul(n, ba->rows_per_image, &R)) {
@@ -171,7 +175,13 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
     }
     c->floats = a.used;
     c->mem = malloc((a.used ? a.used : 1) * sizeof *c->mem);
-    if (!c->mem) {
+    /* Room for every brick's patch table, n * (patches per image) each:
+     * far fewer than the activations' floats. */
+    size_t tables = 0;
+    for (int k = 0; k < m->num_bricks; k++)
+        tables += (size_t)n * (size_t)c->bricks[k].patches_total;
+    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
+    if (!c->mem || !c->index_mem) {
         net_cache_free(c);
         return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
                          "out of memory for %zu MiB of training activations",
@@ -185,6 +195,7 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
 
 void net_cache_free(net_cache *c) {
     if (!c) return;
+    free(c->index_mem);
     free(c->mem);
     free(c->bricks);
     free(c);
@@ -202,6 +213,7 @@ static void token_origin(const brick *b, const brick_acts *ba, size_t r, size_t 
     *img = r / ba->rows_per_image;
     size_t in_img = r % ba->rows_per_image;
     int patch = (int)(in_img / (size_t)b->tokens), tok = (int)(in_img % (size_t)b->tokens);
+    if (ba->patch_index) patch = ba->patch_index[*img * (size_t)ba->patches_used + (size_t)patch];
     *y0 = (patch / ba->patches_x) * bs + (tok / grid) * p;
     *x0 = (patch % ba->patches_x) * bs + (tok % grid) * p;
 }
@@ -510,6 +522,73 @@ static void linear_bwd(const lego_model *m, float *grads, const linear *l, const
 }
 
 /* ------------------------------------------------------------------------ */
+/* Patch sampling                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* A brick's pass over patches_used patches per image. */
+static void set_patches_used(const brick *b, brick_acts *ba, size_t n, int used,
+                             int32_t *index) {
+    ba->patches_used = used;
+    ba->patch_index = index;
+    ba->rows_per_image = (size_t)used * (size_t)b->tokens;
+    ba->rows = n * ba->rows_per_image;
+}
+
+void net_use_all_patches(const lego_model *m, net_cache *c) {
+    for (int k = 0; k < m->num_bricks; k++)
+        set_patches_used(&m->bricks[k], &c->bricks[k], (size_t)c->n, c->bricks[k].patches_total,
+                         NULL);
+}
+
+int net_patches_kept(int total, double fraction) {
+    double want = ceil(fraction * (double)total - 1e-9);
+    if (want < 1) return 1;
+    return want < (double)total ? (int)want : total;
+}
+
+int net_sampling_patches(const lego_model *m, const net_cache *c) {
+    for (int k = 0; k < m->num_bricks; k++)
+        if (c->bricks[k].patch_index) return 1;
+    return 0;
+}
+
+void net_sample_patches(const lego_model *m, net_cache *c, double fraction, uint64_t seed,
+                        uint64_t stream) {
+    size_t n = (size_t)c->n;
+    int32_t *room = c->index_mem;
+    uint64_t draw = 0; /* Philox index of the next draw, over all bricks */
+    for (int k = 0; k < m->num_bricks; k++) {
+        brick_acts *ba = &c->bricks[k];
+        int total = ba->patches_total, used = net_patches_kept(total, fraction);
+        if (used == total) {
+            set_patches_used(&m->bricks[k], ba, n, total, NULL);
+            continue;
+        }
+        /* Image i's table is room[i*used ..]; its shuffle needs `total`
+         * slots from there, which only reach into later images' room. */
+        for (size_t i = 0; i < n; i++) {
+            int32_t *t = room + i * (size_t)used;
+            for (int j = 0; j < total; j++) t[j] = j;
+            for (int j = 0; j < used; j++) { /* partial Fisher-Yates */
+                int pick = j + (int)philox_randint(seed, stream, draw + (uint64_t)j, total - j);
+                int32_t tmp = t[j];
+                t[j] = t[pick];
+                t[pick] = tmp;
+            }
+            draw += (uint64_t)total;
+            for (int j = 1; j < used; j++) { /* ascending: rows in image order */
+                int32_t v = t[j];
+                int q = j;
+                for (; q > 0 && t[q - 1] > v; q--) t[q] = t[q - 1];
+                t[q] = v;
+            }
+        }
+        set_patches_used(&m->bricks[k], ba, n, used, room);
+        room += n * (size_t)used;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
 /* Forward                                                                  */
 /* ------------------------------------------------------------------------ */
 
@@ -544,7 +623,8 @@ static void conditioning_fwd(const lego_model *m, net_cache *c, const float *sig
     for (size_t i = 0; i < nd; i++) c->silu_c[i] = c->cond[i] * sigmoidf(c->cond[i]);
 }
 
-static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *below) {
+static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *below,
+                      const float *fill) {
     const brick *b = &m->bricks[k];
     brick_acts *ba = &c->bricks[k];
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, nt = m->threads;
@@ -586,11 +666,15 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
 
     ln_mod_fwd(ba->xf, R, D, rpi, final_mod, 2 * d, ba->meanf, ba->rstdf, ba->hf, nt);
     op_linear(&b->final_out, ba->hf, R, c->wide);
+    /* Pixels outside the sampled patches keep the fill: the context the
+     * brick above reads there (eq. 12). */
+    if (ba->patch_index && fill)
+        memcpy(ba->out, fill, n * (size_t)m->cfg.img_channels * c->h * c->w * sizeof *fill);
     rows_to_image(m, b, ba, c->h, c->w, c->wide, ba->out, 1);
 }
 
 void net_forward(const lego_model *m, net_cache *c, const float *x, const float *sigma,
-                 const float *label_vectors) {
+                 const float *label_vectors, const float *fill) {
     size_t chw = (size_t)m->cfg.img_channels * c->h * c->w;
     conditioning_fwd(m, c, sigma, label_vectors);
     double sd2 = m->cfg.sigma_data * m->cfg.sigma_data;
@@ -600,7 +684,7 @@ void net_forward(const lego_model *m, net_cache *c, const float *x, const float 
             c->xin[(size_t)i * chw + j] = c_in * x[(size_t)i * chw + j];
     }
     for (int k = 0; k < m->num_bricks; k++)
-        brick_fwd(m, k, c, k > 0 ? c->bricks[k - 1].out : NULL);
+        brick_fwd(m, k, c, k > 0 ? c->bricks[k - 1].out : NULL, fill);
 }
 
 /* ------------------------------------------------------------------------ */
