@@ -503,22 +503,45 @@ static void attention_bwd(const float *qkv, const float *probs, const float *dou
 
 /* Backward of y = x W^T + b over `rows` rows: dW += dy^T x, db += sum of dy
  * over rows, and dx = dy W + beta*dx when dx is not NULL.  The gradient of a
- * view lives at the same offset in `grads` as the view in m->params. */
+ * view lives at the same offset in `grads` as the view in m->params.  When
+ * the BLAS runs on its caller (see ops.h) the workers split each GEMM:
+ * dW by its longer side, dx by rows. */
 static void linear_bwd(const lego_model *m, float *grads, const linear *l, const float *x,
                        const float *dy, size_t rows, float *dx, float beta, int threads) {
     float *gw = grads + (l->w - m->params), *gb = grads + (l->b - m->params);
     int out = l->out, in = l->in;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, (int)rows, 1.0f, dy, out, x, in,
-                1.0f, gw, in);
-    #pragma omp parallel for num_threads(par(rows * (size_t)out, threads)) schedule(static)
-    for (int o = 0; o < out; o++) {
-        double s = 0;
-        for (size_t r = 0; r < rows; r++) s += dy[r * (size_t)out + (size_t)o];
-        gb[o] += (float)s;
+    int split = threads > 1 && rows * (size_t)out >= PAR_MIN_WORK && op_blas_on_caller();
+    #pragma omp parallel num_threads(split ? threads : 1)
+    {
+        int me = 0, nt = 1;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        if (out >= in) { /* rows o0..o1 of dW: columns o0..o1 of dy */
+            int o0 = out * me / nt, o1 = out * (me + 1) / nt;
+            if (o1 > o0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o1 - o0, in, (int)rows, 1.0f,
+                            dy + o0, out, x, in, 1.0f, gw + (size_t)o0 * in, in);
+        } else { /* columns i0..i1 of dW: columns i0..i1 of x */
+            int i0 = in * me / nt, i1 = in * (me + 1) / nt;
+            if (i1 > i0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, i1 - i0, (int)rows, 1.0f,
+                            dy, out, x + i0, in, 1.0f, gw + i0, in);
+        }
+        #pragma omp for schedule(static)
+        for (int o = 0; o < out; o++) {
+            double s = 0;
+            for (size_t r = 0; r < rows; r++) s += dy[r * (size_t)out + (size_t)o];
+            gb[o] += (float)s;
+        }
+        if (dx) {
+            size_t r0 = rows * (size_t)me / (size_t)nt, r1 = rows * (size_t)(me + 1) / (size_t)nt;
+            if (r1 > r0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), in, out, 1.0f,
+                            dy + r0 * (size_t)out, out, l->w, in, beta, dx + r0 * (size_t)in, in);
+        }
     }
-    if (dx)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, in, out, 1.0f, dy, out,
-                    l->w, in, beta, dx, in);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -639,7 +662,7 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
     op_linear(&b->final_ada, c->silu_c, n, ba->mods + depth * n * ms);
 
     float *x = ba->blocks[0].x;
-    op_linear(&b->embed, ba->patches, R, x);
+    op_linear_act(&b->embed, ba->patches, R, x, OP_ACT_NONE, nt);
     #pragma omp parallel for num_threads(par(R * d, nt)) schedule(static)
     for (size_t r = 0; r < R; r++) {
         const float *pe = b->pos_embed + (r % (size_t)b->tokens) * d;
@@ -651,21 +674,21 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
         const dit_block *blk = &b->blocks[j];
         const float *mod = ba->mods + j * n * ms;
         ln_mod_fwd(A->x, R, D, rpi, mod, ms, A->mean1, A->rstd1, A->h1, nt);
-        op_linear(&blk->qkv, A->h1, R, A->qkv);
+        op_linear_act(&blk->qkv, A->h1, R, A->qkv, OP_ACT_NONE, nt);
         attention_fwd(A->qkv, R / (size_t)b->tokens, b->tokens, heads, D / heads, A->probs,
                       A->att, nt);
-        op_linear(&blk->proj, A->att, R, A->a);
+        op_linear_act(&blk->proj, A->att, R, A->a, OP_ACT_NONE, nt);
         gated_add(A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, nt);
         ln_mod_fwd(A->x2, R, D, rpi, mod + 3 * d, ms, A->mean2, A->rstd2, A->h2, nt);
-        op_linear(&blk->fc1, A->h2, R, A->u);
+        op_linear_act(&blk->fc1, A->h2, R, A->u, OP_ACT_NONE, nt);
         gelu_fwd(A->u, A->g, R * hm, nt);
-        op_linear(&blk->fc2, A->g, R, A->f);
+        op_linear_act(&blk->fc2, A->g, R, A->f, OP_ACT_NONE, nt);
         float *next = j + 1 < depth ? ba->blocks[j + 1].x : ba->xf;
         gated_add(A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, nt);
     }
 
     ln_mod_fwd(ba->xf, R, D, rpi, final_mod, 2 * d, ba->meanf, ba->rstdf, ba->hf, nt);
-    op_linear(&b->final_out, ba->hf, R, c->wide);
+    op_linear_act(&b->final_out, ba->hf, R, c->wide, OP_ACT_NONE, nt);
     /* Pixels outside the sampled patches keep the fill: the context the
      * brick above reads there (eq. 12). */
     if (ba->patch_index && fill)
