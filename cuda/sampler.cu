@@ -37,6 +37,7 @@
 /* Step graphs kept per handle: a run needs a few kinds (first/last step,
  * churn range, a skipped brick). */
 #define STEP_GRAPHS 8
+#define TABLE_STEPS 128
 
 /* The values of one step, read by its kernels from the device table. */
 typedef struct dev_step {
@@ -72,7 +73,8 @@ enum { CHURN_NONE = 0, CHURN_PHILOX = 1, CHURN_TORCH = 2 };
 enum { DPM_FIRST = 0, DPM_SECOND = 1, DPM_LAST = 2 };
 
 /* The loop's buffers in the workspace after the network's, each on
- * DEVICE_ALIGN.  The header (counter, seeds, table) is one upload. */
+ * DEVICE_ALIGN.  The header (counter, seeds, table: contiguous) is one
+ * upload. */
 typedef struct samp_layout {
     uint32_t *counter;
     uint64_t *seeds;   /* n               */
@@ -98,14 +100,20 @@ static void *take(char *base, size_t *used, size_t bytes) {
 static void plan_buffers(const cuda_sample_run *r, size_t len, char *base, samp_layout *l) {
     size_t used = 0;
     int dpm = r->solver == LEGO_SOLVER_DPMPP_2M;
-    l->counter = (uint32_t *)take(base, &used, sizeof(uint32_t));
-    l->seeds = (uint64_t *)take(base, &used, (size_t)r->n * sizeof(uint64_t));
-    l->table = (dev_step *)take(base, &used, (size_t)r->steps * sizeof(dev_step));
-    l->head_bytes = used;
+    /* What the step graphs use first, at addresses that do not depend on
+     * the number of steps (so runs of other lengths replay them too). */
     l->x = (double *)take(base, &used, len * sizeof(double));
     l->x_hat = dpm ? NULL : (double *)take(base, &used, len * sizeof(double));
     l->d_cur = dpm ? NULL : (double *)take(base, &used, len * sizeof(double));
     l->old_den = dpm ? (float *)take(base, &used, len * sizeof(float)) : NULL;
+    size_t head = used;
+    l->counter = (uint32_t *)take(base, &used, sizeof(uint32_t));
+    l->seeds = (uint64_t *)take(base, &used, (size_t)r->n * sizeof(uint64_t));
+    /* Room for TABLE_STEPS-step multiples: runs of other lengths mostly
+     * fit without growing the workspace (which would drop the graphs). */
+    size_t table_steps = ((size_t)r->steps + TABLE_STEPS - 1) / TABLE_STEPS * TABLE_STEPS;
+    l->table = (dev_step *)take(base, &used, table_steps * sizeof(dev_step));
+    l->head_bytes = used - head;
     l->latents = r->latents ? (float *)take(base, &used, len * sizeof(float)) : NULL;
     l->noise = r->noise && r->noise_slots > 0
                    ? (double *)take(base, &used, (size_t)r->noise_slots * len * sizeof(double))
@@ -116,9 +124,9 @@ static void plan_buffers(const cuda_sample_run *r, size_t len, char *base, samp_
 /* ---- kernels ------------------------------------------------------------------ */
 
 /* Rounded separately: no fused multiply-add, as the CPU computes. */
-__device__ __forceinline__ double dadd(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double dsub(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ double dmul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
 
 __device__ __forceinline__ size_t thread_index(void) {
     return blockIdx.x * (size_t)blockDim.x + threadIdx.x;
@@ -151,7 +159,7 @@ __global__ void init_x_kernel(const float *latents, const uint64_t *seeds, int n
             if (j >= chw) break;
             size_t at = i * chw + j;
             float v = latents ? latents[at] : (float)z[lane];
-            x[at] = dmul((double)v, sigma0);
+            x[at] = rn_mul((double)v, sigma0);
         }
     }
 }
@@ -175,8 +183,8 @@ __global__ void edm_begin_kernel(const dev_step *table, const uint32_t *counter,
             if (j >= chw) break;
             size_t at = i * chw + j;
             double v = x[at];
-            if (churn == CHURN_PHILOX) v = dadd(v, dmul(kick, z[lane]));
-            else if (churn == CHURN_TORCH) v = dadd(v, dmul(kick, noise[st->noise_off + at]));
+            if (churn == CHURN_PHILOX) v = rn_add(v, rn_mul(kick, z[lane]));
+            else if (churn == CHURN_TORCH) v = rn_add(v, rn_mul(kick, noise[st->noise_off + at]));
             x_hat[at] = v;
             xf[at] = (float)v;
         }
@@ -191,10 +199,10 @@ __global__ void edm_euler_kernel(const dev_step *table, const uint32_t *counter,
                                  float *coef) {
     const dev_step *st = &table[*counter];
     if (heun) stage_eval(st, 1, n, nb, c_noise, coef);
-    double t_hat = st->t_hat, step = dsub(st->t_next, st->t_hat);
+    double t_hat = st->t_hat, step = rn_sub(st->t_next, st->t_hat);
     for (size_t i = thread_index(); i < len; i += thread_stride()) {
-        double d = dsub(x_hat[i], (double)den[i]) / t_hat;
-        double v = dadd(x_hat[i], dmul(step, d));
+        double d = rn_sub(x_hat[i], (double)den[i]) / t_hat;
+        double v = rn_add(x_hat[i], rn_mul(step, d));
         x[i] = v;
         if (heun) {
             d_cur[i] = d;
@@ -208,10 +216,10 @@ __global__ void edm_heun_kernel(const dev_step *table, const uint32_t *counter, 
                                 const float *den, const double *x_hat, const double *d_cur,
                                 double *x) {
     const dev_step *st = &table[*counter];
-    double t_next = st->t_next, step = dsub(st->t_next, st->t_hat);
+    double t_next = st->t_next, step = rn_sub(st->t_next, st->t_hat);
     for (size_t i = thread_index(); i < len; i += thread_stride()) {
-        double d_prime = dsub(x[i], (double)den[i]) / t_next;
-        x[i] = dadd(x_hat[i], dmul(step, dadd(dmul(0.5, d_cur[i]), dmul(0.5, d_prime))));
+        double d_prime = rn_sub(x[i], (double)den[i]) / t_next;
+        x[i] = rn_add(x_hat[i], rn_mul(step, rn_add(rn_mul(0.5, d_cur[i]), rn_mul(0.5, d_prime))));
     }
 }
 
@@ -234,8 +242,8 @@ __global__ void dpm_update_kernel(const dev_step *table, const uint32_t *counter
             continue;
         }
         double d = (double)den[i];
-        if (mode == DPM_SECOND) d = dsub(dmul(st->coef_d, d), dmul(st->coef_old, (double)old_den[i]));
-        x[i] = dadd(dmul(st->ratio, x[i]), dmul(st->weight, d));
+        if (mode == DPM_SECOND) d = rn_sub(rn_mul(st->coef_d, d), rn_mul(st->coef_old, (double)old_den[i]));
+        x[i] = rn_add(rn_mul(st->ratio, x[i]), rn_mul(st->weight, d));
         old_den[i] = den[i];
     }
 }
