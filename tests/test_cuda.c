@@ -23,6 +23,13 @@
  *   - repeated calls at one size allocate no device memory; weights
  *     changed on the host (load_weights, init_weights, in place + the hook)
  *     reach the device.
+ *   - the sampling loop on the device (lego_sample, cuda/sampler.cu) against
+ *     the CPU sampler within 1e-3 scaled: Heun, Euler, DPM-Solver++(2M),
+ *     churn, guidance, skipping, non-square and padded sizes, the PyTorch
+ *     generator, given latents/labels/noise levels; host copies and
+ *     synchronisations per call that do not grow with the steps; step
+ *     graphs replayed bit-identically; progress, cancellation, the device
+ *     budget, lego_step; the golden generate.out runs on it.
  *
  * The CUDA runtime does not survive fork() once initialised, so this
  * program runs its tests without Check's fork (CK_NOFORK).
