@@ -25,7 +25,10 @@
  *    64 through shared memory, their MMA fragments read with ldmatrix
  *    (.trans for V); scores, the online softmax and the output stay in
  *    registers, and the probabilities are re-packed as the A operand of
- *    P V without leaving them.
+ *    P V without leaving them.  attention_mma2_kernel does the same with
+ *    4 warps of 32 query rows (two m16 tiles each), so that each K/V
+ *    fragment read from shared memory feeds two MMAs (CUDA_OPT_ATTENTION
+ *    = 3, ATTN_MMA32; to be timed against the first).
  *
  * The two CUDA-core kernels keep head_dim/32 (rounded up) output values
  * per lane in registers, a template parameter E <= 8, so head_dim <=
@@ -472,11 +475,246 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
     }
 }
 
+/* ---- tensor cores, 32 query rows per warp ------------------------------------ */
+
+/* The same flash attention with half the shared-memory reads per MMA: a
+ * block of MMA2_WARPS warps takes the same 128 queries, each warp two
+ * m16 tiles (32 rows), so every K fragment and every V fragment that
+ * ldmatrix brings into registers feeds two MMAs instead of one.  Tiles,
+ * padding and the double buffering are attention_mma_kernel's; the score
+ * and output accumulators are doubled.  The softmax scale is folded into
+ * the exponent (one FFMA: s * scale_log2 - m, m kept in scaled log2
+ * units).  Q's fragments stay in registers for head_dim <= 64; above,
+ * they do not fit beside the doubled accumulators (255 registers), so
+ * they are re-read from shared memory with ldmatrix once per key tile
+ * (fewer reads than the tile's K fragments). */
+#define MMA2_WARPS 4
+#define MMA2_ROWS 32 /* query rows per warp: two m16 tiles */
+#if MMA2_WARPS * MMA2_ROWS != MMA_QB
+#error "the 32-row kernel takes the 16-row kernel's query block"
+#endif
+#define MMA2_QREG(hdp) ((hdp) <= 64)
+/* Blocks per multiprocessor asked of ptxas (registers <= 65536 / (128 x
+ * this)): ptxas -v (sm_90, nvcc 13) gives 139 registers for HDP 16, 177
+ * for 32, 202 for 48, 244 for 64, 255 for 80, 251 for 96, none spilled;
+ * 255 with 76/92 bytes spilled for 112/128.  A lower cap spills. */
+#define MMA2_MIN_BLOCKS(hdp) ((hdp) <= 16 ? 3 : 2)
+
+template <class TT, int HDP>
+__global__ void __launch_bounds__(32 * MMA2_WARPS, MMA2_MIN_BLOCKS(HDP))
+    attention_mma2_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T, int heads,
+                          int hd, int qblocks, float scale_log2) {
+    constexpr bool QREG = MMA2_QREG(HDP);
+    constexpr int KS = HDP / 16; /* k-steps of Q K^T */
+    DYNAMIC_SMEM(float, smem);
+    const int LD = HDP + MMA_PAD;
+    TT *qs = (TT *)smem;               /* [MMA_QB][LD]    */
+    TT *kbuf = qs + MMA_QB * LD;       /* [2][MMA_KB][LD] */
+    TT *vbuf = kbuf + 2 * MMA_KB * LD; /* [2][MMA_KB][LD] */
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q4 = lane % 4;
+    const size_t job = blockIdx.x / (unsigned)qblocks;
+    const int q0 = (int)(blockIdx.x % (unsigned)qblocks) * MMA_QB;
+    const size_t seq = job / (size_t)heads;
+    const int head = (int)(job % (size_t)heads);
+    const int D = heads * hd;
+    const size_t stride = 3 * (size_t)D;
+    const TT *base = qkv + seq * (size_t)T * stride + (size_t)head * hd;
+
+    mma_load_tile_async<TT, HDP>(base, stride, 0, q0, MMA_QB, T, hd, qs, LD);
+    cp_async_commit();
+    mma_load_tile_async<TT, HDP>(base, stride, D, 0, MMA_KB, T, hd, kbuf, LD);
+    mma_load_tile_async<TT, HDP>(base, stride, 2 * D, 0, MMA_KB, T, hd, vbuf, LD);
+    cp_async_commit();
+    cp_async_wait<1>(); /* Q is in */
+    __syncthreads();
+
+    /* ldmatrix row addresses: lane L gives row L%8 of matrix L/8.  For an
+     * A fragment (Q) and V's .trans B fragments the four matrices are
+     * (rows 0-7 | 8-15) x (columns 0-7 | 8-15), rows first. */
+    const int lm = lane / 8, lr = lane % 8;
+    const TT *qrow = qs + (warp * MMA2_ROWS + (lm % 2) * 8 + lr) * LD + (lm / 2) * 8;
+    uint32_t qa[2][QREG ? KS : 1][4];
+    if constexpr (QREG) {
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qa[mt][kk], qrow + mt * 16 * LD + kk * 16);
+    }
+
+    /* Per m16 tile mt and half h (rows g and g+8): running max (scaled,
+     * log2 units), this thread's part of the running sum, the output. */
+    float m_run[2][2], l_run[2][2];
+    float o[2][HDP / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        m_run[mt][0] = m_run[mt][1] = -INFINITY;
+        l_run[mt][0] = l_run[mt][1] = 0.0f;
+#pragma unroll
+        for (int dt = 0; dt < HDP / 8; dt++)
+            o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+    }
+
+    const int ntiles = (T + MMA_KB - 1) / MMA_KB;
+    for (int it = 0; it < ntiles; it++) {
+        const int k0 = it * MMA_KB;
+        const TT *ks = kbuf + (it % 2) * MMA_KB * LD, *vs = vbuf + (it % 2) * MMA_KB * LD;
+        if (it + 1 < ntiles) {
+            TT *kn = kbuf + ((it + 1) % 2) * MMA_KB * LD, *vn = vbuf + ((it + 1) % 2) * MMA_KB * LD;
+            mma_load_tile_async<TT, HDP>(base, stride, D, k0 + MMA_KB, MMA_KB, T, hd, kn, LD);
+            mma_load_tile_async<TT, HDP>(base, stride, 2 * D, k0 + MMA_KB, MMA_KB, T, hd, vn,
+                                         LD);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        /* S = Q K^T, k-steps outermost: a pair of k-steps' Q fragments
+         * (registers or one ldmatrix each), then per 8-key tile one x4 of
+         * K for four MMAs. */
+        float sc[2][MMA_KB / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < MMA_KB / 8; nt++)
+                sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk += 2) {
+            const bool pair = kk + 1 < KS;
+            uint32_t a[2][2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    if (j == 1 && !pair) break;
+                    if constexpr (QREG) {
+                        a[mt][j][0] = qa[mt][kk + j][0];
+                        a[mt][j][1] = qa[mt][kk + j][1];
+                        a[mt][j][2] = qa[mt][kk + j][2];
+                        a[mt][j][3] = qa[mt][kk + j][3];
+                    } else {
+                        ldmatrix_x4(a[mt][j], qrow + mt * 16 * LD + (kk + j) * 16);
+                    }
+                }
+#pragma unroll
+            for (int nt = 0; nt < MMA_KB / 8; nt++) {
+                if (pair) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, ks + (nt * 8 + lr) * LD + lm * 8 + kk * 16);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_16816<TT>(sc[mt][nt], a[mt][0], b);
+                        mma_16816<TT>(sc[mt][nt], a[mt][1], b + 2);
+                    }
+                } else {
+                    uint32_t b[2];
+                    ldmatrix_x2(b, ks + (nt * 8 + lr) * LD + (lm % 2) * 8 + kk * 16);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) mma_16816<TT>(sc[mt][nt], a[mt][0], b);
+                }
+            }
+        }
+
+        /* Online softmax on raw scores: the scale is positive, so the
+         * row maximum of s * scale_log2 is scale_log2 * max s. */
+        const bool full = k0 + MMA_KB <= T;
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < MMA_KB / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = k0 + nt * 8 + 2 * q4 + (e & 1);
+                    if (!full && key >= T) sc[mt][nt][e] = -INFINITY;
+                    mx[e / 2] = fmaxf(mx[e / 2], sc[mt][nt][e]);
+                }
+            }
+            float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                /* A row's 64 scores lie in the 4 threads of its quad. */
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL_MASK, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL_MASK, mx[h], 2));
+                const float m_new = fmaxf(m_run[mt][h], mx[h] * scale_log2); /* finite */
+                corr[h] = exp2f(m_run[mt][h] - m_new);
+                m_run[mt][h] = m_new;
+            }
+#pragma unroll
+            for (int nt = 0; nt < MMA_KB / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    sc[mt][nt][e] = exp2f(fmaf(sc[mt][nt][e], scale_log2, -m_run[mt][e / 2]));
+                    sum[e / 2] += sc[mt][nt][e];
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) l_run[mt][h] = l_run[mt][h] * corr[h] + sum[h];
+#pragma unroll
+            for (int dt = 0; dt < HDP / 8; dt++) {
+                o[mt][dt][0] *= corr[0];
+                o[mt][dt][1] *= corr[0];
+                o[mt][dt][2] *= corr[1];
+                o[mt][dt][3] *= corr[1];
+            }
+        }
+
+        /* O += P V: one ldmatrix.trans x4 of V (two 8-column tiles) for
+         * four MMAs. */
+#pragma unroll
+        for (int ks16 = 0; ks16 < MMA_KB / 16; ks16++) {
+            uint32_t pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                pa[mt][0] = pack2<TT>(sc[mt][2 * ks16][0], sc[mt][2 * ks16][1]);
+                pa[mt][1] = pack2<TT>(sc[mt][2 * ks16][2], sc[mt][2 * ks16][3]);
+                pa[mt][2] = pack2<TT>(sc[mt][2 * ks16 + 1][0], sc[mt][2 * ks16 + 1][1]);
+                pa[mt][3] = pack2<TT>(sc[mt][2 * ks16 + 1][2], sc[mt][2 * ks16 + 1][3]);
+            }
+            const TT *vrow = vs + (ks16 * 16 + (lm % 2) * 8 + lr) * LD + (lm / 2) * 8;
+#pragma unroll
+            for (int dt = 0; dt < HDP / 8; dt += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vrow + dt * 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_16816<TT>(o[mt][dt], pa[mt], b);
+                    mma_16816<TT>(o[mt][dt + 1], pa[mt], b + 2);
+                }
+            }
+        }
+        __syncthreads(); /* the stage is used up before it is refilled */
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float l = l_run[mt][h];
+            l += __shfl_xor_sync(FULL_MASK, l, 1);
+            l += __shfl_xor_sync(FULL_MASK, l, 2);
+            const float inv = 1.0f / l;
+            const int t = q0 + warp * MMA2_ROWS + mt * 16 + h * 8 + g;
+            if (t >= T) continue; /* after the shuffles: every lane took part */
+            TT *orow = out + (seq * (size_t)T + (size_t)t) * D + (size_t)head * hd;
+#pragma unroll
+            for (int dt = 0; dt < HDP / 8; dt++) {
+                int d = dt * 8 + 2 * q4;
+                if (d < hd)
+                    *(uint32_t *)(orow + d) =
+                        pack2<TT>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+            }
+        }
+    }
+}
+
 template <class TT, int HDP>
 static lego_status launch_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads,
-                              int hd, TT *out, lego_err *err) {
-    const size_t smem = mma_bytes(HDP);
-    auto kernel = attention_mma_kernel<TT, HDP>; /* one name: LAUNCH is a macro */
+                              int hd, TT *out, bool rows32, lego_err *err) {
+    const size_t smem = mma_bytes(HDP); /* the same block of queries and tiles in both */
+    /* One name: LAUNCH is a macro. */
+    auto kernel = rows32 ? attention_mma2_kernel<TT, HDP> : attention_mma_kernel<TT, HDP>;
     if (smem > DEFAULT_SMEM_LIMIT)
         CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem));
@@ -485,32 +723,33 @@ static lego_status launch_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T,
     if (blocks > (size_t)INT_MAX)
         return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many", seqs);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
-    LAUNCH(kernel, (unsigned)blocks, 32 * MMA_WARPS, smem, s)(
+    LAUNCH(kernel, (unsigned)blocks, 32 * (rows32 ? MMA2_WARPS : MMA_WARPS), smem, s)(
         qkv, out, T, heads, hd, (int)qblocks, scale_log2);
-    LAUNCH_CHECK("attention_mma");
+    LAUNCH_CHECK(rows32 ? "attention_mma2" : "attention_mma");
     return LEGO_OK;
 }
 
-/* The tensor-core kernel for (TT, head_dim), if there is one: 1 = launched. */
+/* The tensor-core kernel for (TT, head_dim), if there is one: 1 = launched.
+ * rows32: attention_mma2_kernel (32 query rows per warp). */
 template <class TT>
 static int try_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads, int hd, TT *out,
-                   lego_status *st, lego_err *err) {
+                   bool rows32, lego_status *st, lego_err *err) {
     if (hd % 8 != 0 || hd > MMA_MAX_HEAD_DIM) return 0;
     switch ((hd + 15) / 16) {
-    case 1: *st = launch_mma<TT, 16>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 2: *st = launch_mma<TT, 32>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 3: *st = launch_mma<TT, 48>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 4: *st = launch_mma<TT, 64>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 5: *st = launch_mma<TT, 80>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 6: *st = launch_mma<TT, 96>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 7: *st = launch_mma<TT, 112>(s, qkv, seqs, T, heads, hd, out, err); return 1;
-    case 8: *st = launch_mma<TT, 128>(s, qkv, seqs, T, heads, hd, out, err); return 1;
+    case 1: *st = launch_mma<TT, 16>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 2: *st = launch_mma<TT, 32>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 3: *st = launch_mma<TT, 48>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 4: *st = launch_mma<TT, 64>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 5: *st = launch_mma<TT, 80>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 6: *st = launch_mma<TT, 96>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 7: *st = launch_mma<TT, 112>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+    case 8: *st = launch_mma<TT, 128>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
     }
     return 0;
 }
 template <>
-int try_mma<float>(cudaStream_t, const float *, size_t, int, int, int, float *, lego_status *,
-                   lego_err *) {
+int try_mma<float>(cudaStream_t, const float *, size_t, int, int, int, float *, bool,
+                   lego_status *, lego_err *) {
     return 0; /* fp32 stays on the CUDA cores: no TF32 */
 }
 
@@ -547,7 +786,9 @@ static lego_status launch_attention(cudaStream_t s, const TT *qkv, size_t seqs, 
         return LEGO_OK;
     }
     lego_status st = LEGO_OK;
-    if (mode != ATTN_NO_MMA && try_mma<TT>(s, qkv, seqs, T, heads, hd, out, &st, err)) return st;
+    if (mode != ATTN_NO_MMA &&
+        try_mma<TT>(s, qkv, seqs, T, heads, hd, out, mode == ATTN_MMA32, &st, err))
+        return st;
     const size_t smem = flash_bytes(hd);
     auto kernel = attention_flash_kernel<TT, E>;
     if (smem > DEFAULT_SMEM_LIMIT)

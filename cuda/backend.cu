@@ -417,7 +417,7 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         h->attn_mode = value ? ATTN_FLASH_ONLY : ATTN_AUTO;
         return LEGO_OK;
     case CUDA_OPT_ATTENTION:
-        if (value < ATTN_AUTO || value > ATTN_NO_MMA)
+        if (value < ATTN_AUTO || value > ATTN_MMA32)
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown attention mode %d",
                              value);
         h->attn_mode = value;

@@ -331,7 +331,8 @@ lego_status k_edm(cudaStream_t s, const float *x, const float *f, const float *c
 typedef enum attn_mode {
     ATTN_AUTO = 0,       /* short kernel for <= 32 tokens, else the best tiled one */
     ATTN_FLASH_ONLY = 1, /* the tiled kernels even for short sequences      */
-    ATTN_NO_MMA = 2      /* never the tensor-core kernel                    */
+    ATTN_NO_MMA = 2,     /* never the tensor-core kernel                    */
+    ATTN_MMA32 = 3       /* as ATTN_AUTO with the 32-rows-per-warp tensor-core kernel */
 } attn_mode;
 
 /* Multi-head self-attention of `seqs` sequences of `tokens` rows each, qkv

@@ -66,7 +66,9 @@ typedef enum cuda_option {
     /* Arithmetic of the forward pass: a cuda_precision value. */
     CUDA_OPT_PRECISION = 2,
     /* Attention kernel choice: 0 automatic, 1 = CUDA_OPT_FLASH_ONLY, 2 never
-     * the tensor-core kernel (bf16/fp16 then use the CUDA-core one). */
+     * the tensor-core kernel (bf16/fp16 then use the CUDA-core one), 3 as 0
+     * but with the tensor-core kernel that gives each warp 32 query rows
+     * (attention_mma2_kernel; an experiment to time against 0). */
     CUDA_OPT_ATTENTION = 3,
     /* 1 (the default): an evaluation without per-brick outputs or c runs
      * as one CUDA graph, captured at its first occurrence per request
