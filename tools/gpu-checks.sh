@@ -6,7 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [sample-loop]
+#                       [sample-loop] [attn-ab]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -81,6 +81,17 @@ for what in "$@"; do
         done
         for args in "lego_S_PG_64 1 bf16" "lego_S_PG_64 64 bf16" "lego_S_PG_64 1 fp32"; do
             timeout 120 "$D/tests/cuda_sample_loop" $args 18 3 2>&1
+        done
+        ;;
+    attn-ab)
+        # The tensor-core attention with 16 query rows per warp (mode 0, the
+        # automatic choice) against 32 rows per warp (mode 3): whole
+        # evaluations and the attention's share (tests/cuda_profile).
+        echo "== attention A/B: CUDA_OPT_ATTENTION 0 vs 3"
+        for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16"; do
+            for mode in 0 3 0 3; do
+                timeout 120 "$D/tests/cuda_profile" $args --attn $mode 2>&1 | grep -E "^(eval|profile)|attention"
+            done
         done
         ;;
     bench)
