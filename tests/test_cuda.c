@@ -13,7 +13,8 @@
  *     the CPU result, with each kernel variant (GELU in the GEMM or not,
  *     short-sequence attention or the tiled kernel only); the same in bf16
  *     and fp16 within 3e-2 (tensor-core attention, CUDA-core attention, and
- *     the tensor-core kernel for short sequences too); the golden Heun
+ *     the tensor-core kernel for short sequences too, the 32-rows-per-warp
+ *     tensor-core kernel); the golden Heun
  *     samples within the case's sampler tolerance; Philox sampling on the
  *     GPU equal to the CPU's within 1e-3;
  *   - random models covering head_dim 16..256, 1 to 1024 tokens, patch 1,
@@ -363,17 +364,27 @@ static void compare_case(const golden_case *g, const char *variant, const case_o
 
 /* The 16-bit precisions, each with its attention kernels: automatic (the
  * tensor-core kernel for long sequences), every sequence through the
- * tiled kernels (tensor cores for short ones too), and no tensor cores. */
+ * tiled kernels (tensor cores for short ones too), no tensor cores, and
+ * the tensor-core kernel with 32 query rows per warp. */
 static const struct {
     lego_precision precision;
     int attn_mode;
     const char *name;
+    int twin; /* >= 0: the random models also compare with that variant */
 } low_variants[] = {
-    {LEGO_PRECISION_BF16, 0, " [bf16]"},
-    {LEGO_PRECISION_BF16, 1, " [bf16 flash only]"},
-    {LEGO_PRECISION_BF16, 2, " [bf16 no mma]"},
-    {LEGO_PRECISION_FP16, 0, " [fp16]"},
+    {LEGO_PRECISION_BF16, 0, " [bf16]", -1},
+    {LEGO_PRECISION_BF16, 1, " [bf16 flash only]", -1},
+    {LEGO_PRECISION_BF16, 2, " [bf16 no mma]", -1},
+    {LEGO_PRECISION_FP16, 0, " [fp16]", -1},
+    /* The tensor-core kernel with 32 query rows per warp (mode 3): the
+     * same arithmetic per row as mode 0's kernel but for the softmax's
+     * fused scale, so also within MMA_TWIN_TOL of mode 0, a much tighter
+     * check than against the CPU (a 1.5x error in its output moved the
+     * hd104 model by 4e-3 there). */
+    {LEGO_PRECISION_BF16, 3, " [bf16 mma32]", 0},
+    {LEGO_PRECISION_FP16, 3, " [fp16 mma32]", 3},
 };
+#define MMA_TWIN_TOL 3e-4
 #define NUM_LOW_VARIANTS (sizeof low_variants / sizeof low_variants[0])
 
 static void set_low_variant(lego_model *m, size_t v) {
@@ -542,6 +553,15 @@ static const rand_model rand_models[] = {
     {"hd64-d128", 128, 2, 3, 10, 4.0, 16, 16, 2, 2, {{8, 2, 1}, {16, 2, 1}}},
     /* head_dim 16, patch 1, a 1-token brick, MLP width 120. */
     {"odd", 48, 3, 2, 3, 2.5, 8, 16, 3, 2, {{8, 1, 1}, {2, 2, 1}}},
+    /* The tensor-core kernels on sequences that are no multiple of 64:
+     * head_dim 40 (padded to 48: an odd number of k-steps) on 100 tokens,
+     * 72 (padded to 80) on 144 (two query blocks, three key tiles), 128
+     * on 81 and 104 (padded to 112) on 36 (Q re-read from shared memory
+     * in the 32-row kernel). */
+    {"mma-hd40-100tok", 80, 2, 2, 3, 2.0, 10, 20, 2, 2, {{10, 1, 1}, {2, 1, 1}}},
+    {"mma-hd72-144tok", 144, 2, 1, 0, 2.0, 12, 12, 2, 1, {{12, 1, 1}}},
+    {"mma-hd128-81tok", 256, 2, 1, 0, 1.0, 9, 9, 2, 1, {{9, 1, 1}}},
+    {"mma-hd104-36tok", 208, 2, 1, 0, 1.0, 6, 12, 2, 1, {{6, 1, 1}}},
 };
 #define NUM_RAND_MODELS (sizeof rand_models / sizeof rand_models[0])
 
@@ -706,12 +726,19 @@ START_TEST(test_cuda_random_models) {
     compare_rand(rm, " [flash only]", &gpu, &cpu, GPU_TOL);
     free_rand_outputs(&gpu);
 
+    rand_outputs low[NUM_LOW_VARIANTS];
     for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) {
         set_low_variant(m, v);
-        run_rand(rm, m, &io, &gpu);
-        compare_rand(rm, low_variants[v].name, &gpu, &cpu, LOW_TOL);
-        free_rand_outputs(&gpu);
+        run_rand(rm, m, &io, &low[v]);
+        compare_rand(rm, low_variants[v].name, &low[v], &cpu, LOW_TOL);
+        int twin = low_variants[v].twin;
+        if (twin >= 0) {
+            char what[64];
+            snprintf(what, sizeof what, "%s vs%s", low_variants[v].name, low_variants[twin].name);
+            compare_rand(rm, what, &low[v], &low[twin], MMA_TWIN_TOL);
+        }
     }
+    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) free_rand_outputs(&low[v]);
     reset_fp32(m);
 
     /* Back on the CPU: the same numbers as before the trip. */
