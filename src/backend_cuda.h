@@ -94,6 +94,35 @@ typedef enum cuda_precision {
     CUDA_PRECISION_FP16 = 2  /* the same with fp16                          */
 } cuda_precision;
 
+
+/* ---- training on the device (cuda/train.cu; docs/cuda.md) ---- */
+
+/* One training batch, in host memory: y and noise n x C x h x w, sigma n,
+ * labels n x label_dim one-hot rows or NULL (null labels). */
+typedef struct cuda_train_batch {
+    int n, h, w;
+    const float *y, *noise, *sigma, *labels;
+} cuda_train_batch;
+
+/* A trainer as the device sees it: an identity, its host arrays in the
+ * params layout (copied up when it attaches, back by cuda_backend_pull)
+ * and a flag the device side sets while the trainer's state lives there
+ * (cleared when the handle goes or another trainer attaches). */
+typedef struct cuda_trainer_link {
+    const void *owner;
+    float *ema, *adam_m, *adam_v;
+    int *attached;
+} cuda_trainer_link;
+
+/* One optimiser update: train.c's adam_update then ema_update. */
+typedef struct cuda_adam_step {
+    double lr, beta1, beta2, eps, weight_decay;
+    int adamw;
+    int64_t adam_t;  /* updates applied, this one included */
+    float gscale;    /* clipping factor */
+    float ema_beta;
+} cuda_adam_step;
+
 #ifdef LEGO_HAVE_CUDA
 
 /* Number of usable CUDA devices; 0 when there is no driver or no device. */
@@ -134,6 +163,36 @@ lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream, u
  * 4 * blocks words. */
 lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream, uint64_t first_block,
                                size_t blocks, uint32_t *out, lego_err *err);
+
+/* train_loss_grads on the device for a model on the CUDA backend: the loss
+ * (the CPU's formula, summed on the host in its order) and, when grads is
+ * not NULL, the gradient in the layout of m->params (fixed tensors zero). */
+lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b, double *loss, float *grads,
+                            lego_err *err);
+
+/* A trainer step's first half on the device: attaches trainer t (uploading
+ * its state if it is not the attached one), the loss and the gradient's
+ * global L2 norm (the gradient stays on the device). */
+lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *t,
+                             const cuda_train_batch *b, double *loss, double *norm,
+                             lego_err *err);
+
+/* The second half: Adam/AdamW on the trainable values with the gradient
+ * of the last cuda_train_grads scaled by gscale, then the EMA.  The device
+ * weights are then ahead of m->params until cuda_backend_pull. */
+lego_status cuda_train_update(lego_model *m, const cuda_trainer_link *t, const cuda_adam_step *a,
+                              lego_err *err);
+
+/* Copy weights trained on the device back to m->params (unless the host
+ * rewrote them since) and the attached trainer's state to its host arrays.
+ * LEGO_OK and nothing to do without a handle or when nothing is newer.
+ * Call before reading m->params on the host. */
+lego_status cuda_backend_pull(lego_model *m, lego_err *err);
+
+/* Forget trainer `owner`'s device state without copying it back (its host
+ * arrays were rewritten, or it is being freed).  Nothing if it is not
+ * attached. */
+void cuda_train_detach(lego_model *m, const void *owner);
 
 #else /* no CUDA in this build */
 
@@ -187,6 +246,32 @@ static inline lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t
     (void)device, (void)seed, (void)stream, (void)first_block, (void)blocks, (void)out;
     return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
 }
+
+static inline lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b, double *loss,
+                                          float *grads, lego_err *err) {
+    (void)m, (void)b, (void)loss, (void)grads;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *t,
+                                           const cuda_train_batch *b, double *loss, double *norm,
+                                           lego_err *err) {
+    (void)m, (void)t, (void)b, (void)loss, (void)norm;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_train_update(lego_model *m, const cuda_trainer_link *t,
+                                            const cuda_adam_step *a, lego_err *err) {
+    (void)m, (void)t, (void)a;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_backend_pull(lego_model *m, lego_err *err) {
+    (void)m, (void)err;
+    return LEGO_OK;
+}
+
+static inline void cuda_train_detach(lego_model *m, const void *owner) { (void)m, (void)owner; }
 
 #endif /* LEGO_HAVE_CUDA */
 

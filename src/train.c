@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "rng.h"
 #include "safetensors.h"
 
@@ -84,6 +85,7 @@ static lego_status check_count(lego_model *m, const void *ptr, int64_t count) {
 LEGO_API lego_status lego_model_get_params(lego_model *m, float *params, int64_t count) {
     MODEL_CHECK(m);
     lego_status s = check_count(m, params, count);
+    if (s == LEGO_OK) s = cuda_backend_pull(m, &m->err); /* weights trained on the GPU */
     if (s == LEGO_OK) memcpy(params, m->params, m->params_size * sizeof *params);
     return s;
 }
@@ -170,6 +172,26 @@ static lego_status labels_to_vectors(lego_err *err, const int32_t *labels, int n
     return LEGO_OK;
 }
 
+/* lego_train_loss for a model on the GPU (cuda/train.cu), batch validated. */
+static lego_status gpu_train_loss(lego_model *m, const lego_train_batch *b, float *loss,
+                                  float *grads) {
+    int L = m->cfg.label_dim;
+    float *vectors = NULL;
+    lego_status s = LEGO_OK;
+    if (L > 0 && b->labels) {
+        vectors = malloc((size_t)b->n * (size_t)L * sizeof *vectors);
+        if (!vectors) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+        s = labels_to_vectors(&m->err, b->labels, b->n, L, vectors);
+    }
+    cuda_train_batch cb = {b->n, b->height, b->width, b->y, b->noise, b->sigma,
+                           L > 0 ? (vectors ? vectors : b->label_vectors) : NULL};
+    double l = 0;
+    if (s == LEGO_OK) s = cuda_train_loss(m, &cb, &l, grads, &m->err);
+    if (s == LEGO_OK) *loss = (float)l;
+    free(vectors);
+    return s;
+}
+
 LEGO_API void lego_train_batch_init(lego_train_batch *b) {
     if (!b) return;
     memset(b, 0, sizeof *b);
@@ -213,6 +235,8 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
     if (L > 0 && b.label_vectors &&
         (s = check_finite(&m->err, "label_vectors", b.label_vectors, (size_t)b.n * L)) != LEGO_OK)
         return s;
+
+    if (m->cuda) return gpu_train_loss(m, &b, loss, grads);
 
     net_cache *c = NULL;
     float *scratch = NULL, *vectors = NULL;
@@ -353,6 +377,7 @@ static void free_batch(lego_trainer *t) {
 
 LEGO_API void lego_trainer_free(lego_trainer *t) {
     if (!t) return;
+    if (t->cuda_attached) cuda_train_detach(t->m, t); /* only while its model lives */
     free_batch(t);
     trainer_fail(t, LEGO_OK);
     free(t);
@@ -376,14 +401,16 @@ LEGO_API const char *lego_trainer_error(const lego_trainer *t) {
 
 /* Buffers for batches of n images. */
 static lego_status reserve_batch(lego_trainer *t, int n) {
-    if (t->batch_n == n) return LEGO_OK;
-    free_batch(t);
     lego_model *m = t->m;
+    int gpu = m->cuda != NULL; /* the GPU keeps its activations on the device */
+    if (t->batch_n == n && t->batch_gpu == gpu) return LEGO_OK;
+    free_batch(t);
     size_t img = (size_t)n * (size_t)m->cfg.img_channels * t->height * t->width;
     size_t scratch = train_scratch_floats(m, n, t->height, t->width);
     if (scratch == 0)
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
-    lego_status s = net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
+    if (gpu) scratch = 1;
+    lego_status s = gpu ? LEGO_OK : net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
     if (s != LEGO_OK) return s;
     t->y = malloc(img * sizeof(float));
     t->noise = malloc(img * sizeof(float));
@@ -395,6 +422,7 @@ static lego_status reserve_batch(lego_trainer *t, int n) {
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for a batch of %d", n);
     }
     t->batch_n = n;
+    t->batch_gpu = gpu;
     return LEGO_OK;
 }
 
@@ -461,14 +489,18 @@ static void adam_update(lego_trainer *t, double lr, float gscale) {
 }
 
 /* EDM's EMA: half-life in images, ramped up over the first images seen. */
-static double ema_update(lego_trainer *t, int n) {
+static double ema_beta(const lego_trainer *t, int n) {
     const lego_train_options *o = &t->opt;
     double halflife = o->ema_halflife_kimg * 1000.0;
     if (o->ema_rampup_ratio > 0) {
         double ramp = (double)t->images_seen * o->ema_rampup_ratio;
         if (ramp < halflife) halflife = ramp;
     }
-    double beta = pow(0.5, (double)n / (halflife > 1e-8 ? halflife : 1e-8));
+    return pow(0.5, (double)n / (halflife > 1e-8 ? halflife : 1e-8));
+}
+
+static double ema_update(lego_trainer *t, int n) {
+    double beta = ema_beta(t, n);
     float b = (float)beta;
     const float *w = t->m->params;
     #pragma omp parallel for num_threads(t->num_values >= PAR_MIN_WORK ? t->m->threads : 1) \
@@ -499,20 +531,29 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
     if ((s = reserve_batch(t, n)) != LEGO_OK) return s;
 
     trainer_draw_batch(t, images, labels, n, t->y, t->noise, t->sigma, t->label_vectors);
-    double loss;
-    train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,
-                     m->cfg.label_dim > 0 ? t->label_vectors : NULL, t->scratch, &loss, t->grads);
-
-    double sq = 0;
-    for (int i = 0; i < m->num_params; i++) {
-        const lego_param *p = &m->table[i];
-        if (p->fixed) continue;
-        for (size_t j = 0; j < p->numel; j++) {
-            double g = t->grads[p->offset + j];
-            sq += g * g;
+    double loss, norm;
+    if (m->cuda) {
+        /* On the GPU (cuda/train.cu): the gradient stays there. */
+        cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
+        cuda_train_batch cb = {n, t->height, t->width, t->y, t->noise, t->sigma,
+                               m->cfg.label_dim > 0 ? t->label_vectors : NULL};
+        if ((s = cuda_train_grads(m, &link, &cb, &loss, &norm, &t->err)) != LEGO_OK) return s;
+    } else {
+        train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,
+                         m->cfg.label_dim > 0 ? t->label_vectors : NULL, t->scratch, &loss,
+                         t->grads);
+        double sq = 0;
+        for (int i = 0; i < m->num_params; i++) {
+            const lego_param *p = &m->table[i];
+            if (p->fixed) continue;
+            for (size_t j = 0; j < p->numel; j++) {
+                double g = t->grads[p->offset + j];
+                sq += g * g;
+            }
         }
+        norm = sqrt(sq);
     }
-    double norm = sqrt(sq), lr = t->opt.lr, beta = 0;
+    double lr = t->opt.lr, beta = 0;
     if (t->opt.warmup_steps > 0 && t->step + 1 < t->opt.warmup_steps)
         lr *= (double)(t->step + 1) / t->opt.warmup_steps;
     int skipped = !isfinite(norm) || !isfinite(loss);
@@ -524,9 +565,22 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
         if (t->opt.grad_clip > 0 && norm > t->opt.grad_clip)
             gscale = (float)(t->opt.grad_clip / (norm + 1e-6));
         t->adam_t++;
-        adam_update(t, lr, gscale);
-        model_weights_changed(m);
-        beta = ema_update(t, n);
+        if (m->cuda) {
+            cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
+            const lego_train_options *o = &t->opt;
+            beta = ema_beta(t, n);
+            cuda_adam_step a = {lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                                o->optimizer == LEGO_OPTIMIZER_ADAMW, t->adam_t, gscale,
+                                (float)beta};
+            if ((s = cuda_train_update(m, &link, &a, &t->err)) != LEGO_OK) {
+                t->adam_t--;
+                return s;
+            }
+        } else {
+            adam_update(t, lr, gscale);
+            model_weights_changed(m);
+            beta = ema_update(t, n);
+        }
     }
     t->step++;
     t->images_seen += n;
@@ -591,6 +645,8 @@ LEGO_API lego_status lego_trainer_save_state(lego_trainer *t, const char *path) 
     TRAINER_CHECK(t);
     if (!path) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
     lego_model *m = t->m;
+    lego_status ps = cuda_backend_pull(m, &t->err); /* the state trained on the GPU */
+    if (ps != LEGO_OK) return ps;
     /* The table has at most a few tens of thousands of entries (bricks x
      * depth), so these counts are small. */
     size_t max_items = 4 * (size_t)m->num_params + 1;
@@ -699,6 +755,7 @@ LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) 
     memcpy(t->ema, fresh + nv, nv * sizeof *fresh);
     memcpy(t->adam_m, fresh + 2 * nv, nv * sizeof *fresh);
     memcpy(t->adam_v, fresh + 3 * nv, nv * sizeof *fresh);
+    cuda_train_detach(m, t); /* its device state is stale: uploaded again at the next step */
     t->step = (int64_t)v[0];
     t->adam_t = (int64_t)v[1];
     t->images_seen = (int64_t)v[2];
@@ -716,6 +773,8 @@ LEGO_API lego_status lego_trainer_export_ema(lego_trainer *t, const char *path) 
     TRAINER_CHECK(t);
     if (!path) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
     lego_model *m = t->m;
+    lego_status ps = cuda_backend_pull(m, &t->err); /* the EMA trained on the GPU */
+    if (ps != LEGO_OK) return ps;
     st_write_item *items = calloc((size_t)m->num_params, sizeof *items);
     char *json = config_to_json(m);
     lego_status s = LEGO_OK;

@@ -30,6 +30,8 @@ struct lego_trainer {
     /* Activations and batch buffers for `batch_n` images, rebuilt when a
      * step brings another batch size. */
     int batch_n;
+    int batch_gpu;            /* the batch buffers are the GPU path's (no cache) */
+    int cuda_attached;        /* its state lives on the model's GPU (cuda/train.cu) */
     net_cache *cache;
     float *y, *noise, *sigma, *label_vectors, *scratch;
 };
