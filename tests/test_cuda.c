@@ -1079,7 +1079,7 @@ typedef struct train_io {
     int32_t labels[8];
 } train_io;
 
-static train_io train_inputs(const rand_model *rm, uint64_t seed) {
+static void train_inputs(const rand_model *rm, uint64_t seed, train_io *out) {
     train_io io;
     memset(&io, 0, sizeof io);
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
@@ -1101,8 +1101,8 @@ static train_io train_inputs(const rand_model *rm, uint64_t seed) {
     io.b.y = io.y;
     io.b.noise = io.noise;
     io.b.sigma = io.sigma;
-    io.b.labels = rm->labels > 0 ? io.labels : NULL;
-    return io;
+    *out = io;
+    out->b.labels = rm->labels > 0 ? out->labels : NULL; /* into *out, not the local */
 }
 
 static void free_train_inputs(train_io *io) {
@@ -1137,7 +1137,8 @@ START_TEST(test_cuda_train_random) {
     if (only && strcmp(only, rm->name) != 0) return;
     lego_model *m = build_rand(rm);
     randomize(m, 77 + (uint64_t)_i, 0.1f);
-    train_io io = train_inputs(rm, 5 + (uint64_t)_i);
+    train_io io;
+    train_inputs(rm, 5 + (uint64_t)_i, &io);
     size_t np = m->params_size;
     float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
     ck_assert(cpu && gpu);

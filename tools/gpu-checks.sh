@@ -6,6 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
+#                       [train-test] [train-bench]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -49,6 +50,24 @@ for what in "$@"; do
             echo "== 1000 samples $args"
             timeout 100 "$D/bin/lego-sample" --backend cuda --model "$MODEL" --labels cycle \
                 --batch 500 --quiet $args --npz "$OUT/fmnist_$name.npz"
+        done
+        ;;
+    train-test)
+        # Training on the GPU: golden gradients, GPU vs CPU, resume (test_cuda's parts).
+        for part in train-golden train; do
+            echo "== test_cuda $part"
+            CK_RUN_CASE=$part timeout 240 "$D/tests/test_cuda" > "$OUT/test_cuda_$part.log" 2>&1
+            echo "rc=$?"
+            grep -E "^[0-9]+%|:[EF]:|worst|resume" "$OUT/test_cuda_$part.log" | head -30
+        done
+        ;;
+    train-bench)
+        # Training throughput, Fashion-MNIST architecture, batch 256 (target on an H100:
+        # >= 10,500 images/s in bf16).
+        for prec in fp32 bf16; do
+            timeout 200 "$D/bin/lego-train" --backend cuda --precision $prec --batch 256 \
+                --bench 30 2>&1 | tail -2
+            echo "rc=$?"
         done
         ;;
     profile-one)
