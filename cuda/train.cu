@@ -80,7 +80,10 @@ typedef struct block_dev {
 } block_dev;
 
 typedef struct brick_dev {
-    tok_geom g;
+    tok_geom g;                /* this batch's rows (sampled patches or all) */
+    int32_t *table_mem;        /* device room for a patch table, [n][patches] */
+    const int32_t *table;      /* this batch's table: table_mem or NULL (all) */
+    int used, total;           /* patches per image run / present */
     void *patches; /* T [R][c_in p p] */
     float *mods;   /* [depth][n][6D], then [n][2D] */
     block_dev blocks[LEGO_MAX_DEPTH];
@@ -97,6 +100,8 @@ typedef struct train_layout {
     float *c_noise, *coef, *sigma, *labels;
     float *emb, *t_pre, *t_hid, *cond, *silu_c, *tmp, *dsilu, *dcond, *dhid;
     float *y, *noise, *x, *xin, *outs, *douts;
+    float *fill;    /* n x chw: the clean-image context of patch sampling */
+    double *fillc;  /* [n][2]: its coefficients */
     brick_dev bricks[LEGO_MAX_BRICKS];
     float *dx, *dh, *wideF, *dmods, *delta;
     void *dtT, *wideT;
@@ -113,6 +118,7 @@ typedef struct train_state {
     float *stage;      /* host staging of L.stage */
     double *host_sums; /* [K][n] */
     size_t host_sums_count;
+    double *host_fillc; /* [n][2] */
 
     float *grads; /* params_used floats */
     size_t grads_floats;
@@ -165,6 +171,7 @@ void train_state_free(void *train) {
     free_opt(ts);
     free(ts->stage);
     free(ts->host_sums);
+    free(ts->host_fillc);
     free(ts);
 }
 
@@ -422,6 +429,8 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *
     L->xin = (float *)carve(cv, img, 1, sizeof(float));
     L->outs = (float *)carve(cv, K, img, sizeof(float));
     L->douts = (float *)carve(cv, K, img, sizeof(float));
+    L->fill = (float *)carve(cv, img, 1, sizeof(float));
+    L->fillc = (double *)carve(cv, N, 2, sizeof(double));
     L->sums = (double *)carve(cv, K, N, sizeof(double));
     L->norm_partial = (double *)carve(cv, TRAIN_NORM_BLOCKS, 1, sizeof(double));
     L->norm = (double *)carve(cv, 1, 1, sizeof(double));
@@ -431,6 +440,8 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *
         const brick *b = &m->bricks[k];
         brick_dev *bd = &L->bricks[k];
         bd->g = geometry(m, k, n, h, w);
+        bd->total = (int)(bd->g.rows_per_image / (size_t)b->tokens);
+        bd->table_mem = (int32_t *)carve(cv, N, (size_t)bd->total, sizeof(int32_t));
         size_t R = bd->g.rows, depth = (size_t)b->cfg.depth;
         size_t pw = (size_t)b->c_in * b->cfg.patch_size * b->cfg.patch_size;
         bd->patches = carve(cv, R, pw, es);
@@ -505,6 +516,9 @@ static lego_status reserve(tctx *c, int n, int h, int w, size_t es) {
     float *stage = (float *)realloc(ts->stage, L.stage_floats * sizeof(float));
     if (!stage) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     ts->stage = stage;
+    double *fillc = (double *)realloc(ts->host_fillc, 2 * (size_t)n * sizeof *fillc);
+    if (!fillc) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    ts->host_fillc = fillc;
     if (bytes > ts->ws_bytes) {
         LEGO_TRY(backend_budget(m, ts->ws_bytes, bytes, "the training activations", err));
         CU_TRY(cudaStreamSynchronize(c->s));
@@ -545,10 +559,11 @@ static lego_status conditioning_fwd(tctx *c, int n) {
 }
 
 template <class T>
-static lego_status brick_fwd(tctx *c, int k, int n, const int32_t *table, const float *below) {
+static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
     const lego_model *m = c->m;
     const brick *b = &m->bricks[k];
     brick_dev *bd = &c->ts->L.bricks[k];
+    const int32_t *table = bd->table;
     train_layout *L = &c->ts->L;
     lego_err *err = c->err;
     cudaStream_t s = c->s;
@@ -590,16 +605,20 @@ static lego_status brick_fwd(tctx *c, int k, int n, const int32_t *table, const 
     LEGO_TRY(t_ln_fwd<T>(s, bd->xf, depth ? NULL : pos, b->tokens, R, D, rpi, final_mod, 2 * d,
                          bd->meanf, bd->rstdf, (T *)bd->hf, err));
     LEGO_TRY(lin_fwd(c, &b->final_out, bd->hf, tt, R, L->wideF, f32));
+    /* Pixels outside the sampled patches keep the fill: the context the
+     * brick above reads there (eq. 12). */
+    if (table) LEGO_TRY(t_copy(s, L->fill, N * m->cfg.img_channels * bd->g.h * bd->g.w, bd->out, err));
     return t_rows_to_image(s, &bd->g, table, L->wideF, bd->out, err);
 }
 
 /* ---- backward ------------------------------------------------------------------------------ */
 
 template <class T>
-static lego_status brick_bwd(tctx *c, int k, int n, const int32_t *table, float *dbelow) {
+static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     const lego_model *m = c->m;
     const brick *b = &m->bricks[k];
     brick_dev *bd = &c->ts->L.bricks[k];
+    const int32_t *table = bd->table;
     train_layout *L = &c->ts->L;
     lego_err *err = c->err;
     cudaStream_t s = c->s;
@@ -769,18 +788,60 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
     CU_TRY(cudaMemcpyAsync(Lo->y, b->y, img * sizeof(float), cudaMemcpyHostToDevice, s));
     CU_TRY(cudaMemcpyAsync(Lo->noise, b->noise, img * sizeof(float), cudaMemcpyHostToDevice, s));
 
+    /* Each brick's patches this batch (eq. 12), and the fill where some
+     * brick skips some. */
+    train_loss_tables tb;
+    memset(&tb, 0, sizeof tb);
+    int sampling = 0;
+    for (int k = 0; k < K; k++) {
+        brick_dev *bd = &Lo->bricks[k];
+        bd->g = geometry(m, k, n, b->h, b->w);
+        bd->table = NULL;
+        bd->used = bd->total;
+        if (b->table[k]) {
+            if (b->used[k] < 1 || b->used[k] > bd->total)
+                return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                                 "internal: brick %d runs %d of %d patches", k, b->used[k],
+                                 bd->total);
+            bd->used = b->used[k];
+            bd->g.rows_per_image = (size_t)bd->used * (size_t)m->bricks[k].tokens;
+            bd->g.rows = (size_t)n * bd->g.rows_per_image;
+            CU_TRY(cudaMemcpyAsync(bd->table_mem, b->table[k],
+                                   (size_t)n * bd->used * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                   s));
+            bd->table = bd->table_mem;
+            sampling = 1;
+        }
+        tb.table[k] = bd->table;
+        tb.used[k] = bd->used;
+        tb.bs[k] = m->bricks[k].cfg.brick_size;
+        tb.patches_x[k] = bd->g.patches_x;
+        tb.scale[k] = (float)bd->total / (float)bd->used;
+    }
     LEGO_TRY(t_noisy_input(s, Lo->y, Lo->noise, Lo->coef, Lo->sigma, n, chw, Lo->x, Lo->xin, err));
+    if (sampling) {
+        /* The F that denoises to the clean image (train.c's fill). */
+        for (int i = 0; i < n; i++) {
+            double sg = b->sigma[i], r = sqrt(sg * sg + sd * sd);
+            ts->host_fillc[2 * i] = sg / (sd * r);
+            ts->host_fillc[2 * i + 1] = sd / r;
+        }
+        CU_TRY(cudaMemcpyAsync(Lo->fillc, ts->host_fillc, 2 * (size_t)n * sizeof(double),
+                               cudaMemcpyHostToDevice, s));
+        LEGO_TRY(t_fill(s, Lo->y, Lo->noise, Lo->fillc, n, chw, Lo->fill, err));
+    }
     LEGO_TRY(conditioning_fwd(c, n));
     for (int k = 0; k < K; k++)
-        LEGO_TRY(brick_fwd<T>(c, k, n, NULL, k > 0 ? Lo->bricks[k - 1].out : NULL));
-    LEGO_TRY(t_loss(s, Lo->x, Lo->y, Lo->outs, Lo->coef, n, K, chw, Lo->douts, Lo->sums, err));
+        LEGO_TRY(brick_fwd<T>(c, k, n, k > 0 ? Lo->bricks[k - 1].out : NULL));
+    LEGO_TRY(t_loss(s, Lo->x, Lo->y, Lo->outs, Lo->coef, n, K, m->cfg.img_channels, b->w, chw,
+                    &tb, Lo->douts, Lo->sums, err));
     CU_TRY(cudaMemcpyAsync(ts->host_sums, Lo->sums, (size_t)K * n * sizeof(double),
                            cudaMemcpyDeviceToHost, s));
     if (grads) {
         LEGO_TRY(t_zero(s, ts->grads, ts->grads_floats, err));
         LEGO_TRY(t_zero(s, Lo->dsilu, (size_t)n * m->cfg.hidden_size, err));
         for (int k = K - 1; k >= 0; k--)
-            LEGO_TRY(brick_bwd<T>(c, k, n, NULL, k > 0 ? Lo->bricks[k - 1].dF : NULL));
+            LEGO_TRY(brick_bwd<T>(c, k, n, k > 0 ? Lo->bricks[k - 1].dF : NULL));
         LEGO_TRY(conditioning_bwd(c, n));
     }
     CU_TRY(cudaStreamSynchronize(s));
@@ -788,7 +849,8 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
     for (int i = 0; i < n; i++) {
         double sg = b->sigma[i], s2 = sg * sg;
         float weight = (float)((s2 + sd2) / (sg * sd * sg * sd));
-        for (int k = 0; k < K; k++) total += weight * ts->host_sums[(size_t)k * n + i];
+        for (int k = 0; k < K; k++)
+            total += weight * ((double)tb.scale[k] * ts->host_sums[(size_t)k * n + i]);
     }
     *loss = total / ((double)n * K);
     (void)img;

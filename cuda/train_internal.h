@@ -92,11 +92,23 @@ lego_status t_attn_bwd(cudaStream_t s, const T *qkv, const T *out, const float *
                        const float *dout, size_t seqs, int tokens, int heads, int hd,
                        float *delta, T *dqkv, lego_err *err);
 
+/* Per brick, the patches the loss covers: table (device, [n][used]) or
+ * NULL for the whole image; scale = total / used as float. */
+typedef struct train_loss_tables {
+    const int32_t *table[LEGO_MAX_BRICKS];
+    int used[LEGO_MAX_BRICKS], bs[LEGO_MAX_BRICKS], patches_x[LEGO_MAX_BRICKS];
+    float scale[LEGO_MAX_BRICKS];
+} train_loss_tables;
+
 /* The loss: dF [K][n][chw] and sums [K][n] (double) from x, y and the brick
- * outputs F [K][n][chw]; coef [n][TRAIN_COEF]. */
+ * outputs F [K][n][chw]; coef [n][TRAIN_COEF]; images C x ? x w. */
 lego_status t_loss(cudaStream_t s, const float *x, const float *y, const float *F,
-                   const float *coef, int n, int K, size_t chw, float *dF, double *sums,
-                   lego_err *err);
+                   const float *coef, int n, int K, int C, int w, size_t chw,
+                   const train_loss_tables *tb, float *dF, double *sums, lego_err *err);
+/* fill = a_i y - b_i noise (double arithmetic), ab = {a_i, b_i}. */
+lego_status t_fill(cudaStream_t s, const float *y, const float *noise, const double *ab, int n,
+                   size_t chw, float *fill, lego_err *err);
+lego_status t_copy(cudaStream_t s, const float *src, size_t n, float *dst, lego_err *err);
 /* *out = sum of g^2; partial holds TRAIN_NORM_BLOCKS doubles. */
 lego_status t_sumsq(cudaStream_t s, const float *g, size_t n, double *partial, double *out,
                     lego_err *err);

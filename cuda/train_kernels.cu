@@ -635,20 +635,44 @@ lego_status t_attn_bwd(cudaStream_t s, const T *qkv, const T *out, const float *
 
 /* One block per (brick k, image i): diff = c_skip x + c_out F - y,
  * dF = dscale diff, and the image's sum of diff^2 (double, a fixed tree)
- * into sums[k n + i].  coef per image: c_in, c_skip, c_out, dscale. */
+ * into sums[k n + i].  coef per image: c_in, c_skip, c_out, dscale.  A
+ * brick on sampled patches (train.c's brick_image_loss): only their pixels,
+ * dF = (scale dscale) diff there and 0 elsewhere; the host scales the sum. */
 __global__ void loss_kernel(const float *x, const float *y, const float *F, const float *coef,
-                            int n, size_t chw, float *dF, double *sums) {
+                            int n, int C, int w, size_t chw, train_loss_tables tb, float *dF,
+                            double *sums) {
     DYNAMIC_SMEM(double, red);
-    size_t ki = blockIdx.x, i = ki % (size_t)n;
+    size_t ki = blockIdx.x, i = ki % (size_t)n, k = ki / (size_t)n;
     const float *xi = x + i * chw, *yi = y + i * chw, *f = F + ki * chw;
     float *df = dF + ki * chw;
     float c_skip = coef[TRAIN_COEF * i + 1], c_out = coef[TRAIN_COEF * i + 2];
     float dscale = coef[TRAIN_COEF * i + 3];
     double sum = 0;
-    for (size_t j = threadIdx.x; j < chw; j += blockDim.x) {
-        float diff = __fadd_rn(__fadd_rn(__fmul_rn(c_skip, xi[j]), __fmul_rn(c_out, f[j])), -yi[j]);
-        sum += (double)diff * diff;
-        df[j] = __fmul_rn(dscale, diff);
+    const int32_t *table = tb.table[k];
+    if (!table) {
+        for (size_t j = threadIdx.x; j < chw; j += blockDim.x) {
+            float diff = __fadd_rn(__fadd_rn(__fmul_rn(c_skip, xi[j]), __fmul_rn(c_out, f[j])),
+                                   -yi[j]);
+            sum += (double)diff * diff;
+            df[j] = __fmul_rn(dscale, diff);
+        }
+    } else {
+        for (size_t j = threadIdx.x; j < chw; j += blockDim.x) df[j] = 0.0f;
+        __syncthreads();
+        int used = tb.used[k], bs = tb.bs[k], px = tb.patches_x[k];
+        size_t per = (size_t)C * bs * bs, plane = chw / (size_t)C;
+        float sds = __fmul_rn(tb.scale[k], dscale);
+        for (size_t idx = threadIdx.x; idx < (size_t)used * per; idx += blockDim.x) {
+            int slot = (int)(idx / per), rem = (int)(idx % per);
+            int ch = rem / (bs * bs), r = (rem / bs) % bs, q = rem % bs;
+            int patch = table[i * (size_t)used + (size_t)slot];
+            size_t j = (size_t)ch * plane + (size_t)(patch / px * bs + r) * w +
+                       (size_t)(patch % px * bs + q);
+            float diff = __fadd_rn(__fadd_rn(__fmul_rn(c_skip, xi[j]), __fmul_rn(c_out, f[j])),
+                                   -yi[j]);
+            sum += (double)diff * diff;
+            df[j] = __fmul_rn(sds, diff);
+        }
     }
     red[threadIdx.x] = sum;
     __syncthreads();
@@ -660,11 +684,39 @@ __global__ void loss_kernel(const float *x, const float *y, const float *F, cons
 }
 
 lego_status t_loss(cudaStream_t s, const float *x, const float *y, const float *F,
-                   const float *coef, int n, int K, size_t chw, float *dF, double *sums,
-                   lego_err *err) {
+                   const float *coef, int n, int K, int C, int w, size_t chw,
+                   const train_loss_tables *tb, float *dF, double *sums, lego_err *err) {
     LAUNCH(loss_kernel, (size_t)n * K, LOSS_THREADS, LOSS_THREADS * sizeof(double), s)(
-        x, y, F, coef, n, chw, dF, sums);
+        x, y, F, coef, n, C, w, chw, *tb, dF, sums);
     LAUNCH_CHECK("loss");
+    return LEGO_OK;
+}
+
+/* fill = a y - b noise per image in double (train.c's clean-image context
+ * of patch sampling), ab = {a, b} per image. */
+__global__ void fill_kernel(const float *y, const float *noise, const double *ab, size_t chw,
+                            size_t total, float *fill) {
+    FOR_EACH(q, total) {
+        size_t i = q / chw;
+        fill[q] = (float)(ab[2 * i] * y[q] - ab[2 * i + 1] * noise[q]);
+    }
+}
+
+lego_status t_fill(cudaStream_t s, const float *y, const float *noise, const double *ab, int n,
+                   size_t chw, float *fill, lego_err *err) {
+    size_t total = (size_t)n * chw;
+    LAUNCH(fill_kernel, ew_blocks(total), EW_THREADS, 0, s)(y, noise, ab, chw, total, fill);
+    LAUNCH_CHECK("fill");
+    return LEGO_OK;
+}
+
+__global__ void copy_kernel(const float *src, size_t n, float *dst) {
+    FOR_EACH(i, n) dst[i] = src[i];
+}
+
+lego_status t_copy(cudaStream_t s, const float *src, size_t n, float *dst, lego_err *err) {
+    LAUNCH(copy_kernel, ew_blocks(n), EW_THREADS, 0, s)(src, n, dst);
+    LAUNCH_CHECK("copy");
     return LEGO_OK;
 }
 

@@ -31,12 +31,16 @@ static void usage(FILE *fp) {
         "  --init FILE        start from this checkpoint instead of a fresh model\n"
         "  --resume           continue from DIR/state.safetensors\n"
         "  --steps N          optimiser steps (default 1000)\n"
+        "  --minutes X        stop after X minutes of training (saving and grids not\n"
+        "                     counted), or at --steps, whichever comes first\n"
         "  --batch N          images per step (default 64)\n"
         "  --lr X             learning rate (default 1e-4)\n"
         "  --warmup N         linear warm-up steps (default 0)\n"
         "  --ema-kimg X       EMA half-life in thousands of images (default 500)\n"
         "  --label-dropout P  null-label probability, for guidance (default 0.1)\n"
         "  --hflip            random horizontal flips\n"
+        "  --patch-fraction F patch-sampled brick training (paper eq. 12): each brick\n"
+        "                     trains on this fraction of its patches (default 1: all)\n"
         "  --seed N           data order, noise and flips (default 0)\n"
         "  --every N          save state, EMA and a sample grid every N steps (default 500)\n"
         "  --threads N        CPU threads (default: all cores)\n"
@@ -53,7 +57,7 @@ typedef struct args {
     int resume, steps, batch, warmup, hflip, every, threads, device, bench;
     lego_backend backend;
     lego_precision precision;
-    double lr, ema_kimg, dropout;
+    double lr, ema_kimg, dropout, patch_fraction, minutes;
     uint64_t seed;
 } args;
 
@@ -67,6 +71,7 @@ static int parse_args(int argc, char **argv, args *a) {
     a->ema_kimg = 500;
     a->dropout = 0.1;
     a->every = 500;
+    a->patch_fraction = 1;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -98,6 +103,9 @@ static int parse_args(int argc, char **argv, args *a) {
         }
         else if (!strcmp(o, "--lr")) ok = (a->lr = strtod(v, &end)) > 0 && !*end;
         else if (!strcmp(o, "--ema-kimg")) ok = (a->ema_kimg = strtod(v, &end)) >= 0 && !*end;
+        else if (!strcmp(o, "--minutes")) ok = (a->minutes = strtod(v, &end)) > 0 && !*end;
+        else if (!strcmp(o, "--patch-fraction"))
+            ok = (a->patch_fraction = strtod(v, &end)) > 0 && a->patch_fraction <= 1 && !*end;
         else if (!strcmp(o, "--label-dropout"))
             ok = (a->dropout = strtod(v, &end)) >= 0 && a->dropout <= 1 && !*end;
         else { fprintf(stderr, "lego-train: unknown option %s (see --help)\n", o); return 0; }
@@ -310,6 +318,7 @@ int main(int argc, char **argv) {
     to.height = h;
     to.width = w;
     to.seed = a.seed;
+    to.patch_fraction = a.patch_fraction;
     if (lego_trainer_create(m, &to, &t) != LEGO_OK) {
         fprintf(stderr, "lego-train: %s\n", lego_trainer_error(t));
         goto done;
@@ -333,10 +342,11 @@ int main(int argc, char **argv) {
     int64_t pos = count;
     fprintf(stderr, "lego-train: %lld images %dx%dx%d, %d classes, %lld parameters\n",
             (long long)count, c, h, w, classes, (long long)lego_model_num_params(m));
-    double start = now();
+    double trained = 0; /* seconds in steps: saving and grids excluded */
     lego_train_stats st;
     lego_train_stats_init(&st);
     for (int step = 0; step < a.steps; step++) {
+        double t0 = now();
         for (int i = 0; i < a.batch; i++) {
             if (pos == count) {
                 for (int64_t j = 0; j < count; j++) order[j] = j;
@@ -358,11 +368,18 @@ int main(int argc, char **argv) {
             fprintf(stderr, "\nlego-train: %s\n", lego_trainer_error(t));
             goto done;
         }
-        double el = now() - start, rate = (double)(step + 1) * a.batch / el;
-        double eta = (a.steps - step - 1) * el / (step + 1);
+        trained += now() - t0;
+        double rate = (double)(step + 1) * a.batch / trained;
+        double eta = (a.steps - step - 1) * trained / (step + 1);
+        int last = step + 1 == a.steps;
+        if (a.minutes > 0) {
+            double left = a.minutes * 60 - trained;
+            if (left < eta) eta = left > 0 ? left : 0;
+            if (left <= 0) last = 1;
+        }
         fprintf(stderr, "\rstep %lld  %.1f img/s  loss %.4f  lr %.2e  %s  ETA %.0fs   ",
                 (long long)st.step, rate, st.loss, st.lr, st.skipped ? "(skipped)" : "", eta);
-        if ((step + 1) % a.every == 0 || step + 1 == a.steps) {
+        if ((step + 1) % a.every == 0 || last) {
             snprintf(grid_path, sizeof grid_path, "%s/grid-%06lld.png", a.out, (long long)st.step);
             if (lego_trainer_save_state(t, state_path) != LEGO_OK ||
                 lego_trainer_export_ema(t, ema_path) != LEGO_OK) {
@@ -371,6 +388,12 @@ int main(int argc, char **argv) {
             }
             if (!write_grid(ema_path, grid_path, a.threads)) goto done;
             fprintf(stderr, "\nlego-train: saved %s, %s, %s\n", state_path, ema_path, grid_path);
+        }
+        if (last) {
+            fprintf(stderr, "lego-train: %lld steps, %lld images in %.1f s of training (%.1f img/s)\n",
+                    (long long)st.step, (long long)st.images_seen, trained,
+                    (double)(step + 1) * a.batch / trained);
+            break;
         }
     }
     fputc('\n', stderr);

@@ -453,7 +453,18 @@ LEGO_API lego_status lego_step(lego_model *model, const lego_step_request *reque
  *     loss = (1/n) sum_images sum_pixels (1/K) sum_k weight (D_k - y)^2.
  * Gradients use the layout of the model's parameters: one flat float array
  * of lego_model_num_params() values, tensor after tensor in checkpoint
- * order (lego_model_tensor_info says where each one lies).  Training runs on
+ * order (lego_model_tensor_info says where each one lies).
+ *
+ * Patch-sampled training (the paper's eq. 12) trains each brick on a random
+ * subset of its patches: with fraction f, a brick with P patches per image
+ * runs on ceil(f P) of them, drawn per image (an image brick, P = 1, always
+ * runs whole).  Where the brick below did not run, the brick above reads
+ * the clean image in its place, as the F that denoises to it:
+ * (y - c_skip x) / c_out.  Each brick's loss covers its sampled pixels,
+ * scaled by P / ceil(f P) to estimate the whole image's.  Time per step
+ * falls with the patch bricks' share of the work.
+ *
+ * Training runs on
  * the CPU whatever the model's backend; a model on the GPU sees the updated
  * weights at its next lego_denoise. */
 
@@ -495,6 +506,9 @@ typedef struct lego_train_batch {
      * neither (or label_dim 0) every image gets the null label. */
     const int32_t *labels;       /* n class indices, -1 = null label         */
     const float *label_vectors;  /* n x label_dim                            */
+    /* Patch-sampled training (see below): 0 or 1 = every patch. */
+    double patch_fraction;
+    uint64_t patch_seed;         /* which patches are drawn                  */
 } lego_train_batch;
 
 LEGO_API void lego_train_batch_init(lego_train_batch *batch);
@@ -534,6 +548,10 @@ typedef struct lego_train_options {
                                  probability 1/2 (0)                        */
     int height, width;        /* image size; 0 = the model's img_resolution */
     uint64_t seed;            /* sigma, noise, dropout and flips (0)         */
+    double patch_fraction;    /* patch-sampled brick training: the fraction
+                                 of each brick's patches trained per image
+                                 and step, in (0, 1]; 0 or 1 = every patch,
+                                 the reference's joint training (0)         */
 } lego_train_options;
 
 LEGO_API void lego_train_options_init(lego_train_options *options);

@@ -98,10 +98,15 @@ typedef enum cuda_precision {
 /* ---- training on the device (cuda/train.cu; docs/cuda.md) ---- */
 
 /* One training batch, in host memory: y and noise n x C x h x w, sigma n,
- * labels n x label_dim one-hot rows or NULL (null labels). */
+ * labels n x label_dim one-hot rows or NULL (null labels).  Patch sampling
+ * (paper eq. 12, backward.h): brick k runs on used[k] patches per image,
+ * listed ascending in table[k] ([n][used[k]]), or on every patch when
+ * table[k] is NULL. */
 typedef struct cuda_train_batch {
     int n, h, w;
     const float *y, *noise, *sigma, *labels;
+    const int32_t *table[LEGO_MAX_BRICKS];
+    int used[LEGO_MAX_BRICKS];
 } cuda_train_batch;
 
 /* A trainer as the device sees it: an identity, its host arrays in the

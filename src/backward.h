@@ -39,6 +39,12 @@ typedef struct brick_acts {
     size_t rows;            /* R */
     size_t rows_per_image;
     int patches_x;          /* brick patches per image row */
+    /* Patch sampling (paper eq. 12): this pass runs patches_used of the
+     * brick's patches_total patches per image, those listed ascending in
+     * patch_index[img * patches_used + slot]; NULL = all of them. */
+    int patches_total;
+    int patches_used;
+    int32_t *patch_index;   /* [n][patches_total] room                     */
     float *patches;         /* [R][c_in*p*p] gathered inputs                */
     float *mods;            /* adaLN vectors: [depth][n][6D], then [n][2D]  */
     block_acts blocks[LEGO_MAX_DEPTH];
@@ -73,6 +79,7 @@ typedef struct net_cache {
     float *att_scratch;     /* threads x T                                  */
     int threads;            /* workers att_scratch has rows for: the model's
                                count when the cache was made (it may change) */
+    int32_t *index_mem;     /* every brick's patch_index                    */
 } net_cache;
 
 /* A cache for n images of h x w (h, w already checked against the model).
@@ -81,11 +88,30 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
                              lego_err *err);
 void net_cache_free(net_cache *c);
 
+/* Every brick on every patch (the joint training of the reference); the
+ * state of a new cache. */
+void net_use_all_patches(const lego_model *m, net_cache *c);
+
+/* Patch-sampled training (paper eq. 12): each brick runs on
+ * net_patches_kept(total, fraction) of its patches per image, drawn
+ * without replacement, independently per image and brick, from Philox
+ * (seed, stream).  A brick with one patch per image (an image brick)
+ * always runs whole.  fraction is in (0, 1]. */
+void net_sample_patches(const lego_model *m, net_cache *c, double fraction, uint64_t seed,
+                        uint64_t stream);
+int net_patches_kept(int total, double fraction);
+
+/* 1 when some brick runs on a subset of its patches. */
+int net_sampling_patches(const lego_model *m, const net_cache *c);
+
 /* Conditioning and every brick on the noisy images x (n x C x h x w) at
  * noise levels sigma (n, > 0).  label_vectors: n x label_dim, or NULL for
- * null labels.  F_k lands in c->bricks[k].out. */
+ * null labels.  F_k lands in c->bricks[k].out.  When bricks run on subsets
+ * of their patches, `fill` (n x C x h x w) gives F_k at the pixels brick k
+ * does not compute: the context the brick above reads there.  It may be
+ * NULL when every brick runs whole. */
 void net_forward(const lego_model *m, net_cache *c, const float *x, const float *sigma,
-                 const float *label_vectors);
+                 const float *label_vectors, const float *fill);
 
 /* Backpropagate after net_forward.  dF: [K][n][C][h][w], on entry dL/dF_k
  * as the loss sees each brick's output directly; clobbered (the gradient

@@ -31,6 +31,7 @@
 #endif
 
 #include "ops.h"
+#include "rng.h"
 
 #define LN_EPS 1e-6f
 /* Loops touching fewer floats than this run on the calling thread: waking
@@ -101,6 +102,9 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
         size_t bs = (size_t)b->cfg.brick_size, T = (size_t)b->tokens;
         size_t depth = (size_t)b->cfg.depth, R;
         ba->patches_x = c->w / b->cfg.brick_size;
+        ba->patches_total = (c->h / b->cfg.brick_size) * ba->patches_x;
+        ba->patches_used = ba->patches_total;
+        ba->patch_index = NULL;
         /* (h/bs)(w/bs)T = hw/p^2: below 2^36 for any valid resolution. */
         ba->rows_per_image = ((size_t)c->h / bs) * ((size_t)c->w / bs) * T;
         if (!size_mul(n, ba->rows_per_image, &R)) {
@@ -171,7 +175,13 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
     }
     c->floats = a.used;
     c->mem = malloc((a.used ? a.used : 1) * sizeof *c->mem);
-    if (!c->mem) {
+    /* Room for every brick's patch table, n * (patches per image) each:
+     * far fewer than the activations' floats. */
+    size_t tables = 0;
+    for (int k = 0; k < m->num_bricks; k++)
+        tables += (size_t)n * (size_t)c->bricks[k].patches_total;
+    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
+    if (!c->mem || !c->index_mem) {
         net_cache_free(c);
         return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
                          "out of memory for %zu MiB of training activations",
@@ -185,6 +195,7 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
 
 void net_cache_free(net_cache *c) {
     if (!c) return;
+    free(c->index_mem);
     free(c->mem);
     free(c->bricks);
     free(c);
@@ -202,6 +213,7 @@ static void token_origin(const brick *b, const brick_acts *ba, size_t r, size_t 
     *img = r / ba->rows_per_image;
     size_t in_img = r % ba->rows_per_image;
     int patch = (int)(in_img / (size_t)b->tokens), tok = (int)(in_img % (size_t)b->tokens);
+    if (ba->patch_index) patch = ba->patch_index[*img * (size_t)ba->patches_used + (size_t)patch];
     *y0 = (patch / ba->patches_x) * bs + (tok / grid) * p;
     *x0 = (patch % ba->patches_x) * bs + (tok % grid) * p;
 }
@@ -491,22 +503,112 @@ static void attention_bwd(const float *qkv, const float *probs, const float *dou
 
 /* Backward of y = x W^T + b over `rows` rows: dW += dy^T x, db += sum of dy
  * over rows, and dx = dy W + beta*dx when dx is not NULL.  The gradient of a
- * view lives at the same offset in `grads` as the view in m->params. */
+ * view lives at the same offset in `grads` as the view in m->params.  When
+ * the BLAS runs on its caller (see ops.h) the workers split each GEMM:
+ * dW by its longer side, dx by rows. */
 static void linear_bwd(const lego_model *m, float *grads, const linear *l, const float *x,
                        const float *dy, size_t rows, float *dx, float beta, int threads) {
     float *gw = grads + (l->w - m->params), *gb = grads + (l->b - m->params);
     int out = l->out, in = l->in;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, (int)rows, 1.0f, dy, out, x, in,
-                1.0f, gw, in);
-    #pragma omp parallel for num_threads(par(rows * (size_t)out, threads)) schedule(static)
-    for (int o = 0; o < out; o++) {
-        double s = 0;
-        for (size_t r = 0; r < rows; r++) s += dy[r * (size_t)out + (size_t)o];
-        gb[o] += (float)s;
+    int split = threads > 1 && rows * (size_t)out >= PAR_MIN_WORK && op_blas_on_caller();
+    #pragma omp parallel num_threads(split ? threads : 1)
+    {
+        int me = 0, nt = 1;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        if (out >= in) { /* rows o0..o1 of dW: columns o0..o1 of dy */
+            int o0 = out * me / nt, o1 = out * (me + 1) / nt;
+            if (o1 > o0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o1 - o0, in, (int)rows, 1.0f,
+                            dy + o0, out, x, in, 1.0f, gw + (size_t)o0 * in, in);
+        } else { /* columns i0..i1 of dW: columns i0..i1 of x */
+            int i0 = in * me / nt, i1 = in * (me + 1) / nt;
+            if (i1 > i0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, i1 - i0, (int)rows, 1.0f,
+                            dy, out, x + i0, in, 1.0f, gw + i0, in);
+        }
+        #pragma omp for schedule(static)
+        for (int o = 0; o < out; o++) {
+            double s = 0;
+            for (size_t r = 0; r < rows; r++) s += dy[r * (size_t)out + (size_t)o];
+            gb[o] += (float)s;
+        }
+        if (dx) {
+            size_t r0 = rows * (size_t)me / (size_t)nt, r1 = rows * (size_t)(me + 1) / (size_t)nt;
+            if (r1 > r0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), in, out, 1.0f,
+                            dy + r0 * (size_t)out, out, l->w, in, beta, dx + r0 * (size_t)in, in);
+        }
     }
-    if (dx)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, in, out, 1.0f, dy, out,
-                    l->w, in, beta, dx, in);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Patch sampling                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* A brick's pass over patches_used patches per image. */
+static void set_patches_used(const brick *b, brick_acts *ba, size_t n, int used,
+                             int32_t *index) {
+    ba->patches_used = used;
+    ba->patch_index = index;
+    ba->rows_per_image = (size_t)used * (size_t)b->tokens;
+    ba->rows = n * ba->rows_per_image;
+}
+
+void net_use_all_patches(const lego_model *m, net_cache *c) {
+    for (int k = 0; k < m->num_bricks; k++)
+        set_patches_used(&m->bricks[k], &c->bricks[k], (size_t)c->n, c->bricks[k].patches_total,
+                         NULL);
+}
+
+int net_patches_kept(int total, double fraction) {
+    double want = ceil(fraction * (double)total - 1e-9);
+    if (want < 1) return 1;
+    return want < (double)total ? (int)want : total;
+}
+
+int net_sampling_patches(const lego_model *m, const net_cache *c) {
+    for (int k = 0; k < m->num_bricks; k++)
+        if (c->bricks[k].patch_index) return 1;
+    return 0;
+}
+
+void net_sample_patches(const lego_model *m, net_cache *c, double fraction, uint64_t seed,
+                        uint64_t stream) {
+    size_t n = (size_t)c->n;
+    int32_t *room = c->index_mem;
+    uint64_t draw = 0; /* Philox index of the next draw, over all bricks */
+    for (int k = 0; k < m->num_bricks; k++) {
+        brick_acts *ba = &c->bricks[k];
+        int total = ba->patches_total, used = net_patches_kept(total, fraction);
+        if (used == total) {
+            set_patches_used(&m->bricks[k], ba, n, total, NULL);
+            continue;
+        }
+        /* Image i's table is room[i*used ..]; its shuffle needs `total`
+         * slots from there, which only reach into later images' room. */
+        for (size_t i = 0; i < n; i++) {
+            int32_t *t = room + i * (size_t)used;
+            for (int j = 0; j < total; j++) t[j] = j;
+            for (int j = 0; j < used; j++) { /* partial Fisher-Yates */
+                int pick = j + (int)philox_randint(seed, stream, draw + (uint64_t)j, total - j);
+                int32_t tmp = t[j];
+                t[j] = t[pick];
+                t[pick] = tmp;
+            }
+            draw += (uint64_t)total;
+            for (int j = 1; j < used; j++) { /* ascending: rows in image order */
+                int32_t v = t[j];
+                int q = j;
+                for (; q > 0 && t[q - 1] > v; q--) t[q] = t[q - 1];
+                t[q] = v;
+            }
+        }
+        set_patches_used(&m->bricks[k], ba, n, used, room);
+        room += n * (size_t)used;
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -544,7 +646,8 @@ static void conditioning_fwd(const lego_model *m, net_cache *c, const float *sig
     for (size_t i = 0; i < nd; i++) c->silu_c[i] = c->cond[i] * sigmoidf(c->cond[i]);
 }
 
-static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *below) {
+static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *below,
+                      const float *fill) {
     const brick *b = &m->bricks[k];
     brick_acts *ba = &c->bricks[k];
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, nt = m->threads;
@@ -559,7 +662,7 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
     op_linear(&b->final_ada, c->silu_c, n, ba->mods + depth * n * ms);
 
     float *x = ba->blocks[0].x;
-    op_linear(&b->embed, ba->patches, R, x);
+    op_linear_act(&b->embed, ba->patches, R, x, OP_ACT_NONE, nt);
     #pragma omp parallel for num_threads(par(R * d, nt)) schedule(static)
     for (size_t r = 0; r < R; r++) {
         const float *pe = b->pos_embed + (r % (size_t)b->tokens) * d;
@@ -571,26 +674,30 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
         const dit_block *blk = &b->blocks[j];
         const float *mod = ba->mods + j * n * ms;
         ln_mod_fwd(A->x, R, D, rpi, mod, ms, A->mean1, A->rstd1, A->h1, nt);
-        op_linear(&blk->qkv, A->h1, R, A->qkv);
+        op_linear_act(&blk->qkv, A->h1, R, A->qkv, OP_ACT_NONE, nt);
         attention_fwd(A->qkv, R / (size_t)b->tokens, b->tokens, heads, D / heads, A->probs,
                       A->att, nt);
-        op_linear(&blk->proj, A->att, R, A->a);
+        op_linear_act(&blk->proj, A->att, R, A->a, OP_ACT_NONE, nt);
         gated_add(A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, nt);
         ln_mod_fwd(A->x2, R, D, rpi, mod + 3 * d, ms, A->mean2, A->rstd2, A->h2, nt);
-        op_linear(&blk->fc1, A->h2, R, A->u);
+        op_linear_act(&blk->fc1, A->h2, R, A->u, OP_ACT_NONE, nt);
         gelu_fwd(A->u, A->g, R * hm, nt);
-        op_linear(&blk->fc2, A->g, R, A->f);
+        op_linear_act(&blk->fc2, A->g, R, A->f, OP_ACT_NONE, nt);
         float *next = j + 1 < depth ? ba->blocks[j + 1].x : ba->xf;
         gated_add(A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, nt);
     }
 
     ln_mod_fwd(ba->xf, R, D, rpi, final_mod, 2 * d, ba->meanf, ba->rstdf, ba->hf, nt);
-    op_linear(&b->final_out, ba->hf, R, c->wide);
+    op_linear_act(&b->final_out, ba->hf, R, c->wide, OP_ACT_NONE, nt);
+    /* Pixels outside the sampled patches keep the fill: the context the
+     * brick above reads there (eq. 12). */
+    if (ba->patch_index && fill)
+        memcpy(ba->out, fill, n * (size_t)m->cfg.img_channels * c->h * c->w * sizeof *fill);
     rows_to_image(m, b, ba, c->h, c->w, c->wide, ba->out, 1);
 }
 
 void net_forward(const lego_model *m, net_cache *c, const float *x, const float *sigma,
-                 const float *label_vectors) {
+                 const float *label_vectors, const float *fill) {
     size_t chw = (size_t)m->cfg.img_channels * c->h * c->w;
     conditioning_fwd(m, c, sigma, label_vectors);
     double sd2 = m->cfg.sigma_data * m->cfg.sigma_data;
@@ -600,7 +707,7 @@ void net_forward(const lego_model *m, net_cache *c, const float *x, const float 
             c->xin[(size_t)i * chw + j] = c_in * x[(size_t)i * chw + j];
     }
     for (int k = 0; k < m->num_bricks; k++)
-        brick_fwd(m, k, c, k > 0 ? c->bricks[k - 1].out : NULL);
+        brick_fwd(m, k, c, k > 0 ? c->bricks[k - 1].out : NULL, fill);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -37,6 +37,7 @@
 #define STREAM_NOISE 1
 #define STREAM_DROPOUT 2
 #define STREAM_FLIP 3
+#define STREAM_PATCHES 4
 static uint64_t step_stream(int64_t step, int kind) {
     return ((uint64_t)1 << 63) | ((uint64_t)step << 3) | (uint64_t)kind;
 }
@@ -105,10 +106,48 @@ LEGO_API lego_status lego_model_set_params(lego_model *m, const float *params, i
 /* ------------------------------------------------------------------------ */
 
 size_t train_scratch_floats(const lego_model *m, int n, int h, int w) {
-    size_t dims[5] = {(size_t)m->num_bricks + 1, (size_t)n, (size_t)m->cfg.img_channels,
+    size_t dims[5] = {(size_t)m->num_bricks + 2, (size_t)n, (size_t)m->cfg.img_channels,
                       (size_t)h, (size_t)w};
     size_t f = size_prod(dims, 5);
     return f <= LEGO_MAX_ALLOC / sizeof(float) ? f : 0;
+}
+
+/* (1/K) sum_k weight (D_k - y)^2 over the pixels of brick k's sampled
+ * patches of image i (all of them when it runs whole), scaled by
+ * total/used so that it estimates the whole image's sum; df gets its
+ * gradient there and 0 elsewhere. */
+static double brick_image_loss(const lego_model *m, const net_cache *c, int k, size_t i,
+                               const float *x, const float *y, float c_skip, float c_out,
+                               float dscale, float *df) {
+    const brick_acts *ba = &c->bricks[k];
+    size_t plane = (size_t)c->h * c->w, chw = (size_t)m->cfg.img_channels * plane;
+    const float *f = ba->out + i * chw, *xi = x + i * chw, *yi = y + i * chw;
+    double sum = 0;
+    if (!ba->patch_index) {
+        for (size_t j = 0; j < chw; j++) {
+            float diff = c_skip * xi[j] + c_out * f[j] - yi[j];
+            sum += (double)diff * diff;
+            df[j] = dscale * diff;
+        }
+        return sum;
+    }
+    float scale = (float)ba->patches_total / (float)ba->patches_used;
+    int bs = m->bricks[k].cfg.brick_size;
+    memset(df, 0, chw * sizeof *df);
+    for (int slot = 0; slot < ba->patches_used; slot++) {
+        int patch = ba->patch_index[i * (size_t)ba->patches_used + (size_t)slot];
+        int y0 = patch / ba->patches_x * bs, x0 = patch % ba->patches_x * bs;
+        for (int ch = 0; ch < m->cfg.img_channels; ch++)
+            for (int r = y0; r < y0 + bs; r++) {
+                size_t j = (size_t)ch * plane + (size_t)r * c->w + (size_t)x0;
+                for (int q = 0; q < bs; q++, j++) {
+                    float diff = c_skip * xi[j] + c_out * f[j] - yi[j];
+                    sum += (double)diff * diff;
+                    df[j] = scale * dscale * diff;
+                }
+            }
+    }
+    return scale * sum;
 }
 
 void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const float *noise,
@@ -116,13 +155,28 @@ void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const f
                       double *loss, float *grads) {
     int n = c->n, K = m->num_bricks;
     size_t chw = (size_t)m->cfg.img_channels * c->h * c->w, img = (size_t)n * chw;
-    float *x = scratch, *dF = scratch + img;
+    float *x = scratch, *dF = scratch + img, *fill = NULL;
+    double sd = m->cfg.sigma_data;
     for (int i = 0; i < n; i++)
         for (size_t j = 0; j < chw; j++)
             x[(size_t)i * chw + j] = y[(size_t)i * chw + j] + sigma[i] * noise[(size_t)i * chw + j];
-    net_forward(m, c, x, sigma, label_vectors);
+    if (net_sampling_patches(m, c)) {
+        /* Eq. 12: where the brick below did not run, its context is the
+         * clean image.  Bricks pass raw outputs F, so that is the F that
+         * denoises to y: (y - c_skip x)/c_out, written here in a form
+         * that stays finite as sigma -> 0. */
+        fill = scratch + (size_t)(K + 1) * img;
+        for (int i = 0; i < n; i++) {
+            double s = sigma[i], a = s / (sd * sqrt(s * s + sd * sd)), b = sd / sqrt(s * s + sd * sd);
+            for (size_t j = 0; j < chw; j++) {
+                size_t q = (size_t)i * chw + j;
+                fill[q] = (float)(a * y[q] - b * noise[q]);
+            }
+        }
+    }
+    net_forward(m, c, x, sigma, label_vectors, fill);
 
-    double sd = m->cfg.sigma_data, total = 0;
+    double total = 0;
     for (int i = 0; i < n; i++) {
         /* c_skip and c_out as denoise.c computes them. */
         double s = sigma[i], s2 = s * s;
@@ -130,24 +184,25 @@ void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const f
         float c_out = (float)(s * sd / sqrt(s2 + sd * sd));
         float weight = (float)((s2 + sd * sd) / (s * sd * s * sd));
         float dscale = (float)(2.0 * weight * c_out / ((double)n * K));
-        const float *xi = x + (size_t)i * chw, *yi = y + (size_t)i * chw;
-        for (int k = 0; k < K; k++) {
-            const float *f = c->bricks[k].out + (size_t)i * chw;
-            float *df = dF + (size_t)k * img + (size_t)i * chw;
-            double sum = 0;
-            for (size_t j = 0; j < chw; j++) {
-                float diff = c_skip * xi[j] + c_out * f[j] - yi[j];
-                sum += (double)diff * diff;
-                df[j] = dscale * diff;
-            }
-            total += weight * sum;
-        }
+        for (int k = 0; k < K; k++)
+            total += weight * brick_image_loss(m, c, k, (size_t)i, x, y, c_skip, c_out, dscale,
+                                               dF + (size_t)k * img + (size_t)i * chw);
     }
     *loss = total / ((double)n * K);
     if (grads) {
         memset(grads, 0, m->params_size * sizeof *grads);
         net_backward(m, c, dF, grads);
     }
+}
+
+/* 0 and 1 both mean every patch; anything in between samples. */
+static int valid_patch_fraction(double f) { return isfinite(f) && f >= 0 && f <= 1; }
+
+/* The cache's patches for a batch: all, or a draw of (seed, stream). */
+static void choose_patches(const lego_model *m, net_cache *c, double fraction, uint64_t seed,
+                           uint64_t stream) {
+    if (fraction > 0 && fraction < 1) net_sample_patches(m, c, fraction, seed, stream);
+    else net_use_all_patches(m, c);
 }
 
 /* Checks shared by lego_train_loss and the trainer: values must be finite. */
@@ -173,22 +228,87 @@ static lego_status labels_to_vectors(lego_err *err, const int32_t *labels, int n
 }
 
 /* lego_train_loss for a model on the GPU (cuda/train.cu), batch validated. */
+/* ---- training on the GPU (cuda/train.cu): what the C side prepares ---- */
+
+/* A cache that holds only patch tables, for a model on the GPU (which keeps
+ * its activations on the device): the fields net_use_all_patches and
+ * net_sample_patches work with, as net_cache_create sets them. */
+static lego_status tables_cache_create(const lego_model *m, int n, int h, int w,
+                                       net_cache **out, lego_err *err) {
+    *out = NULL;
+    net_cache *c = calloc(1, sizeof *c);
+    if (c) c->bricks = calloc((size_t)(m->num_bricks > 0 ? m->num_bricks : 1), sizeof *c->bricks);
+    if (!c || !c->bricks) {
+        net_cache_free(c);
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    c->n = n;
+    c->h = h;
+    c->w = w;
+    size_t tables = 0, one;
+    for (int k = 0; k < m->num_bricks; k++) {
+        brick_acts *ba = &c->bricks[k];
+        ba->patches_x = w / m->bricks[k].cfg.brick_size;
+        ba->patches_total = (h / m->bricks[k].cfg.brick_size) * ba->patches_x;
+        if (!size_mul((size_t)n, (size_t)ba->patches_total, &one) ||
+            !size_add(tables, one, &tables) || tables > LEGO_MAX_ALLOC / sizeof(int32_t)) {
+            net_cache_free(c);
+            return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
+        }
+    }
+    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
+    if (!c->index_mem) {
+        net_cache_free(c);
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    net_use_all_patches(m, c);
+    *out = c;
+    return LEGO_OK;
+}
+
+/* The GPU's view of a batch; `tables` (may be NULL: every patch) gives
+ * each brick's patches. */
+static void gpu_batch(const lego_model *m, const net_cache *tables, int n, int h, int w,
+                      const float *y, const float *noise, const float *sigma,
+                      const float *label_vectors, cuda_train_batch *cb) {
+    memset(cb, 0, sizeof *cb);
+    cb->n = n;
+    cb->h = h;
+    cb->w = w;
+    cb->y = y;
+    cb->noise = noise;
+    cb->sigma = sigma;
+    cb->labels = label_vectors;
+    for (int k = 0; tables && k < m->num_bricks; k++) {
+        cb->table[k] = tables->bricks[k].patch_index;
+        cb->used[k] = tables->bricks[k].patches_used;
+    }
+}
+
+/* lego_train_loss for a model on the GPU, batch validated. */
 static lego_status gpu_train_loss(lego_model *m, const lego_train_batch *b, float *loss,
                                   float *grads) {
     int L = m->cfg.label_dim;
     float *vectors = NULL;
+    net_cache *tables = NULL;
     lego_status s = LEGO_OK;
     if (L > 0 && b->labels) {
         vectors = malloc((size_t)b->n * (size_t)L * sizeof *vectors);
         if (!vectors) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
         s = labels_to_vectors(&m->err, b->labels, b->n, L, vectors);
     }
-    cuda_train_batch cb = {b->n, b->height, b->width, b->y, b->noise, b->sigma,
-                           L > 0 ? (vectors ? vectors : b->label_vectors) : NULL};
+    if (s == LEGO_OK && b->patch_fraction > 0 && b->patch_fraction < 1) {
+        s = tables_cache_create(m, b->n, b->height, b->width, &tables, &m->err);
+        if (s == LEGO_OK) choose_patches(m, tables, b->patch_fraction, b->patch_seed, 0);
+    }
+    cuda_train_batch cb;
+    gpu_batch(m, tables, b->n, b->height, b->width, b->y, b->noise, b->sigma,
+              L > 0 ? (vectors ? vectors : b->label_vectors) : NULL, &cb);
     double l = 0;
     if (s == LEGO_OK) s = cuda_train_loss(m, &cb, &l, grads, &m->err);
     if (s == LEGO_OK) *loss = (float)l;
     free(vectors);
+    net_cache_free(tables);
     return s;
 }
 
@@ -216,6 +336,10 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "y, noise and sigma must not be NULL");
     if (b.labels && b.label_vectors)
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "give labels or label_vectors, not both");
+    if (!valid_patch_fraction(b.patch_fraction))
+        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                         "patch_fraction %g must be in [0, 1] (0 or 1: every patch)",
+                         b.patch_fraction);
     for (int i = 0; i < b.n; i++)
         if (!(b.sigma[i] > 0) || !isfinite(b.sigma[i]))
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
@@ -249,6 +373,7 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
     }
     if (vectors && (s = labels_to_vectors(&m->err, b.labels, b.n, L, vectors)) != LEGO_OK) goto done;
     double l;
+    choose_patches(m, c, b.patch_fraction, b.patch_seed, 0);
     train_loss_grads(m, c, b.y, b.noise, b.sigma, L > 0 ? (vectors ? vectors : b.label_vectors) : NULL,
                      scratch, &l, grads);
     *loss = (float)l;
@@ -308,6 +433,10 @@ static lego_status validate_options(const lego_train_options *o, lego_err *err) 
     if (!FINITE_IN(o->label_dropout, 0, 1))
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "label_dropout %g must be in [0, 1]",
                          o->label_dropout);
+    if (!valid_patch_fraction(o->patch_fraction))
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                         "patch_fraction %g must be in [0, 1] (0 or 1: every patch)",
+                         o->patch_fraction);
     if (o->hflip != 0 && o->hflip != 1)
         return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "hflip must be 0 or 1");
     if (o->height < 0 || o->width < 0)
@@ -410,7 +539,8 @@ static lego_status reserve_batch(lego_trainer *t, int n) {
     if (scratch == 0)
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
     if (gpu) scratch = 1;
-    lego_status s = gpu ? LEGO_OK : net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
+    lego_status s = gpu ? tables_cache_create(m, n, t->height, t->width, &t->cache, &t->err)
+                        : net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
     if (s != LEGO_OK) return s;
     t->y = malloc(img * sizeof(float));
     t->noise = malloc(img * sizeof(float));
@@ -532,11 +662,15 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
 
     trainer_draw_batch(t, images, labels, n, t->y, t->noise, t->sigma, t->label_vectors);
     double loss, norm;
+    choose_patches(m, t->cache, t->opt.patch_fraction, t->seed,
+                   step_stream(t->step, STREAM_PATCHES));
     if (m->cuda) {
-        /* On the GPU (cuda/train.cu): the gradient stays there. */
+        /* On the GPU (cuda/train.cu): the gradient stays there; t->cache
+         * holds only the patch tables. */
         cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
-        cuda_train_batch cb = {n, t->height, t->width, t->y, t->noise, t->sigma,
-                               m->cfg.label_dim > 0 ? t->label_vectors : NULL};
+        cuda_train_batch cb;
+        gpu_batch(m, t->cache, n, t->height, t->width, t->y, t->noise, t->sigma,
+                  m->cfg.label_dim > 0 ? t->label_vectors : NULL, &cb);
         if ((s = cuda_train_grads(m, &link, &cb, &loss, &norm, &t->err)) != LEGO_OK) return s;
     } else {
         train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,

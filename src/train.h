@@ -36,13 +36,14 @@ struct lego_trainer {
     float *y, *noise, *sigma, *label_vectors, *scratch;
 };
 
-/* Floats of scratch train_loss_grads needs for n images of h x w (x and
- * one gradient image per brick); 0 on overflow. */
+/* Floats of scratch train_loss_grads needs for n images of h x w (x, one
+ * gradient image per brick, the fill of patch sampling); 0 on overflow. */
 size_t train_scratch_floats(const lego_model *m, int n, int h, int w);
 
 /* The training loss of a batch already validated, on a cache made for its
  * shape; with `grads` (zeroed here) also its gradient.  label_vectors may
- * be NULL (null labels). */
+ * be NULL (null labels).  The bricks run on the patches the cache says
+ * (net_use_all_patches or net_sample_patches). */
 void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const float *noise,
                       const float *sigma, const float *label_vectors, float *scratch,
                       double *loss, float *grads);

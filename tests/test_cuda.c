@@ -1143,6 +1143,13 @@ START_TEST(test_cuda_train_random) {
     float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
     ck_assert(cpu && gpu);
     ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    /* Patch-sampled (eq. 12): half of each brick's patches. */
+    lego_train_batch sb = io.b;
+    sb.patch_fraction = 0.5;
+    sb.patch_seed = 3 + (uint64_t)_i;
+    float *cpu_s = malloc(np * sizeof *cpu_s), lcs = 0, lgs = 0;
+    ck_assert(cpu_s);
+    ck_assert_msg(lego_train_loss(m, &sb, &lcs, cpu_s) == LEGO_OK, "%s", lego_model_error(m));
 
     ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
                   lego_model_error(m));
@@ -1155,6 +1162,10 @@ START_TEST(test_cuda_train_random) {
     ck_assert(lego_train_loss(m, &io.b, &l2, NULL) == LEGO_OK && l2 == lg);
     ck_assert(lego_train_loss(m, &io.b, &l2, again) == LEGO_OK && l2 == lg);
     ck_assert_msg(memcmp(again, gpu, np * sizeof *gpu) == 0, "%s: a second run differs", rm->name);
+    ck_assert_msg(lego_train_loss(m, &sb, &lgs, again) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [patches 1/2]", &lgs, &lcs, 1, GPU_TOL);
+    compare_grads(rm->name, " [patches 1/2]", m, again, cpu_s, GPU_TOL);
+    free(cpu_s);
 
     ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
@@ -1213,11 +1224,12 @@ static float *params_of(lego_model *m) {
     return p;
 }
 
-/* Trainer steps on the GPU against the CPU; the EMA too; lego_denoise on
- * the device sees the new weights. */
+/* Trainer steps on the GPU against the CPU (patch-sampled, eq. 12); the
+ * EMA too; lego_denoise on the device sees the new weights. */
 START_TEST(test_cuda_train_steps) {
     const rand_model *rm = &train_models[0];
     lego_train_options o = train_opts();
+    o.patch_fraction = 0.5;
     int32_t labels[8];
     float *images = train_images(rm, rm->n, labels);
     lego_model *mc = build_rand(rm), *mg = build_rand(rm);

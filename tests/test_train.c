@@ -74,7 +74,13 @@ static char *temp_path(const char *tag) {
 #define TINY_C 2
 #define TINY_L 3
 #define TINY_HW 8
-static lego_model *tiny_model(int label_dim, uint64_t seed, double jitter) {
+static const int TINY_PG[2][3] = {{4, 2, 1}, {8, 4, 2}};
+/* Progressive refinement: an image brick, then patch bricks with 4 and 16
+ * patches per image, so that a sampled brick reads a sampled one. */
+static const int TINY_PR[3][3] = {{8, 4, 1}, {4, 2, 1}, {2, 1, 1}};
+
+static lego_model *tiny_model_of(int label_dim, uint64_t seed, double jitter, int num_bricks,
+                                 const int (*bricks)[3]) {
     lego_model_config c;
     lego_model_config_init(&c);
     c.img_channels = TINY_C;
@@ -87,8 +93,7 @@ static lego_model *tiny_model(int label_dim, uint64_t seed, double jitter) {
     c.num_threads = 2;
     lego_model *m = NULL;
     ck_assert(lego_model_create(&c, &m) == LEGO_OK);
-    const int bricks[2][3] = {{4, 2, 1}, {8, 4, 2}};
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < num_bricks; k++) {
         lego_brick_config b;
         lego_brick_config_init(&b);
         b.brick_size = bricks[k][0];
@@ -107,6 +112,10 @@ static lego_model *tiny_model(int label_dim, uint64_t seed, double jitter) {
             m->params[p->offset + j] += (float)(jitter * nrand());
     }
     return m;
+}
+
+static lego_model *tiny_model(int label_dim, uint64_t seed, double jitter) {
+    return tiny_model_of(label_dim, seed, jitter, 2, TINY_PG);
 }
 
 static size_t tiny_img(int n) { return (size_t)n * TINY_C * TINY_HW * TINY_HW; }
@@ -290,13 +299,21 @@ static double internal_loss(lego_model *m, net_cache *c, const tiny_batch *b, fl
     return loss;
 }
 
+/* Variants: 0 conditional, 1 unconditional, both joint; 2 conditional PG
+ * and 3 unconditional PR, both training half of every brick's patches. */
 START_TEST(test_gradcheck) {
-    int label_dim = _i == 0 ? TINY_L : 0;
-    lego_model *m = tiny_model(label_dim, 21 + (uint64_t)_i, 0.15);
+    int label_dim = _i % 2 == 0 ? TINY_L : 0, sampled = _i >= 2;
+    lego_model *m = _i == 3 ? tiny_model_of(label_dim, 21 + (uint64_t)_i, 0.15, 3, TINY_PR)
+                            : tiny_model(label_dim, 21 + (uint64_t)_i, 0.15);
     tiny_batch b = make_batch(4, label_dim, 5);
     net_cache *c = NULL;
     lego_err err;
     ck_assert(net_cache_create(m, b.n, TINY_HW, TINY_HW, &c, &err) == LEGO_OK);
+    if (sampled) {
+        net_sample_patches(m, c, 0.5, 77, 3);
+        ck_assert(net_sampling_patches(m, c));
+    }
+    const char *variant = _i == 0 ? "cond  " : _i == 1 ? "uncond" : _i == 2 ? "pg-0.5" : "pr-0.5";
     float *scratch = malloc(train_scratch_floats(m, b.n, TINY_HW, TINY_HW) * sizeof *scratch);
     float *grads = malloc(m->params_size * sizeof *grads);
     ck_assert(scratch && grads);
@@ -334,12 +351,10 @@ START_TEST(test_gradcheck) {
                           p->name, (ptrdiff_t)(v - m->params - p->offset), fd, an, loss);
             checked++;
         }
-        printf("gradcheck %s %-48s worst relative error %.1e\n", label_dim ? "cond  " : "uncond",
-               p->name, tensor_worst);
+        printf("gradcheck %s %-48s worst relative error %.1e\n", variant, p->name, tensor_worst);
         if (tensor_worst > worst) worst = tensor_worst;
     }
-    printf("gradcheck %s: %d values, worst %.1e, loss %.4f\n", label_dim ? "cond" : "uncond",
-           checked, worst, loss);
+    printf("gradcheck %s: %d values, worst %.1e, loss %.4f\n", variant, checked, worst, loss);
     free(scratch);
     free(grads);
     net_cache_free(c);
@@ -728,6 +743,7 @@ START_TEST(test_resume_exact) {
     rng_seed(12);
     float *images = rand_floats(tiny_img(n), -1, 1);
     lego_train_options o = resume_options();
+    o.patch_fraction = _i ? 0.5 : 0; /* 1: patch-sampled training */
     char *path = temp_path("state");
 
     lego_model *ma = tiny_model(TINY_L, 9, 0.02);
@@ -771,7 +787,8 @@ START_TEST(test_resume_exact) {
     ck_assert(memcmp(ta->adam_v, tc->adam_v, bytes) == 0);
     ck_assert(ta->step == tc->step && ta->adam_t == tc->adam_t &&
               ta->images_seen == tc->images_seen && ta->skipped == tc->skipped);
-    printf("resume: %d steps straight == %d + %d resumed, bit for bit\n", N, k, N - k);
+    printf("resume%s: %d steps straight == %d + %d resumed, bit for bit\n",
+           _i ? " (patch-sampled)" : "", N, k, N - k);
 
     /* A trainer on another architecture refuses the file and keeps its
      * state. */
@@ -939,6 +956,7 @@ START_TEST(test_loss_decreases) {
     lego_train_options_init(&o);
     o.lr = 3e-3;
     o.seed = 8;
+    o.patch_fraction = _i ? 0.5 : 0; /* 1: patch-sampled training */
     lego_trainer *t = make_trainer(m, &o);
     double first = 0, last = 0;
     for (int s = 0; s < 50; s++) {
@@ -949,8 +967,8 @@ START_TEST(test_loss_decreases) {
         if (s >= 40) last += st.loss / 10;
     }
     ck_assert(lego_train_loss(m, &b, &after, NULL) == LEGO_OK);
-    printf("50 steps: fixed-batch loss %.4f -> %.4f; step losses %.4f (first 10) -> %.4f (last 10)\n",
-           (double)before, (double)after, first, last);
+    printf("50 steps%s: fixed-batch loss %.4f -> %.4f; step losses %.4f (first 10) -> %.4f (last 10)\n",
+           _i ? " (patch-sampled)" : "", (double)before, (double)after, first, last);
     /* From the reference init (zero adaLN and output layers) 50 steps take
      * off about a fifth; require a tenth. */
     ck_assert(after < 0.9 * before);
@@ -997,6 +1015,9 @@ START_TEST(test_trainer_bad) {
     EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.p_std = -1);
     EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.label_dropout = 1.5);
     EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.hflip = 2);
+    EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.patch_fraction = -0.5);
+    EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.patch_fraction = 2);
+    EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.patch_fraction = NAN);
     EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.optimizer = (lego_optimizer)7);
     EXPECT_BAD_OPT(LEGO_ERR_SHAPE, o.height = 6);
     EXPECT_BAD_OPT(LEGO_ERR_INVALID_ARGUMENT, o.width = -8);
@@ -1043,6 +1064,214 @@ START_TEST(test_trainer_bad) {
 }
 END_TEST
 
+
+/* ------------------------------------------------------------------------ */
+/* patches: patch-sampled training (eq. 12)                                 */
+/* ------------------------------------------------------------------------ */
+
+START_TEST(test_patch_draws) {
+    ck_assert_int_eq(net_patches_kept(64, 0.5), 32);
+    ck_assert_int_eq(net_patches_kept(4, 0.3), 2);
+    ck_assert_int_eq(net_patches_kept(4, 0.25), 1);
+    ck_assert_int_eq(net_patches_kept(3, 1.0 / 3), 1);
+    ck_assert_int_eq(net_patches_kept(16, 1e-9), 1);
+    ck_assert_int_eq(net_patches_kept(16, 1.0), 16);
+    ck_assert_int_eq(net_patches_kept(1, 0.1), 1);
+
+    lego_model *m = tiny_model_of(0, 3, 0, 3, TINY_PR);
+    const int n = 5;
+    net_cache *c = NULL, *d = NULL;
+    lego_err err;
+    ck_assert(net_cache_create(m, n, TINY_HW, TINY_HW, &c, &err) == LEGO_OK);
+    ck_assert(net_cache_create(m, n, TINY_HW, TINY_HW, &d, &err) == LEGO_OK);
+    ck_assert(!net_sampling_patches(m, c));
+    net_sample_patches(m, c, 0.5, 11, 7);
+    net_sample_patches(m, d, 0.5, 11, 7);
+    /* The image brick runs whole; the others on half their patches, a
+     * distinct ascending set per image, the same for the same stream. */
+    ck_assert(c->bricks[0].patch_index == NULL && c->bricks[0].patches_used == 1);
+    const int total[3] = {1, 4, 16};
+    int seen[16] = {0};
+    for (int k = 1; k < 3; k++) {
+        const brick_acts *ba = &c->bricks[k];
+        ck_assert_int_eq(ba->patches_total, total[k]);
+        ck_assert_int_eq(ba->patches_used, total[k] / 2);
+        ck_assert(ba->rows == (size_t)n * ba->patches_used * m->bricks[k].tokens);
+        ck_assert(ba->patch_index != NULL);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < ba->patches_used; j++) {
+                int32_t v = ba->patch_index[i * ba->patches_used + j];
+                ck_assert(v >= 0 && v < total[k]);
+                if (j > 0) ck_assert(v > ba->patch_index[i * ba->patches_used + j - 1]);
+                ck_assert(v == d->bricks[k].patch_index[i * ba->patches_used + j]);
+                if (k == 2) seen[v]++;
+            }
+    }
+    /* Over 40 draws on 5 images every one of the 16 patches comes up. */
+    for (uint64_t stream = 8; stream < 48; stream++) {
+        net_sample_patches(m, d, 0.5, 11, stream);
+        for (int q = 0; q < n * 8; q++) seen[d->bricks[2].patch_index[q]]++;
+    }
+    for (int v = 0; v < 16; v++) ck_assert_msg(seen[v] > 0, "patch %d never drawn", v);
+    net_use_all_patches(m, c);
+    ck_assert(!net_sampling_patches(m, c));
+    ck_assert(c->bricks[2].rows == (size_t)n * 16 * m->bricks[2].tokens);
+    net_sample_patches(m, c, 1.0, 11, 7); /* keeps everything */
+    ck_assert(!net_sampling_patches(m, c));
+    net_cache_free(c);
+    net_cache_free(d);
+    lego_model_free(m);
+}
+END_TEST
+
+/* A brick on a subset of its patches computes exactly what it computes on
+ * all of them there, and leaves the fill elsewhere; the brick above sees
+ * that fill as its context. */
+START_TEST(test_patch_context) {
+    lego_model *m = tiny_model(TINY_L, 31, 0.15);
+    tiny_batch b = make_batch(3, TINY_L, 6);
+    size_t img = tiny_img(b.n), chw = tiny_img(1);
+    float *x = malloc(img * sizeof *x), *f0 = malloc(img * sizeof *f0), *f1 = malloc(img * sizeof *f1);
+    ck_assert(x && f0 && f1);
+    for (size_t j = 0; j < img; j++) x[j] = b.y[j] + b.sigma[j / chw] * b.noise[j];
+    net_cache *c = NULL;
+    lego_err err;
+    ck_assert(net_cache_create(m, b.n, TINY_HW, TINY_HW, &c, &err) == LEGO_OK);
+    net_forward(m, c, x, b.sigma, b.vectors, NULL);
+    memcpy(f0, c->bricks[0].out, img * sizeof *f0);
+    memcpy(f1, c->bricks[1].out, img * sizeof *f1);
+
+    /* One of brick 0's four patches, filled with its own full output: the
+     * image brick above must see what it saw before. */
+    net_sample_patches(m, c, 0.25, 5, 1);
+    ck_assert_int_eq(c->bricks[0].patches_used, 1);
+    ck_assert(c->bricks[1].patch_index == NULL);
+    net_forward(m, c, x, b.sigma, b.vectors, f0);
+    double worst = 0;
+    for (size_t j = 0; j < img; j++) {
+        worst = fmax(worst, fabs((double)c->bricks[0].out[j] - f0[j]));
+        worst = fmax(worst, fabs((double)c->bricks[1].out[j] - f1[j]));
+    }
+    ck_assert_msg(worst < 1e-5, "sampled pass differs from the full one by %g", worst);
+
+    /* With a fill of zeros, brick 0's sampled patch still matches, the
+     * other pixels are 0, and brick 1 (reading them) changes. */
+    float *zero = calloc(img, sizeof *zero);
+    ck_assert(zero);
+    net_forward(m, c, x, b.sigma, b.vectors, zero);
+    double moved = 0;
+    for (int i = 0; i < b.n; i++) {
+        int patch = c->bricks[0].patch_index[i], y0 = patch / 2 * 4, x0 = patch % 2 * 4;
+        for (int ch = 0; ch < TINY_C; ch++)
+            for (int r = 0; r < TINY_HW; r++)
+                for (int q = 0; q < TINY_HW; q++) {
+                    size_t j = (size_t)i * chw + ((size_t)ch * TINY_HW + r) * TINY_HW + q;
+                    int inside = r >= y0 && r < y0 + 4 && q >= x0 && q < x0 + 4;
+                    if (inside) ck_assert(fabs((double)c->bricks[0].out[j] - f0[j]) < 1e-5);
+                    else ck_assert(c->bricks[0].out[j] == 0.0f);
+                    moved = fmax(moved, fabs((double)c->bricks[1].out[j] - f1[j]));
+                }
+    }
+    ck_assert(moved > 1e-3);
+
+    /* The loss's own fill is the F that denoises to the clean image. */
+    float *scratch = malloc(train_scratch_floats(m, b.n, TINY_HW, TINY_HW) * sizeof *scratch);
+    ck_assert(scratch);
+    double loss;
+    train_loss_grads(m, c, b.y, b.noise, b.sigma, b.vectors, scratch, &loss, NULL);
+    double sd = m->cfg.sigma_data;
+    for (int i = 0; i < b.n; i++) {
+        double s = b.sigma[i], c_skip = sd * sd / (s * s + sd * sd),
+               c_out = s * sd / sqrt(s * s + sd * sd);
+        int patch = c->bricks[0].patch_index[i], y0 = patch / 2 * 4, x0 = patch % 2 * 4;
+        int r = y0 < 4 ? 6 : 1, q = x0 < 4 ? 6 : 1; /* a pixel outside the patch */
+        size_t j = (size_t)i * chw + (size_t)r * TINY_HW + (size_t)q;
+        double denoised = c_skip * x[j] + c_out * c->bricks[0].out[j];
+        ck_assert_msg(fabs(denoised - b.y[j]) < 1e-4, "image %d: fill denoises to %g, not %g", i,
+                      denoised, (double)b.y[j]);
+    }
+    free(scratch);
+    free(zero);
+    free(x);
+    free(f0);
+    free(f1);
+    net_cache_free(c);
+    free_batch(&b);
+    lego_model_free(m);
+}
+END_TEST
+
+/* With one brick, the sampled loss over one patch, averaged over the
+ * patches, is the whole image's loss: the P/used scaling makes it an
+ * unbiased estimate. */
+START_TEST(test_patch_unbiased) {
+    const int one[1][3] = {{4, 2, 1}};
+    lego_model *m = tiny_model_of(0, 41, 0.15, 1, one);
+    tiny_batch b = make_batch(1, 0, 8);
+    net_cache *c = NULL;
+    lego_err err;
+    ck_assert(net_cache_create(m, 1, TINY_HW, TINY_HW, &c, &err) == LEGO_OK);
+    float *scratch = malloc(train_scratch_floats(m, 1, TINY_HW, TINY_HW) * sizeof *scratch);
+    ck_assert(scratch);
+    double full = internal_loss(m, c, &b, scratch, NULL), per_patch[4] = {0};
+    int found = 0;
+    for (uint64_t stream = 0; stream < 200 && found < 4; stream++) {
+        net_sample_patches(m, c, 0.25, 9, stream);
+        int p = c->bricks[0].patch_index[0];
+        if (per_patch[p] == 0) found++;
+        per_patch[p] = internal_loss(m, c, &b, scratch, NULL);
+    }
+    ck_assert_int_eq(found, 4);
+    double mean = (per_patch[0] + per_patch[1] + per_patch[2] + per_patch[3]) / 4;
+    printf("patch sampling: full loss %.6f, mean over the 4 one-patch losses %.6f\n", full, mean);
+    ck_assert(fabs(mean - full) < 1e-5 * full);
+    ck_assert(per_patch[0] != per_patch[1]); /* each one covers its own pixels */
+    free(scratch);
+    net_cache_free(c);
+    free_batch(&b);
+    lego_model_free(m);
+}
+END_TEST
+
+/* Through the API: fraction 0 and 1 are the joint loss; a fraction in
+ * between depends on the patch seed only. */
+START_TEST(test_patch_api) {
+    lego_model *m = tiny_model_of(TINY_L, 51, 0.15, 3, TINY_PR);
+    tiny_batch tb = make_batch(4, TINY_L, 9);
+    lego_train_batch b;
+    lego_train_batch_init(&b);
+    b.n = tb.n;
+    b.height = b.width = TINY_HW;
+    b.y = tb.y;
+    b.noise = tb.noise;
+    b.sigma = tb.sigma;
+    b.labels = tb.labels;
+    float joint, one, half_a, half_b, other;
+    ck_assert(lego_train_loss(m, &b, &joint, NULL) == LEGO_OK);
+    b.patch_fraction = 1;
+    ck_assert(lego_train_loss(m, &b, &one, NULL) == LEGO_OK);
+    ck_assert(one == joint);
+    b.patch_fraction = 0.5;
+    b.patch_seed = 3;
+    ck_assert(lego_train_loss(m, &b, &half_a, NULL) == LEGO_OK);
+    ck_assert(lego_train_loss(m, &b, &half_b, NULL) == LEGO_OK);
+    ck_assert(half_a == half_b && half_a != joint);
+    b.patch_seed = 4;
+    ck_assert(lego_train_loss(m, &b, &other, NULL) == LEGO_OK);
+    ck_assert(other != half_a);
+    printf("patch sampling: joint loss %.5f, half the patches %.5f / %.5f (two draws)\n",
+           (double)joint, (double)half_a, (double)other);
+    const double bad[3] = {-0.1, 1.5, NAN};
+    for (int i = 0; i < 3; i++) {
+        b.patch_fraction = bad[i];
+        ck_assert(lego_train_loss(m, &b, &other, NULL) == LEGO_ERR_INVALID_ARGUMENT);
+        ck_assert(strstr(lego_model_error(m), "patch_fraction") != NULL);
+    }
+    free_batch(&tb);
+    lego_model_free(m);
+}
+END_TEST
+
 int main(void) {
     discover_cases();
     Suite *s = suite_create("train");
@@ -1057,7 +1286,7 @@ int main(void) {
 
     TCase *grad = tcase_create("gradcheck");
     tcase_set_timeout(grad, 120);
-    tcase_add_loop_test(grad, test_gradcheck, 0, 2);
+    tcase_add_loop_test(grad, test_gradcheck, 0, 4);
     suite_add_tcase(s, grad);
 
     TCase *api = tcase_create("api");
@@ -1070,12 +1299,20 @@ int main(void) {
     tcase_set_timeout(tr, 120);
     tcase_add_loop_test(tr, test_adam_hand, 0, 3);
     tcase_add_test(tr, test_nonfinite_skip);
-    tcase_add_test(tr, test_resume_exact);
+    tcase_add_loop_test(tr, test_resume_exact, 0, 2);
     tcase_add_test(tr, test_export_ema);
     tcase_add_test(tr, test_draws);
-    tcase_add_test(tr, test_loss_decreases);
+    tcase_add_loop_test(tr, test_loss_decreases, 0, 2);
     tcase_add_test(tr, test_trainer_bad);
     suite_add_tcase(s, tr);
+
+    TCase *patches = tcase_create("patches");
+    tcase_set_timeout(patches, 120);
+    tcase_add_test(patches, test_patch_draws);
+    tcase_add_test(patches, test_patch_context);
+    tcase_add_test(patches, test_patch_unbiased);
+    tcase_add_test(patches, test_patch_api);
+    suite_add_tcase(s, patches);
     int status = run_suite(s);
     for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
     return status;
