@@ -181,6 +181,7 @@ static int bench(const args *a) {
     to.label_dropout = a->dropout;
     to.hflip = a->hflip;
     to.seed = a->seed;
+    to.patch_fraction = a->patch_fraction;
     if (lego_trainer_create(m, &to, &t) != LEGO_OK) {
         fprintf(stderr, "lego-train: %s\n", lego_trainer_error(t));
         goto done;
@@ -196,10 +197,11 @@ static int bench(const args *a) {
         }
     }
     double el = now() - start;
-    printf("train-bench fmnist_lego_pg32 backend %s precision %s batch %d: %d steps, "
-           "%.2f ms/step, %.0f images/s (loss %.4f)\n",
+    printf("train-bench fmnist_lego_pg32 backend %s precision %s batch %d patch-fraction %g: "
+           "%d steps, %.2f ms/step, %.0f images/s (loss %.4f)\n",
            a->backend == LEGO_BACKEND_CUDA ? "cuda" : "cpu",
-           a->precision == LEGO_PRECISION_BF16 ? "bf16" : "fp32", a->batch, a->bench,
+           a->precision == LEGO_PRECISION_BF16 ? "bf16" : "fp32", a->batch, a->patch_fraction,
+           a->bench,
            1e3 * el / a->bench, (double)a->bench * a->batch / el, st.loss);
     ok = 1;
 done:
