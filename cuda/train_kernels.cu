@@ -447,10 +447,22 @@ size_t t_colsum_doubles(size_t rows, size_t rpi, int D) {
 
 /* ---- attention ----------------------------------------------------------------- */
 
-/* One warp per (sequence, head, query row); lane l holds elements l,
- * l+32, ... of the head's vectors (head_dim <= ATTN_MAX_HEAD_DIM). */
-#define HD_REGS (ATTN_MAX_HEAD_DIM / 32)
+/* G lanes per (row, head) work item, 32/G items per warp: lane `sub` of a
+ * group holds elements sub, sub+G, ... of the head's vectors (at most
+ * ATTN_LANE_REGS each), dot products are reduced over the group by
+ * log2(G) shuffles.  G is the smallest power of two that keeps
+ * ceil(head_dim/G) <= ATTN_LANE_REGS: head_dim 64 takes groups of 4, so a
+ * warp works on 8 rows at once and each shuffle serves 16 products.  All
+ * lanes of a warp run the same loops (rows past the end are clamped and
+ * write nothing), as the full-mask shuffles require. */
+#define ATTN_LANE_REGS 16
 
+template <int G> __device__ __forceinline__ float group_sum(float v) {
+    for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+/* Work item w = (seq, head, i) of `items`. */
 __device__ __forceinline__ void attn_coords(size_t w, int T, int heads, size_t *seq, int *head,
                                             int *i) {
     *i = (int)(w % (size_t)T);
@@ -458,23 +470,34 @@ __device__ __forceinline__ void attn_coords(size_t w, int T, int heads, size_t *
     *seq = w / ((size_t)T * heads);
 }
 
+/* Work items go to warps in batches of 32/G, so that every lane of a warp
+ * runs the same loops: the first batch of this warp and the stride. */
+template <int G> __device__ __forceinline__ size_t attn_first(void) {
+    return (blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32) * (size_t)(32 / G);
+}
+template <int G> __device__ __forceinline__ size_t attn_stride(void) {
+    return (size_t)gridDim.x * (blockDim.x / 32) * (size_t)(32 / G);
+}
+
 /* out = softmax(q k^T / sqrt(hd)) v with an online softmax, and the row's
  * log-sum-exp of the scaled scores (what the backward pass recomputes the
  * probabilities from). */
-template <class T>
-__global__ void attn_fwd_kernel(const T *qkv, size_t warps, int Tn, int heads, int hd, float scale,
+template <class T, int G>
+__global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, int hd, float scale,
                                 T *out, float *lse) {
-    int lane = threadIdx.x % 32;
+    int sub = threadIdx.x % G, hc = (hd + G - 1) / G;
     size_t D = (size_t)heads * hd, D3 = 3 * D;
-    for (size_t w = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; w < warps;
-         w += (size_t)gridDim.x * (blockDim.x / 32)) {
+    for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
+        size_t w = batch + (threadIdx.x % 32) / G;
+        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
+        if (!valid) w = items - 1;
         size_t seq;
         int head, i;
         attn_coords(w, Tn, heads, &seq, &head, &i);
         const T *base = qkv + seq * (size_t)Tn * D3 + (size_t)head * hd;
-        float q[HD_REGS], o[HD_REGS];
-        for (int c = 0; c < HD_REGS; c++) {
-            int e = lane + 32 * c;
+        float q[ATTN_LANE_REGS], o[ATTN_LANE_REGS];
+        for (int c = 0; c < hc; c++) {
+            int e = sub + G * c;
             q[c] = e < hd ? to_float<T>(base[(size_t)i * D3 + e]) : 0.0f;
             o[c] = 0.0f;
         }
@@ -482,68 +505,73 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t warps, int Tn, int heads, i
         for (int j = 0; j < Tn; j++) {
             const T *k = base + (size_t)j * D3 + D, *v = base + (size_t)j * D3 + 2 * D;
             float dot = 0.0f;
-            for (int c = 0; c < HD_REGS; c++) {
-                int e = lane + 32 * c;
+            for (int c = 0; c < hc; c++) {
+                int e = sub + G * c;
                 if (e < hd) dot += q[c] * to_float<T>(k[e]);
             }
-            float sc = warp_sum(dot) * scale;
+            float sc = group_sum<G>(dot) * scale;
             float mnew = fmaxf(mx, sc), alpha = expf(mx - mnew), p = expf(sc - mnew);
             l = l * alpha + p;
-            for (int c = 0; c < HD_REGS; c++) {
-                int e = lane + 32 * c;
+            for (int c = 0; c < hc; c++) {
+                int e = sub + G * c;
                 if (e < hd) o[c] = o[c] * alpha + p * to_float<T>(v[e]);
             }
             mx = mnew;
         }
+        if (!valid) continue;
         float inv = 1.0f / l;
         T *orow = out + (seq * (size_t)Tn + (size_t)i) * D + (size_t)head * hd;
-        for (int c = 0; c < HD_REGS; c++) {
-            int e = lane + 32 * c;
+        for (int c = 0; c < hc; c++) {
+            int e = sub + G * c;
             if (e < hd) orow[e] = from_float<T>(o[c] * inv);
         }
-        if (lane == 0) lse[(seq * (size_t)Tn + (size_t)i) * heads + (size_t)head] = mx + logf(l);
+        if (sub == 0) lse[(seq * (size_t)Tn + (size_t)i) * heads + (size_t)head] = mx + logf(l);
     }
 }
 
 /* delta[row][head] = dout . out over the head's elements. */
-template <class T>
-__global__ void attn_delta_kernel(const float *dout, const T *out, size_t warps, int heads, int hd,
+template <class T, int G>
+__global__ void attn_delta_kernel(const float *dout, const T *out, size_t items, int heads, int hd,
                                   float *delta) {
-    int lane = threadIdx.x % 32;
+    int sub = threadIdx.x % G;
     size_t D = (size_t)heads * hd;
-    for (size_t w = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; w < warps;
-         w += (size_t)gridDim.x * (blockDim.x / 32)) {
+    for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
+        size_t w = batch + (threadIdx.x % 32) / G;
+        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
+        if (!valid) w = items - 1;
         size_t row = w / (size_t)heads, head = w % (size_t)heads;
         const float *g = dout + row * D + head * (size_t)hd;
         const T *o = out + row * D + head * (size_t)hd;
         float s = 0.0f;
-        for (int e = lane; e < hd; e += 32) s += g[e] * to_float<T>(o[e]);
-        s = warp_sum(s);
-        if (lane == 0) delta[w] = s;
+        for (int e = sub; e < hd; e += G) s += g[e] * to_float<T>(o[e]);
+        s = group_sum<G>(s);
+        if (valid && sub == 0) delta[w] = s;
     }
 }
 
 /* dq for one query row (queries = 1), or dk and dv for one key row
  * (queries = 0): P and dP recomputed from q, k, v and the log-sum-exp;
  * dS = P (dP - delta); dq = scale sum_j dS k_j, dk = scale sum_i dS q_i,
- * dv = sum_i P dout_i. */
-template <class T>
+ * dv = sum_i P dout_i.  Each row's sums run in a fixed order: no atomics. */
+template <class T, int G>
 __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *lse,
-                                const float *delta, size_t warps, int Tn, int heads, int hd,
+                                const float *delta, size_t items, int Tn, int heads, int hd,
                                 float scale, int queries, T *dqkv) {
-    int lane = threadIdx.x % 32;
+    int sub = threadIdx.x % G, hc = (hd + G - 1) / G;
     size_t D = (size_t)heads * hd, D3 = 3 * D;
-    for (size_t w = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; w < warps;
-         w += (size_t)gridDim.x * (blockDim.x / 32)) {
+    for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
+        size_t w = batch + (threadIdx.x % 32) / G;
+        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
+        if (!valid) w = items - 1;
         size_t seq;
         int head, me;
         attn_coords(w, Tn, heads, &seq, &head, &me);
         const T *base = qkv + seq * (size_t)Tn * D3 + (size_t)head * hd;
         const float *gbase = dout + seq * (size_t)Tn * D + (size_t)head * hd;
         size_t rbase = seq * (size_t)Tn;
-        float a[HD_REGS], b[HD_REGS], acc0[HD_REGS], acc1[HD_REGS];
-        for (int c = 0; c < HD_REGS; c++) {
-            int e = lane + 32 * c;
+        float a[ATTN_LANE_REGS], b[ATTN_LANE_REGS], acc0[ATTN_LANE_REGS], acc1[ATTN_LANE_REGS];
+        for (int c = 0; c < hc; c++) {
+            int e = sub + G * c;
             acc0[c] = acc1[c] = 0.0f;
             if (e >= hd) {
                 a[c] = b[c] = 0.0f;
@@ -558,8 +586,8 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
         for (int o = 0; o < Tn; o++) {
             int qi = queries ? me : o, kj = queries ? o : me;
             float s = 0.0f, dp = 0.0f;
-            for (int c = 0; c < HD_REGS; c++) {
-                int e = lane + 32 * c;
+            for (int c = 0; c < hc; c++) {
+                int e = sub + G * c;
                 if (e >= hd) continue;
                 if (queries) {
                     s += a[c] * to_float<T>(base[(size_t)kj * D3 + D + e]);
@@ -569,13 +597,13 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
                     dp += gbase[(size_t)qi * D + e] * b[c];
                 }
             }
-            s = warp_sum(s);
-            dp = warp_sum(dp);
+            s = group_sum<G>(s);
+            dp = group_sum<G>(dp);
             size_t lrow = (rbase + (size_t)qi) * heads + (size_t)head;
             float p = expf(s * scale - lse[lrow]);
             float ds = p * (dp - delta[lrow]) * scale;
-            for (int c = 0; c < HD_REGS; c++) {
-                int e = lane + 32 * c;
+            for (int c = 0; c < hc; c++) {
+                int e = sub + G * c;
                 if (e >= hd) continue;
                 if (queries) {
                     acc0[c] += ds * to_float<T>(base[(size_t)kj * D3 + D + e]);
@@ -585,9 +613,10 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
                 }
             }
         }
+        if (!valid) continue;
         T *drow = dqkv + (rbase + (size_t)me) * D3 + (size_t)head * hd;
-        for (int c = 0; c < HD_REGS; c++) {
-            int e = lane + 32 * c;
+        for (int c = 0; c < hc; c++) {
+            int e = sub + G * c;
             if (e >= hd) continue;
             if (queries) {
                 drow[e] = from_float<T>(acc0[c]);
@@ -601,13 +630,38 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
 
 #define ATTN_WARPS 4 /* warps per block */
 
+/* Lanes per work item for a head size (see ATTN_LANE_REGS). */
+static int attn_group(int hd) {
+    int g = 1;
+    while ((hd + g - 1) / g > ATTN_LANE_REGS) g *= 2;
+    return g;
+}
+
+static unsigned attn_blocks(size_t items, int g) {
+    return blocks_for((items + (size_t)(32 / g) - 1) / (size_t)(32 / g), ATTN_WARPS);
+}
+
+/* Launch kernel<T, G> for the G that head_dim hd needs. */
+#define ATTN_DISPATCH(kernel, T, hd, items, ...)                                              \
+    do {                                                                                      \
+        int g_ = attn_group(hd);                                                              \
+        unsigned nb_ = attn_blocks(items, g_);                                                \
+        switch (g_) {                                                                         \
+        case 1: LAUNCH((kernel<T, 1>), nb_, 32 * ATTN_WARPS, 0, s)(__VA_ARGS__); break;       \
+        case 2: LAUNCH((kernel<T, 2>), nb_, 32 * ATTN_WARPS, 0, s)(__VA_ARGS__); break;       \
+        case 4: LAUNCH((kernel<T, 4>), nb_, 32 * ATTN_WARPS, 0, s)(__VA_ARGS__); break;       \
+        case 8: LAUNCH((kernel<T, 8>), nb_, 32 * ATTN_WARPS, 0, s)(__VA_ARGS__); break;       \
+        case 16: LAUNCH((kernel<T, 16>), nb_, 32 * ATTN_WARPS, 0, s)(__VA_ARGS__); break;     \
+        default: return lego_fail(err, LEGO_ERR_UNSUPPORTED, "head dimension %d", hd);       \
+        }                                                                                     \
+    } while (0)
+
 template <class T>
 lego_status t_attn_fwd(cudaStream_t s, const T *qkv, size_t seqs, int tokens, int heads, int hd,
                        T *out, float *lse, lego_err *err) {
-    size_t warps = seqs * (size_t)heads * tokens;
+    size_t items = seqs * (size_t)heads * tokens;
     float scale = 1.0f / sqrtf((float)hd);
-    LAUNCH(attn_fwd_kernel<T>, blocks_for(warps, ATTN_WARPS), 32 * ATTN_WARPS, 0, s)(
-        qkv, warps, tokens, heads, hd, scale, out, lse);
+    ATTN_DISPATCH(attn_fwd_kernel, T, hd, items, qkv, items, tokens, heads, hd, scale, out, lse);
     LAUNCH_CHECK("attn_fwd");
     return LEGO_OK;
 }
@@ -616,14 +670,13 @@ template <class T>
 lego_status t_attn_bwd(cudaStream_t s, const T *qkv, const T *out, const float *lse,
                        const float *dout, size_t seqs, int tokens, int heads, int hd,
                        float *delta, T *dqkv, lego_err *err) {
-    size_t rows = seqs * (size_t)tokens, warps = rows * (size_t)heads;
+    size_t rows = seqs * (size_t)tokens, items = rows * (size_t)heads;
     float scale = 1.0f / sqrtf((float)hd);
-    LAUNCH(attn_delta_kernel<T>, blocks_for(warps, ATTN_WARPS), 32 * ATTN_WARPS, 0, s)(
-        dout, out, warps, heads, hd, delta);
+    ATTN_DISPATCH(attn_delta_kernel, T, hd, items, dout, out, items, heads, hd, delta);
     LAUNCH_CHECK("attn_delta");
     for (int queries = 1; queries >= 0; queries--) {
-        LAUNCH(attn_bwd_kernel<T>, blocks_for(warps, ATTN_WARPS), 32 * ATTN_WARPS, 0, s)(
-            qkv, dout, lse, delta, warps, tokens, heads, hd, scale, queries, dqkv);
+        ATTN_DISPATCH(attn_bwd_kernel, T, hd, items, qkv, dout, lse, delta, items, tokens, heads,
+                      hd, scale, queries, dqkv);
         LAUNCH_CHECK("attn_bwd");
     }
     return LEGO_OK;

@@ -1064,10 +1064,11 @@ END_TEST
 static const rand_model train_models[] = {
     /* LEGO-PG: a 4-token brick under an 8x8 one; labels. */
     {"tr-pg", 32, 2, 1, 3, 4.0, 8, 8, 3, 2, {{4, 2, 1}, {8, 2, 1}}},
-    /* LEGO-PR on non-square images, two channels, no labels, depth 2 on top. */
-    {"tr-pr", 32, 2, 2, 0, 4.0, 8, 16, 2, 2, {{8, 2, 1}, {4, 2, 2}}},
-    /* A 64-token sequence, one head of 32. */
-    {"tr-long", 32, 1, 1, 2, 4.0, 16, 16, 2, 1, {{16, 2, 1}}},
+    /* LEGO-PR on non-square images, two channels, no labels, depth 2 on
+     * top; head_dim 32. */
+    {"tr-pr", 64, 2, 2, 0, 4.0, 8, 16, 2, 2, {{8, 2, 1}, {4, 2, 2}}},
+    /* A 64-token sequence, one head of 64 (the S/L models' head size). */
+    {"tr-long", 64, 1, 1, 2, 4.0, 16, 16, 2, 1, {{16, 2, 1}}},
     /* Three bricks, patch 1, a 1-token brick, head_dim 8, MLP width 80. */
     {"tr-odd", 32, 4, 1, 5, 2.5, 8, 8, 2, 3, {{2, 1, 1}, {2, 2, 1}, {8, 1, 1}}},
 };
