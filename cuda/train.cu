@@ -1023,7 +1023,9 @@ extern "C" lego_status cuda_train_update(lego_model *m, const cuda_trainer_link 
         cudaStreamSynchronize(c.s);
         return s;
     }
-    if (!ts->ahead) ts->gen = m->weights_gen;
+    /* The device weights are now the host's generation plus this update
+     * (open_ctx re-uploaded them if the host had moved on). */
+    ts->gen = m->weights_gen;
     ts->ahead = 1;
     backend_weights_written(m);
     return LEGO_OK;

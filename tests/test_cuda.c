@@ -1258,6 +1258,16 @@ START_TEST(test_cuda_train_steps) {
     denoise_n(mc, rm, &io, rm->n, 1.0f, dc);
     denoise_n(mg, rm, &io, rm->n, 1.0f, dg);
     expect_close(rm->name, "denoise after training", dg, dc, img, GPU_TOL);
+    /* Weights rewritten on the host win over the device's; the next step
+     * trains from them and its result comes back. */
+    ck_assert(lego_model_set_params(mg, pc, (int64_t)mg->params_size) == LEGO_OK);
+    float *back = params_of(mg);
+    ck_assert(memcmp(back, pc, mg->params_size * sizeof *pc) == 0);
+    free(back);
+    run_steps(tg, rm, images, labels, 1);
+    back = params_of(mg);
+    ck_assert(memcmp(back, pc, mg->params_size * sizeof *pc) != 0);
+    free(back);
     /* One more step, then the model goes back to the CPU: the weights come
      * along. */
     run_steps(tg, rm, images, labels, 1);
@@ -1372,12 +1382,20 @@ START_TEST(test_cuda_train_nonfinite) {
     int32_t labels[8];
     float *images = train_images(rm, rm->n, labels);
     size_t nv = m->params_size;
+    /* A device budget too small for the training state: a clean failure,
+     * nothing taken. */
+    size_t held = lego_model_device_memory_usage(m);
+    ck_assert(lego_model_set_device_memory_budget(m, held + 1024) == LEGO_OK);
+    lego_train_stats st;
+    lego_train_stats_init(&st);
+    ck_assert_int_eq(lego_trainer_step(t, images, labels, rm->n, &st), LEGO_ERR_OUT_OF_MEMORY);
+    ck_assert_msg(strstr(lego_trainer_error(t), "budget"), "%s", lego_trainer_error(t));
+    ck_assert(t->step == 0 && t->adam_t == 0);
+    ck_assert(lego_model_set_device_memory_budget(m, 0) == LEGO_OK);
     m->params[m->table[0].offset] = 3e38f;
     m->params[m->table[0].offset + 1] = 3e38f;
     model_weights_changed(m);
     float *before = params_of(m);
-    lego_train_stats st;
-    lego_train_stats_init(&st);
     ck_assert(lego_trainer_step(t, images, labels, rm->n, &st) == LEGO_OK);
     ck_assert_int_eq(st.skipped, 1);
     ck_assert_int_eq(st.skipped_total, 1);
