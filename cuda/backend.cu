@@ -77,6 +77,7 @@ typedef struct cuda_handle {
     int gemm_ready;
     int attn_mode; /* attn_mode */
     int precision; /* cuda_precision */
+    int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -415,6 +416,12 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_GRAPHS:
         h->use_graphs = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_TRAIN_ATTENTION:
+        if (value < 0 || value > 2)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                             "unknown training attention mode %d", value);
+        h->train_attn = value;
         return LEGO_OK;
     case CUDA_OPT_AUTOTUNE:
         h->gemm.autotune = value != 0;
@@ -914,6 +921,7 @@ lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err) {
     v->stream = h->stream;
     v->gemm = &h->gemm;
     v->precision = h->precision;
+    v->train_attn = h->train_attn;
     v->params = h->params;
     v->lp = h->lp_type == precision_type(h->precision) ? h->lp : NULL;
     v->doff = h->doff;

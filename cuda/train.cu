@@ -57,21 +57,36 @@
 
 /* ---- the GEMMs ---------------------------------------------------------------- */
 
-/* C (M x N, column-major, ldc) = op(A) op(B) [+ beta C] [+ bias per row
- * of C], fp32 accumulation.  A is stored K x M when ta (else M x K), B N x
- * K when tb (else K x N).  Prepared shapes are cached per training state. */
-typedef struct tg_entry {
-    int used, ta, tb, has_bias, beta_one;
+/* One GEMM: C (M x N, column-major, ldc) = alpha op(A) op(B) [+ beta C]
+ * [+ bias per row of C], fp32 accumulation.  A is stored K x M when ta
+ * (else M x K), B N x K when tb (else K x N).  batch > 1: a strided batch,
+ * matrix i at A + i sa, B + i sb, C + i sc (elements). */
+typedef struct tg_call {
+    int ta, tb;
     uint64_t M, N, K;
+    const void *A, *B;
+    void *C;
     int64_t lda, ldb, ldc;
     cudaDataType ab, dt;
+    float alpha, beta;
+    const void *bias;
+    int batch;
+    int64_t sa, sb, sc;
+} tg_call;
+
+/* A prepared shape: descriptors and the heuristic's first algorithm. */
+typedef struct tg_entry {
+    int used;
+    tg_call key; /* its shape (same_shape); pointers and scalars are per call */
+    int beta_one;
+    uint32_t align[4]; /* what A, B, C, D pointers are aligned to (bytes) */
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
     int post_bias; /* the heuristic refused the bias epilogue: a kernel adds it */
 } tg_entry;
 
-#define TG_CACHE 96
+#define TG_CACHE 128
 
 /* Buffers of one brick. */
 typedef struct block_dev {
@@ -105,13 +120,17 @@ typedef struct train_layout {
     brick_dev bricks[LEGO_MAX_BRICKS];
     float *dx, *dh, *wideF, *dmods, *delta;
     void *dtT, *wideT;
+    /* The GEMM attention's scratch for one head and a chunk of sequences:
+     * S and dP fp32, P (or dS) of type T, each [chunk][T][T]. */
+    float *att_s, *att_dp;
+    void *att_p;
     double *partial, *sums, *norm_partial, *norm;
     size_t bytes;
 } train_layout;
 
 typedef struct train_state {
     /* Activations for batches of n images of h x w, element size esize. */
-    int n, h, w, esize;
+    int n, h, w, esize, attn_mode;
     char *ws;
     size_t ws_bytes;
     train_layout L;
@@ -184,30 +203,44 @@ typedef struct tctx {
     lego_err *err;
 } tctx;
 
-static lego_status tg_prepare(tctx *c, tg_entry *e, int ta, int tb, uint64_t M, uint64_t N,
-                              uint64_t K, int64_t lda, int64_t ldb, int64_t ldc, cudaDataType ab,
-                              cudaDataType dt, int has_bias, int beta_one, const void *bias) {
+/* The alignment (a power of two, at most DEVICE_ALIGN) that a pointer and
+ * every matrix of its batch keep. */
+static uint32_t alignment(const void *p, int batch, int64_t stride, size_t elem) {
+    uintptr_t v = (uintptr_t)p | DEVICE_ALIGN;
+    if (batch > 1) v |= (uintptr_t)stride * elem;
+    return (uint32_t)(v & (~v + 1));
+}
+
+static lego_status set_batch(cublasLtMatrixLayout_t l, int batch, int64_t stride, lego_err *err) {
+    if (batch <= 1) return LEGO_OK;
+    int32_t count = batch;
+    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                            sizeof count));
+    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                            &stride, sizeof stride));
+    return LEGO_OK;
+}
+
+static lego_status tg_prepare(tctx *c, tg_entry *e, const tg_call *k, int beta_one,
+                              const uint32_t align[4]) {
     lego_err *err = c->err;
     gemm_ctx *g = c->v.gemm;
     memset(e, 0, sizeof *e);
     e->used = 1;
-    e->ta = ta;
-    e->tb = tb;
-    e->M = M;
-    e->N = N;
-    e->K = K;
-    e->lda = lda;
-    e->ldb = ldb;
-    e->ldc = ldc;
-    e->ab = ab;
-    e->dt = dt;
-    e->has_bias = has_bias;
+    e->key = *k;
     e->beta_one = beta_one;
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, ab, ta ? K : M, ta ? M : K, lda));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, ab, tb ? N : K, tb ? K : N, ldb));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, dt, M, N, ldc));
+    memcpy(e->align, align, sizeof e->align);
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, k->ab, k->ta ? k->K : k->M, k->ta ? k->M : k->K,
+                                      k->lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, k->ab, k->tb ? k->N : k->K, k->tb ? k->K : k->N,
+                                      k->ldb));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, k->dt, k->M, k->N, k->ldc));
+    LEGO_TRY(set_batch(e->a, k->batch, k->sa, err));
+    LEGO_TRY(set_batch(e->b, k->batch, k->sb, err));
+    LEGO_TRY(set_batch(e->c, k->batch, k->sc, err));
     LT_TRY(cublasLtMatmulDescCreate(&e->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t opa = k->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t opb = k->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
     LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
     cublasLtMatmulPreference_t pref = NULL;
@@ -215,11 +248,20 @@ static lego_status tg_prepare(tctx *c, tg_entry *e, int ta, int tb, uint64_t M, 
     uint64_t wsb = g->workspace_bytes;
     cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    int found = 0;
+    /* Operands inside a token matrix (a head's columns) are aligned to
+     * less than the 256 bytes the heuristic assumes by default. */
+    static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; i++)
+        if (align[i] < DEVICE_ALIGN)
+            st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align[i],
+                                                      sizeof align[i]);
+    int has_bias = k->bias != NULL, found = 0;
     for (int bias_epi = has_bias; st == CUBLAS_STATUS_SUCCESS && bias_epi >= 0 && !found;
          bias_epi--) {
         cublasLtEpilogue_t epi = bias_epi ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-        const void *bp = bias_epi ? bias : NULL;
+        const void *bp = bias_epi ? k->bias : NULL;
         st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                             sizeof epi);
         if (st == CUBLAS_STATUS_SUCCESS)
@@ -243,28 +285,36 @@ static lego_status tg_prepare(tctx *c, tg_entry *e, int ta, int tb, uint64_t M, 
     if (!found)
         return lego_fail(err, LEGO_ERR_BACKEND,
                          "cuBLASLt offers no algorithm for a training GEMM %llux%llux%llu "
-                         "(ops %d%d, types %d -> %d)",
-                         (unsigned long long)M, (unsigned long long)N, (unsigned long long)K,
-                         ta, tb, (int)ab, (int)dt);
+                         "(ops %d%d, types %d -> %d, batch %d)",
+                         (unsigned long long)k->M, (unsigned long long)k->N,
+                         (unsigned long long)k->K, k->ta, k->tb, (int)k->ab, (int)k->dt,
+                         k->batch);
     return LEGO_OK;
 }
 
-static int misaligned(const void *p) { return p && (uintptr_t)p % DEVICE_ALIGN != 0; }
+/* Whether two calls have one shape (pointers and scalars aside). */
+static int same_shape(const tg_call *x, const tg_call *y) {
+    return x->ta == y->ta && x->tb == y->tb && x->M == y->M && x->N == y->N && x->K == y->K &&
+           x->lda == y->lda && x->ldb == y->ldb && x->ldc == y->ldc && x->ab == y->ab &&
+           x->dt == y->dt && (x->bias != NULL) == (y->bias != NULL) && x->batch == y->batch &&
+           x->sa == y->sa && x->sb == y->sb && x->sc == y->sc;
+}
 
-static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t K, const void *A,
-                      int64_t lda, const void *B, int64_t ldb, float beta, void *C, int64_t ldc,
-                      cudaDataType ab, cudaDataType dt, const void *bias) {
+static lego_status tg_run(tctx *c, const tg_call *call) {
     lego_err *err = c->err;
     train_state *ts = c->ts;
-    if (misaligned(A) || misaligned(B) || misaligned(C) || misaligned(bias))
-        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a training GEMM operand is not aligned");
-    int has_bias = bias != NULL, beta_one = beta != 0.0f;
+    uint32_t align[4];
+    align[0] = alignment(call->A, call->batch, call->sa, dtype_bytes(call->ab));
+    align[1] = alignment(call->B, call->batch, call->sb, dtype_bytes(call->ab));
+    align[2] = align[3] = alignment(call->C, call->batch, call->sc, dtype_bytes(call->dt));
+    if (call->bias && alignment(call->bias, 1, 0, 4) < DEVICE_ALIGN)
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a training GEMM bias is not aligned");
+    int beta_one = call->beta != 0.0f;
     tg_entry *e = NULL;
     for (int i = 0; i < TG_CACHE && !e; i++) {
         tg_entry *x = &ts->cache[i];
-        if (x->used && x->ta == ta && x->tb == tb && x->M == M && x->N == N && x->K == K &&
-            x->lda == lda && x->ldb == ldb && x->ldc == ldc && x->ab == ab && x->dt == dt &&
-            x->has_bias == has_bias && x->beta_one == beta_one)
+        if (x->used && x->beta_one == beta_one && same_shape(&x->key, call) &&
+            !memcmp(x->align, align, sizeof align))
             e = x;
     }
     if (!e) {
@@ -275,22 +325,48 @@ static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t 
             ts->next_evict = (ts->next_evict + 1) % TG_CACHE;
             tg_destroy(e);
         }
-        lego_status s = tg_prepare(c, e, ta, tb, M, N, K, lda, ldb, ldc, ab, dt, has_bias,
-                                   beta_one, bias);
+        lego_status s = tg_prepare(c, e, call, beta_one, align);
         if (s != LEGO_OK) {
             tg_destroy(e);
             return s;
         }
     }
-    if (has_bias && !e->post_bias)
-        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                              sizeof bias));
-    const float alpha = 1.0f;
+    if (call->bias && !e->post_bias)
+        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                              &call->bias, sizeof call->bias));
     gemm_ctx *g = c->v.gemm;
-    LT_TRY(cublasLtMatmul(g->lt, e->desc, &alpha, A, e->a, B, e->b, &beta, C, e->c, C, e->c,
-                          &e->algo, g->workspace, g->workspace_bytes, c->s));
-    if (e->post_bias) LEGO_TRY(k_add_bias(c->s, C, bias, dt, N, (int)M, err));
+    LT_TRY(cublasLtMatmul(g->lt, e->desc, &call->alpha, call->A, e->a, call->B, e->b, &call->beta,
+                          call->C, e->c, call->C, e->c, &e->algo, g->workspace,
+                          g->workspace_bytes, c->s));
+    if (e->post_bias)
+        LEGO_TRY(k_add_bias(c->s, call->C, call->bias, call->dt, call->N, (int)call->M, err));
     return LEGO_OK;
+}
+
+/* The plain (unbatched, 256-byte aligned) GEMMs of the linear layers. */
+static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t K, const void *A,
+                      int64_t lda, const void *B, int64_t ldb, float beta, void *C, int64_t ldc,
+                      cudaDataType ab, cudaDataType dt, const void *bias) {
+    tg_call call;
+    memset(&call, 0, sizeof call);
+    call.ta = ta;
+    call.tb = tb;
+    call.M = M;
+    call.N = N;
+    call.K = K;
+    call.A = A;
+    call.B = B;
+    call.C = C;
+    call.lda = lda;
+    call.ldb = ldb;
+    call.ldc = ldc;
+    call.ab = ab;
+    call.dt = dt;
+    call.alpha = 1.0f;
+    call.beta = beta;
+    call.bias = bias;
+    call.batch = 1;
+    return tg_run(c, &call);
 }
 
 /* ---- weights and gradients by their host views ----------------------------------- */
@@ -404,8 +480,26 @@ static tok_geom geometry(const lego_model *m, int k, int n, int h, int w) {
     return g;
 }
 
-static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *cv,
-                   train_layout *L) {
+/* Attention through batched GEMMs (cuBLASLt on the tensor cores) needs a
+ * head's columns 16-byte aligned, and pays off from this many tokens. */
+#define ATTN_GEMM_MIN_TOKENS 32
+/* The most bytes of S, dP and P one chunk of sequences takes. */
+#define ATTN_SCRATCH_BYTES ((size_t)256 << 20)
+
+static int attn_by_gemm(int mode, int tokens, int head_dim, size_t es) {
+    if (mode == 1 || (size_t)head_dim * es % 16 != 0) return 0;
+    return mode == 2 || tokens >= ATTN_GEMM_MIN_TOKENS;
+}
+
+/* Sequences per GEMM batch: as many as fit the scratch, at least one. */
+static size_t attn_chunk(size_t seqs, int tokens, size_t es) {
+    size_t per = (size_t)tokens * (size_t)tokens * (8 + es), chunk = ATTN_SCRATCH_BYTES / per;
+    if (chunk < 1) chunk = 1;
+    return chunk < seqs ? chunk : seqs;
+}
+
+static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn_mode,
+                   carver *cv, train_layout *L) {
     size_t N = (size_t)n, d = (size_t)m->cfg.hidden_size, hm = (size_t)m->mlp_hidden;
     size_t heads = (size_t)m->cfg.num_heads, Lb = (size_t)m->cfg.label_dim;
     size_t K = (size_t)m->num_bricks, chw = (size_t)m->cfg.img_channels * h * w, img = 0;
@@ -435,7 +529,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *
     L->norm_partial = (double *)carve(cv, TRAIN_NORM_BLOCKS, 1, sizeof(double));
     L->norm = (double *)carve(cv, 1, 1, sizeof(double));
 
-    size_t rmax = 0, wmax = 0, mmax = 0, pmax = 0;
+    size_t rmax = 0, wmax = 0, mmax = 0, pmax = 0, smax = 0;
     for (int k = 0; k < m->num_bricks && !cv->overflow; k++) {
         const brick *b = &m->bricks[k];
         brick_dev *bd = &L->bricks[k];
@@ -472,6 +566,12 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *
         bd->dF = L->douts ? L->douts + (size_t)k * img : NULL;
         if (R > rmax) rmax = R;
         if (widest(m, b) > wmax) wmax = widest(m, b);
+        if (attn_by_gemm(attn_mode, b->tokens, m->cfg.hidden_size / m->cfg.num_heads, es)) {
+            size_t seqs = R / (size_t)b->tokens, sq;
+            if (!size_mul(attn_chunk(seqs, b->tokens, es), (size_t)b->tokens * b->tokens, &sq))
+                cv->overflow = 1;
+            else if (sq > smax) smax = sq;
+        }
         if (depth * 6 * d + 2 * d > mmax) mmax = depth * 6 * d + 2 * d;
         /* Column sums: over all rows (biases, widest output) or per image. */
         size_t pc = t_colsum_doubles(R, R, (int)wmax);
@@ -489,6 +589,9 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, carver *
     L->dmods = (float *)carve(cv, N, mmax, sizeof(float));
     L->delta = (float *)carve(cv, rmax, heads, sizeof(float));
     L->partial = (double *)carve(cv, pmax, 1, sizeof(double));
+    L->att_s = smax ? (float *)carve(cv, smax, 1, sizeof(float)) : NULL;
+    L->att_dp = smax ? (float *)carve(cv, smax, 1, sizeof(float)) : NULL;
+    L->att_p = smax ? carve(cv, smax, 1, es) : NULL;
     L->bytes = cv->used;
 }
 
@@ -497,11 +600,14 @@ static lego_status reserve(tctx *c, int n, int h, int w, size_t es) {
     train_state *ts = c->ts;
     lego_err *err = c->err;
     const lego_model *m = c->m;
-    if (ts->ws && ts->n == n && ts->h == h && ts->w == w && ts->esize == (int)es) return LEGO_OK;
+    int mode = c->v.train_attn;
+    if (ts->ws && ts->n == n && ts->h == h && ts->w == w && ts->esize == (int)es &&
+        ts->attn_mode == mode)
+        return LEGO_OK;
     carver cv = {NULL, 0, 0};
     train_layout L;
     memset(&L, 0, sizeof L);
-    layout(m, n, h, w, es, &cv, &L);
+    layout(m, n, h, w, es, mode, &cv, &L);
     if (cv.overflow || cv.used > LEGO_MAX_ALLOC)
         return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
                          "a training batch of %d images of %dx%d is too large", n, h, w);
@@ -530,7 +636,8 @@ static lego_status reserve(tctx *c, int n, int h, int w, size_t es) {
     }
     cv = (carver){ts->ws, 0, 0};
     memset(&ts->L, 0, sizeof ts->L);
-    layout(m, n, h, w, es, &cv, &ts->L);
+    layout(m, n, h, w, es, mode, &cv, &ts->L);
+    ts->attn_mode = mode;
     ts->n = n;
     ts->h = h;
     ts->w = w;
@@ -556,6 +663,122 @@ static lego_status conditioning_fwd(tctx *c, int n) {
         LEGO_TRY(k_add(c->s, L->cond, L->tmp, nd, err));
     }
     return t_silu(c->s, L->cond, nd, L->silu_c, err);
+}
+
+/* ---- attention as batched GEMMs ------------------------------------------------------------ */
+
+/* One head's operands for a chunk of sequences: everything in the token
+ * matrices' own layout (qkv [R][3D], att and dout [R][D]), one strided
+ * batch per head with a sequence per matrix.  Column-major views: a head's
+ * Q of one sequence is hd x T with ld 3D; S is T x T with S(j, i) = scale
+ * q_i.k_j, i.e. row-major [i][j]. */
+typedef struct attn_geom {
+    int T, hd, heads;
+    size_t D;
+    cudaDataType tt;
+} attn_geom;
+
+static tg_call attn_call(const attn_geom *a, int ta, int tb, uint64_t M, uint64_t N, uint64_t K,
+                         const void *A, int64_t lda, int64_t sa, const void *B, int64_t ldb,
+                         int64_t sb, void *C, int64_t ldc, int64_t sc, cudaDataType dt,
+                         float alpha, size_t batch) {
+    tg_call call;
+    memset(&call, 0, sizeof call);
+    call.ta = ta;
+    call.tb = tb;
+    call.M = M;
+    call.N = N;
+    call.K = K;
+    call.A = A;
+    call.lda = lda;
+    call.sa = sa;
+    call.B = B;
+    call.ldb = ldb;
+    call.sb = sb;
+    call.C = C;
+    call.ldc = ldc;
+    call.sc = sc;
+    call.ab = a->tt;
+    call.dt = dt;
+    call.alpha = alpha;
+    call.batch = (int)batch;
+    return call;
+}
+
+/* S = scale Q K^T for sequences [s0, s0 + cs) of head h into att_s. */
+template <class T>
+static lego_status attn_scores(tctx *c, const attn_geom *a, const T *qkv, int h, size_t s0,
+                               size_t cs) {
+    size_t T3 = (size_t)a->T * 3 * a->D;
+    const T *q = qkv + s0 * T3 + (size_t)h * a->hd, *k = q + a->D;
+    float scale = 1.0f / sqrtf((float)a->hd);
+    tg_call call = attn_call(a, 1, 0, a->T, a->T, a->hd, k, 3 * a->D, T3, q, 3 * a->D, T3,
+                             c->ts->L.att_s, a->T, (int64_t)a->T * a->T, CUDA_R_32F, scale, cs);
+    return tg_run(c, &call);
+}
+
+template <class T>
+static lego_status attn_fwd_gemm(tctx *c, const T *qkv, size_t seqs, int tokens, int heads,
+                                 int hd, T *out, float *lse) {
+    train_layout *L = &c->ts->L;
+    attn_geom a = {tokens, hd, heads, (size_t)heads * hd, lt_type<T>::value};
+    size_t chunk = attn_chunk(seqs, tokens, sizeof(T)), T3 = (size_t)tokens * 3 * a.D;
+    int64_t TT = (int64_t)tokens * tokens;
+    for (int h = 0; h < heads; h++)
+        for (size_t s0 = 0; s0 < seqs; s0 += chunk) {
+            size_t cs = seqs - s0 < chunk ? seqs - s0 : chunk, rows = cs * (size_t)tokens;
+            LEGO_TRY(attn_scores<T>(c, &a, qkv, h, s0, cs));
+            LEGO_TRY(t_softmax_rows<T>(c->s, L->att_s, rows, tokens, heads, h, s0 * tokens,
+                                       (T *)L->att_p, lse, c->err));
+            /* O (hd x T per sequence, into out's columns of head h) = V P^T */
+            const T *v = qkv + s0 * T3 + 2 * a.D + (size_t)h * hd;
+            tg_call call = attn_call(&a, 0, 0, hd, tokens, tokens, v, 3 * a.D, T3, L->att_p,
+                                     tokens, TT, out + s0 * tokens * a.D + (size_t)h * hd,
+                                     a.D, (int64_t)tokens * a.D, a.tt, 1.0f, cs);
+            LEGO_TRY(tg_run(c, &call));
+        }
+    return LEGO_OK;
+}
+
+/* dqkv from dout (of type T: dO) with the same GEMMs: P recomputed from S
+ * and lse, dV = dO^T P, dP = dO V^T, dS = P (dP - delta) scale, dQ = dS K,
+ * dK = dS^T Q.  Every element of dqkv is written by one GEMM. */
+template <class T>
+static lego_status attn_bwd_gemm(tctx *c, const T *qkv, const T *dO, const float *lse,
+                                 const float *delta, size_t seqs, int tokens, int heads, int hd,
+                                 T *dqkv) {
+    train_layout *L = &c->ts->L;
+    attn_geom a = {tokens, hd, heads, (size_t)heads * hd, lt_type<T>::value};
+    size_t chunk = attn_chunk(seqs, tokens, sizeof(T)), D = a.D, T3 = (size_t)tokens * 3 * D;
+    int64_t TT = (int64_t)tokens * tokens, TD = (int64_t)tokens * D;
+    float scale = 1.0f / sqrtf((float)hd);
+    T *P = (T *)L->att_p;
+    for (int h = 0; h < heads; h++)
+        for (size_t s0 = 0; s0 < seqs; s0 += chunk) {
+            size_t cs = seqs - s0 < chunk ? seqs - s0 : chunk, rows = cs * (size_t)tokens;
+            size_t off3 = s0 * T3 + (size_t)h * hd;
+            const T *q = qkv + off3, *k = q + D, *v = q + 2 * D;
+            const T *go = dO + s0 * tokens * D + (size_t)h * hd;
+            T *dq = dqkv + off3, *dk = dq + D, *dv = dq + 2 * D;
+            LEGO_TRY(attn_scores<T>(c, &a, qkv, h, s0, cs));
+            LEGO_TRY(t_attn_probs<T>(c->s, L->att_s, NULL, rows, tokens, heads, h, s0 * tokens, lse,
+                                     delta, scale, P, c->err));
+            tg_call dv_call = attn_call(&a, 0, 1, hd, tokens, tokens, go, D, TD, P, tokens, TT, dv,
+                                        3 * D, T3, a.tt, 1.0f, cs);
+            LEGO_TRY(tg_run(c, &dv_call));
+            tg_call dp_call = attn_call(&a, 1, 0, tokens, tokens, hd, v, 3 * D, T3, go, D, TD,
+                                        L->att_dp, tokens, TT, CUDA_R_32F, 1.0f, cs);
+            LEGO_TRY(tg_run(c, &dp_call));
+            LEGO_TRY(t_attn_probs<T>(c->s, L->att_s, L->att_dp, rows, tokens, heads, h,
+                                     s0 * tokens, lse, delta, scale, P, c->err));
+            tg_call dq_call = attn_call(&a, 0, 0, hd, tokens, tokens, k, 3 * D, T3, P, tokens, TT,
+                                        dq, 3 * D, T3, a.tt, 1.0f, cs);
+            LEGO_TRY(tg_run(c, &dq_call));
+            tg_call dk_call = attn_call(&a, 0, 1, hd, tokens, tokens, q, 3 * D, T3, P, tokens, TT,
+                                        dk, 3 * D, T3, a.tt, 1.0f, cs);
+            LEGO_TRY(tg_run(c, &dk_call));
+        }
+    return LEGO_OK;
 }
 
 template <class T>
@@ -590,8 +813,12 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
         LEGO_TRY(t_ln_fwd<T>(s, A->x, j == 0 ? pos : NULL, b->tokens, R, D, rpi, mod, ms, A->mean1,
                              A->rstd1, (T *)A->h1, err));
         LEGO_TRY(lin_fwd(c, &blk->qkv, A->h1, tt, R, A->qkv, tt));
-        LEGO_TRY(t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads, hd,
-                               (T *)A->att, A->lse, err));
+        if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T)))
+            LEGO_TRY(attn_fwd_gemm<T>(c, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads,
+                                      hd, (T *)A->att, A->lse));
+        else
+            LEGO_TRY(t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads,
+                                   hd, (T *)A->att, A->lse, err));
         LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, f32));
         LEGO_TRY(t_gated_add(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, err));
         LEGO_TRY(t_ln_fwd<T>(s, A->x2, NULL, b->tokens, R, D, rpi, mod + 3 * d, ms, A->mean2,
@@ -662,8 +889,21 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         LEGO_TRY(t_colsum<float>(s, COLSUM_PROD, L->dx, A->a, NULL, NULL, R, rpi, D, dmod + 2 * d,
                                  NULL, ms, part, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
-        LEGO_TRY(t_attn_bwd<T>(s, (const T *)A->qkv, (const T *)A->att, A->lse, L->dh,
-                               R / (size_t)b->tokens, b->tokens, heads, hd, L->delta, wideT, err));
+        if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T))) {
+            /* dO as a GEMM operand (dtT is free again after proj's backward). */
+            const T *dO = (const T *)L->dh;
+            if (sizeof(T) != sizeof(float)) {
+                LEGO_TRY(t_to_type<T>(s, L->dh, R * d, dtT, err));
+                dO = dtT;
+            }
+            LEGO_TRY(t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, err));
+            LEGO_TRY(attn_bwd_gemm<T>(c, (const T *)A->qkv, dO, A->lse, L->delta,
+                                      R / (size_t)b->tokens, b->tokens, heads, hd, wideT));
+        } else {
+            LEGO_TRY(t_attn_bwd<T>(s, (const T *)A->qkv, (const T *)A->att, A->lse, L->dh,
+                                   R / (size_t)b->tokens, b->tokens, heads, hd, L->delta, wideT,
+                                   err));
+        }
         LEGO_TRY(lin_bwd<T>(c, &blk->qkv, (const T *)A->h1, wideT, R, L->dh, 0.0f));
         LEGO_TRY(t_ln_bwd(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms, L->dx, err));
         LEGO_TRY(t_colsum<float>(s, COLSUM_LN, L->dh, A->x, A->mean1, A->rstd1, R, rpi, D, dmod,

@@ -100,6 +100,21 @@ typedef struct train_loss_tables {
     float scale[LEGO_MAX_BRICKS];
 } train_loss_tables;
 
+/* The GEMM formulation of attention (train.cu): softmax rows of S (fp32
+ * [rows][Tn], scaled scores of one head for a chunk of sequences whose
+ * first row is row0) into P (type T) and lse; P recomputed (dP NULL) or
+ * dS = P (dP - delta) scale; delta [rows][heads] = dout . out. */
+template <class T>
+lego_status t_softmax_rows(cudaStream_t s, const float *S, size_t rows, int Tn, int heads,
+                           int head, size_t row0, T *P, float *lse, lego_err *err);
+template <class T>
+lego_status t_attn_probs(cudaStream_t s, const float *S, const float *dP, size_t rows, int Tn,
+                         int heads, int head, size_t row0, const float *lse, const float *delta,
+                         float scale, T *out, lego_err *err);
+template <class T>
+lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
+                         int hd, float *delta, lego_err *err);
+
 /* The loss: dF [K][n][chw] and sums [K][n] (double) from x, y and the brick
  * outputs F [K][n][chw]; coef [n][TRAIN_COEF]; images C x ? x w. */
 lego_status t_loss(cudaStream_t s, const float *x, const float *y, const float *F,

@@ -628,6 +628,66 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
     }
 }
 
+/* The GEMM formulation (train.cu): S = scale Q K^T for a chunk of
+ * sequences of one head comes from cuBLASLt as [rows][Tn] fp32; one warp
+ * per row makes P = softmax(S) (type T, the P V GEMM's operand) and the
+ * row's log-sum-exp, lse[(row0 + r) heads + head]. */
+template <class T>
+__global__ void softmax_rows_kernel(const float *S, size_t rows, int Tn, int heads, int head,
+                                    size_t row0, T *P, float *lse) {
+    int lane = threadIdx.x % 32;
+    size_t r = blockIdx.x * (size_t)ROWS_PER_BLOCK + threadIdx.x / 32;
+    for (; r < rows; r += (size_t)gridDim.x * ROWS_PER_BLOCK) {
+        const float *sr = S + r * (size_t)Tn;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int j = lane; j < Tn; j += 32) mx = fmaxf(mx, sr[j]);
+        mx = warp_max(mx);
+        for (int j = lane; j < Tn; j += 32) sum += expf(sr[j] - mx);
+        float l = mx + logf(warp_sum(sum));
+        if (lane == 0) lse[(row0 + r) * (size_t)heads + (size_t)head] = l;
+        T *pr = P + r * (size_t)Tn;
+        for (int j = lane; j < Tn; j += 32) pr[j] = from_float<T>(expf(sr[j] - l));
+    }
+}
+
+template <class T>
+lego_status t_softmax_rows(cudaStream_t s, const float *S, size_t rows, int Tn, int heads,
+                           int head, size_t row0, T *P, float *lse, lego_err *err) {
+    LAUNCH(softmax_rows_kernel<T>, blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, s)(
+        S, rows, Tn, heads, head, row0, P, lse);
+    LAUNCH_CHECK("softmax_rows");
+    return LEGO_OK;
+}
+
+/* Backward, element-wise over [rows][Tn]: P = exp(S - lse) recomputed as
+ * the forward made it; with dP (ds != 0) dS = P (dP - delta) scale
+ * instead.  Output of type T (the next GEMMs' operand). */
+template <class T>
+__global__ void attn_probs_kernel(const float *S, const float *dP, size_t rows, int Tn,
+                                  int heads, int head, size_t row0, const float *lse,
+                                  const float *delta, float scale, T *out) {
+    size_t total = rows * (size_t)Tn;
+    FOR_EACH(idx, total) {
+        size_t g = (row0 + idx / (size_t)Tn) * (size_t)heads + (size_t)head;
+        float p = expf(S[idx] - lse[g]);
+        out[idx] = from_float<T>(dP ? p * (dP[idx] - delta[g]) * scale : p);
+    }
+}
+
+template <class T>
+lego_status t_attn_probs(cudaStream_t s, const float *S, const float *dP, size_t rows, int Tn,
+                         int heads, int head, size_t row0, const float *lse, const float *delta,
+                         float scale, T *out, lego_err *err) {
+    LAUNCH(attn_probs_kernel<T>, ew_blocks(rows * (size_t)Tn), EW_THREADS, 0, s)(
+        S, dP, rows, Tn, heads, head, row0, lse, delta, scale, out);
+    LAUNCH_CHECK("attn_probs");
+    return LEGO_OK;
+}
+
+template <class T>
+lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
+                         int hd, float *delta, lego_err *err);
+
 #define ATTN_WARPS 4 /* warps per block */
 
 /* Lanes per work item for a head size (see ATTN_LANE_REGS). */
@@ -667,13 +727,21 @@ lego_status t_attn_fwd(cudaStream_t s, const T *qkv, size_t seqs, int tokens, in
 }
 
 template <class T>
+lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
+                         int hd, float *delta, lego_err *err) {
+    size_t items = rows * (size_t)heads;
+    ATTN_DISPATCH(attn_delta_kernel, T, hd, items, dout, out, items, heads, hd, delta);
+    LAUNCH_CHECK("attn_delta");
+    return LEGO_OK;
+}
+
+template <class T>
 lego_status t_attn_bwd(cudaStream_t s, const T *qkv, const T *out, const float *lse,
                        const float *dout, size_t seqs, int tokens, int heads, int hd,
                        float *delta, T *dqkv, lego_err *err) {
     size_t rows = seqs * (size_t)tokens, items = rows * (size_t)heads;
     float scale = 1.0f / sqrtf((float)hd);
-    ATTN_DISPATCH(attn_delta_kernel, T, hd, items, dout, out, items, heads, hd, delta);
-    LAUNCH_CHECK("attn_delta");
+    LEGO_TRY(t_attn_delta<T>(s, dout, out, rows, heads, hd, delta, err));
     for (int queries = 1; queries >= 0; queries--) {
         ATTN_DISPATCH(attn_bwd_kernel, T, hd, items, qkv, dout, lse, delta, items, tokens, heads,
                       hd, scale, queries, dqkv);
@@ -860,7 +928,14 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
                                        float *, lego_err *);                                  \
     template lego_status t_attn_bwd<T>(cudaStream_t, const T *, const T *, const float *,     \
                                        const float *, size_t, int, int, int, float *, T *,    \
-                                       lego_err *);
+                                       lego_err *);                                           \
+    template lego_status t_attn_delta<T>(cudaStream_t, const float *, const T *, size_t, int, \
+                                         int, float *, lego_err *);                           \
+    template lego_status t_softmax_rows<T>(cudaStream_t, const float *, size_t, int, int, int,\
+                                           size_t, T *, float *, lego_err *);                 \
+    template lego_status t_attn_probs<T>(cudaStream_t, const float *, const float *, size_t,  \
+                                         int, int, int, size_t, const float *, const float *, \
+                                         float, T *, lego_err *);
 
 TRAIN_INSTANTIATE(float)
 TRAIN_INSTANTIATE(bf16)

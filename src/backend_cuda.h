@@ -69,7 +69,12 @@ typedef enum cuda_option {
     /* 1: synchronise after every step of the network and add its wall time
      * to profile_ms (no graphs meanwhile); 2: the same after clearing the
      * counters.  For tools/cuda-profile, not for production. */
-    CUDA_OPT_PROFILE = 6
+    CUDA_OPT_PROFILE = 6,
+    /* Attention in training (cuda/train.cu): 0 (the default) cuBLASLt
+     * batched GEMMs for sequences of at least 32 tokens (when a head's
+     * columns are 16-byte aligned), the CUDA-core kernels below that; 1 the
+     * kernels always; 2 the GEMMs whenever aligned, short sequences too. */
+    CUDA_OPT_TRAIN_ATTENTION = 7
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */

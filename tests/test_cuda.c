@@ -1168,10 +1168,27 @@ START_TEST(test_cuda_train_random) {
     compare_grads(rm->name, " [patches 1/2]", m, again, cpu_s, GPU_TOL);
     free(cpu_s);
 
+    /* Attention through batched GEMMs for every length, then through the
+     * CUDA-core kernels only (the default picks by length). */
+    static const struct {
+        int mode;
+        const char *name;
+    } attn[] = {{2, " [attn gemm]"}, {1, " [attn kern]"}};
+    for (size_t v = 0; v < sizeof attn / sizeof attn[0]; v++) {
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, attn[v].mode) == LEGO_OK);
+        ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+        expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
+        compare_grads(rm->name, attn[v].name, m, gpu, cpu, GPU_TOL);
+    }
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 0) == LEGO_OK);
+
     ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close(rm->name, "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
     compare_grads(rm->name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
     free(again);
     free(cpu);
     free(gpu);
