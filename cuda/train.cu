@@ -86,7 +86,7 @@ typedef struct tg_entry {
     int post_bias; /* the heuristic refused the bias epilogue: a kernel adds it */
 } tg_entry;
 
-#define TG_CACHE 128
+#define TG_CACHE 256 /* a step uses about 100 shapes; evictions would query the heuristic again */
 
 /* Buffers of one brick. */
 typedef struct block_dev {
