@@ -1387,6 +1387,47 @@ START_TEST(test_cuda_train_resume) {
 }
 END_TEST
 
+/* Two trainers on one model take turns: each one's state moves between
+ * host and device as the other attaches, and the sequence of steps gives
+ * what it gives on the CPU. */
+START_TEST(test_cuda_train_two_trainers) {
+    const rand_model *rm = &train_models[3];
+    lego_train_options oa = train_opts(), ob = train_opts();
+    ob.seed = 99;
+    ob.optimizer = LEGO_OPTIMIZER_ADAM;
+    int32_t labels[8];
+    float *images = train_images(rm, rm->n, labels);
+    lego_model *mc = build_rand(rm), *mg = build_rand(rm);
+    ck_assert(lego_model_set_backend(mg, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_trainer *ca = NULL, *cb = NULL, *ga = NULL, *gb = NULL;
+    ck_assert(lego_trainer_create(mc, &oa, &ca) == LEGO_OK);
+    ck_assert(lego_trainer_create(mc, &ob, &cb) == LEGO_OK);
+    ck_assert(lego_trainer_create(mg, &oa, &ga) == LEGO_OK);
+    ck_assert(lego_trainer_create(mg, &ob, &gb) == LEGO_OK);
+    lego_trainer *cpu[4] = {ca, cb, cb, ca}, *gpu[4] = {ga, gb, gb, ga};
+    for (int i = 0; i < 4; i++) {
+        run_steps(cpu[i], rm, images, labels, 1);
+        run_steps(gpu[i], rm, images, labels, 1);
+    }
+    ck_assert(ga->cuda_attached == 1 && gb->cuda_attached == 0);
+    float *pc = params_of(mc), *pg = params_of(mg);
+    expect_close(rm->name, "two trainers: weights", pg, pc, mc->params_size, GPU_TOL);
+    ck_assert(lego_trainer_save_state(gb, "/tmp/lego_test_cuda_train_c.st") == LEGO_OK);
+    expect_close(rm->name, "two trainers: ema of b", gb->ema, cb->ema, mc->params_size, GPU_TOL);
+    expect_close(rm->name, "two trainers: ema of a", ga->ema, ca->ema, mc->params_size, GPU_TOL);
+    remove("/tmp/lego_test_cuda_train_c.st");
+    free(pc);
+    free(pg);
+    free(images);
+    lego_trainer_free(ca);
+    lego_trainer_free(cb);
+    lego_trainer_free(ga);
+    lego_trainer_free(gb);
+    lego_model_free(mc);
+    lego_model_free(mg);
+}
+END_TEST
+
 /* A non-finite gradient skips the update on the GPU as on the CPU; the
  * model freed before its trainer is fine. */
 START_TEST(test_cuda_train_nonfinite) {
@@ -1471,6 +1512,7 @@ int main(void) {
         tcase_add_test(tr, test_cuda_train_steps);
         tcase_add_test(tr, test_cuda_train_resume);
         tcase_add_test(tr, test_cuda_train_nonfinite);
+        tcase_add_test(tr, test_cuda_train_two_trainers);
         if (num_cases > 0)
             tcase_add_loop_test(add_case(s, "train-golden"), test_cuda_train_golden, 0, num_cases);
         if (num_cases > 0) {
