@@ -375,6 +375,10 @@ lego_status backend_budget(const lego_model *m, size_t old_bytes, size_t new_byt
                            const char *what, lego_err *err);
 /* The handle's device, -1 without one. */
 int backend_device(const lego_model *m);
+/* philox_normal_f32 (rng.h) into device memory, enqueued on `s`
+ * (philox.cu). */
+lego_status k_philox_normal(cudaStream_t s, uint64_t seed, uint64_t stream, uint64_t first,
+                            size_t n, float *out, lego_err *err);
 /* train.cu: device bytes and release of a handle's training state. */
 size_t train_state_bytes(const void *train);
 void train_state_free(void *train);

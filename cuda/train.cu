@@ -1026,7 +1026,11 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
     CU_TRY(cudaMemcpyAsync(Lo->stage, ts->stage, Lo->stage_floats * sizeof(float),
                            cudaMemcpyHostToDevice, s));
     CU_TRY(cudaMemcpyAsync(Lo->y, b->y, img * sizeof(float), cudaMemcpyHostToDevice, s));
-    CU_TRY(cudaMemcpyAsync(Lo->noise, b->noise, img * sizeof(float), cudaMemcpyHostToDevice, s));
+    if (b->noise)
+        CU_TRY(cudaMemcpyAsync(Lo->noise, b->noise, img * sizeof(float), cudaMemcpyHostToDevice,
+                               s));
+    else
+        LEGO_TRY(k_philox_normal(s, b->noise_seed, b->noise_stream, 0, img, Lo->noise, err));
 
     /* Each brick's patches this batch (eq. 12), and the fill where some
      * brick skips some. */

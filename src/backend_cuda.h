@@ -110,6 +110,9 @@ typedef enum cuda_precision {
 typedef struct cuda_train_batch {
     int n, h, w;
     const float *y, *noise, *sigma, *labels;
+    /* noise NULL: drawn on the device, philox_normal_f32(noise_seed,
+     * noise_stream, 0, ...) within a float ulp of the CPU's (rng.h). */
+    uint64_t noise_seed, noise_stream;
     const int32_t *table[LEGO_MAX_BRICKS];
     int used[LEGO_MAX_BRICKS];
 } cuda_train_batch;

@@ -566,7 +566,8 @@ void trainer_draw_batch(const lego_trainer *t, const float *images, const int32_
     /* sigma = exp(P_mean + P_std z), as EDM's loss draws it. */
     philox_normal_f32(t->seed, step_stream(t->step, STREAM_SIGMA), 0, (size_t)n, sigma);
     for (int i = 0; i < n; i++) sigma[i] = (float)exp(o->p_mean + o->p_std * sigma[i]);
-    philox_normal_f32(t->seed, step_stream(t->step, STREAM_NOISE), 0, (size_t)n * chw, noise);
+    /* noise NULL: the GPU draws the same stream on the device. */
+    if (noise) philox_normal_f32(t->seed, step_stream(t->step, STREAM_NOISE), 0, (size_t)n * chw, noise);
 
     for (int i = 0; i < n; i++) {
         int flip = o->hflip && philox_randint(t->seed, step_stream(t->step, STREAM_FLIP),
@@ -660,7 +661,10 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
                                  m->cfg.label_dim);
     if ((s = reserve_batch(t, n)) != LEGO_OK) return s;
 
-    trainer_draw_batch(t, images, labels, n, t->y, t->noise, t->sigma, t->label_vectors);
+    /* On the GPU the noise (n x C x h x w normals, the bulk of the draws) is
+     * drawn on the device from the same Philox stream. */
+    trainer_draw_batch(t, images, labels, n, t->y, m->cuda ? NULL : t->noise, t->sigma,
+                       t->label_vectors);
     double loss, norm;
     choose_patches(m, t->cache, t->opt.patch_fraction, t->seed,
                    step_stream(t->step, STREAM_PATCHES));
@@ -669,8 +673,10 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
          * holds only the patch tables. */
         cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
         cuda_train_batch cb;
-        gpu_batch(m, t->cache, n, t->height, t->width, t->y, t->noise, t->sigma,
+        gpu_batch(m, t->cache, n, t->height, t->width, t->y, NULL, t->sigma,
                   m->cfg.label_dim > 0 ? t->label_vectors : NULL, &cb);
+        cb.noise_seed = t->seed;
+        cb.noise_stream = step_stream(t->step, STREAM_NOISE);
         if ((s = cuda_train_grads(m, &link, &cb, &loss, &norm, &t->err)) != LEGO_OK) return s;
     } else {
         train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,

@@ -50,7 +50,8 @@ void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const f
 
 /* The batch step number t->step trains on: flipped images, noise, sigma
  * and one-hot labels after dropout, from the trainer's Philox streams.
- * Arguments as lego_trainer_step, already validated. */
+ * Arguments as lego_trainer_step, already validated; noise may be NULL (not
+ * drawn: a model on the GPU draws it there). */
 void trainer_draw_batch(const lego_trainer *t, const float *images, const int32_t *labels, int n,
                         float *y, float *noise, float *sigma, float *label_vectors);
 
