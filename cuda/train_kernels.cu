@@ -485,7 +485,7 @@ template <int G> __device__ __forceinline__ size_t attn_stride(void) {
 template <class T, int G>
 __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, int hd, float scale,
                                 T *out, float *lse) {
-    int sub = threadIdx.x % G, hc = (hd + G - 1) / G;
+    int sub = threadIdx.x % G; /* elements sub + G c, c < ATTN_LANE_REGS */
     size_t D = (size_t)heads * hd, D3 = 3 * D;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
         size_t w = batch + (threadIdx.x % 32) / G;
@@ -496,7 +496,8 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, i
         attn_coords(w, Tn, heads, &seq, &head, &i);
         const T *base = qkv + seq * (size_t)Tn * D3 + (size_t)head * hd;
         float q[ATTN_LANE_REGS], o[ATTN_LANE_REGS];
-        for (int c = 0; c < hc; c++) {
+        #pragma unroll
+        for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
             int e = sub + G * c;
             q[c] = e < hd ? to_float<T>(base[(size_t)i * D3 + e]) : 0.0f;
             o[c] = 0.0f;
@@ -505,14 +506,16 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, i
         for (int j = 0; j < Tn; j++) {
             const T *k = base + (size_t)j * D3 + D, *v = base + (size_t)j * D3 + 2 * D;
             float dot = 0.0f;
-            for (int c = 0; c < hc; c++) {
+            #pragma unroll
+            for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
                 int e = sub + G * c;
                 if (e < hd) dot += q[c] * to_float<T>(k[e]);
             }
             float sc = group_sum<G>(dot) * scale;
             float mnew = fmaxf(mx, sc), alpha = expf(mx - mnew), p = expf(sc - mnew);
             l = l * alpha + p;
-            for (int c = 0; c < hc; c++) {
+            #pragma unroll
+            for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
                 int e = sub + G * c;
                 if (e < hd) o[c] = o[c] * alpha + p * to_float<T>(v[e]);
             }
@@ -521,7 +524,8 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, i
         if (!valid) continue;
         float inv = 1.0f / l;
         T *orow = out + (seq * (size_t)Tn + (size_t)i) * D + (size_t)head * hd;
-        for (int c = 0; c < hc; c++) {
+        #pragma unroll
+        for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
             int e = sub + G * c;
             if (e < hd) orow[e] = from_float<T>(o[c] * inv);
         }
@@ -557,7 +561,7 @@ template <class T, int G>
 __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *lse,
                                 const float *delta, size_t items, int Tn, int heads, int hd,
                                 float scale, int queries, T *dqkv) {
-    int sub = threadIdx.x % G, hc = (hd + G - 1) / G;
+    int sub = threadIdx.x % G; /* elements sub + G c, c < ATTN_LANE_REGS */
     size_t D = (size_t)heads * hd, D3 = 3 * D;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
         size_t w = batch + (threadIdx.x % 32) / G;
@@ -570,7 +574,8 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
         const float *gbase = dout + seq * (size_t)Tn * D + (size_t)head * hd;
         size_t rbase = seq * (size_t)Tn;
         float a[ATTN_LANE_REGS], b[ATTN_LANE_REGS], acc0[ATTN_LANE_REGS], acc1[ATTN_LANE_REGS];
-        for (int c = 0; c < hc; c++) {
+        #pragma unroll
+        for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
             int e = sub + G * c;
             acc0[c] = acc1[c] = 0.0f;
             if (e >= hd) {
@@ -586,7 +591,8 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
         for (int o = 0; o < Tn; o++) {
             int qi = queries ? me : o, kj = queries ? o : me;
             float s = 0.0f, dp = 0.0f;
-            for (int c = 0; c < hc; c++) {
+            #pragma unroll
+            for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
                 int e = sub + G * c;
                 if (e >= hd) continue;
                 if (queries) {
@@ -602,7 +608,8 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
             size_t lrow = (rbase + (size_t)qi) * heads + (size_t)head;
             float p = expf(s * scale - lse[lrow]);
             float ds = p * (dp - delta[lrow]) * scale;
-            for (int c = 0; c < hc; c++) {
+            #pragma unroll
+            for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
                 int e = sub + G * c;
                 if (e >= hd) continue;
                 if (queries) {
@@ -615,7 +622,8 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
         }
         if (!valid) continue;
         T *drow = dqkv + (rbase + (size_t)me) * D3 + (size_t)head * hd;
-        for (int c = 0; c < hc; c++) {
+        #pragma unroll
+        for (int c = 0; c < ATTN_LANE_REGS; c++) { /* c >= hc: e >= hd, skipped */
             int e = sub + G * c;
             if (e >= hd) continue;
             if (queries) {
