@@ -198,11 +198,11 @@ static int bench(const args *a) {
     }
     double el = now() - start;
     printf("train-bench fmnist_lego_pg32 backend %s precision %s batch %d patch-fraction %g: "
-           "%d steps, %.2f ms/step, %.0f images/s (loss %.4f)\n",
+           "%d steps, %.2f ms/step, %.0f images/s (loss %.4f, %.0f MiB on the device)\n",
            a->backend == LEGO_BACKEND_CUDA ? "cuda" : "cpu",
            a->precision == LEGO_PRECISION_BF16 ? "bf16" : "fp32", a->batch, a->patch_fraction,
-           a->bench,
-           1e3 * el / a->bench, (double)a->bench * a->batch / el, st.loss);
+           a->bench, 1e3 * el / a->bench, (double)a->bench * a->batch / el, st.loss,
+           (double)lego_model_device_memory_usage(m) / (1 << 20));
     ok = 1;
 done:
     free(images);

@@ -1189,6 +1189,11 @@ START_TEST(test_cuda_train_random) {
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 3) == LEGO_ERR_INVALID_ARGUMENT);
+    /* fp16 precision trains in fp32. */
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_FP16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm->name, " [fp16]", m, gpu, cpu, GPU_TOL);
     free(again);
     free(cpu);
     free(gpu);
