@@ -118,6 +118,11 @@ build/tools/cuda_profile: tools/cuda_profile.c $(STATIC)
 	mkdir -p build/tools
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
 
+# Training throughput and where a step's time goes (tools/train_profile.c).
+build/tools/train_profile: tools/train_profile.c $(STATIC)
+	mkdir -p build/tools
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
 # The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
 # emulated runtime and cuBLASLt of tests/cuda-emu/, with the library's C sources,
 # into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part

@@ -52,6 +52,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "train_internal.h"
 
@@ -154,6 +155,11 @@ typedef struct train_state {
 
     tg_entry cache[TG_CACHE];
     int next_evict;
+
+    /* cuda_train_profile: wall time per cuda_train_part, the last mark. */
+    int profile;
+    double prof_ms[CUDA_TPROF_PARTS];
+    double prof_last;
 } train_state;
 
 static void tg_destroy(tg_entry *e) {
@@ -202,6 +208,26 @@ typedef struct tctx {
     cudaStream_t s;
     lego_err *err;
 } tctx;
+
+/* cuda_train_profile: charge the time since the last mark to `part` (-1:
+ * just restart the clock) once the device has caught up. */
+static void tmark(tctx *c, int part) {
+    train_state *ts = c->ts;
+    if (!ts || !ts->profile) return;
+    cudaStreamSynchronize(c->s);
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    double now = (double)t.tv_sec * 1e3 + (double)t.tv_nsec * 1e-6;
+    if (part >= 0) ts->prof_ms[part] += now - ts->prof_last;
+    ts->prof_last = now;
+}
+
+/* LEGO_TRY, then the time so far goes to `part`. */
+#define TP(part, call)                                                                        \
+    do {                                                                                      \
+        LEGO_TRY(call);                                                                       \
+        tmark(c, part);                                                                       \
+    } while (0)
 
 /* The alignment (a power of two, at most DEVICE_ALIGN) that a pointer and
  * every matrix of its batch keep. */
@@ -401,9 +427,11 @@ static float *dev_g(const tctx *c, const float *p) {
 static lego_status lin_fwd(tctx *c, const linear *l, const void *x, cudaDataType xt, size_t rows,
                            void *y, cudaDataType yt) {
     const void *w = dev_w(c, l->w, xt), *b = dev_w(c, l->b, yt);
-    if (!w || !b) return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
-    return tg(c, 1, 0, (uint64_t)l->out, rows, (uint64_t)l->in, w, l->in, x, l->in, 0.0f, y, l->out,
-              xt, yt, b);
+    if (!w || !b)
+        return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
+    TP(CUDA_TPROF_GEMM, tg(c, 1, 0, (uint64_t)l->out, rows, (uint64_t)l->in, w, l->in, x, l->in,
+                           0.0f, y, l->out, xt, yt, b));
+    return LEGO_OK;
 }
 
 /* Backward of y = x W^T + b over rows: dW += dy^T x, db += column sums of
@@ -417,13 +445,13 @@ static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, si
     const void *w = dev_w(c, l->w, t);
     if (!gw || !gb || !w)
         return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
-    LEGO_TRY(tg(c, 0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, l->in, dy, l->out, 1.0f, gw,
-                l->in, t, CUDA_R_32F, NULL));
-    LEGO_TRY(t_colsum<T>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows, rows, l->out, gb, NULL, 0,
-                         c->ts->L.partial, c->err));
+    TP(CUDA_TPROF_GEMM, tg(c, 0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, l->in, dy, l->out,
+                           1.0f, gw, l->in, t, CUDA_R_32F, NULL));
+    TP(CUDA_TPROF_SUMS, t_colsum<T>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows, rows, l->out,
+                                    gb, NULL, 0, c->ts->L.partial, c->err));
     if (dx)
-        LEGO_TRY(tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy, l->out, beta, dx,
-                    l->in, t, CUDA_R_32F, NULL));
+        TP(CUDA_TPROF_GEMM, tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy,
+                               l->out, beta, dx, l->in, t, CUDA_R_32F, NULL));
     return LEGO_OK;
 }
 
@@ -800,7 +828,7 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
     float *final_mod = bd->mods + depth * N * ms;
     LEGO_TRY(lin_fwd(c, &b->final_ada, L->silu_c, f32, N, final_mod, f32));
 
-    LEGO_TRY(t_gather<T>(s, &bd->g, table, L->xin, below, (T *)bd->patches, err));
+    TP(CUDA_TPROF_ROWS, t_gather<T>(s, &bd->g, table, L->xin, below, (T *)bd->patches, err));
     float *x0 = depth ? bd->blocks[0].x : bd->xf;
     LEGO_TRY(lin_fwd(c, &b->embed, bd->patches, tt, R, x0, f32));
     const float *pos = (const float *)dev_w(c, b->pos_embed, f32);
@@ -810,32 +838,35 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
         block_dev *A = &bd->blocks[j];
         const dit_block *blk = &b->blocks[j];
         const float *mod = bd->mods + j * N * ms;
-        LEGO_TRY(t_ln_fwd<T>(s, A->x, j == 0 ? pos : NULL, b->tokens, R, D, rpi, mod, ms, A->mean1,
-                             A->rstd1, (T *)A->h1, err));
+        TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, A->x, j == 0 ? pos : NULL, b->tokens, R, D, rpi, mod, ms,
+                                        A->mean1, A->rstd1, (T *)A->h1, err));
         LEGO_TRY(lin_fwd(c, &blk->qkv, A->h1, tt, R, A->qkv, tt));
         if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T)))
-            LEGO_TRY(attn_fwd_gemm<T>(c, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads,
-                                      hd, (T *)A->att, A->lse));
+            TP(CUDA_TPROF_ATTENTION, attn_fwd_gemm<T>(c, (const T *)A->qkv, R / (size_t)b->tokens,
+                                                      b->tokens, heads, hd, (T *)A->att, A->lse));
         else
-            LEGO_TRY(t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads,
-                                   hd, (T *)A->att, A->lse, err));
+            TP(CUDA_TPROF_ATTENTION, t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens,
+                                                   b->tokens, heads, hd, (T *)A->att, A->lse, err));
         LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, f32));
-        LEGO_TRY(t_gated_add(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, err));
-        LEGO_TRY(t_ln_fwd<T>(s, A->x2, NULL, b->tokens, R, D, rpi, mod + 3 * d, ms, A->mean2,
-                             A->rstd2, (T *)A->h2, err));
+        TP(CUDA_TPROF_ROWS, t_gated_add(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, err));
+        TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, A->x2, NULL, b->tokens, R, D, rpi, mod + 3 * d, ms,
+                                        A->mean2, A->rstd2, (T *)A->h2, err));
         LEGO_TRY(lin_fwd(c, &blk->fc1, A->h2, tt, R, A->u, tt));
-        LEGO_TRY(t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
+        TP(CUDA_TPROF_ROWS, t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
         LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, f32));
         float *next = j + 1 < depth ? bd->blocks[j + 1].x : bd->xf;
-        LEGO_TRY(t_gated_add(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, err));
+        TP(CUDA_TPROF_ROWS, t_gated_add(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, err));
     }
-    LEGO_TRY(t_ln_fwd<T>(s, bd->xf, depth ? NULL : pos, b->tokens, R, D, rpi, final_mod, 2 * d,
-                         bd->meanf, bd->rstdf, (T *)bd->hf, err));
+    TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, bd->xf, depth ? NULL : pos, b->tokens, R, D, rpi, final_mod,
+                                    2 * d, bd->meanf, bd->rstdf, (T *)bd->hf, err));
     LEGO_TRY(lin_fwd(c, &b->final_out, bd->hf, tt, R, L->wideF, f32));
     /* Pixels outside the sampled patches keep the fill: the context the
      * brick above reads there (eq. 12). */
-    if (table) LEGO_TRY(t_copy(s, L->fill, N * m->cfg.img_channels * bd->g.h * bd->g.w, bd->out, err));
-    return t_rows_to_image(s, &bd->g, table, L->wideF, bd->out, err);
+    if (table)
+        TP(CUDA_TPROF_ROWS,
+           t_copy(s, L->fill, N * m->cfg.img_channels * bd->g.h * bd->g.w, bd->out, err));
+    TP(CUDA_TPROF_ROWS, t_rows_to_image(s, &bd->g, table, L->wideF, bd->out, err));
+    return LEGO_OK;
 }
 
 /* ---- backward ------------------------------------------------------------------------------ */
@@ -855,18 +886,18 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     double *part = L->partial;
     T *dtT = (T *)L->dtT, *wideT = (T *)L->wideT;
 
-    LEGO_TRY(t_zero(s, L->dmods, N * (depth * ms + 2 * d), err));
+    TP(CUDA_TPROF_ROWS, t_zero(s, L->dmods, N * (depth * ms + 2 * d), err));
     const float *final_mod = bd->mods + depth * N * ms;
     float *dfinal = L->dmods + depth * N * ms;
 
     /* Final layer: F = unpatchify(LN(xf)(1+scale)+shift) Wo^T + bo */
-    LEGO_TRY(t_image_to_rows<T>(s, &bd->g, table, bd->dF, wideT, err));
+    TP(CUDA_TPROF_ROWS, t_image_to_rows<T>(s, &bd->g, table, bd->dF, wideT, err));
     LEGO_TRY(lin_bwd<T>(c, &b->final_out, (const T *)bd->hf, wideT, R, L->dh, 0.0f));
-    LEGO_TRY(t_zero(s, L->dx, R * d, err));
-    LEGO_TRY(t_ln_bwd(s, bd->xf, bd->meanf, bd->rstdf, L->dh, R, D, rpi, final_mod, 2 * d, L->dx,
-                      err));
-    LEGO_TRY(t_colsum<float>(s, COLSUM_LN, L->dh, bd->xf, bd->meanf, bd->rstdf, R, rpi, D, dfinal,
-                             dfinal + d, 2 * d, part, err));
+    TP(CUDA_TPROF_ROWS, t_zero(s, L->dx, R * d, err));
+    TP(CUDA_TPROF_ROWS,
+       t_ln_bwd(s, bd->xf, bd->meanf, bd->rstdf, L->dh, R, D, rpi, final_mod, 2 * d, L->dx, err));
+    TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, bd->xf, bd->meanf, bd->rstdf, R, rpi,
+                                        D, dfinal, dfinal + d, 2 * d, part, err));
 
     for (int j = (int)depth - 1; j >= 0; j--) {
         const block_dev *A = &bd->blocks[j];
@@ -874,51 +905,53 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         const float *mod = bd->mods + (size_t)j * N * ms;
         float *dmod = L->dmods + (size_t)j * N * ms;
         /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))) */
-        LEGO_TRY(t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 5 * d, ms, dtT, err));
-        LEGO_TRY(t_colsum<float>(s, COLSUM_PROD, L->dx, A->f, NULL, NULL, R, rpi, D, dmod + 5 * d,
-                                 NULL, ms, part, err));
+        TP(CUDA_TPROF_ROWS, t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 5 * d, ms, dtT, err));
+        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->f, NULL, NULL, R, rpi, D,
+                                            dmod + 5 * d, NULL, ms, part, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, L->wideF, 0.0f));
-        LEGO_TRY(t_gelu_bwd<T>(s, (const T *)A->u, L->wideF, R * hm, wideT, err));
+        TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(s, (const T *)A->u, L->wideF, R * hm, wideT, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc1, (const T *)A->h2, wideT, R, L->dh, 0.0f));
-        LEGO_TRY(t_ln_bwd(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi, mod + 3 * d, ms, L->dx,
-                          err));
-        LEGO_TRY(t_colsum<float>(s, COLSUM_LN, L->dh, A->x2, A->mean2, A->rstd2, R, rpi, D,
-                                 dmod + 3 * d, dmod + 4 * d, ms, part, err));
+        TP(CUDA_TPROF_ROWS,
+           t_ln_bwd(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi, mod + 3 * d, ms, L->dx, err));
+        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x2, A->mean2, A->rstd2, R, rpi,
+                                            D, dmod + 3 * d, dmod + 4 * d, ms, part, err));
         /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))) */
-        LEGO_TRY(t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 2 * d, ms, dtT, err));
-        LEGO_TRY(t_colsum<float>(s, COLSUM_PROD, L->dx, A->a, NULL, NULL, R, rpi, D, dmod + 2 * d,
-                                 NULL, ms, part, err));
+        TP(CUDA_TPROF_ROWS, t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 2 * d, ms, dtT, err));
+        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->a, NULL, NULL, R, rpi, D,
+                                            dmod + 2 * d, NULL, ms, part, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
         if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T))) {
             /* dO as a GEMM operand (dtT is free again after proj's backward). */
             const T *dO = (const T *)L->dh;
             if (sizeof(T) != sizeof(float)) {
-                LEGO_TRY(t_to_type<T>(s, L->dh, R * d, dtT, err));
+                TP(CUDA_TPROF_ROWS, t_to_type<T>(s, L->dh, R * d, dtT, err));
                 dO = dtT;
             }
-            LEGO_TRY(t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, err));
-            LEGO_TRY(attn_bwd_gemm<T>(c, (const T *)A->qkv, dO, A->lse, L->delta,
+            TP(CUDA_TPROF_ATTENTION,
+               t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, err));
+            TP(CUDA_TPROF_ATTENTION, attn_bwd_gemm<T>(c, (const T *)A->qkv, dO, A->lse, L->delta,
                                       R / (size_t)b->tokens, b->tokens, heads, hd, wideT));
         } else {
-            LEGO_TRY(t_attn_bwd<T>(s, (const T *)A->qkv, (const T *)A->att, A->lse, L->dh,
-                                   R / (size_t)b->tokens, b->tokens, heads, hd, L->delta, wideT,
-                                   err));
+            TP(CUDA_TPROF_ATTENTION,
+               t_attn_bwd<T>(s, (const T *)A->qkv, (const T *)A->att, A->lse, L->dh,
+                             R / (size_t)b->tokens, b->tokens, heads, hd, L->delta, wideT, err));
         }
         LEGO_TRY(lin_bwd<T>(c, &blk->qkv, (const T *)A->h1, wideT, R, L->dh, 0.0f));
-        LEGO_TRY(t_ln_bwd(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms, L->dx, err));
-        LEGO_TRY(t_colsum<float>(s, COLSUM_LN, L->dh, A->x, A->mean1, A->rstd1, R, rpi, D, dmod,
-                                 dmod + d, ms, part, err));
+        TP(CUDA_TPROF_ROWS,
+           t_ln_bwd(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms, L->dx, err));
+        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x, A->mean1, A->rstd1, R, rpi,
+                                            D, dmod, dmod + d, ms, part, err));
     }
 
     /* Patch embedding (the position embedding is fixed). */
     const T *dxT = (const T *)L->dx;
     if (sizeof(T) != sizeof(float)) {
-        LEGO_TRY(t_to_type<T>(s, L->dx, R * d, dtT, err));
+        TP(CUDA_TPROF_ROWS, t_to_type<T>(s, L->dx, R * d, dtT, err));
         dxT = dtT;
     }
     LEGO_TRY(lin_bwd<T>(c, &b->embed, (const T *)bd->patches, dxT, R, dbelow ? L->wideF : NULL,
                         0.0f));
-    if (dbelow) LEGO_TRY(t_below_grad(s, &bd->g, table, L->wideF, dbelow, err));
+    if (dbelow) TP(CUDA_TPROF_ROWS, t_below_grad(s, &bd->g, table, L->wideF, dbelow, err));
 
     /* The adaLN linears all read SiLU(c). */
     for (size_t j = 0; j < depth; j++)
@@ -941,7 +974,8 @@ static lego_status conditioning_bwd(tctx *c, int n) {
     return LEGO_OK;
 }
 
-/* ---- one loss (and gradient) ------------------------------------------------------------------ */
+/* ---- one loss (and gradient) ------------------------------------------------------------------
+ */
 
 /* Switch to `device` for the lifetime of the guard, then back (as
  * backend.cu's guard). */
@@ -1000,6 +1034,7 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
     cudaStream_t s = c->s;
     int n = b->n, K = m->num_bricks, L = m->cfg.label_dim;
     LEGO_TRY(reserve(c, n, b->h, b->w, sizeof(T)));
+    tmark(c, -1); /* uploads, noise and conditioning count as input */
     train_layout *Lo = &ts->L;
     size_t chw = (size_t)m->cfg.img_channels * b->h * b->w, img = (size_t)n * chw;
 
@@ -1074,11 +1109,11 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
                                cudaMemcpyHostToDevice, s));
         LEGO_TRY(t_fill(s, Lo->y, Lo->noise, Lo->fillc, n, chw, Lo->fill, err));
     }
-    LEGO_TRY(conditioning_fwd(c, n));
+    TP(CUDA_TPROF_INPUT, conditioning_fwd(c, n));
     for (int k = 0; k < K; k++)
         LEGO_TRY(brick_fwd<T>(c, k, n, k > 0 ? Lo->bricks[k - 1].out : NULL));
-    LEGO_TRY(t_loss(s, Lo->x, Lo->y, Lo->outs, Lo->coef, n, K, m->cfg.img_channels, b->w, chw,
-                    &tb, Lo->douts, Lo->sums, err));
+    TP(CUDA_TPROF_INPUT, t_loss(s, Lo->x, Lo->y, Lo->outs, Lo->coef, n, K, m->cfg.img_channels,
+                                b->w, chw, &tb, Lo->douts, Lo->sums, err));
     CU_TRY(cudaMemcpyAsync(ts->host_sums, Lo->sums, (size_t)K * n * sizeof(double),
                            cudaMemcpyDeviceToHost, s));
     if (grads) {
@@ -1086,7 +1121,7 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
         LEGO_TRY(t_zero(s, Lo->dsilu, (size_t)n * m->cfg.hidden_size, err));
         for (int k = K - 1; k >= 0; k--)
             LEGO_TRY(brick_bwd<T>(c, k, n, k > 0 ? Lo->bricks[k - 1].dF : NULL));
-        LEGO_TRY(conditioning_bwd(c, n));
+        TP(CUDA_TPROF_INPUT, conditioning_bwd(c, n));
     }
     CU_TRY(cudaStreamSynchronize(s));
     double total = 0;
@@ -1149,7 +1184,8 @@ extern "C" lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b,
     return s;
 }
 
-/* ---- the trainer ------------------------------------------------------------------------------ */
+/* ---- the trainer ------------------------------------------------------------------------------
+ */
 
 /* Copy the attached trainer's state (and the weights, unless the host
  * moved on) back to the host. */
@@ -1226,6 +1262,7 @@ extern "C" lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *
     if (s == LEGO_OK) s = run_loss(&c, b, 1, loss);
     if (s == LEGO_OK)
         s = t_sumsq(c.s, c.ts->grads, c.ts->grads_floats, c.ts->L.norm_partial, c.ts->L.norm, err);
+    if (s == LEGO_OK) tmark(&c, CUDA_TPROF_OPTIMIZER);
     double sq = 0;
     if (s == LEGO_OK)
         s = cu_status(cudaMemcpyAsync(&sq, c.ts->L.norm, sizeof sq, cudaMemcpyDeviceToHost, c.s),
@@ -1253,16 +1290,19 @@ extern "C" lego_status cuda_train_update(lego_model *m, const cuda_trainer_link 
     ad.beta2 = a->beta2;
     ad.eps = a->eps;
     ad.weight_decay = a->weight_decay;
-    double bc1 = 1.0 - pow(a->beta1, (double)a->adam_t), bc2 = 1.0 - pow(a->beta2, (double)a->adam_t);
+    double bc1 = 1.0 - pow(a->beta1, (double)a->adam_t),
+           bc2 = 1.0 - pow(a->beta2, (double)a->adam_t);
     ad.step_size = a->lr / bc1;
     ad.sqrt_bc2 = sqrt(bc2);
     ad.gscale = a->gscale;
     ad.ema_beta = a->ema_beta;
     ad.adamw = a->adamw;
     size_t nf = ts->opt_floats;
+    tmark(&c, -1);
     lego_status s = t_adam(c.s, c.v.params, ts->grads, ts->opt, ts->opt + nf, ts->opt + 2 * nf,
                            ts->mask, nf, &ad, err);
     if (s == LEGO_OK) s = cu_status(cudaStreamSynchronize(c.s), err, "optimiser step");
+    if (s == LEGO_OK) tmark(&c, CUDA_TPROF_OPTIMIZER);
     if (s != LEGO_OK) {
         cudaStreamSynchronize(c.s);
         return s;
@@ -1311,4 +1351,20 @@ extern "C" void cuda_train_detach(lego_model *m, const void *owner) {
     ts->h_m = ts->h_v = ts->h_ema = NULL;
     /* The weights stay as they are; the model's copy is still pulled on
      * demand. */
+}
+
+extern "C" lego_status cuda_train_profile(lego_model *m, int enable, double ms[CUDA_TPROF_PARTS]) {
+    int device = backend_device(m);
+    if (device < 0)
+        return lego_fail(&m->err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
+    train_guard guard(device);
+    lego_err *err = &m->err;
+    CU_TRY(guard.status);
+    tctx c;
+    LEGO_TRY(open_ctx(m, &c, err));
+    train_state *ts = c.ts;
+    if (ms) memcpy(ms, ts->prof_ms, sizeof ts->prof_ms);
+    if (enable && !ts->profile) memset(ts->prof_ms, 0, sizeof ts->prof_ms);
+    ts->profile = enable != 0;
+    return LEGO_OK;
 }

@@ -127,6 +127,18 @@ typedef struct cuda_trainer_link {
     int *attached;
 } cuda_trainer_link;
 
+/* Where training time goes (cuda_train_profile). */
+typedef enum cuda_train_part {
+    CUDA_TPROF_INPUT = 0, /* uploads, noise, fill, conditioning, the loss    */
+    CUDA_TPROF_GEMM,      /* linear layers: forward, dW and dx GEMMs         */
+    CUDA_TPROF_ATTENTION, /* attention forward and backward                  */
+    CUDA_TPROF_ROWS,      /* LayerNorm, gated residuals, GELU, gather/scatter,
+                             type conversions                               */
+    CUDA_TPROF_SUMS,      /* the deterministic column sums                  */
+    CUDA_TPROF_OPTIMIZER, /* gradient norm, Adam, EMA                       */
+    CUDA_TPROF_PARTS
+} cuda_train_part;
+
 /* One optimiser update: train.c's adam_update then ema_update. */
 typedef struct cuda_adam_step {
     double lr, beta1, beta2, eps, weight_decay;
@@ -207,6 +219,12 @@ lego_status cuda_backend_pull(lego_model *m, lego_err *err);
  * attached. */
 void cuda_train_detach(lego_model *m, const void *owner);
 
+/* Training profile, for tools/train_profile.c: enable 1 synchronises after
+ * every part of a training call and adds its wall time to a counter per
+ * cuda_train_part (cleared here); 0 stops.  ms (may be NULL) receives the
+ * counters so far. */
+lego_status cuda_train_profile(lego_model *m, int enable, double ms[CUDA_TPROF_PARTS]);
+
 #else /* no CUDA in this build */
 
 static inline int cuda_device_count(void) { return 0; }
@@ -285,6 +303,12 @@ static inline lego_status cuda_backend_pull(lego_model *m, lego_err *err) {
 }
 
 static inline void cuda_train_detach(lego_model *m, const void *owner) { (void)m, (void)owner; }
+
+static inline lego_status cuda_train_profile(lego_model *m, int enable,
+                                             double ms[CUDA_TPROF_PARTS]) {
+    (void)enable, (void)ms;
+    return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
 
 #endif /* LEGO_HAVE_CUDA */
 

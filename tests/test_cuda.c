@@ -1410,10 +1410,14 @@ START_TEST(test_cuda_train_two_trainers) {
     ck_assert(lego_trainer_create(mg, &oa, &ga) == LEGO_OK);
     ck_assert(lego_trainer_create(mg, &ob, &gb) == LEGO_OK);
     lego_trainer *cpu[4] = {ca, cb, cb, ca}, *gpu[4] = {ga, gb, gb, ga};
+    ck_assert(cuda_train_profile(mg, 1, NULL) == LEGO_OK); /* timing changes nothing else */
     for (int i = 0; i < 4; i++) {
         run_steps(cpu[i], rm, images, labels, 1);
         run_steps(gpu[i], rm, images, labels, 1);
     }
+    double parts[CUDA_TPROF_PARTS];
+    ck_assert(cuda_train_profile(mg, 0, parts) == LEGO_OK);
+    for (int i = 0; i < CUDA_TPROF_PARTS; i++) ck_assert(parts[i] > 0);
     ck_assert(ga->cuda_attached == 1 && gb->cuda_attached == 0);
     float *pc = params_of(mc), *pg = params_of(mg);
     expect_close(rm->name, "two trainers: weights", pg, pc, mc->params_size, GPU_TOL);

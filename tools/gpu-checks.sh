@@ -6,7 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [train-test] [train-bench]
+#                       [train-test] [train-bench] [train-profile]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -66,6 +66,12 @@ for what in "$@"; do
         # >= 10,500 images/s in bf16).
         for args in "--precision fp32" "--precision bf16" "--precision bf16 --patch-fraction 0.5"; do
             timeout 200 "$D/bin/lego-train" --backend cuda $args --batch 256 --bench 30 2>&1 | tail -2
+        done
+        ;;
+    train-profile)
+        # Where a training step's time goes (tools/train_profile.c).
+        for args in "256 bf16" "256 fp32" "256 bf16 0.5"; do
+            timeout 120 "$D/tests/train_profile" $args 2>&1
         done
         ;;
     profile-one)
