@@ -123,6 +123,12 @@ build/tools/train_profile: tools/train_profile.c $(STATIC)
 	mkdir -p build/tools
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
 
+# Whole lego_sample calls with the loop on the device and from the host
+# (tools/cuda_sample_loop.c; CUDA=1).
+build/tools/cuda_sample_loop: tools/cuda_sample_loop.c $(STATIC)
+	mkdir -p build/tools
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
 # The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
 # emulated runtime and cuBLASLt of tests/cuda-emu/, with the library's C sources,
 # into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part

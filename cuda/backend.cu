@@ -115,6 +115,10 @@ typedef struct cuda_handle {
     /* Training on the device (train.cu): activations, gradients, optimiser
      * state; NULL until the first GPU training call. */
     void *train;
+    /* The device sampling loop (sampler.cu): its state, and counters. */
+    struct cuda_sampler *sampler;
+    int device_loop; /* CUDA_OPT_DEVICE_LOOP */
+    uint64_t host_copies, syncs, sample_runs, sample_host_copies, sample_syncs;
 
     /* CUDA_OPT_PROFILE: wall time per part, the clock at the last mark. */
     int profile;
@@ -172,6 +176,7 @@ static void handle_free(cuda_handle *h) {
     if (!h) return;
     graphs_clear(h);
     train_state_free(h->train);
+    sampler_free(h->sampler);
     if (h->gemm_ready) gemm_destroy(&h->gemm);
     if (h->ws) cudaFree(h->ws);
     if (h->params) cudaFree(h->params);
@@ -277,6 +282,7 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
                                p->numel * sizeof(float), cudaMemcpyHostToDevice, h->stream));
     }
     CU_TRY(cudaStreamSynchronize(h->stream));
+    h->host_copies += (uint64_t)m->num_params;
     h->params_used = total;
     h->have_weights = 1;
     h->weights_gen = m->weights_gen;
@@ -335,6 +341,7 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     /* lego_precision and cuda_precision number their values alike. */
     h->precision = (int)m->cfg.precision;
     h->use_graphs = 1;
+    h->device_loop = 1;
 
     lego_status s = cu_status(cudaStreamCreateWithFlags(&h->stream, cudaStreamNonBlocking), err,
                               "cudaStreamCreateWithFlags");
@@ -394,6 +401,12 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->tuned_shapes = h->gemm.tuned_shapes;
     for (int i = 0; i < CUDA_PROF_PARTS; i++) out->profile_ms[i] = h->profile_ms[i];
     out->precision = h->precision;
+    out->host_copies = h->host_copies;
+    out->sample_runs = h->sample_runs;
+    out->sample_host_copies = h->sample_host_copies;
+    out->sample_syncs = h->sample_syncs;
+    sampler_graph_counts(h->sampler, &out->step_graph_captures, &out->step_graph_launches);
+    out->device_loop = h->device_loop;
     return LEGO_OK;
 }
 
@@ -425,6 +438,9 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_AUTOTUNE:
         h->gemm.autotune = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_DEVICE_LOOP:
+        h->device_loop = value != 0;
         return LEGO_OK;
     case CUDA_OPT_PROFILE:
         if (value == 2) memset(h->profile_ms, 0, sizeof h->profile_ms);
@@ -782,6 +798,7 @@ static void graphs_clear(cuda_handle *h) {
         if (h->graphs[i].exec) cudaGraphExecDestroy(h->graphs[i].exec);
         memset(&h->graphs[i], 0, sizeof h->graphs[i]);
     }
+    sampler_clear_graphs(h->sampler);
 }
 
 /* Capture enqueue_network into a graph and instantiate it. */
@@ -860,15 +877,8 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
     size_t span = p.label_rows ? labels_at + (size_t)nb * L : coef_at + 3 * (size_t)n;
     LEGO_TRY(reserve_stage(h, span, err));
     float *c_noise = h->stage, *coef = h->stage + coef_at, *labels = h->stage + labels_at;
-    double sd = m->cfg.sigma_data, sd2 = sd * sd;
-    for (int i = 0; i < nb; i++) c_noise[i] = logf(a->sigma[i % n]) / 4.0f;
-    for (int i = 0; i < n; i++) {
-        /* The expressions of denoise.c, in double, rounded once. */
-        double sig = (double)a->sigma[i], s2 = sig * sig;
-        coef[3 * i] = (float)(1.0 / sqrt(sig * a->sigma[i] + sd2));
-        coef[3 * i + 1] = (float)(sd2 / (s2 + sd2));
-        coef[3 * i + 2] = (float)(sig * sd / sqrt(s2 + sd2));
-    }
+    for (int i = 0; i < n; i++) cuda_eval_coefs(m, a->sigma[i], &c_noise[i], &coef[3 * i]);
+    for (int i = n; i < nb; i++) c_noise[i] = c_noise[i - n];
     if (p.label_rows) {
         memcpy(labels, a->label_vectors, (size_t)n * L * sizeof *labels);
         if (p.guided) memset(labels + (size_t)n * L, 0, (size_t)n * L * sizeof *labels);
@@ -876,6 +886,7 @@ static lego_status denoise_on_device(cuda_handle *h, lego_model *m, const denois
     CU_TRY(cudaMemcpyAsync(l.c_noise, h->stage, span * sizeof(float), cudaMemcpyHostToDevice, s));
     CU_TRY(cudaMemcpyAsync(l.x, a->x, (size_t)n * p.chw * sizeof(float), cudaMemcpyHostToDevice,
                            s));
+    h->host_copies += 3; /* these two and D(x) back */
 
     /* A graph replays the whole network in one launch: what the sampling
      * loop asks for (no per-brick outputs, no c), at one size after the
@@ -947,4 +958,147 @@ lego_status backend_budget(const lego_model *m, size_t old_bytes, size_t new_byt
 int backend_device(const lego_model *m) {
     const cuda_handle *h = (const cuda_handle *)m->cuda;
     return h ? h->device : -1;
+}
+
+/* ---- the network for the device sampling loop (sampler.cu) --------------------------- */
+
+static_assert(sizeof(graph_key) <= CUDA_EVAL_KEY_BYTES, "CUDA_EVAL_KEY_BYTES is too small");
+
+void cuda_eval_coefs(const lego_model *m, float sigma, float *c_noise, float coef[3]) {
+    /* The expressions of denoise.c, in double, rounded once. */
+    double sd = m->cfg.sigma_data, sd2 = sd * sd, sig = (double)sigma, s2 = sig * sig;
+    *c_noise = logf(sigma) / 4.0f;
+    coef[0] = (float)(1.0 / sqrt(sig * sigma + sd2));
+    coef[1] = (float)(sd2 / (s2 + sd2));
+    coef[2] = (float)(sig * sd / sqrt(s2 + sd2));
+}
+
+/* The request plan of an evaluation (as denoise_on_device makes it). */
+static request_plan eval_request(const lego_model *m, const cuda_eval *e) {
+    request_plan p;
+    p.n = e->n;
+    p.nb = e->nb;
+    p.hgt = e->h;
+    p.wid = e->w;
+    p.guided = e->guided;
+    p.label_rows = e->label_rows;
+    p.chw = e->chw;
+    (void)m;
+    return p;
+}
+
+static denoise_args eval_args(const cuda_eval *e, uint32_t mask) {
+    denoise_args a;
+    memset(&a, 0, sizeof a);
+    a.n = e->n;
+    a.h = e->h;
+    a.w = e->w;
+    a.guidance = e->guidance;
+    a.brick_mask = mask;
+    return a;
+}
+
+lego_status cuda_eval_plan(lego_model *m, int n, int hgt, int wid, float guidance,
+                           const float *label_vectors, size_t extra_bytes, cuda_eval *e) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    lego_err *err = &m->err;
+    int L = m->cfg.label_dim;
+    memset(e, 0, sizeof *e);
+    e->stream = h->stream;
+    e->n = n;
+    e->h = hgt;
+    e->w = wid;
+    e->guidance = guidance;
+    e->guided = L > 0 && guidance != 1.0f && guidance != 0.0f;
+    e->nb = e->guided ? 2 * n : n;
+    e->label_rows = L > 0 && label_vectors && guidance != 0.0f;
+    e->chw = (size_t)m->cfg.img_channels * hgt * wid;
+    e->graphs = h->use_graphs && !h->profile;
+
+    size_t bound;
+    if (model_denoise_floats(m, n, hgt, wid, e->guided, &bound) != LEGO_OK)
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images of %dx%d is too large",
+                         n, hgt, wid);
+    LEGO_TRY(sync_weights(h, m, err));
+    ws_layout l;
+    plan_layout(m, n, e->nb, hgt, wid, NULL, &l);
+    size_t net_bytes = l.bytes;
+    if (extra_bytes > SIZE_MAX - net_bytes)
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "the sampler's buffers are too large");
+    LEGO_TRY(reserve_workspace(h, m, net_bytes + extra_bytes, err));
+    plan_layout(m, n, e->nb, hgt, wid, h->ws, &l);
+    e->x = l.x;
+    e->c_noise = l.c_noise;
+    e->coef = l.coef;
+    e->out = l.out;
+    e->extra = h->ws + net_bytes; /* net_bytes is a multiple of DEVICE_ALIGN */
+
+    /* The label rows stay for the whole run: conditional, then null. */
+    if (e->label_rows) {
+        size_t rows = (size_t)n * L;
+        LEGO_TRY(reserve_stage(h, (size_t)e->nb * L, err));
+        memcpy(h->stage, label_vectors, rows * sizeof(float));
+        if (e->guided) memset(h->stage + rows, 0, rows * sizeof(float));
+        /* From pageable memory: the call returns once the source has been
+         * read, so the staging buffer is free again. */
+        LEGO_TRY(cuda_eval_copy(m, l.labels, h->stage, (size_t)e->nb * L * sizeof(float),
+                                cudaMemcpyHostToDevice));
+    }
+    return LEGO_OK;
+}
+
+lego_status cuda_eval_enqueue(lego_model *m, const cuda_eval *e, uint32_t mask) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    ws_layout l;
+    plan_layout(m, e->n, e->nb, e->h, e->w, h->ws, &l);
+    request_plan p = eval_request(m, e);
+    denoise_args a = eval_args(e, mask);
+    return enqueue_network(h, m, &a, &p, &l, &m->err);
+}
+
+void cuda_eval_key(const lego_model *m, const cuda_eval *e, uint32_t mask,
+                   unsigned char key[CUDA_EVAL_KEY_BYTES]) {
+    const cuda_handle *h = (const cuda_handle *)m->cuda;
+    request_plan p = eval_request(m, e);
+    denoise_args a = eval_args(e, mask);
+    graph_key k = key_for(h, &a, &p);
+    memset(key, 0, CUDA_EVAL_KEY_BYTES);
+    memcpy(key, &k, sizeof k);
+}
+
+lego_status cuda_eval_copy(lego_model *m, void *dst, const void *src, size_t bytes,
+                           cudaMemcpyKind kind) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    lego_err *err = &m->err;
+    CU_TRY(cudaMemcpyAsync(dst, src, bytes, kind, h->stream));
+    h->host_copies++;
+    return LEGO_OK;
+}
+
+lego_status cuda_eval_sync(lego_model *m) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    lego_err *err = &m->err;
+    h->syncs++;
+    CU_TRY(cudaStreamSynchronize(h->stream));
+    return LEGO_OK;
+}
+
+extern "C" int cuda_backend_device_loop(const lego_model *m) {
+    const cuda_handle *h = m ? (const cuda_handle *)m->cuda : NULL;
+    return h && h->device_loop;
+}
+
+extern "C" lego_status cuda_backend_sample(lego_model *m, const cuda_sample_run *r) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    lego_err *err = &m->err;
+    if (!h) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
+    device_guard guard(h->device);
+    CU_TRY(guard.status);
+    uint64_t copies = h->host_copies, syncs = h->syncs;
+    lego_status s = sampler_run(m, &h->sampler, r);
+    if (s != LEGO_OK) cudaStreamSynchronize(h->stream); /* nothing left in flight */
+    h->sample_runs++;
+    h->sample_host_copies = h->host_copies - copies;
+    h->sample_syncs = h->syncs - syncs;
+    return s;
 }

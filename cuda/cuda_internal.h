@@ -383,4 +383,57 @@ lego_status k_philox_normal(cudaStream_t s, uint64_t seed, uint64_t stream, uint
 size_t train_state_bytes(const void *train);
 void train_state_free(void *train);
 
+/* ---- the network as the device sampling loop drives it (backend.cu) ---- */
+
+/* The bytes a CUDA graph of one evaluation depends on (backend.cu's
+ * graph_key: shape, options, kernel choices, every device address). */
+#define CUDA_EVAL_KEY_BYTES 96
+
+/* One network evaluation planned in the handle's workspace.  The caller
+ * writes x (the network's float input), c_noise and coef (nb and 3n per
+ * image values: c_in, c_skip, c_out), enqueues, and reads out; the label
+ * rows were staged once by cuda_eval_plan. */
+typedef struct cuda_eval {
+    cudaStream_t stream;
+    int n, nb, h, w, guided, label_rows;
+    float guidance;
+    size_t chw;
+    float *x, *c_noise, *coef, *out;
+    char *extra;     /* extra_bytes of the workspace for the caller, aligned */
+    int graphs;      /* graphs allowed (CUDA_OPT_GRAPHS, not profiling)     */
+} cuda_eval;
+
+/* Plan evaluations of n images of h x w with `guidance` and label rows
+ * (n x label_dim, or NULL) for a sampling run: refresh the weights, grow
+ * the workspace by extra_bytes for the caller (within the device budget),
+ * upload the label rows.  Failures into m->err. */
+lego_status cuda_eval_plan(lego_model *m, int n, int h, int w, float guidance,
+                           const float *label_vectors, size_t extra_bytes, cuda_eval *e);
+/* Enqueue D(x; sigma) with bricks `mask`: kernels and GEMMs only, no copy,
+ * no synchronisation (so it may be captured). */
+lego_status cuda_eval_enqueue(lego_model *m, const cuda_eval *e, uint32_t mask);
+/* The graph key of that evaluation, zero-padded to CUDA_EVAL_KEY_BYTES. */
+void cuda_eval_key(const lego_model *m, const cuda_eval *e, uint32_t mask,
+                   unsigned char key[CUDA_EVAL_KEY_BYTES]);
+/* c_noise and {c_in, c_skip, c_out} of noise level `sigma`, as
+ * cuda_backend_denoise (and the CPU's model_denoise) compute them. */
+void cuda_eval_coefs(const lego_model *m, float sigma, float *c_noise, float coef[3]);
+/* cudaMemcpyAsync between the host and the device on the handle's
+ * stream, counted in cuda_stats.host_copies. */
+lego_status cuda_eval_copy(lego_model *m, void *dst, const void *src, size_t bytes,
+                           cudaMemcpyKind kind);
+/* cudaStreamSynchronize of the handle's stream, counted for sample_syncs. */
+lego_status cuda_eval_sync(lego_model *m);
+
+/* ---- the device sampling loop (sampler.cu) -------------------------------- */
+
+/* The loop's own state, owned by the handle (h->sampler): its step graphs. */
+struct cuda_sampler;
+/* The run itself, called by cuda_backend_sample with the device selected. */
+lego_status sampler_run(lego_model *m, struct cuda_sampler **state, const cuda_sample_run *r);
+void sampler_free(struct cuda_sampler *s);
+/* Drop the step graphs (the weights or the workspace moved). */
+void sampler_clear_graphs(struct cuda_sampler *s);
+void sampler_graph_counts(const struct cuda_sampler *s, uint64_t *captures, uint64_t *launches);
+
 #endif /* LEGO_CUDA_INTERNAL_H */

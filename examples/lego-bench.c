@@ -5,6 +5,7 @@
  *              [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]
  *              [--backend cpu|cuda] [--device N] [--precision P[,P...]]
  *              [--both] [--peak TFLOPS]
+ *   lego-bench --sample [--steps N] [--solver heun|euler|dpm] [other options as above]
  *   lego-bench --list
  *
  * For every batch size it prints the median (and fastest) time of one
@@ -17,6 +18,12 @@
  * with their sizes) or one of the short aliases (S-PG-64, DiT-S-64, ...),
  * built with random weights (lego_model_init_weights); the paper-sized ones
  * need gigabytes and are slow on a small CPU, so ask for them by name.
+ *
+ * --sample times whole lego_sample calls instead (Philox seeds 0..n-1,
+ * random labels, --steps noise levels, 18 by default, Heun unless --solver
+ * says otherwise; --skip-top drops the top brick for the second half of
+ * the steps): ms per call, ms per image, network evaluations per image.
+ * On a CUDA model the whole loop runs on the device (docs/cuda.md).
  *
  * FLOPs counted (2 per multiply-add), per image and evaluation:
  *   every linear layer: 2 * rows * in * out (patch embedding, qkv, proj,
@@ -240,12 +247,68 @@ static int time_batch(lego_model *m, const lego_model_config *cfg, int n, int h,
     return status;
 }
 
+/* Time `iters` lego_sample calls of n images (after `warmup`): the median
+ * and the fastest, in seconds, and the evaluations per image.  0 on
+ * success. */
+static int time_sample(lego_model *m, int n, int h, int w, float guidance, int skip_top,
+                       lego_solver solver, int steps, int warmup, int iters, double *times,
+                       double *med, double *best, int64_t *evals) {
+    lego_model_config cfg;
+    lego_model_config_init(&cfg);
+    lego_model_get_config(m, &cfg);
+    size_t len = (size_t)n * cfg.img_channels * h * w;
+    float *out = malloc(len * sizeof *out);
+    uint64_t *seeds = malloc((size_t)n * sizeof *seeds);
+    int status = 0;
+    if (!out || !seeds || !times) {
+        fprintf(stderr, "lego-bench: out of memory for batch %d\n", n);
+        status = 1;
+    }
+    for (int i = 0; status == 0 && i < n; i++) seeds[i] = (uint64_t)i;
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = n;
+    r.height = h;
+    r.width = w;
+    r.seeds = seeds;
+    r.out = out;
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.solver = solver;
+    o.steps = steps;
+    o.guidance = guidance;
+    lego_skip_policy p;
+    lego_skip_policy_init(&p);
+    if (skip_top && lego_model_num_bricks(m) > 1 &&
+        lego_skip_policy_preset(&p, m, LEGO_SKIP_TOP_AT_LOW_NOISE, steps, 0.5, 0) == LEGO_OK)
+        o.skip = &p;
+    lego_sample_result res;
+    lego_sample_result_init(&res);
+    for (int it = 0; status == 0 && it < warmup + iters; it++) {
+        double t0 = now_s();
+        if (lego_sample(m, &r, &o, &res) != LEGO_OK) {
+            fprintf(stderr, "lego-bench: sample batch %d: %s\n", n, lego_model_error(m));
+            status = 1;
+        }
+        if (it >= warmup) times[it - warmup] = now_s() - t0;
+    }
+    if (status == 0) {
+        qsort(times, (size_t)iters, sizeof *times, compare_doubles);
+        *med = iters % 2 ? times[iters / 2] : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
+        *best = times[0];
+        *evals = res.network_evals;
+    }
+    free(out), free(seeds);
+    return status;
+}
+
 static void usage(FILE *f) {
     fprintf(f,
             "usage: lego-bench [--model FILE | --preset NAME] [--batch N[,N...]] [--threads N]\n"
             "                  [--iters N] [--warmup N] [--size H[xW]] [--skip-top] [--cfg S]\n"
             "                  [--backend cpu|cuda] [--device N] [--precision P[,P...]]\n"
             "                  [--both] [--peak TFLOPS]   (P: fp32, bf16, fp16)\n"
+            "                  [--sample [--steps N] [--solver heun|euler|dpm]]\n"
             "       lego-bench --list\n"
             "Default model: %s if present, else the \"tiny\" preset.\n"
             "Environment: OPENBLAS_NUM_THREADS (1 lets liblego thread the GEMMs itself).\n",
@@ -261,7 +324,8 @@ int main(int argc, char **argv) {
     lego_backend backend = LEGO_BACKEND_CPU;
     static const char *precision_names[] = {"fp32", "bf16", "fp16"};
     lego_precision precisions[8] = {LEGO_PRECISION_FP32};
-    int num_precisions = 1, both = 0;
+    int num_precisions = 1, both = 0, sample = 0, steps = 18;
+    lego_solver solver = LEGO_SOLVER_HEUN;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -277,6 +341,9 @@ int main(int argc, char **argv) {
         } else if (strcmp(a, "--both") == 0) {
             both = 1;
             continue;
+        } else if (strcmp(a, "--sample") == 0) {
+            sample = 1;
+            continue;
         }
         if (!v) {
             usage(stderr);
@@ -291,6 +358,16 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--warmup") == 0) warmup = atoi(v);
         else if (strcmp(a, "--cfg") == 0) guidance = strtof(v, NULL);
         else if (strcmp(a, "--device") == 0) device = atoi(v);
+        else if (strcmp(a, "--steps") == 0) steps = atoi(v);
+        else if (strcmp(a, "--solver") == 0) {
+            if (strcmp(v, "heun") == 0) solver = LEGO_SOLVER_HEUN;
+            else if (strcmp(v, "euler") == 0) solver = LEGO_SOLVER_EULER;
+            else if (strcmp(v, "dpm") == 0) solver = LEGO_SOLVER_DPMPP_2M;
+            else {
+                usage(stderr);
+                return 2;
+            }
+        }
         else if (strcmp(a, "--peak") == 0) peak_tflops = strtod(v, NULL);
         else if (strcmp(a, "--precision") == 0) {
             num_precisions = 0;
@@ -324,7 +401,7 @@ int main(int argc, char **argv) {
         }
     }
     if (num_batches < 1 || iters < 1 || warmup < 0 || threads < 0 || guidance < 0 ||
-        !(peak_tflops > 0)) {
+        !(peak_tflops > 0) || steps < 1 || steps > 10000) {
         usage(stderr);
         return 2;
     }
@@ -390,6 +467,37 @@ int main(int argc, char **argv) {
         printf("threads  %d liblego (0 = all cores), OPENBLAS_NUM_THREADS=%s; guidance %g; "
                "median of %d after %d warm-up\n",
                threads, blas_env ? blas_env : "(unset)", (double)guidance, iters, warmup);
+    if (sample) {
+        static const char *solver_names[] = {"heun", "euler", "dpm"};
+        printf("sample   lego_sample, %s %d steps%s, Philox seeds 0..n-1\n", solver_names[solver],
+               steps, skip_top ? ", top brick skipped in the second half" : "");
+        printf("%-5s %7s %12s %12s %10s %10s %11s\n", "prec", "batch", "ms/sample", "min ms",
+               "ms/image", "images/s", "evals/image");
+        int status = 0;
+        double *times = malloc((size_t)iters * sizeof *times);
+        for (int pi = 0; pi < num_precisions && status == 0; pi++) {
+            if (lego_model_set_precision(m, precisions[pi]) != LEGO_OK) {
+                fprintf(stderr, "lego-bench: %s\n", lego_model_error(m));
+                status = 1;
+            }
+            for (int bi = 0; bi < num_batches && status == 0; bi++) {
+                int n = batches[bi];
+                double med, best;
+                int64_t evals = 0;
+                status = time_sample(m, n, h, w, guidance, skip_top, solver, steps, warmup, iters,
+                                     times, &med, &best, &evals);
+                if (status == 0) {
+                    printf("%-5s %7d %12.2f %12.2f %10.3f %10.1f %11lld\n",
+                           precision_names[precisions[pi]], n, med * 1e3, best * 1e3,
+                           med * 1e3 / n, n / med, (long long)evals);
+                    fflush(stdout);
+                }
+            }
+        }
+        free(times);
+        lego_model_free(m);
+        return status;
+    }
     printf("%-5s %6s %7s %12s %12s %10s %10s %12s %9s %8s\n", "prec", "bricks", "batch",
            "ms/eval", "min ms", "ms/image", "images/s", "GFLOP/eval", "GFLOP/s", "%peak");
 

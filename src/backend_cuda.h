@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "denoise.h"
+#include "sampler.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -43,6 +44,14 @@ typedef struct cuda_stats {
     uint64_t graph_launches;   /* graph launches                             */
     uint64_t tuned_shapes;     /* GEMM shapes whose algorithms were timed    */
     double profile_ms[16];     /* CUDA_OPT_PROFILE: milliseconds per cuda_profile_part */
+    /* The device sampling loop (cuda_backend_sample). */
+    uint64_t host_copies;        /* host<->device copies the handle has made  */
+    uint64_t sample_runs;        /* lego_sample calls run on the device       */
+    uint64_t sample_host_copies; /* host<->device copies of the last of them  */
+    uint64_t sample_syncs;       /* stream synchronisations of the last one   */
+    uint64_t step_graph_captures; /* sampler step graphs captured             */
+    uint64_t step_graph_launches; /* and launched                             */
+    int device_loop;             /* CUDA_OPT_DEVICE_LOOP's value              */
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -70,11 +79,15 @@ typedef enum cuda_option {
      * to profile_ms (no graphs meanwhile); 2: the same after clearing the
      * counters.  For tools/cuda-profile, not for production. */
     CUDA_OPT_PROFILE = 6,
+    /* 1 (the default): lego_sample runs its whole loop on the device
+     * (cuda_backend_sample); 0: the host drives it, one evaluation at a
+     * time through cuda_backend_denoise (as lego_step does). */
+    CUDA_OPT_DEVICE_LOOP = 7,
     /* Attention in training (cuda/train.cu): 0 (the default) cuBLASLt
      * batched GEMMs for sequences of at least 32 tokens (when a head's
      * columns are 16-byte aligned), the CUDA-core kernels below that; 1 the
      * kernels always; 2 the GEMMs whenever aligned, short sequences too. */
-    CUDA_OPT_TRAIN_ATTENTION = 7
+    CUDA_OPT_TRAIN_ATTENTION = 8
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */
@@ -147,6 +160,32 @@ typedef struct cuda_adam_step {
     float gscale;    /* clipping factor */
     float ema_beta;
 } cuda_adam_step;
+/* A whole lego_sample run for the device loop.  The host plans every step
+ * (solver_plan: the same scalars the CPU solver uses) and draws what only
+ * it can draw (labels; with the PyTorch generator the latents and the
+ * churn noise); the device keeps x in float64 and runs the rest. */
+typedef struct cuda_sample_run {
+    int n, h, w;                 /* the (padded) size sampled at             */
+    lego_solver solver;
+    int steps;
+    const solver_plan *plan;     /* steps entries                            */
+    double sigma0;               /* x starts as latents * sigma0             */
+    float guidance;
+    const float *label_vectors;  /* n x label_dim one-hot rows, or NULL      */
+    const uint64_t *seeds;       /* n Philox seeds (NULL: 0 .. n-1): latents
+                                    (stream 0) and the churn noise of step i
+                                    (stream 2 + i)                          */
+    const float *latents;        /* n x chw standard normals, or NULL: Philox
+                                    on the device                           */
+    const double *noise;         /* PyTorch generator: the churn noise of the
+                                    steps that add it, [noise_slots][n][chw] in
+                                    step order; NULL: Philox on the device   */
+    int noise_slots;
+    lego_progress_fn progress;   /* optional; called after each step (which
+                                    then waits for the device)               */
+    void *progress_user;
+    double *x_out;               /* n x chw: the final x, host memory        */
+} cuda_sample_run;
 
 #ifdef LEGO_HAVE_CUDA
 
@@ -167,6 +206,16 @@ void cuda_backend_destroy(void *handle);
 /* model_denoise on the device: same arguments, same results (within float
  * rounding) as the CPU path.  Records failures in m->err. */
 lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a);
+
+/* Whether lego_sample should run its loop on the device for m (a CUDA
+ * model with CUDA_OPT_DEVICE_LOOP on). */
+int cuda_backend_device_loop(const lego_model *m);
+
+/* The sampling loop on the device: one upload of what the host drew and
+ * planned, kernels only per step (no copy, no synchronisation unless a
+ * progress callback asks), one download of x at the end.  Records
+ * failures in m->err (LEGO_ERR_CANCELLED when the callback stops it). */
+lego_status cuda_backend_sample(lego_model *m, const cuda_sample_run *r);
 
 /* Device bytes m's handle holds (0 without one), and the check of a new
  * allocation against m->device_budget. */
@@ -242,6 +291,17 @@ static inline void cuda_backend_destroy(void *handle) { (void)handle; }
 
 static inline lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a) {
     (void)a;
+    return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED,
+                     "backend CUDA: this liblego was built without CUDA");
+}
+
+static inline int cuda_backend_device_loop(const lego_model *m) {
+    (void)m;
+    return 0;
+}
+
+static inline lego_status cuda_backend_sample(lego_model *m, const cuda_sample_run *r) {
+    (void)r;
     return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED,
                      "backend CUDA: this liblego was built without CUDA");
 }

@@ -7,12 +7,19 @@
  * then the class label, then float64 churn noise at every step, used or
  * not.  With Philox each use has its own stream: 0 latents, 1 labels,
  * 2 + i churn noise of step i.
+ *
+ * A model on the CUDA backend runs the whole loop on the device
+ * (cuda_backend_sample, cuda/sampler.cu): the host plans the steps
+ * (solver_plan_step), draws the labels, and with the PyTorch generator
+ * also the latents and every step's churn noise up front; Philox latents
+ * and noise are drawn on the device.  lego_step stays on the host.
  */
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "rng.h"
 #include "sampler.h"
 
@@ -81,6 +88,11 @@ typedef struct sample_run {
     float *label_vec;
     double *x, *noise;
     solver_ctx ctx;
+    /* The device loop (cuda_backend_sample). */
+    int device;
+    solver_plan *plan;  /* steps */
+    float *latents;     /* PyTorch generator: the drawn latents, n x chw */
+    int noise_slots;    /* PyTorch generator: steps with churn noise in `noise` */
 } sample_run;
 
 static void run_free(sample_run *s) {
@@ -90,6 +102,8 @@ static void run_free(sample_run *s) {
     free(s->label_vec);
     free(s->x);
     free(s->noise);
+    free(s->plan);
+    free(s->latents);
     solver_ctx_free(&s->ctx);
 }
 
@@ -140,16 +154,100 @@ static const double *draw_noise(sample_run *s, int step) {
 /* Everything a run allocates, against the model's memory budget, before
  * any of it is allocated.  check_batch bounded n * chw far below 2^40, so
  * the sum cannot overflow. */
-static lego_status sample_memory_check(sample_run *s, size_t len) {
+static lego_status sample_memory_check(sample_run *s, size_t len, size_t extra) {
     lego_model *m = s->m;
     size_t n = (size_t)s->n, L = (size_t)m->cfg.label_dim;
     size_t bytes = ((size_t)s->o.steps + 1) * sizeof *s->sigmas /* sigmas */
-                   + 2 * len * sizeof(double)                   /* x, noise */
-                   + s->chw * sizeof(float)                     /* latents of one image */
-                   + solver_ctx_bytes(s->n, s->chw, s->o.solver);
+                   + extra;
+    if (s->device)
+        bytes += len * sizeof(double)                                /* x */
+                 + (size_t)s->o.steps * sizeof(solver_plan)         /* plan */
+                 + (s->o.rng == LEGO_RNG_TORCH ? len * sizeof(float) /* latents */
+                                                     + s->chw * sizeof(double) : 0);
+    else
+        bytes += 2 * len * sizeof(double)  /* x, noise */
+                 + s->chw * sizeof(float)  /* latents of one image */
+                 + solver_ctx_bytes(s->n, s->chw, s->o.solver);
     if (s->o.rng == LEGO_RNG_TORCH) bytes += n * sizeof *s->gens;
     if (L > 0) bytes += n * sizeof *s->labels + n * L * sizeof(float); /* labels, one-hot rows */
     return denoise_memory_check(m, s->n, s->h, s->w, denoise_guided(m, s->o.guidance), bytes);
+}
+
+/* The device loop's part of prepare: every step planned, and what the host
+ * draws (labels; with the PyTorch generator the latents and all churn
+ * noise), each image's generator in the order of the host loop: latents,
+ * label, the noise of step 0, 1, ... (drawn at every step, as the
+ * reference does, kept only where the step adds it). */
+static lego_status prepare_device(sample_run *s) {
+    lego_model *m = s->m;
+    int L = m->cfg.label_dim, steps = s->o.steps;
+    int torch = s->o.rng == LEGO_RNG_TORCH, churn_draws = torch && s->o.solver != LEGO_SOLVER_DPMPP_2M;
+    size_t len = (size_t)s->n * s->chw;
+    s->plan = malloc((size_t)steps * sizeof *s->plan);
+    if (!s->plan) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int i = 0; i < steps; i++) {
+        solver_plan *p = &s->plan[i];
+        solver_plan_step(&s->o, m->num_bricks, i, i > 0 ? s->sigmas[i - 1] : 0, s->sigmas[i],
+                         s->sigmas[i + 1], i > 0, p);
+        s->ctx.evals += p->evals;
+        s->ctx.brick_evals += (int64_t)p->evals * __builtin_popcount(p->mask);
+        if (churn_draws && p->churn) s->noise_slots++;
+    }
+    double *scratch = NULL;
+    if (torch) {
+        lego_status st;
+        size_t noise_bytes = (size_t)s->noise_slots * len * sizeof(double);
+        if (s->noise_slots > 0 && (st = sample_memory_check(s, len, noise_bytes)) != LEGO_OK)
+            return st;
+        if (!s->r.latents) s->latents = malloc(len * sizeof *s->latents);
+        if (s->noise_slots > 0) s->noise = malloc(noise_bytes);
+        if (churn_draws) scratch = malloc(s->chw * sizeof *scratch);
+        if ((!s->r.latents && !s->latents) || (s->noise_slots > 0 && !s->noise) ||
+            (churn_draws && !scratch)) {
+            free(scratch);
+            return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for %d images", s->n);
+        }
+    }
+    for (int i = 0; i < s->n; i++) {
+        if (!torch) {
+            if (L > 0 && !s->r.labels)
+                s->labels[i] = (int32_t)philox_randint(seed_of(s, i), STREAM_LABELS, 0, L);
+            continue;
+        }
+        lego_torch_gen *g = &s->gens[i];
+        if (!s->r.latents) torch_randn_f32(g, s->latents + (size_t)i * s->chw, s->chw);
+        if (L > 0 && !s->r.labels) s->labels[i] = (int32_t)torch_randint(g, L);
+        for (int k = 0, slot = 0; churn_draws && k < steps; k++) {
+            double *dst = scratch;
+            if (s->plan[k].churn) dst = s->noise + ((size_t)slot++ * s->n + (size_t)i) * s->chw;
+            torch_randn_f64(g, dst, s->chw);
+        }
+    }
+    free(scratch);
+    return labels_to_rows(m, s->n, s->labels, &s->label_vec);
+}
+
+/* The whole loop on the device; x comes back in s->x. */
+static lego_status sample_on_device(sample_run *s) {
+    cuda_sample_run run;
+    memset(&run, 0, sizeof run);
+    run.n = s->n;
+    run.h = s->h;
+    run.w = s->w;
+    run.solver = s->o.solver;
+    run.steps = s->o.steps;
+    run.plan = s->plan;
+    run.sigma0 = s->sigmas[0];
+    run.guidance = s->o.guidance;
+    run.label_vectors = s->label_vec;
+    run.seeds = s->r.seeds;
+    run.latents = s->r.latents ? s->r.latents : s->latents;
+    run.noise = s->noise;
+    run.noise_slots = s->noise_slots;
+    run.progress = s->o.progress;
+    run.progress_user = s->o.progress_user;
+    run.x_out = s->x;
+    return cuda_backend_sample(s->m, &run);
 }
 
 static lego_status prepare(sample_run *s) {
@@ -176,13 +274,15 @@ static lego_status prepare(sample_run *s) {
     s->chw = (size_t)m->cfg.img_channels * s->h * s->w;
 
     size_t len = (size_t)s->n * s->chw;
-    if ((st = sample_memory_check(s, len)) != LEGO_OK) return st;
+    s->device = cuda_backend_device_loop(m);
+    if ((st = sample_memory_check(s, len, 0)) != LEGO_OK) return st;
     s->sigmas = malloc(((size_t)s->o.steps + 1) * sizeof *s->sigmas);
     s->x = malloc(len * sizeof *s->x);
-    s->noise = malloc(len * sizeof *s->noise);
+    if (!s->device) s->noise = malloc(len * sizeof *s->noise);
     if (s->o.rng == LEGO_RNG_TORCH) s->gens = malloc((size_t)s->n * sizeof *s->gens);
     if (m->cfg.label_dim > 0) s->labels = malloc((size_t)s->n * sizeof *s->labels);
-    if (!s->sigmas || !s->x || !s->noise || (s->o.rng == LEGO_RNG_TORCH && !s->gens) ||
+    if (!s->sigmas || !s->x || (!s->device && !s->noise) ||
+        (s->o.rng == LEGO_RNG_TORCH && !s->gens) ||
         (m->cfg.label_dim > 0 && !s->labels))
         return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for %d images", s->n);
 
@@ -195,6 +295,7 @@ static lego_status prepare(sample_run *s) {
     if (s->gens)
         for (int i = 0; i < s->n; i++) torch_gen_seed(&s->gens[i], seed_of(s, i));
     if (s->labels && s->r.labels) memcpy(s->labels, s->r.labels, (size_t)s->n * sizeof *s->labels);
+    if (s->device) return prepare_device(s);
     if ((st = draw_start(s)) != LEGO_OK) return st;
     if ((st = labels_to_rows(m, s->n, s->labels, &s->label_vec)) != LEGO_OK) return st;
     return solver_ctx_init(&s->ctx, m, s->n, s->h, s->w, &s->o, s->label_vec);
@@ -227,7 +328,8 @@ LEGO_API lego_status lego_sample(lego_model *m, const lego_sample_request *reque
     if (m->num_bricks == 0) return lego_fail(&m->err, LEGO_ERR_STATE, "the model has no bricks");
 
     lego_status st = prepare(&s);
-    for (int i = 0; st == LEGO_OK && i < s.o.steps; i++) {
+    if (st == LEGO_OK && s.device) st = sample_on_device(&s);
+    for (int i = 0; st == LEGO_OK && !s.device && i < s.o.steps; i++) {
         const double *noise = draw_noise(&s, i);
         st = solver_step(&s.ctx, s.x, i, i > 0 ? s.sigmas[i - 1] : 0, s.sigmas[i], s.sigmas[i + 1],
                          noise);

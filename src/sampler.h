@@ -15,6 +15,34 @@
 /* Which bricks run at step `step` starting from noise level t_cur. */
 uint32_t skip_brick_mask(const lego_skip_policy *p, int num_bricks, int step, double t_cur);
 
+/* The scalars of one solver step, all decided before x is seen: the CPU
+ * solver (solver_step) and the device loop (cuda/sampler.cu) both follow
+ * it, so the two compute the same expressions.
+ *   EDM (Heun, Euler): x_hat = x + kick n (churn only), D at t_hat,
+ *     d = (x_hat - D) / t_hat, x = x_hat + (t_next - t_hat) d; with heun,
+ *     D at t_next and x = x_hat + (t_next - t_hat)(d/2 + d'/2).
+ *   DPM-Solver++(2M): D at t_cur; dpm_last: x = D; else
+ *     x = ratio x + weight D', D' = D, or coef_d D - coef_old D_prev with
+ *     dpm_second. */
+typedef struct solver_plan {
+    uint32_t mask;      /* bricks that run                              */
+    int evals;          /* network evaluations: 1 or 2                  */
+    double t_eval[2];   /* their noise levels                           */
+    double t_next;
+    /* EDM */
+    int churn;          /* noise is drawn and added (S_churn > 0, in range) */
+    int heun;           /* the second-order correction follows          */
+    double t_hat, kick;
+    /* DPM-Solver++(2M) */
+    int dpm_last, dpm_second;
+    double ratio, weight, coef_d, coef_old;
+} solver_plan;
+
+/* Plan step `step` from t_cur to t_next (t_prev: the previous level, 0 on
+ * the first step; have_old_den: DPM-Solver++ has the previous D). */
+void solver_plan_step(const lego_sample_options *o, int num_bricks, int step, double t_prev,
+                      double t_cur, double t_next, int have_old_den, solver_plan *p);
+
 /* Everything one solver step needs besides x. */
 typedef struct solver_ctx {
     lego_model *m;

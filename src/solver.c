@@ -116,29 +116,60 @@ static lego_status evaluate(solver_ctx *c, const double *x, double t, uint32_t m
     return s;
 }
 
-static lego_status step_edm(solver_ctx *c, double *x, int step, double t_cur, double t_next,
-                            const double *noise, uint32_t mask) {
-    const lego_sample_options *o = c->opt;
-    size_t len = (size_t)c->n * c->chw;
+void solver_plan_step(const lego_sample_options *o, int num_bricks, int step, double t_prev,
+                      double t_cur, double t_next, int have_old_den, solver_plan *p) {
+    memset(p, 0, sizeof *p);
+    p->mask = skip_brick_mask(o->skip, num_bricks, step, t_cur);
+    p->t_next = t_next;
+    p->evals = 1;
+    if (o->solver == LEGO_SOLVER_DPMPP_2M) {
+        p->t_eval[0] = t_cur;
+        if (t_next <= 0) { /* the last step lands on D itself */
+            p->dpm_last = 1;
+            return;
+        }
+        double lam = -log(t_cur), lam_next = -log(t_next), h = lam_next - lam;
+        p->ratio = t_next / t_cur;
+        p->weight = -expm1(-h);
+        p->dpm_second = have_old_den && t_prev > t_cur;
+        if (p->dpm_second) {
+            double r = (lam - (-log(t_prev))) / h;
+            p->coef_d = 1 + 1 / (2 * r);
+            p->coef_old = 1 / (2 * r);
+        }
+        return;
+    }
     double gamma = 0;
-    if (o->s_min <= t_cur && t_cur <= o->s_max) {
+    int in_range = o->s_min <= t_cur && t_cur <= o->s_max;
+    if (in_range) {
         gamma = o->s_churn / o->steps;
         if (gamma > sqrt(2.0) - 1) gamma = sqrt(2.0) - 1;
     }
-    double t_hat = t_cur + gamma * t_cur;
-    double kick = sqrt(t_hat * t_hat - t_cur * t_cur) * o->s_noise;
-    for (size_t i = 0; i < len; i++) c->x_hat[i] = x[i] + (noise ? kick * noise[i] : 0.0);
-    (void)step;
+    p->churn = o->s_churn > 0 && in_range;
+    p->t_hat = t_cur + gamma * t_cur;
+    p->kick = sqrt(p->t_hat * p->t_hat - t_cur * t_cur) * o->s_noise;
+    p->t_eval[0] = p->t_hat;
+    p->heun = o->solver == LEGO_SOLVER_HEUN && t_next > 0;
+    if (p->heun) {
+        p->t_eval[1] = t_next;
+        p->evals = 2;
+    }
+}
 
-    lego_status s = evaluate(c, c->x_hat, t_hat, mask);
+static lego_status step_edm(solver_ctx *c, double *x, const solver_plan *p, const double *noise) {
+    size_t len = (size_t)c->n * c->chw;
+    double t_hat = p->t_hat, t_next = p->t_next;
+    for (size_t i = 0; i < len; i++) c->x_hat[i] = x[i] + (noise ? p->kick * noise[i] : 0.0);
+
+    lego_status s = evaluate(c, c->x_hat, t_hat, p->mask);
     if (s != LEGO_OK) return s;
     for (size_t i = 0; i < len; i++) {
         c->d_cur[i] = (c->x_hat[i] - (double)c->den[i]) / t_hat;
         x[i] = c->x_hat[i] + (t_next - t_hat) * c->d_cur[i];
     }
-    if (o->solver == LEGO_SOLVER_EULER || t_next <= 0) return LEGO_OK;
+    if (!p->heun) return LEGO_OK;
 
-    s = evaluate(c, x, t_next, mask);
+    s = evaluate(c, x, t_next, p->mask);
     if (s != LEGO_OK) return s;
     for (size_t i = 0; i < len; i++) {
         double d_prime = (x[i] - (double)c->den[i]) / t_next;
@@ -147,23 +178,18 @@ static lego_status step_edm(solver_ctx *c, double *x, int step, double t_cur, do
     return LEGO_OK;
 }
 
-static lego_status step_dpmpp_2m(solver_ctx *c, double *x, double t_prev, double t_cur,
-                                 double t_next, uint32_t mask) {
+static lego_status step_dpmpp_2m(solver_ctx *c, double *x, const solver_plan *p) {
     size_t len = (size_t)c->n * c->chw;
-    lego_status s = evaluate(c, x, t_cur, mask);
+    lego_status s = evaluate(c, x, p->t_eval[0], p->mask);
     if (s != LEGO_OK) return s;
-    if (t_next <= 0) { /* the last step lands on D itself */
+    if (p->dpm_last) {
         for (size_t i = 0; i < len; i++) x[i] = c->den[i];
         return LEGO_OK;
     }
-    double lam = -log(t_cur), lam_next = -log(t_next), h = lam_next - lam;
-    double ratio = t_next / t_cur, weight = -expm1(-h);
-    int second = c->have_old_den && t_prev > t_cur;
-    double r = second ? (lam - (-log(t_prev))) / h : 0;
     for (size_t i = 0; i < len; i++) {
         double d = c->den[i];
-        if (second) d = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * c->old_den[i];
-        x[i] = ratio * x[i] + weight * d; /* e^-h x + (1 - e^-h) D */
+        if (p->dpm_second) d = p->coef_d * d - p->coef_old * c->old_den[i];
+        x[i] = p->ratio * x[i] + p->weight * d; /* e^-h x + (1 - e^-h) D */
         c->old_den[i] = c->den[i];
     }
     c->have_old_den = 1;
@@ -172,8 +198,8 @@ static lego_status step_dpmpp_2m(solver_ctx *c, double *x, double t_prev, double
 
 lego_status solver_step(solver_ctx *c, double *x, int step, double t_prev, double t_cur,
                         double t_next, const double *noise) {
-    uint32_t mask = skip_brick_mask(c->opt->skip, c->m->num_bricks, step, t_cur);
-    if (c->opt->solver == LEGO_SOLVER_DPMPP_2M)
-        return step_dpmpp_2m(c, x, t_prev, t_cur, t_next, mask);
-    return step_edm(c, x, step, t_cur, t_next, noise, mask);
+    solver_plan p;
+    solver_plan_step(c->opt, c->m->num_bricks, step, t_prev, t_cur, t_next, c->have_old_den, &p);
+    if (c->opt->solver == LEGO_SOLVER_DPMPP_2M) return step_dpmpp_2m(c, x, &p);
+    return step_edm(c, x, &p, noise);
 }

@@ -23,6 +23,13 @@
  *   - repeated calls at one size allocate no device memory; weights
  *     changed on the host (load_weights, init_weights, in place + the hook)
  *     reach the device.
+ *   - the sampling loop on the device (lego_sample, cuda/sampler.cu) against
+ *     the CPU sampler within 1e-3 scaled: Heun, Euler, DPM-Solver++(2M),
+ *     churn, guidance, skipping, non-square and padded sizes, the PyTorch
+ *     generator, given latents/labels/noise levels; host copies and
+ *     synchronisations per call that do not grow with the steps; step
+ *     graphs replayed bit-identically; progress, cancellation, the device
+ *     budget, lego_step; the golden generate.out runs on it.
  *
  * The CUDA runtime does not survive fork() once initialised, so this
  * program runs its tests without Check's fork (CK_NOFORK).
@@ -1485,6 +1492,390 @@ START_TEST(test_cuda_train_nonfinite) {
 }
 END_TEST
 
+/* The sampling loop on the device (cuda_backend_sample)                    */
+/* ------------------------------------------------------------------------ */
+
+/* Small enough for the host emulation: 8x16 (non-square), two channels,
+ * three classes, a 4-token and a 16-token brick. */
+static const rand_model loop_model = {"loop", 32, 2, 2, 3, 2.0, 8, 16, 2, 2, {{4, 2, 1}, {8, 2, 1}}};
+
+typedef struct loop_out {
+    float *img;
+    int32_t labels[8];
+    lego_sample_result res;
+} loop_out;
+
+static void loop_run(lego_model *m, const lego_sample_request *req, const lego_sample_options *o,
+                     loop_out *out) {
+    lego_sample_request r = *req;
+    size_t img = (size_t)r.n * loop_model.channels * r.height * r.width;
+    ck_assert(r.n <= 8);
+    out->img = malloc(img * sizeof(float));
+    ck_assert(out->img);
+    r.out = out->img;
+    r.labels_out = out->labels;
+    lego_sample_result_init(&out->res);
+    ck_assert_msg(lego_sample(m, &r, o, &out->res) == LEGO_OK, "%s", lego_model_error(m));
+}
+
+/* lego_sample of the same request on the CPU model and the device loop of
+ * the GPU one: images within GPU_TOL, the same labels and counts, and no
+ * host<->device copy or synchronisation per step. */
+static void loop_compare(lego_model *cpu, lego_model *gpu, const char *what,
+                         const lego_sample_request *r, const lego_sample_options *o) {
+    loop_out want, got;
+    cuda_stats st;
+    loop_run(cpu, r, o, &want);
+    loop_run(gpu, r, o, &got);
+    ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
+    size_t img = (size_t)r->n * loop_model.channels * r->height * r->width;
+    expect_close("devloop", what, got.img, want.img, img, GPU_TOL);
+    for (int i = 0; i < r->n; i++) ck_assert_int_eq(got.labels[i], want.labels[i]);
+    ck_assert(got.res.network_evals == want.res.network_evals);
+    ck_assert(got.res.brick_evals == want.res.brick_evals);
+    ck_assert(got.res.brick_evals_saved == want.res.brick_evals_saved);
+    /* Uploads (header, latents, PyTorch noise, labels) and x back: a
+     * constant. */
+    ck_assert_msg(st.sample_host_copies <= 5, "%s: %llu host copies", what,
+                  (unsigned long long)st.sample_host_copies);
+    ck_assert_msg(st.sample_syncs == (o->progress ? (uint64_t)o->steps + 1 : 1),
+                  "%s: %llu synchronisations", what, (unsigned long long)st.sample_syncs);
+    free(want.img);
+    free(got.img);
+}
+
+static void loop_models(lego_model **cpu, lego_model **gpu) {
+    *cpu = build_rand(&loop_model);
+    *gpu = build_rand(&loop_model);
+    ck_assert_msg(lego_model_set_backend(*gpu, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
+                  lego_model_error(*gpu));
+}
+
+static void loop_request(lego_sample_request *r, const uint64_t *seeds) {
+    lego_sample_request_init(r);
+    r->n = 2;
+    r->height = loop_model.h;
+    r->width = loop_model.w;
+    r->seeds = seeds;
+}
+
+/* Heun, Euler and DPM-Solver++(2M) with the Philox generator: churn in part
+ * of the range, guidance, unconditional, skipping, padding. */
+START_TEST(test_cuda_loop_solvers) {
+    lego_model *cpu, *gpu;
+    loop_models(&cpu, &gpu);
+    static const uint64_t seeds[2] = {11, 1u << 20};
+    lego_sample_request r;
+    lego_sample_options o;
+
+    loop_request(&r, seeds);
+    lego_sample_options_init(&o);
+    o.steps = 4;
+    loop_compare(cpu, gpu, "heun", &r, &o);
+
+    o.s_churn = 6;
+    o.s_min = 0.05;
+    o.s_max = 20;
+    o.s_noise = 1.007;
+    o.guidance = 2.0f;
+    loop_compare(cpu, gpu, "heun churn cfg2", &r, &o);
+
+    lego_sample_options_init(&o);
+    o.solver = LEGO_SOLVER_EULER;
+    o.steps = 3;
+    o.s_churn = 40;
+    loop_compare(cpu, gpu, "euler churn", &r, &o);
+
+    lego_sample_options_init(&o);
+    o.solver = LEGO_SOLVER_DPMPP_2M;
+    o.steps = 4;
+    o.guidance = 0.0f;
+    o.s_churn = 10; /* ignored by DPM-Solver++ */
+    loop_compare(cpu, gpu, "dpm++2m uncond", &r, &o);
+
+    lego_skip_policy p;
+    lego_skip_policy_init(&p);
+    lego_sample_options_init(&o);
+    o.steps = 4;
+    ck_assert(lego_skip_policy_preset(&p, gpu, LEGO_SKIP_TOP_AT_LOW_NOISE, o.steps, 0.5, 0) ==
+              LEGO_OK);
+    o.skip = &p;
+    o.guidance = 1.5f;
+    loop_compare(cpu, gpu, "heun skip cfg1.5", &r, &o);
+
+    lego_sample_options_init(&o);
+    o.solver = LEGO_SOLVER_DPMPP_2M;
+    o.steps = 3;
+    o.skip = &p;
+    loop_compare(cpu, gpu, "dpm++2m skip", &r, &o);
+
+    /* 6x13, padded to 8x16 and cropped. */
+    loop_request(&r, seeds);
+    r.height = 6;
+    r.width = 13;
+    r.pad = 1;
+    lego_sample_options_init(&o);
+    o.solver = LEGO_SOLVER_EULER;
+    o.steps = 2;
+    loop_compare(cpu, gpu, "euler padded 6x13", &r, &o);
+
+    lego_model_free(cpu);
+    lego_model_free(gpu);
+}
+END_TEST
+
+/* The PyTorch generator (drawn on the host, uploaded once), given latents
+ * and labels, custom noise levels. */
+START_TEST(test_cuda_loop_inputs) {
+    lego_model *cpu, *gpu;
+    loop_models(&cpu, &gpu);
+    static const uint64_t seeds[2] = {5, 6};
+    lego_sample_request r;
+    lego_sample_options o;
+
+    loop_request(&r, seeds);
+    lego_sample_options_init(&o);
+    o.rng = LEGO_RNG_TORCH;
+    o.steps = 3;
+    o.s_churn = 5;
+    o.s_min = 0.1;
+    o.guidance = 3.0f;
+    loop_compare(cpu, gpu, "torch heun churn", &r, &o);
+
+    o.solver = LEGO_SOLVER_DPMPP_2M;
+    loop_compare(cpu, gpu, "torch dpm++2m", &r, &o);
+
+    size_t img = (size_t)2 * loop_model.channels * loop_model.h * loop_model.w;
+    float *lat = malloc(img * sizeof *lat);
+    ck_assert(lat);
+    philox_normal_f32(123, 9, 0, img, lat);
+    static const int32_t labels[2] = {2, -1};
+    static const double sigmas[3] = {30.0, 2.5, 0.1};
+    loop_request(&r, NULL);
+    r.latents = lat;
+    r.labels = labels;
+    lego_sample_options_init(&o);
+    o.steps = 3;
+    o.sigmas = sigmas;
+    o.s_churn = 1;
+    o.guidance = 2.0f;
+    loop_compare(cpu, gpu, "latents labels sigmas", &r, &o);
+    o.rng = LEGO_RNG_TORCH;
+    o.solver = LEGO_SOLVER_EULER;
+    loop_compare(cpu, gpu, "torch given latents", &r, &o);
+    free(lat);
+
+    lego_model_free(cpu);
+    lego_model_free(gpu);
+}
+END_TEST
+
+static int progress_calls;
+static int count_progress(int step, int total, void *user) {
+    (void)total;
+    progress_calls++;
+    return user && step == *(const int *)user;
+}
+
+/* Copies and synchronisations do not grow with the steps; step graphs are
+ * captured once per kind and replayed, giving the same images as eager
+ * launches and as the host-driven loop; progress and cancellation. */
+START_TEST(test_cuda_loop_graphs) {
+    lego_model *cpu, *gpu;
+    loop_models(&cpu, &gpu);
+    lego_sample_request r;
+    lego_sample_options o;
+    loop_request(&r, NULL);
+    lego_sample_options_init(&o);
+    cuda_stats s0, s1;
+    loop_out a, b, c, d;
+
+    o.steps = 2;
+    loop_run(gpu, &r, &o, &a);
+    ck_assert(cuda_backend_stats(gpu, &s0) == LEGO_OK);
+    uint64_t short_copies = s0.sample_host_copies;
+    free(a.img);
+
+    o.steps = 5;
+    loop_run(gpu, &r, &o, &a);
+    ck_assert(cuda_backend_stats(gpu, &s1) == LEGO_OK);
+    printf("cuda devloop: %llu host copies for 2 steps, %llu for 5; %llu step graphs captured, "
+           "%llu launched\n", (unsigned long long)short_copies,
+           (unsigned long long)s1.sample_host_copies, (unsigned long long)s1.step_graph_captures,
+           (unsigned long long)s1.step_graph_launches);
+    ck_assert(s1.sample_host_copies == short_copies && s1.sample_syncs == 1);
+    ck_assert(s1.sample_runs == 2 && s1.device_loop == 1);
+    /* Heun: the steps with the correction and the last one, two kinds,
+     * captured by the first run and replayed by the second. */
+    ck_assert(s1.step_graph_captures == 2 && s1.step_graph_launches == 5);
+
+    /* The same run again: replays only, one graph launch per step, the same bits. */
+    loop_run(gpu, &r, &o, &b);
+    ck_assert(cuda_backend_stats(gpu, &s0) == LEGO_OK);
+    ck_assert(s0.step_graph_captures == s1.step_graph_captures);
+    ck_assert(s0.step_graph_launches == s1.step_graph_launches + (uint64_t)o.steps);
+    size_t img = (size_t)r.n * loop_model.channels * r.height * r.width;
+    ck_assert(memcmp(a.img, b.img, img * sizeof(float)) == 0);
+
+    /* Without graphs: eager launches, the same bits. */
+    ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GRAPHS, 0) == LEGO_OK);
+    loop_run(gpu, &r, &o, &c);
+    ck_assert(memcmp(a.img, c.img, img * sizeof(float)) == 0);
+    ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_GRAPHS, 1) == LEGO_OK);
+
+    /* The host-driven loop (as before the device loop): copies per
+     * evaluation, and the CPU's answer within the tolerance. */
+    ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_DEVICE_LOOP, 0) == LEGO_OK);
+    ck_assert(cuda_backend_stats(gpu, &s0) == LEGO_OK);
+    loop_run(gpu, &r, &o, &d);
+    ck_assert(cuda_backend_stats(gpu, &s1) == LEGO_OK);
+    ck_assert(s1.sample_runs == s0.sample_runs && s1.device_loop == 0);
+    ck_assert(s1.host_copies - s0.host_copies >= 3 * (uint64_t)d.res.network_evals);
+    expect_close("devloop", "device vs host loop", a.img, d.img, img, GPU_TOL);
+    ck_assert(cuda_backend_set_option(gpu, CUDA_OPT_DEVICE_LOOP, 1) == LEGO_OK);
+    free(d.img);
+    loop_run(cpu, &r, &o, &d);
+    expect_close("devloop", "heun 5 vs cpu", a.img, d.img, img, GPU_TOL);
+
+    /* A progress callback: called after each step, which then waits. */
+    progress_calls = 0;
+    o.progress = count_progress;
+    loop_compare(cpu, gpu, "with progress", &r, &o);
+    ck_assert_int_eq(progress_calls, 2 * o.steps);
+    int stop_at = 2;
+    o.progress_user = &stop_at;
+    r.out = c.img;
+    ck_assert_int_eq(lego_sample(gpu, &r, &o, NULL), LEGO_ERR_CANCELLED);
+    ck_assert_msg(strstr(lego_model_error(gpu), "step 2") != NULL, "%s", lego_model_error(gpu));
+    /* ... and the handle works after it. */
+    o.progress = NULL;
+    loop_run(gpu, &r, &o, &d);
+    ck_assert(memcmp(a.img, d.img, img * sizeof(float)) == 0);
+
+    free(a.img), free(b.img), free(c.img), free(d.img);
+    lego_model_free(cpu);
+    lego_model_free(gpu);
+}
+END_TEST
+
+/* The device loop's buffers count against the device budget, and lego_step
+ * still works (on the host path) for a CUDA model. */
+START_TEST(test_cuda_loop_budget_step) {
+    lego_model *cpu, *gpu;
+    loop_models(&cpu, &gpu);
+    lego_sample_request r;
+    lego_sample_options o;
+    loop_request(&r, NULL);
+    lego_sample_options_init(&o);
+    o.steps = 2;
+    o.solver = LEGO_SOLVER_EULER;
+    size_t img = (size_t)r.n * loop_model.channels * r.height * r.width;
+    float *out = malloc(img * sizeof *out);
+    r.out = out;
+
+    /* A denoise at this size first: its workspace, then a budget that
+     * holds it but not the loop's buffers too. */
+    size_t chw = img / (size_t)r.n;
+    float *x = calloc(img, sizeof *x), sig[2] = {1.0f, 1.0f};
+    lego_denoise_request dr;
+    lego_denoise_request_init(&dr);
+    dr.n = r.n;
+    dr.height = r.height;
+    dr.width = r.width;
+    dr.x = x;
+    dr.sigma = sig;
+    dr.out = out;
+    ck_assert(lego_denoise(gpu, &dr) == LEGO_OK);
+    size_t held = lego_model_device_memory_usage(gpu);
+    ck_assert(lego_model_set_device_memory_budget(gpu, held) == LEGO_OK);
+    ck_assert_int_eq(lego_sample(gpu, &r, &o, NULL), LEGO_ERR_OUT_OF_MEMORY);
+    ck_assert_msg(strstr(lego_model_error(gpu), "budget") != NULL, "%s", lego_model_error(gpu));
+    ck_assert(lego_model_set_device_memory_budget(gpu, held + 4 * img * sizeof(double) + 65536) ==
+              LEGO_OK);
+    ck_assert_msg(lego_sample(gpu, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(gpu));
+    ck_assert(lego_model_set_device_memory_budget(gpu, 0) == LEGO_OK);
+
+    /* lego_step on both: one Heun step from sigma 2 to 1. */
+    float *xc = malloc(img * sizeof *xc), *xg = malloc(img * sizeof *xg);
+    float *dc = malloc(img * sizeof *dc), *dg = malloc(img * sizeof *dg);
+    philox_normal_f32(3, 3, 0, img, xc);
+    for (size_t i = 0; i < img; i++) xg[i] = xc[i] *= 2.0f;
+    int32_t labels[2] = {0, 1};
+    lego_step_request sr;
+    lego_step_request_init(&sr);
+    sr.n = r.n;
+    sr.height = r.height;
+    sr.width = r.width;
+    sr.labels = labels;
+    sr.t_cur = 2.0;
+    sr.t_next = 1.0;
+    sr.x = xc;
+    sr.denoised = dc;
+    lego_sample_options_init(&o);
+    ck_assert_msg(lego_step(cpu, &sr, &o) == LEGO_OK, "%s", lego_model_error(cpu));
+    sr.x = xg;
+    sr.denoised = dg;
+    ck_assert_msg(lego_step(gpu, &sr, &o) == LEGO_OK, "%s", lego_model_error(gpu));
+    expect_close("devloop", "lego_step x", xg, xc, img, GPU_TOL);
+    expect_close("devloop", "lego_step denoised", dg, dc, img, GPU_TOL);
+    (void)chw;
+    free(x), free(out), free(xc), free(xg), free(dc), free(dg);
+    lego_model_free(cpu);
+    lego_model_free(gpu);
+}
+END_TEST
+
+/* The reference generate.py pipeline (PyTorch generator, churn) on the
+ * device loop against the golden images. */
+START_TEST(test_cuda_golden_generate) {
+    golden_case g;
+    open_case(&g, case_dirs[_i]);
+    size_t ns = 0;
+    double *seeds = tensor_f64(g.io, "generate.seeds", &ns);
+    const st_tensor *lt = st_find(g.io, "latents");
+    if (!seeds || !lt || g.steps < 1) {
+        printf("cuda %-14s (no generate tensors)\n", g.name);
+        free(seeds);
+        close_case(&g);
+        return;
+    }
+    int n = (int)ns;
+    ck_assert(n <= 64 && n == (int)lt->shape[0]);
+    uint64_t s64[64];
+    for (int i = 0; i < n; i++) s64[i] = (uint64_t)seeds[i];
+    lego_model *gpu = load_model(case_dirs[_i], LEGO_BACKEND_CUDA);
+    size_t img = lt->numel;
+    float *out = malloc(img * sizeof *out);
+    lego_sample_request r;
+    lego_sample_request_init(&r);
+    r.n = n;
+    r.height = (int)lt->shape[2];
+    r.width = (int)lt->shape[3];
+    r.seeds = s64;
+    r.out = out;
+    lego_sample_options o;
+    lego_sample_options_init(&o);
+    o.steps = g.steps;
+    o.rng = LEGO_RNG_TORCH;
+    o.s_churn = 20;
+    o.s_min = 0.05;
+    o.s_max = 50;
+    o.s_noise = 1.003;
+    ck_assert_msg(lego_sample(gpu, &r, &o, NULL) == LEGO_OK, "%s", lego_model_error(gpu));
+    float *want = tensor_f32(g.io, "generate.out", NULL);
+    ck_assert(want);
+    expect_close(g.name, "generate.out vs golden", out, want, img, g.sampler_tol);
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
+    ck_assert(st.sample_runs == 1 && st.sample_host_copies <= 5);
+    free(want);
+    free(out);
+    free(seeds);
+    lego_model_free(gpu);
+    close_case(&g);
+}
+END_TEST
+
 /* Named parts, so that one can be run alone: CK_RUN_CASE=golden. */
 static TCase *add_case(Suite *s, const char *name) {
     TCase *tc = tcase_create(name);
@@ -1524,9 +1915,18 @@ int main(void) {
         tcase_add_test(tr, test_cuda_train_two_trainers);
         if (num_cases > 0)
             tcase_add_loop_test(add_case(s, "train-golden"), test_cuda_train_golden, 0, num_cases);
+        /* The device sampling loop: CK_RUN_CASE=devloop (a few minutes in
+         * the host emulation), devloop-golden (the golden generate runs). */
+        TCase *dl = add_case(s, "devloop");
+        tcase_add_test(dl, test_cuda_loop_solvers);
+        tcase_add_test(dl, test_cuda_loop_inputs);
+        tcase_add_test(dl, test_cuda_loop_graphs);
+        tcase_add_test(dl, test_cuda_loop_budget_step);
         if (num_cases > 0) {
             tcase_add_loop_test(add_case(s, "golden"), test_cuda_golden_denoiser, 0, num_cases);
             tcase_add_loop_test(add_case(s, "sampler"), test_cuda_golden_sampler, 0, num_cases);
+            tcase_add_loop_test(add_case(s, "devloop-golden"), test_cuda_golden_generate, 0,
+                                num_cases);
         } else {
             printf("test_cuda: no golden cases under %s, skipping those\n", golden_dir());
         }

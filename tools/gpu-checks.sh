@@ -6,7 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [train-test] [train-bench] [train-profile]
+#                       [train-test] [train-bench] [train-profile] [sample-loop]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -87,6 +87,22 @@ for what in "$@"; do
         for args in "lego_L_PG_64 64 bf16" "lego_L_PG_64 64 bf16 --skip-top" "lego_XL_U_32 64 bf16" \
                     "lego_S_PG_64 1 bf16" "lego_S_PG_64 64 bf16"; do
             timeout 120 "$D/tests/cuda_profile" $args 2>&1
+        done
+        ;;
+    sample-loop)
+        # Whole lego_sample calls (Heun 18), the loop on the device: ms per
+        # image at batch 1 and 64 (lego-bench --sample), then the device
+        # loop against the host-driven one (tests/cuda_sample_loop, built
+        # by `make CUDA=1 build/tools/cuda_sample_loop`).
+        echo "== lego_sample on the GPU, Heun 18 steps"
+        for p in S-PG-64 L-PG-64 XL-U-32; do
+            prec=bf16; [ "$p" = S-PG-64 ] && prec=fp32,bf16
+            timeout 150 "$D/bin/lego-bench" --backend cuda --preset "$p" --sample --steps 18 \
+                --batch 1,64 --iters 3 --warmup 1 --precision $prec > "$OUT/sample_$p.log" 2>&1
+            echo "-- $p (rc $?)"; grep -E "^(fp32|bf16|fp16) " "$OUT/sample_$p.log" || tail -3 "$OUT/sample_$p.log"
+        done
+        for args in "lego_S_PG_64 1 bf16" "lego_S_PG_64 64 bf16" "lego_S_PG_64 1 fp32"; do
+            timeout 120 "$D/tests/cuda_sample_loop" $args 18 3 2>&1
         done
         ;;
     bench)

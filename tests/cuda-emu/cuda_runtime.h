@@ -125,6 +125,9 @@ static inline unsigned __umulhi(unsigned a, unsigned b) {
 /* Built with -ffp-contract=off, so these round as CUDA's do. */
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
 
 /* Every lane of the warp contributes `words` words and receives all 32
  * contributions, lane by lane, in all[32 * words]; a scheduling point. */
