@@ -1287,6 +1287,22 @@ START_TEST(test_cuda_train_steps) {
     denoise_n(mc, rm, &io, rm->n, 1.0f, dc);
     denoise_n(mg, rm, &io, rm->n, 1.0f, dg);
     expect_close(rm->name, "denoise after training", dg, dc, img, GPU_TOL);
+    /* And lego_sample (the device loop) too. */
+    uint64_t seeds[8] = {5, 6, 7, 8, 9, 10, 11, 12};
+    lego_sample_request sr;
+    lego_sample_request_init(&sr);
+    sr.n = rm->n;
+    sr.height = rm->h;
+    sr.width = rm->w;
+    sr.seeds = seeds;
+    lego_sample_options so;
+    lego_sample_options_init(&so);
+    so.steps = 4;
+    sr.out = dc;
+    ck_assert_msg(lego_sample(mc, &sr, &so, NULL) == LEGO_OK, "%s", lego_model_error(mc));
+    sr.out = dg;
+    ck_assert_msg(lego_sample(mg, &sr, &so, NULL) == LEGO_OK, "%s", lego_model_error(mg));
+    expect_close(rm->name, "sample after training", dg, dc, img, GPU_TOL);
     /* Weights rewritten on the host win over the device's; the next step
      * trains from them and its result comes back. */
     ck_assert(lego_model_set_params(mg, pc, (int64_t)mg->params_size) == LEGO_OK);
