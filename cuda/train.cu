@@ -436,10 +436,10 @@ static lego_status lin_fwd(tctx *c, const linear *l, const void *x, cudaDataType
 
 /* Backward of y = x W^T + b over rows: dW += dy^T x, db += column sums of
  * dy, and dx = dy W (+ dx when beta is 1) when dx is not NULL.  x and dy
- * of type t; dx fp32. */
+ * of type T; dx fp32, or of type T with dx_t (a GEMM operand next). */
 template <class T>
 static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, size_t rows,
-                           float *dx, float beta) {
+                           void *dx, float beta, cudaDataType dx_t = CUDA_R_32F) {
     const cudaDataType t = lt_type<T>::value;
     float *gw = dev_g(c, l->w), *gb = dev_g(c, l->b);
     const void *w = dev_w(c, l->w, t);
@@ -451,7 +451,7 @@ static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, si
                                     gb, NULL, 0, c->ts->L.partial, c->err));
     if (dx)
         TP(CUDA_TPROF_GEMM, tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy,
-                               l->out, beta, dx, l->in, t, CUDA_R_32F, NULL));
+                               l->out, beta, dx, l->in, t, dx_t, NULL));
     return LEGO_OK;
 }
 
@@ -908,8 +908,10 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         TP(CUDA_TPROF_ROWS, t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 5 * d, ms, dtT, err));
         TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->f, NULL, NULL, R, rpi, D,
                                             dmod + 5 * d, NULL, ms, part, err));
-        LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, L->wideF, 0.0f));
-        TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(s, (const T *)A->u, L->wideF, R * hm, wideT, err));
+        /* dL/dg straight into the operand type (half the bytes in bf16), then
+         * times GELU'(u) in place. */
+        LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value));
+        TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(s, (const T *)A->u, wideT, R * hm, wideT, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc1, (const T *)A->h2, wideT, R, L->dh, 0.0f));
         TP(CUDA_TPROF_ROWS,
            t_ln_bwd(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi, mod + 3 * d, ms, L->dx, err));

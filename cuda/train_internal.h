@@ -44,8 +44,7 @@ lego_status t_silu_bwd(cudaStream_t s, const float *z, const float *dy, size_t n
                        lego_err *err);
 template <class T> lego_status t_gelu(cudaStream_t s, const T *u, size_t n, T *g, lego_err *err);
 template <class T>
-lego_status t_gelu_bwd(cudaStream_t s, const T *u, const float *dg, size_t n, T *du,
-                       lego_err *err);
+lego_status t_gelu_bwd(cudaStream_t s, const T *u, const T *dg, size_t n, T *du, lego_err *err);
 lego_status t_gated_add(cudaStream_t s, const float *x, const float *y, size_t rows, int D,
                         size_t rpi, const float *gate, size_t stride, float *out, lego_err *err);
 template <class T>

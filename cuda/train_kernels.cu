@@ -117,19 +117,18 @@ template <class T> lego_status t_gelu(cudaStream_t s, const T *u, size_t n, T *g
     return LEGO_OK;
 }
 
-/* du = dg GELU'(u) */
-template <class T> __global__ void gelu_bwd_kernel(const T *u, const float *dg, size_t n, T *du) {
+/* du = dg GELU'(u); du may be dg (each element read, then written). */
+template <class T> __global__ void gelu_bwd_kernel(const T *u, const T *dg, size_t n, T *du) {
     FOR_EACH(i, n) {
         float x = to_float<T>(u[i]), x2 = x * x;
         float t = tanhf(GELU_C0 * (x + GELU_C1 * x2 * x));
         float d = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x2);
-        du[i] = from_float<T>(dg[i] * d);
+        du[i] = from_float<T>(to_float<T>(dg[i]) * d);
     }
 }
 
 template <class T>
-lego_status t_gelu_bwd(cudaStream_t s, const T *u, const float *dg, size_t n, T *du,
-                       lego_err *err) {
+lego_status t_gelu_bwd(cudaStream_t s, const T *u, const T *dg, size_t n, T *du, lego_err *err) {
     LAUNCH(gelu_bwd_kernel<T>, ew_blocks(n), EW_THREADS, 0, s)(u, dg, n, du);
     LAUNCH_CHECK("gelu_bwd");
     return LEGO_OK;
@@ -918,7 +917,7 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
 #define TRAIN_INSTANTIATE(T)                                                                  \
     template lego_status t_to_type<T>(cudaStream_t, const float *, size_t, T *, lego_err *);  \
     template lego_status t_gelu<T>(cudaStream_t, const T *, size_t, T *, lego_err *);         \
-    template lego_status t_gelu_bwd<T>(cudaStream_t, const T *, const float *, size_t, T *,   \
+    template lego_status t_gelu_bwd<T>(cudaStream_t, const T *, const T *, size_t, T *,       \
                                        lego_err *);                                           \
     template lego_status t_gated_bwd<T>(cudaStream_t, const float *, size_t, int, size_t,     \
                                         const float *, size_t, T *, lego_err *);              \
