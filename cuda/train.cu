@@ -19,6 +19,9 @@
  *     device reads), so an evaluation after a step sees the new weights
  *     without a copy; the bf16/fp16 copy is reconverted before its next use.
  *
+ * The batch's noise is drawn here (philox.cu, the CPU's stream); sigma,
+ * dropout, flips and patch tables come from the host.
+ *
  * Host copies.  After a device step, m->params and the trainer's host
  * arrays (ema, adam_m, adam_v) are stale; `ahead` says so.  They are
  * copied back lazily by cuda_backend_pull: on lego_trainer_save_state,
@@ -42,7 +45,10 @@
  * probabilities: the backward pass recomputes P = exp(q.k scale - lse),
  * which costs one more q.k per pair but keeps the memory O(rows x heads)
  * for any sequence length (the probabilities of a 1024-token brick would
- * be 4 KiB per row and head).  One code path for short and long sequences.
+ * be 4 KiB per row and head).  Sequences of ATTN_GEMM_MIN_TOKENS or more
+ * run as cuBLASLt strided-batch GEMMs per head (attn_fwd_gemm,
+ * attn_bwd_gemm: tensor cores in bf16) with S, dP and P in a bounded
+ * scratch; shorter ones (a 4-token brick's) as CUDA-core kernels.
  *
  * Determinism: GEMMs use the heuristic's first algorithm (no timing, so no
  * choice that depends on the run), reductions have a fixed order (see
