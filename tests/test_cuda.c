@@ -1209,6 +1209,41 @@ START_TEST(test_cuda_train_random) {
 }
 END_TEST
 
+/* The Fashion-MNIST architecture itself (256-token bricks with head_dim 64
+ * through the GEMM attention, 4-token ones through the kernels, depth 4),
+ * random weights, two images: GPU against CPU in fp32 and bf16. */
+START_TEST(test_cuda_train_fmnist) {
+    lego_preset_options po;
+    lego_preset_options_init(&po);
+    po.num_threads = 2;
+    lego_model *m = NULL;
+    ck_assert_msg(lego_model_create_preset("fmnist_lego_pg32", &po, &m) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    ck_assert(lego_model_init_weights(m, 3) == LEGO_OK);
+    randomize(m, 21, 0.03f);
+    const rand_model rm = {"fmnist", 256, 4,  1, 10, 4.0, 32, 32, 2, 3,
+                           {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}};
+    train_io io;
+    train_inputs(&rm, 8, &io);
+    size_t np = m->params_size;
+    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
+    ck_assert(cpu && gpu);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close("fmnist", "train.loss", &lg, &lc, 1, GPU_TOL);
+    compare_grads("fmnist", "", m, gpu, cpu, GPU_TOL);
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close("fmnist", "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads("fmnist", " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    free(cpu);
+    free(gpu);
+    free_train_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
 /* Trainer options that move the weights visibly in a few steps. */
 static lego_train_options train_opts(void) {
     lego_train_options o;
@@ -1929,6 +1964,7 @@ int main(void) {
         tcase_add_test(tr, test_cuda_train_resume);
         tcase_add_test(tr, test_cuda_train_nonfinite);
         tcase_add_test(tr, test_cuda_train_two_trainers);
+        tcase_add_test(add_case(s, "train-fmnist"), test_cuda_train_fmnist);
         if (num_cases > 0)
             tcase_add_loop_test(add_case(s, "train-golden"), test_cuda_train_golden, 0, num_cases);
         /* The device sampling loop: CK_RUN_CASE=devloop (a few minutes in
