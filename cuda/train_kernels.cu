@@ -122,7 +122,8 @@ template <class T> __global__ void gelu_bwd_kernel(const T *u, const T *dg, size
     FOR_EACH(i, n) {
         float x = to_float<T>(u[i]), x2 = x * x;
         float t = tanhf(GELU_C0 * (x + GELU_C1 * x2 * x));
-        float d = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x2);
+        float d =
+            0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x2);
         du[i] = from_float<T>(to_float<T>(dg[i]) * d);
     }
 }
@@ -240,7 +241,8 @@ __global__ void rows_image_kernel(tok_geom g, const int32_t *table, const float 
         size_t img;
         int y0, x0;
         train_token_origin(g, table, r, &img, &y0, &x0);
-        float *px = image + (img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j);
+        float *px =
+            image + (img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j);
         if (to_image) *px = rows[idx];
         else drows[idx] = from_float<T>(*px);
     }
@@ -249,8 +251,8 @@ __global__ void rows_image_kernel(tok_geom g, const int32_t *table, const float 
 lego_status t_rows_to_image(cudaStream_t s, const tok_geom *g, const int32_t *table,
                             const float *rows, float *image, lego_err *err) {
     size_t total = g->rows * (size_t)g->p * g->p * g->C;
-    LAUNCH(rows_image_kernel<float>, ew_blocks(total), EW_THREADS, 0, s)(*g, table, rows, (float *)NULL,
-                                                                         image, 1);
+    LAUNCH(rows_image_kernel<float>, ew_blocks(total), EW_THREADS, 0, s)
+    (*g, table, rows, (float *)NULL, image, 1);
     LAUNCH_CHECK("rows_to_image");
     return LEGO_OK;
 }
@@ -259,8 +261,8 @@ template <class T>
 lego_status t_image_to_rows(cudaStream_t s, const tok_geom *g, const int32_t *table,
                             const float *image, T *rows, lego_err *err) {
     size_t total = g->rows * (size_t)g->p * g->p * g->C;
-    LAUNCH(rows_image_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)(*g, table, (const float *)NULL, rows,
-                                                                     (float *)image, 0);
+    LAUNCH(rows_image_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)
+    (*g, table, (const float *)NULL, rows, (float *)image, 0);
     LAUNCH_CHECK("image_to_rows");
     return LEGO_OK;
 }
