@@ -118,6 +118,11 @@ build/tools/cuda_profile: tools/cuda_profile.c $(STATIC)
 	mkdir -p build/tools
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
 
+# Training throughput and where a step's time goes (tools/train_profile.c).
+build/tools/train_profile: tools/train_profile.c $(STATIC)
+	mkdir -p build/tools
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
 # Whole lego_sample calls with the loop on the device and from the host
 # (tools/cuda_sample_loop.c; CUDA=1).
 build/tools/cuda_sample_loop: tools/cuda_sample_loop.c $(STATIC)

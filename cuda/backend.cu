@@ -77,6 +77,7 @@ typedef struct cuda_handle {
     int gemm_ready;
     int attn_mode; /* attn_mode */
     int precision; /* cuda_precision */
+    int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -111,6 +112,9 @@ typedef struct cuda_handle {
 
     uint64_t workspace_allocs, weight_uploads, graph_captures, graph_launches;
 
+    /* Training on the device (train.cu): activations, gradients, optimiser
+     * state; NULL until the first GPU training call. */
+    void *train;
     /* The device sampling loop (sampler.cu): its state, and counters. */
     struct cuda_sampler *sampler;
     int device_loop; /* CUDA_OPT_DEVICE_LOOP */
@@ -171,6 +175,7 @@ static void graphs_clear(cuda_handle *h);
 static void handle_free(cuda_handle *h) {
     if (!h) return;
     graphs_clear(h);
+    train_state_free(h->train);
     sampler_free(h->sampler);
     if (h->gemm_ready) gemm_destroy(&h->gemm);
     if (h->ws) cudaFree(h->ws);
@@ -194,7 +199,7 @@ extern "C" void cuda_backend_destroy(void *handle) {
 /* Device bytes the handle holds. */
 static size_t handle_bytes(const cuda_handle *h) {
     return h->params_capacity * sizeof(float) + h->lp_capacity * 2 + h->ws_bytes +
-           h->gemm.workspace_bytes + h->freq_bytes;
+           h->gemm.workspace_bytes + h->freq_bytes + train_state_bytes(h->train);
 }
 
 /* Whether replacing `old_bytes` of the handle's memory by `new_bytes` stays
@@ -424,6 +429,12 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_GRAPHS:
         h->use_graphs = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_TRAIN_ATTENTION:
+        if (value < 0 || value > 2)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
+                             "unknown training attention mode %d", value);
+        h->train_attn = value;
         return LEGO_OK;
     case CUDA_OPT_AUTOTUNE:
         h->gemm.autotune = value != 0;
@@ -903,6 +914,50 @@ extern "C" lego_status cuda_backend_denoise(lego_model *m, const denoise_args *a
         cudaStreamSynchronize(h->stream);
     }
     return s;
+}
+
+/* ---- what train.cu sees of the handle ----------------------------------------- */
+
+lego_status backend_view_sync(lego_model *m, backend_view *v, lego_err *err) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    if (!h) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
+    LEGO_TRY(sync_weights(h, m, err));
+    return backend_view_peek(m, v, err);
+}
+
+lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    if (!h) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
+    v->device = h->device;
+    v->stream = h->stream;
+    v->gemm = &h->gemm;
+    v->precision = h->precision;
+    v->train_attn = h->train_attn;
+    v->params = h->params;
+    v->lp = h->lp_type == precision_type(h->precision) ? h->lp : NULL;
+    v->doff = h->doff;
+    v->doff_count = h->doff_count;
+    v->params_used = h->params_used;
+    v->freq = h->freq;
+    v->train = &h->train;
+    return LEGO_OK;
+}
+
+void backend_weights_written(lego_model *m) {
+    cuda_handle *h = (cuda_handle *)m->cuda;
+    if (h) h->lp_type = CUDA_R_32F; /* reconverted before its next use */
+}
+
+lego_status backend_budget(const lego_model *m, size_t old_bytes, size_t new_bytes,
+                           const char *what, lego_err *err) {
+    const cuda_handle *h = (const cuda_handle *)m->cuda;
+    if (!h) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
+    return within_budget(h, m->device_budget, old_bytes, new_bytes, what, err);
+}
+
+int backend_device(const lego_model *m) {
+    const cuda_handle *h = (const cuda_handle *)m->cuda;
+    return h ? h->device : -1;
 }
 
 /* ---- the network for the device sampling loop (sampler.cu) --------------------------- */

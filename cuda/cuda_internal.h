@@ -344,6 +344,46 @@ template <class T>
 lego_status k_attention(cudaStream_t s, const T *qkv, size_t seqs, int tokens, int heads,
                         int head_dim, T *out, int mode, lego_err *err);
 
+/* ---- the handle as train.cu sees it (backend.cu) --------------------------- */
+
+typedef struct backend_view {
+    int device;
+    cudaStream_t stream;
+    gemm_ctx *gemm;
+    int precision;       /* cuda_precision */
+    int train_attn;      /* CUDA_OPT_TRAIN_ATTENTION */
+    float *params;       /* fp32 weights: table entry i at params + doff[i] */
+    void *lp;            /* their bf16/fp16 copy at the same offsets, NULL if none */
+    const size_t *doff;
+    int doff_count;      /* table entries doff describes */
+    size_t params_used;  /* floats, padding between tensors included */
+    const float *freq;   /* time-embedding frequencies */
+    void **train;        /* the handle's training state (train.cu), owned by it */
+} backend_view;
+
+/* Bring the device weights up to date (as an evaluation does: re-uploaded
+ * when m->weights_gen moved, the 16-bit copy reconverted when stale) and
+ * describe the handle.  The caller selects the device. */
+lego_status backend_view_sync(lego_model *m, backend_view *v, lego_err *err);
+/* The same without bringing the weights up to date (to copy them back). */
+lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err);
+/* The fp32 device weights were changed on the device (an optimiser step):
+ * the 16-bit copy is reconverted before its next use. */
+void backend_weights_written(lego_model *m);
+/* Whether replacing old_bytes of the handle's device memory by new_bytes
+ * stays within the model's device budget. */
+lego_status backend_budget(const lego_model *m, size_t old_bytes, size_t new_bytes,
+                           const char *what, lego_err *err);
+/* The handle's device, -1 without one. */
+int backend_device(const lego_model *m);
+/* philox_normal_f32 (rng.h) into device memory, enqueued on `s`
+ * (philox.cu). */
+lego_status k_philox_normal(cudaStream_t s, uint64_t seed, uint64_t stream, uint64_t first,
+                            size_t n, float *out, lego_err *err);
+/* train.cu: device bytes and release of a handle's training state. */
+size_t train_state_bytes(const void *train);
+void train_state_free(void *train);
+
 /* ---- the network as the device sampling loop drives it (backend.cu) ---- */
 
 /* The bytes a CUDA graph of one evaluation depends on (backend.cu's

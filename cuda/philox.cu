@@ -100,3 +100,15 @@ extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t st
     cudaSetDevice(previous);
     return s;
 }
+
+/* The normals into device memory on a stream (training draws its noise
+ * there). */
+lego_status k_philox_normal(cudaStream_t s, uint64_t seed, uint64_t stream, uint64_t first,
+                            size_t n, float *out, lego_err *err) {
+    if (n == 0) return LEGO_OK;
+    size_t blocks = (size_t)((first + n - 1) / 4 - first / 4 + 1);
+    LAUNCH(philox_normal_kernel, ew_blocks(blocks), EW_THREADS, 0, s)(seed, stream, first, n,
+                                                                      blocks, out);
+    LAUNCH_CHECK("philox_normal");
+    return LEGO_OK;
+}

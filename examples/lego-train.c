@@ -43,12 +43,20 @@ static void usage(FILE *fp) {
         "                     trains on this fraction of its patches (default 1: all)\n"
         "  --seed N           data order, noise and flips (default 0)\n"
         "  --every N          save state, EMA and a sample grid every N steps (default 500)\n"
-        "  --threads N        CPU threads (default: all cores)\n");
+        "  --threads N        CPU threads (default: all cores)\n"
+        "  --backend cpu|cuda where the network trains (default cpu)\n"
+        "  --device N         CUDA device index (default 0)\n"
+        "  --precision P      fp32 or bf16 GEMM operands on the GPU (default fp32)\n"
+        "  --bench N          time N steps (after 3 warm-up steps) of the Fashion-MNIST\n"
+        "                     architecture on random 32x32 images, print images/s and\n"
+        "                     ms/step, write nothing (no dataset needed)\n");
 }
 
 typedef struct args {
     const char *data, *out, *init;
-    int resume, steps, batch, warmup, hflip, every, threads;
+    int resume, steps, batch, warmup, hflip, every, threads, device, bench;
+    lego_backend backend;
+    lego_precision precision;
     double lr, ema_kimg, dropout, patch_fraction, minutes;
     uint64_t seed;
 } args;
@@ -81,6 +89,18 @@ static int parse_args(int argc, char **argv, args *a) {
         else if (!strcmp(o, "--every")) ok = (a->every = (int)strtol(v, &end, 10)) > 0 && !*end;
         else if (!strcmp(o, "--threads")) ok = (a->threads = (int)strtol(v, &end, 10)) >= 0 && !*end;
         else if (!strcmp(o, "--seed")) { a->seed = strtoull(v, &end, 10); ok = !*end; }
+        else if (!strcmp(o, "--device")) ok = (a->device = (int)strtol(v, &end, 10)) >= 0 && !*end;
+        else if (!strcmp(o, "--bench")) ok = (a->bench = (int)strtol(v, &end, 10)) > 0 && !*end;
+        else if (!strcmp(o, "--backend")) {
+            if (!strcmp(v, "cpu")) a->backend = LEGO_BACKEND_CPU;
+            else if (!strcmp(v, "cuda")) a->backend = LEGO_BACKEND_CUDA;
+            else ok = 0;
+        }
+        else if (!strcmp(o, "--precision")) {
+            if (!strcmp(v, "fp32")) a->precision = LEGO_PRECISION_FP32;
+            else if (!strcmp(v, "bf16")) a->precision = LEGO_PRECISION_BF16;
+            else ok = 0;
+        }
         else if (!strcmp(o, "--lr")) ok = (a->lr = strtod(v, &end)) > 0 && !*end;
         else if (!strcmp(o, "--ema-kimg")) ok = (a->ema_kimg = strtod(v, &end)) >= 0 && !*end;
         else if (!strcmp(o, "--minutes")) ok = (a->minutes = strtod(v, &end)) > 0 && !*end;
@@ -114,6 +134,82 @@ static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* The model on the requested backend and precision. */
+static int place_model(lego_model *m, const args *a) {
+    if (a->backend == LEGO_BACKEND_CUDA &&
+        lego_model_set_backend(m, LEGO_BACKEND_CUDA, a->device) != LEGO_OK) {
+        fprintf(stderr, "lego-train: %s\n", lego_model_error(m));
+        return 0;
+    }
+    if (lego_model_set_precision(m, a->precision) != LEGO_OK) {
+        fprintf(stderr, "lego-train: %s\n", lego_model_error(m));
+        return 0;
+    }
+    return 1;
+}
+
+/* --bench: training throughput of the Fashion-MNIST architecture on
+ * random images (no dataset, nothing written). */
+static int bench(const args *a) {
+    const int c = 1, h = 32, classes = 10, warmup = 3;
+    lego_model *m = NULL;
+    lego_trainer *t = NULL;
+    int ok = 0;
+    size_t chw = (size_t)c * h * h;
+    float *images = malloc((size_t)a->batch * chw * sizeof *images);
+    int32_t *labels = malloc((size_t)a->batch * sizeof *labels);
+    if (!images || !labels) {
+        fprintf(stderr, "lego-train: out of memory\n");
+        goto done;
+    }
+    uint64_t rs = a->seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < (size_t)a->batch * chw; i++) {
+        rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+        images[i] = (float)((rs >> 40) / (double)(1 << 24)) * 2.0f - 1.0f;
+    }
+    for (int i = 0; i < a->batch; i++) labels[i] = i % classes;
+    if (fmnist_pg32(c, classes, h, a->threads, &m) != LEGO_OK) {
+        fprintf(stderr, "lego-train: %s\n", lego_model_error(m));
+        goto done;
+    }
+    if (!place_model(m, a)) goto done;
+    lego_train_options to;
+    lego_train_options_init(&to);
+    to.lr = a->lr;
+    to.label_dropout = a->dropout;
+    to.hflip = a->hflip;
+    to.seed = a->seed;
+    to.patch_fraction = a->patch_fraction;
+    if (lego_trainer_create(m, &to, &t) != LEGO_OK) {
+        fprintf(stderr, "lego-train: %s\n", lego_trainer_error(t));
+        goto done;
+    }
+    lego_train_stats st;
+    lego_train_stats_init(&st);
+    double start = 0;
+    for (int step = 0; step < warmup + a->bench; step++) {
+        if (step == warmup) start = now();
+        if (lego_trainer_step(t, images, labels, a->batch, &st) != LEGO_OK) {
+            fprintf(stderr, "lego-train: %s\n", lego_trainer_error(t));
+            goto done;
+        }
+    }
+    double el = now() - start;
+    printf("train-bench fmnist_lego_pg32 backend %s precision %s batch %d patch-fraction %g: "
+           "%d steps, %.2f ms/step, %.0f images/s (loss %.4f, %.0f MiB on the device)\n",
+           a->backend == LEGO_BACKEND_CUDA ? "cuda" : "cpu",
+           a->precision == LEGO_PRECISION_BF16 ? "bf16" : "fp32", a->batch, a->patch_fraction,
+           a->bench, 1e3 * el / a->bench, (double)a->bench * a->batch / el, st.loss,
+           (double)lego_model_device_memory_usage(m) / (1 << 20));
+    ok = 1;
+done:
+    free(images);
+    free(labels);
+    lego_trainer_free(t);
+    lego_model_free(m);
+    return ok;
 }
 
 /* A small grid from the EMA weights: 2 images per class (or 20 unlabelled). */
@@ -171,6 +267,7 @@ int main(int argc, char **argv) {
     args a;
     if (!parse_args(argc, argv, &a)) return 2;
     if (openblas_set_num_threads && !getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(1);
+    if (a.bench) return bench(&a) ? 0 : 1;
     if (mkdir(a.out, 0755) != 0 && errno != EEXIST) {
         fprintf(stderr, "lego-train: cannot create %s: %s\n", a.out, strerror(errno));
         return 1;
@@ -212,6 +309,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "lego-train: %s\n", lego_model_error(m));
         goto done;
     }
+    if (!place_model(m, &a)) goto done;
     lego_train_options to;
     lego_train_options_init(&to);
     to.lr = a.lr;

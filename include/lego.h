@@ -214,8 +214,10 @@ LEGO_API int lego_backend_available(lego_backend b);
  * LEGO_BACKEND_CUDA the weights are copied to device `device` (its index
  * among the CUDA devices) and every later lego_denoise / lego_sample of the
  * model runs there; the model keeps its weights in host memory too, and the
- * device copy follows lego_model_load_weights and lego_model_init_weights
- * (training itself runs on the CPU).
+ * device copy follows lego_model_load_weights and lego_model_init_weights.
+ * Training (lego_train_loss, lego_trainer_step) runs there too; weights it
+ * changes on the device come back to the host copy when it is read (see
+ * the Training section) and before the move.
  * LEGO_BACKEND_CPU frees the device resources (`device` is ignored).
  * lego_model_config.backend/device and lego_load_options.backend/device do
  * the same at creation.  Errors: LEGO_ERR_UNSUPPORTED (not built with CUDA,
@@ -464,9 +466,18 @@ LEGO_API lego_status lego_step(lego_model *model, const lego_step_request *reque
  * scaled by P / ceil(f P) to estimate the whole image's.  Time per step
  * falls with the patch bricks' share of the work.
  *
- * Training runs on
- * the CPU whatever the model's backend; a model on the GPU sees the updated
- * weights at its next lego_denoise. */
+ * Training runs on the model's backend.  On the GPU (LEGO_BACKEND_CUDA) the
+ * forward and backward passes, the loss, the gradient norm, clipping and the
+ * Adam/AdamW and EMA updates all run on the device, with fp32 master
+ * weights, gradients, moments and EMA there (bf16 precision: bf16 GEMM
+ * operands with fp32 accumulation).  The trained weights stay on the device
+ * between steps (lego_denoise / lego_sample on the model use them at once)
+ * and come back to the host copy when something reads it:
+ * lego_model_get_params, lego_model_save, lego_trainer_save_state,
+ * lego_trainer_export_ema, lego_model_set_backend, lego_brick_add.  State
+ * files are the same on both backends: a CPU trainer's state resumes on the
+ * GPU and the other way round.  A given GPU gives the same bits on every
+ * run, so a resumed GPU run continues bit for bit. */
 
 /* One tensor of the flat parameter array. */
 typedef struct lego_tensor_info {

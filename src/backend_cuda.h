@@ -84,7 +84,12 @@ typedef enum cuda_option {
     /* 1 (the default): lego_sample runs its whole loop on the device
      * (cuda_backend_sample); 0: the host drives it, one evaluation at a
      * time through cuda_backend_denoise (as lego_step does). */
-    CUDA_OPT_DEVICE_LOOP = 7
+    CUDA_OPT_DEVICE_LOOP = 7,
+    /* Attention in training (cuda/train.cu): 0 (the default) cuBLASLt
+     * batched GEMMs for sequences of at least 32 tokens (when a head's
+     * columns are 16-byte aligned), the CUDA-core kernels below that; 1 the
+     * kernels always; 2 the GEMMs whenever aligned, short sequences too. */
+    CUDA_OPT_TRAIN_ATTENTION = 8
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */
@@ -109,6 +114,54 @@ typedef enum cuda_precision {
     CUDA_PRECISION_FP16 = 2  /* the same with fp16                          */
 } cuda_precision;
 
+
+/* ---- training on the device (cuda/train.cu; docs/cuda.md) ---- */
+
+/* One training batch, in host memory: y and noise n x C x h x w, sigma n,
+ * labels n x label_dim one-hot rows or NULL (null labels).  Patch sampling
+ * (paper eq. 12, backward.h): brick k runs on used[k] patches per image,
+ * listed ascending in table[k] ([n][used[k]]), or on every patch when
+ * table[k] is NULL. */
+typedef struct cuda_train_batch {
+    int n, h, w;
+    const float *y, *noise, *sigma, *labels;
+    /* noise NULL: drawn on the device, philox_normal_f32(noise_seed,
+     * noise_stream, 0, ...) within a float ulp of the CPU's (rng.h). */
+    uint64_t noise_seed, noise_stream;
+    const int32_t *table[LEGO_MAX_BRICKS];
+    int used[LEGO_MAX_BRICKS];
+} cuda_train_batch;
+
+/* A trainer as the device sees it: an identity, its host arrays in the
+ * params layout (copied up when it attaches, back by cuda_backend_pull)
+ * and a flag the device side sets while the trainer's state lives there
+ * (cleared when the handle goes or another trainer attaches). */
+typedef struct cuda_trainer_link {
+    const void *owner;
+    float *ema, *adam_m, *adam_v;
+    int *attached;
+} cuda_trainer_link;
+
+/* Where training time goes (cuda_train_profile). */
+typedef enum cuda_train_part {
+    CUDA_TPROF_INPUT = 0, /* uploads, noise, fill, conditioning, the loss    */
+    CUDA_TPROF_GEMM,      /* linear layers: forward, dW and dx GEMMs         */
+    CUDA_TPROF_ATTENTION, /* attention forward and backward                  */
+    CUDA_TPROF_ROWS,      /* LayerNorm, gated residuals, GELU, gather/scatter,
+                             type conversions                               */
+    CUDA_TPROF_SUMS,      /* the deterministic column sums                  */
+    CUDA_TPROF_OPTIMIZER, /* gradient norm, Adam, EMA                       */
+    CUDA_TPROF_PARTS
+} cuda_train_part;
+
+/* One optimiser update: train.c's adam_update then ema_update. */
+typedef struct cuda_adam_step {
+    double lr, beta1, beta2, eps, weight_decay;
+    int adamw;
+    int64_t adam_t;  /* updates applied, this one included */
+    float gscale;    /* clipping factor */
+    float ema_beta;
+} cuda_adam_step;
 /* A whole lego_sample run for the device loop.  The host plans every step
  * (solver_plan: the same scalars the CPU solver uses) and draws what only
  * it can draw (labels; with the PyTorch generator the latents and the
@@ -187,6 +240,42 @@ lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream, u
 lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream, uint64_t first_block,
                                size_t blocks, uint32_t *out, lego_err *err);
 
+/* train_loss_grads on the device for a model on the CUDA backend: the loss
+ * (the CPU's formula, summed on the host in its order) and, when grads is
+ * not NULL, the gradient in the layout of m->params (fixed tensors zero). */
+lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b, double *loss, float *grads,
+                            lego_err *err);
+
+/* A trainer step's first half on the device: attaches trainer t (uploading
+ * its state if it is not the attached one), the loss and the gradient's
+ * global L2 norm (the gradient stays on the device). */
+lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *t,
+                             const cuda_train_batch *b, double *loss, double *norm,
+                             lego_err *err);
+
+/* The second half: Adam/AdamW on the trainable values with the gradient
+ * of the last cuda_train_grads scaled by gscale, then the EMA.  The device
+ * weights are then ahead of m->params until cuda_backend_pull. */
+lego_status cuda_train_update(lego_model *m, const cuda_trainer_link *t, const cuda_adam_step *a,
+                              lego_err *err);
+
+/* Copy weights trained on the device back to m->params (unless the host
+ * rewrote them since) and the attached trainer's state to its host arrays.
+ * LEGO_OK and nothing to do without a handle or when nothing is newer.
+ * Call before reading m->params on the host. */
+lego_status cuda_backend_pull(lego_model *m, lego_err *err);
+
+/* Forget trainer `owner`'s device state without copying it back (its host
+ * arrays were rewritten, or it is being freed).  Nothing if it is not
+ * attached. */
+void cuda_train_detach(lego_model *m, const void *owner);
+
+/* Training profile, for tools/train_profile.c: enable 1 synchronises after
+ * every part of a training call and adds its wall time to a counter per
+ * cuda_train_part (cleared here); 0 stops.  ms (may be NULL) receives the
+ * counters so far. */
+lego_status cuda_train_profile(lego_model *m, int enable, double ms[CUDA_TPROF_PARTS]);
+
 #else /* no CUDA in this build */
 
 static inline int cuda_device_count(void) { return 0; }
@@ -249,6 +338,38 @@ static inline lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t
                                              lego_err *err) {
     (void)device, (void)seed, (void)stream, (void)first_block, (void)blocks, (void)out;
     return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b, double *loss,
+                                          float *grads, lego_err *err) {
+    (void)m, (void)b, (void)loss, (void)grads;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *t,
+                                           const cuda_train_batch *b, double *loss, double *norm,
+                                           lego_err *err) {
+    (void)m, (void)t, (void)b, (void)loss, (void)norm;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_train_update(lego_model *m, const cuda_trainer_link *t,
+                                            const cuda_adam_step *a, lego_err *err) {
+    (void)m, (void)t, (void)a;
+    return lego_fail(err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
+}
+
+static inline lego_status cuda_backend_pull(lego_model *m, lego_err *err) {
+    (void)m, (void)err;
+    return LEGO_OK;
+}
+
+static inline void cuda_train_detach(lego_model *m, const void *owner) { (void)m, (void)owner; }
+
+static inline lego_status cuda_train_profile(lego_model *m, int enable,
+                                             double ms[CUDA_TPROF_PARTS]) {
+    (void)enable, (void)ms;
+    return lego_fail(&m->err, LEGO_ERR_UNSUPPORTED, "this liblego was built without CUDA");
 }
 
 #endif /* LEGO_HAVE_CUDA */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -171,9 +172,10 @@ LEGO_API lego_status lego_model_save(lego_model *m, const char *path) {
     MODEL_CHECK(m);
     if (!path) return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
     if (m->num_bricks == 0) return lego_fail(&m->err, LEGO_ERR_STATE, "the model has no bricks");
+    lego_status s = cuda_backend_pull(m, &m->err); /* weights trained on the GPU */
+    if (s != LEGO_OK) return s;
     char *json = config_to_json(m);
     st_write_item *items = malloc((size_t)m->num_params * sizeof *items);
-    lego_status s = LEGO_OK;
     if (!json || !items) {
         s = lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
         goto done;

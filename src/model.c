@@ -335,6 +335,8 @@ LEGO_API lego_status lego_brick_add(lego_model *m, const lego_brick_config *conf
     bc.size = sizeof bc;
     lego_status s = model_validate_brick(m, &bc, &m->err);
     if (s != LEGO_OK) return s;
+    /* Weights trained on the GPU come back before the array grows. */
+    if ((s = cuda_backend_pull(m, &m->err)) != LEGO_OK) return s;
 
     int k = m->num_bricks;
     brick *b = &m->bricks[k];
@@ -610,6 +612,10 @@ LEGO_API int lego_backend_available(lego_backend b) {
 
 LEGO_API lego_status lego_model_set_backend(lego_model *m, lego_backend b, int device) {
     MODEL_CHECK(m);
+    /* Weights (and a trainer's state) trained on the GPU come back first:
+     * the handle that holds them may go. */
+    lego_status ps = cuda_backend_pull(m, &m->err);
+    if (ps != LEGO_OK) return ps;
     if (b == LEGO_BACKEND_CPU) {
         cuda_backend_destroy(m->cuda);
         m->cuda = NULL;

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "rng.h"
 #include "safetensors.h"
 
@@ -85,6 +86,7 @@ static lego_status check_count(lego_model *m, const void *ptr, int64_t count) {
 LEGO_API lego_status lego_model_get_params(lego_model *m, float *params, int64_t count) {
     MODEL_CHECK(m);
     lego_status s = check_count(m, params, count);
+    if (s == LEGO_OK) s = cuda_backend_pull(m, &m->err); /* weights trained on the GPU */
     if (s == LEGO_OK) memcpy(params, m->params, m->params_size * sizeof *params);
     return s;
 }
@@ -225,6 +227,91 @@ static lego_status labels_to_vectors(lego_err *err, const int32_t *labels, int n
     return LEGO_OK;
 }
 
+/* lego_train_loss for a model on the GPU (cuda/train.cu), batch validated. */
+/* ---- training on the GPU (cuda/train.cu): what the C side prepares ---- */
+
+/* A cache that holds only patch tables, for a model on the GPU (which keeps
+ * its activations on the device): the fields net_use_all_patches and
+ * net_sample_patches work with, as net_cache_create sets them. */
+static lego_status tables_cache_create(const lego_model *m, int n, int h, int w,
+                                       net_cache **out, lego_err *err) {
+    *out = NULL;
+    net_cache *c = calloc(1, sizeof *c);
+    if (c) c->bricks = calloc((size_t)(m->num_bricks > 0 ? m->num_bricks : 1), sizeof *c->bricks);
+    if (!c || !c->bricks) {
+        net_cache_free(c);
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    c->n = n;
+    c->h = h;
+    c->w = w;
+    size_t tables = 0, one;
+    for (int k = 0; k < m->num_bricks; k++) {
+        brick_acts *ba = &c->bricks[k];
+        ba->patches_x = w / m->bricks[k].cfg.brick_size;
+        ba->patches_total = (h / m->bricks[k].cfg.brick_size) * ba->patches_x;
+        if (!size_mul((size_t)n, (size_t)ba->patches_total, &one) ||
+            !size_add(tables, one, &tables) || tables > LEGO_MAX_ALLOC / sizeof(int32_t)) {
+            net_cache_free(c);
+            return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
+        }
+    }
+    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
+    if (!c->index_mem) {
+        net_cache_free(c);
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    net_use_all_patches(m, c);
+    *out = c;
+    return LEGO_OK;
+}
+
+/* The GPU's view of a batch; `tables` (may be NULL: every patch) gives
+ * each brick's patches. */
+static void gpu_batch(const lego_model *m, const net_cache *tables, int n, int h, int w,
+                      const float *y, const float *noise, const float *sigma,
+                      const float *label_vectors, cuda_train_batch *cb) {
+    memset(cb, 0, sizeof *cb);
+    cb->n = n;
+    cb->h = h;
+    cb->w = w;
+    cb->y = y;
+    cb->noise = noise;
+    cb->sigma = sigma;
+    cb->labels = label_vectors;
+    for (int k = 0; tables && k < m->num_bricks; k++) {
+        cb->table[k] = tables->bricks[k].patch_index;
+        cb->used[k] = tables->bricks[k].patches_used;
+    }
+}
+
+/* lego_train_loss for a model on the GPU, batch validated. */
+static lego_status gpu_train_loss(lego_model *m, const lego_train_batch *b, float *loss,
+                                  float *grads) {
+    int L = m->cfg.label_dim;
+    float *vectors = NULL;
+    net_cache *tables = NULL;
+    lego_status s = LEGO_OK;
+    if (L > 0 && b->labels) {
+        vectors = malloc((size_t)b->n * (size_t)L * sizeof *vectors);
+        if (!vectors) return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+        s = labels_to_vectors(&m->err, b->labels, b->n, L, vectors);
+    }
+    if (s == LEGO_OK && b->patch_fraction > 0 && b->patch_fraction < 1) {
+        s = tables_cache_create(m, b->n, b->height, b->width, &tables, &m->err);
+        if (s == LEGO_OK) choose_patches(m, tables, b->patch_fraction, b->patch_seed, 0);
+    }
+    cuda_train_batch cb;
+    gpu_batch(m, tables, b->n, b->height, b->width, b->y, b->noise, b->sigma,
+              L > 0 ? (vectors ? vectors : b->label_vectors) : NULL, &cb);
+    double l = 0;
+    if (s == LEGO_OK) s = cuda_train_loss(m, &cb, &l, grads, &m->err);
+    if (s == LEGO_OK) *loss = (float)l;
+    free(vectors);
+    net_cache_free(tables);
+    return s;
+}
+
 LEGO_API void lego_train_batch_init(lego_train_batch *b) {
     if (!b) return;
     memset(b, 0, sizeof *b);
@@ -272,6 +359,8 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
     if (L > 0 && b.label_vectors &&
         (s = check_finite(&m->err, "label_vectors", b.label_vectors, (size_t)b.n * L)) != LEGO_OK)
         return s;
+
+    if (m->cuda) return gpu_train_loss(m, &b, loss, grads);
 
     net_cache *c = NULL;
     float *scratch = NULL, *vectors = NULL;
@@ -417,6 +506,7 @@ static void free_batch(lego_trainer *t) {
 
 LEGO_API void lego_trainer_free(lego_trainer *t) {
     if (!t) return;
+    if (t->cuda_attached) cuda_train_detach(t->m, t); /* only while its model lives */
     free_batch(t);
     trainer_fail(t, LEGO_OK);
     free(t);
@@ -440,14 +530,17 @@ LEGO_API const char *lego_trainer_error(const lego_trainer *t) {
 
 /* Buffers for batches of n images. */
 static lego_status reserve_batch(lego_trainer *t, int n) {
-    if (t->batch_n == n) return LEGO_OK;
-    free_batch(t);
     lego_model *m = t->m;
+    int gpu = m->cuda != NULL; /* the GPU keeps its activations on the device */
+    if (t->batch_n == n && t->batch_gpu == gpu) return LEGO_OK;
+    free_batch(t);
     size_t img = (size_t)n * (size_t)m->cfg.img_channels * t->height * t->width;
     size_t scratch = train_scratch_floats(m, n, t->height, t->width);
     if (scratch == 0)
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
-    lego_status s = net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
+    if (gpu) scratch = 1;
+    lego_status s = gpu ? tables_cache_create(m, n, t->height, t->width, &t->cache, &t->err)
+                        : net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
     if (s != LEGO_OK) return s;
     t->y = malloc(img * sizeof(float));
     t->noise = malloc(img * sizeof(float));
@@ -459,6 +552,7 @@ static lego_status reserve_batch(lego_trainer *t, int n) {
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "out of memory for a batch of %d", n);
     }
     t->batch_n = n;
+    t->batch_gpu = gpu;
     return LEGO_OK;
 }
 
@@ -472,7 +566,8 @@ void trainer_draw_batch(const lego_trainer *t, const float *images, const int32_
     /* sigma = exp(P_mean + P_std z), as EDM's loss draws it. */
     philox_normal_f32(t->seed, step_stream(t->step, STREAM_SIGMA), 0, (size_t)n, sigma);
     for (int i = 0; i < n; i++) sigma[i] = (float)exp(o->p_mean + o->p_std * sigma[i]);
-    philox_normal_f32(t->seed, step_stream(t->step, STREAM_NOISE), 0, (size_t)n * chw, noise);
+    /* noise NULL: the GPU draws the same stream on the device. */
+    if (noise) philox_normal_f32(t->seed, step_stream(t->step, STREAM_NOISE), 0, (size_t)n * chw, noise);
 
     for (int i = 0; i < n; i++) {
         int flip = o->hflip && philox_randint(t->seed, step_stream(t->step, STREAM_FLIP),
@@ -525,14 +620,18 @@ static void adam_update(lego_trainer *t, double lr, float gscale) {
 }
 
 /* EDM's EMA: half-life in images, ramped up over the first images seen. */
-static double ema_update(lego_trainer *t, int n) {
+static double ema_beta(const lego_trainer *t, int n) {
     const lego_train_options *o = &t->opt;
     double halflife = o->ema_halflife_kimg * 1000.0;
     if (o->ema_rampup_ratio > 0) {
         double ramp = (double)t->images_seen * o->ema_rampup_ratio;
         if (ramp < halflife) halflife = ramp;
     }
-    double beta = pow(0.5, (double)n / (halflife > 1e-8 ? halflife : 1e-8));
+    return pow(0.5, (double)n / (halflife > 1e-8 ? halflife : 1e-8));
+}
+
+static double ema_update(lego_trainer *t, int n) {
+    double beta = ema_beta(t, n);
     float b = (float)beta;
     const float *w = t->m->params;
     #pragma omp parallel for num_threads(t->num_values >= PAR_MIN_WORK ? t->m->threads : 1) \
@@ -562,23 +661,39 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
                                  m->cfg.label_dim);
     if ((s = reserve_batch(t, n)) != LEGO_OK) return s;
 
-    trainer_draw_batch(t, images, labels, n, t->y, t->noise, t->sigma, t->label_vectors);
-    double loss;
+    /* On the GPU the noise (n x C x h x w normals, the bulk of the draws) is
+     * drawn on the device from the same Philox stream. */
+    trainer_draw_batch(t, images, labels, n, t->y, m->cuda ? NULL : t->noise, t->sigma,
+                       t->label_vectors);
+    double loss, norm;
     choose_patches(m, t->cache, t->opt.patch_fraction, t->seed,
                    step_stream(t->step, STREAM_PATCHES));
-    train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,
-                     m->cfg.label_dim > 0 ? t->label_vectors : NULL, t->scratch, &loss, t->grads);
-
-    double sq = 0;
-    for (int i = 0; i < m->num_params; i++) {
-        const lego_param *p = &m->table[i];
-        if (p->fixed) continue;
-        for (size_t j = 0; j < p->numel; j++) {
-            double g = t->grads[p->offset + j];
-            sq += g * g;
+    if (m->cuda) {
+        /* On the GPU (cuda/train.cu): the gradient stays there; t->cache
+         * holds only the patch tables. */
+        cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
+        cuda_train_batch cb;
+        gpu_batch(m, t->cache, n, t->height, t->width, t->y, NULL, t->sigma,
+                  m->cfg.label_dim > 0 ? t->label_vectors : NULL, &cb);
+        cb.noise_seed = t->seed;
+        cb.noise_stream = step_stream(t->step, STREAM_NOISE);
+        if ((s = cuda_train_grads(m, &link, &cb, &loss, &norm, &t->err)) != LEGO_OK) return s;
+    } else {
+        train_loss_grads(m, t->cache, t->y, t->noise, t->sigma,
+                         m->cfg.label_dim > 0 ? t->label_vectors : NULL, t->scratch, &loss,
+                         t->grads);
+        double sq = 0;
+        for (int i = 0; i < m->num_params; i++) {
+            const lego_param *p = &m->table[i];
+            if (p->fixed) continue;
+            for (size_t j = 0; j < p->numel; j++) {
+                double g = t->grads[p->offset + j];
+                sq += g * g;
+            }
         }
+        norm = sqrt(sq);
     }
-    double norm = sqrt(sq), lr = t->opt.lr, beta = 0;
+    double lr = t->opt.lr, beta = 0;
     if (t->opt.warmup_steps > 0 && t->step + 1 < t->opt.warmup_steps)
         lr *= (double)(t->step + 1) / t->opt.warmup_steps;
     int skipped = !isfinite(norm) || !isfinite(loss);
@@ -590,9 +705,22 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
         if (t->opt.grad_clip > 0 && norm > t->opt.grad_clip)
             gscale = (float)(t->opt.grad_clip / (norm + 1e-6));
         t->adam_t++;
-        adam_update(t, lr, gscale);
-        model_weights_changed(m);
-        beta = ema_update(t, n);
+        if (m->cuda) {
+            cuda_trainer_link link = {t, t->ema, t->adam_m, t->adam_v, &t->cuda_attached};
+            const lego_train_options *o = &t->opt;
+            beta = ema_beta(t, n);
+            cuda_adam_step a = {lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                                o->optimizer == LEGO_OPTIMIZER_ADAMW, t->adam_t, gscale,
+                                (float)beta};
+            if ((s = cuda_train_update(m, &link, &a, &t->err)) != LEGO_OK) {
+                t->adam_t--;
+                return s;
+            }
+        } else {
+            adam_update(t, lr, gscale);
+            model_weights_changed(m);
+            beta = ema_update(t, n);
+        }
     }
     t->step++;
     t->images_seen += n;
@@ -657,6 +785,8 @@ LEGO_API lego_status lego_trainer_save_state(lego_trainer *t, const char *path) 
     TRAINER_CHECK(t);
     if (!path) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
     lego_model *m = t->m;
+    lego_status ps = cuda_backend_pull(m, &t->err); /* the state trained on the GPU */
+    if (ps != LEGO_OK) return ps;
     /* The table has at most a few tens of thousands of entries (bricks x
      * depth), so these counts are small. */
     size_t max_items = 4 * (size_t)m->num_params + 1;
@@ -765,6 +895,7 @@ LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) 
     memcpy(t->ema, fresh + nv, nv * sizeof *fresh);
     memcpy(t->adam_m, fresh + 2 * nv, nv * sizeof *fresh);
     memcpy(t->adam_v, fresh + 3 * nv, nv * sizeof *fresh);
+    cuda_train_detach(m, t); /* its device state is stale: uploaded again at the next step */
     t->step = (int64_t)v[0];
     t->adam_t = (int64_t)v[1];
     t->images_seen = (int64_t)v[2];
@@ -782,6 +913,8 @@ LEGO_API lego_status lego_trainer_export_ema(lego_trainer *t, const char *path) 
     TRAINER_CHECK(t);
     if (!path) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
     lego_model *m = t->m;
+    lego_status ps = cuda_backend_pull(m, &t->err); /* the EMA trained on the GPU */
+    if (ps != LEGO_OK) return ps;
     st_write_item *items = calloc((size_t)m->num_params, sizeof *items);
     char *json = config_to_json(m);
     lego_status s = LEGO_OK;

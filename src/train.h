@@ -30,6 +30,8 @@ struct lego_trainer {
     /* Activations and batch buffers for `batch_n` images, rebuilt when a
      * step brings another batch size. */
     int batch_n;
+    int batch_gpu;            /* the batch buffers are the GPU path's (no cache) */
+    int cuda_attached;        /* its state lives on the model's GPU (cuda/train.cu) */
     net_cache *cache;
     float *y, *noise, *sigma, *label_vectors, *scratch;
 };
@@ -48,7 +50,8 @@ void train_loss_grads(const lego_model *m, net_cache *c, const float *y, const f
 
 /* The batch step number t->step trains on: flipped images, noise, sigma
  * and one-hot labels after dropout, from the trainer's Philox streams.
- * Arguments as lego_trainer_step, already validated. */
+ * Arguments as lego_trainer_step, already validated; noise may be NULL (not
+ * drawn: a model on the GPU draws it there). */
 void trainer_draw_batch(const lego_trainer *t, const float *images, const int32_t *labels, int n,
                         float *y, float *noise, float *sigma, float *label_vectors);
 

@@ -43,6 +43,7 @@
 #include "backend_cuda.h"
 #include "model.h"
 #include "rng.h"
+#include "train.h"
 #define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
@@ -1001,6 +1002,574 @@ START_TEST(test_cuda_sample_philox) {
 END_TEST
 
 /* ------------------------------------------------------------------------ */
+/* Training on the GPU (cuda/train.cu)                                      */
+/* ------------------------------------------------------------------------ */
+
+/* Gradients on the GPU against the golden files and the CPU: fp32 within
+ * the case's tolerance (1e-3 scaled); bf16 GEMM operands within TRAIN_LOW_TOL. */
+#define TRAIN_LOW_TOL 5e-2
+
+/* tolerance.denoiser of case.json (the gradients are held to it too). */
+static double train_case_tolerance(const char *dir) {
+    static char path[4096];
+    static char buf[1 << 20];
+    snprintf(path, sizeof path, "%s/case.json", dir);
+    FILE *fp = fopen(path, "rb");
+    ck_assert_msg(fp != NULL, "%s missing", path);
+    size_t len = fread(buf, 1, sizeof buf - 1, fp);
+    fclose(fp);
+    buf[len] = 0;
+    cJSON *root = cJSON_Parse(buf);
+    ck_assert(root);
+    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "denoiser");
+    double v = cJSON_IsNumber(tol) ? tol->valuedouble : GPU_TOL;
+    cJSON_Delete(root);
+    return v;
+}
+
+START_TEST(test_cuda_train_golden) {
+    const char *dir = case_dirs[_i], *name = strrchr(dir, '/') + 1;
+    static char path[4096];
+    snprintf(path, sizeof path, "%s/io.safetensors", dir);
+    st_file *io = NULL;
+    static lego_err err;
+    ck_assert_msg(st_open(path, &io, &err) == LEGO_OK, "%s", err.msg);
+    const st_tensor *ty = st_find(io, "train.y");
+    if (!ty) {
+        printf("cuda train golden %-12s (no train.* tensors)\n", name);
+        st_close(io);
+        return;
+    }
+    double tol = train_case_tolerance(dir);
+    lego_model *m = load_model(dir, LEGO_BACKEND_CUDA);
+    lego_train_batch b;
+    lego_train_batch_init(&b);
+    b.n = (int)ty->shape[0];
+    b.height = (int)ty->shape[2];
+    b.width = (int)ty->shape[3];
+    float *y = tensor_f32(io, "train.y", NULL), *noise = tensor_f32(io, "train.noise", NULL);
+    float *sigma = tensor_f32(io, "train.sigma", NULL);
+    float *labels = tensor_f32(io, "train.labels", NULL);
+    float *want_loss = tensor_f32(io, "train.loss", NULL);
+    ck_assert(y && noise && sigma && want_loss);
+    b.y = y;
+    b.noise = noise;
+    b.sigma = sigma;
+    b.label_vectors = labels;
+    size_t np = m->params_size;
+    float *grads = malloc(np * sizeof *grads), loss = 0;
+    ck_assert(grads);
+    ck_assert_msg(lego_train_loss(m, &b, &loss, grads) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(name, "train.loss (gpu)", &loss, want_loss, 1, tol);
+    int checked = 0, trainable = 0;
+    double worst = 0;
+    for (int i = 0; i < m->num_params; i++) {
+        const lego_param *p = &m->table[i];
+        if (p->fixed) {
+            for (size_t j = 0; j < p->numel; j++) ck_assert(grads[p->offset + j] == 0.0f);
+            continue;
+        }
+        trainable++;
+        char gname[160];
+        snprintf(gname, sizeof gname, "grad.%s", p->name);
+        size_t n = 0;
+        float *want = tensor_f32(io, gname, &n);
+        ck_assert_msg(want && n == p->numel, "%s: %s missing or misshapen", name, gname);
+        double e = scaled_error(grads + p->offset, want, n);
+        if (e > worst || isnan(e)) worst = e;
+        ck_assert_msg(e <= tol, "%s %s: scaled error %g exceeds %g", name, gname, e, tol);
+        free(want);
+        checked++;
+    }
+    printf("cuda train golden %-12s %d of %d gradient tensors, worst scaled error %.2e "
+           "(tolerance %.0e)\n", name, checked, trainable, worst, tol);
+    free(y);
+    free(noise);
+    free(sigma);
+    free(labels);
+    free(want_loss);
+    free(grads);
+    lego_model_free(m);
+    st_close(io);
+}
+END_TEST
+
+/* Small models for GPU-vs-CPU training checks (the emulation is slow). */
+static const rand_model train_models[] = {
+    /* LEGO-PG: a 4-token brick under an 8x8 one; labels. */
+    {"tr-pg", 32, 2, 1, 3, 4.0, 8, 8, 3, 2, {{4, 2, 1}, {8, 2, 1}}},
+    /* LEGO-PR on non-square images, two channels, no labels, depth 2 on
+     * top; head_dim 32. */
+    {"tr-pr", 64, 2, 2, 0, 4.0, 8, 16, 2, 2, {{8, 2, 1}, {4, 2, 2}}},
+    /* A 64-token sequence, one head of 64 (the S/L models' head size). */
+    {"tr-long", 64, 1, 1, 2, 4.0, 16, 16, 2, 1, {{16, 2, 1}}},
+    /* Three bricks, patch 1, a 1-token brick, head_dim 8, MLP width 80. */
+    {"tr-odd", 32, 4, 1, 5, 2.5, 8, 8, 2, 3, {{2, 1, 1}, {2, 2, 1}, {8, 1, 1}}},
+};
+#define NUM_TRAIN_MODELS (sizeof train_models / sizeof train_models[0])
+
+typedef struct train_io {
+    lego_train_batch b;
+    float *y, *noise, *sigma;
+    int32_t labels[8];
+} train_io;
+
+static void train_inputs(const rand_model *rm, uint64_t seed, train_io *out) {
+    train_io io;
+    memset(&io, 0, sizeof io);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    io.y = malloc(img * sizeof(float));
+    io.noise = malloc(img * sizeof(float));
+    io.sigma = malloc((size_t)rm->n * sizeof(float));
+    ck_assert(io.y && io.noise && io.sigma && rm->n <= 8);
+    philox_normal_f32(seed, 1, 0, img, io.y);
+    philox_normal_f32(seed, 2, 0, img, io.noise);
+    for (size_t j = 0; j < img; j++) io.y[j] *= 0.5f;
+    for (int i = 0; i < rm->n; i++) {
+        io.sigma[i] = 0.05f * powf(400.0f, (float)i / (float)(rm->n > 1 ? rm->n - 1 : 1));
+        io.labels[i] = rm->labels > 0 ? (i == 1 ? -1 : (i * 7) % rm->labels) : -1;
+    }
+    lego_train_batch_init(&io.b);
+    io.b.n = rm->n;
+    io.b.height = rm->h;
+    io.b.width = rm->w;
+    io.b.y = io.y;
+    io.b.noise = io.noise;
+    io.b.sigma = io.sigma;
+    *out = io;
+    out->b.labels = rm->labels > 0 ? out->labels : NULL; /* into *out, not the local */
+}
+
+static void free_train_inputs(train_io *io) {
+    free(io->y);
+    free(io->noise);
+    free(io->sigma);
+}
+
+/* Every tensor's gradient, GPU against CPU. */
+static void compare_grads(const char *who, const char *variant, const lego_model *m,
+                          const float *gpu, const float *cpu, double tol) {
+    double worst = 0;
+    const char *worst_name = "";
+    for (int i = 0; i < m->num_params; i++) {
+        const lego_param *p = &m->table[i];
+        double e = scaled_error(gpu + p->offset, cpu + p->offset, p->numel);
+        if (e > worst || isnan(e)) {
+            worst = e;
+            worst_name = p->name;
+        }
+        ck_assert_msg(e <= tol, "%s%s %s: scaled error %g exceeds %g", who, variant, p->name, e,
+                      tol);
+    }
+    printf("cuda train %-10s grads%-8s worst scaled error %.2e (%s; tolerance %.0e)\n", who,
+           variant, worst, worst_name, tol);
+    fflush(stdout);
+}
+
+START_TEST(test_cuda_train_random) {
+    const rand_model *rm = &train_models[_i];
+    const char *only = getenv("LEGO_TEST_TRAIN_MODEL");
+    if (only && strcmp(only, rm->name) != 0) return;
+    lego_model *m = build_rand(rm);
+    randomize(m, 77 + (uint64_t)_i, 0.1f);
+    train_io io;
+    train_inputs(rm, 5 + (uint64_t)_i, &io);
+    size_t np = m->params_size;
+    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
+    ck_assert(cpu && gpu);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    /* Patch-sampled (eq. 12): half of each brick's patches. */
+    lego_train_batch sb = io.b;
+    sb.patch_fraction = 0.5;
+    sb.patch_seed = 3 + (uint64_t)_i;
+    float *cpu_s = malloc(np * sizeof *cpu_s), lcs = 0, lgs = 0;
+    ck_assert(cpu_s);
+    ck_assert_msg(lego_train_loss(m, &sb, &lcs, cpu_s) == LEGO_OK, "%s", lego_model_error(m));
+
+    ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
+    compare_grads(rm->name, "", m, gpu, cpu, GPU_TOL);
+    /* The loss alone, and again: the same bits. */
+    float l2 = 0, *again = malloc(np * sizeof *again);
+    ck_assert(again);
+    ck_assert(lego_train_loss(m, &io.b, &l2, NULL) == LEGO_OK && l2 == lg);
+    ck_assert(lego_train_loss(m, &io.b, &l2, again) == LEGO_OK && l2 == lg);
+    ck_assert_msg(memcmp(again, gpu, np * sizeof *gpu) == 0, "%s: a second run differs", rm->name);
+    ck_assert_msg(lego_train_loss(m, &sb, &lgs, again) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [patches 1/2]", &lgs, &lcs, 1, GPU_TOL);
+    compare_grads(rm->name, " [patches 1/2]", m, again, cpu_s, GPU_TOL);
+    free(cpu_s);
+
+    /* Attention through batched GEMMs for every length, then through the
+     * CUDA-core kernels only (the default picks by length). */
+    static const struct {
+        int mode;
+        const char *name;
+    } attn[] = {{2, " [attn gemm]"}, {1, " [attn kern]"}};
+    for (size_t v = 0; v < sizeof attn / sizeof attn[0]; v++) {
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, attn[v].mode) == LEGO_OK);
+        ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+        expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
+        compare_grads(rm->name, attn[v].name, m, gpu, cpu, GPU_TOL);
+    }
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 0) == LEGO_OK);
+
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads(rm->name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 3) == LEGO_ERR_INVALID_ARGUMENT);
+    /* fp16 precision trains in fp32. */
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_FP16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm->name, " [fp16]", m, gpu, cpu, GPU_TOL);
+    free(again);
+    free(cpu);
+    free(gpu);
+    free_train_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+/* The Fashion-MNIST architecture itself (256-token bricks with head_dim 64
+ * through the GEMM attention, 4-token ones through the kernels, depth 4),
+ * random weights, two images: GPU against CPU in fp32 and bf16. */
+START_TEST(test_cuda_train_fmnist) {
+    lego_preset_options po;
+    lego_preset_options_init(&po);
+    po.num_threads = 2;
+    lego_model *m = NULL;
+    ck_assert_msg(lego_model_create_preset("fmnist_lego_pg32", &po, &m) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    ck_assert(lego_model_init_weights(m, 3) == LEGO_OK);
+    randomize(m, 21, 0.03f);
+    const rand_model rm = {"fmnist", 256, 4,  1, 10, 4.0, 32, 32, 2, 3,
+                           {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}};
+    train_io io;
+    train_inputs(&rm, 8, &io);
+    size_t np = m->params_size;
+    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
+    ck_assert(cpu && gpu);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close("fmnist", "train.loss", &lg, &lc, 1, GPU_TOL);
+    compare_grads("fmnist", "", m, gpu, cpu, GPU_TOL);
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close("fmnist", "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads("fmnist", " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    free(cpu);
+    free(gpu);
+    free_train_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
+/* Trainer options that move the weights visibly in a few steps. */
+static lego_train_options train_opts(void) {
+    lego_train_options o;
+    lego_train_options_init(&o);
+    o.lr = 1e-3;
+    o.weight_decay = 0.01;
+    o.warmup_steps = 2;
+    o.grad_clip = 1.0;
+    o.ema_halflife_kimg = 0.01;
+    o.label_dropout = 0.2;
+    o.hflip = 1;
+    o.seed = 11;
+    return o;
+}
+
+static float *train_images(const rand_model *rm, int n, int32_t *labels) {
+    size_t img = (size_t)n * rm->channels * rm->h * rm->w;
+    float *x = malloc(img * sizeof *x);
+    ck_assert(x);
+    philox_normal_f32(3, 4, 0, img, x);
+    for (size_t j = 0; j < img; j++) x[j] = tanhf(x[j]);
+    for (int i = 0; i < n; i++) labels[i] = rm->labels > 0 ? i % rm->labels : -1;
+    return x;
+}
+
+static void run_steps(lego_trainer *t, const rand_model *rm, const float *images,
+                      const int32_t *labels, int steps) {
+    for (int s = 0; s < steps; s++) {
+        lego_train_stats st;
+        lego_train_stats_init(&st);
+        ck_assert_msg(lego_trainer_step(t, images, rm->labels > 0 ? labels : NULL, rm->n, &st) ==
+                          LEGO_OK,
+                      "%s", lego_trainer_error(t));
+        ck_assert(!st.skipped);
+    }
+}
+
+static float *params_of(lego_model *m) {
+    float *p = malloc(m->params_size * sizeof *p);
+    ck_assert(p);
+    ck_assert_msg(lego_model_get_params(m, p, (int64_t)m->params_size) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    return p;
+}
+
+/* Trainer steps on the GPU against the CPU (patch-sampled, eq. 12); the
+ * EMA too; lego_denoise on the device sees the new weights. */
+START_TEST(test_cuda_train_steps) {
+    const rand_model *rm = &train_models[0];
+    lego_train_options o = train_opts();
+    o.patch_fraction = 0.5;
+    int32_t labels[8];
+    float *images = train_images(rm, rm->n, labels);
+    lego_model *mc = build_rand(rm), *mg = build_rand(rm);
+    ck_assert(lego_model_set_backend(mg, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_trainer *tc = NULL, *tg = NULL;
+    ck_assert(lego_trainer_create(mc, &o, &tc) == LEGO_OK);
+    ck_assert(lego_trainer_create(mg, &o, &tg) == LEGO_OK);
+    run_steps(tc, rm, images, labels, 3);
+    run_steps(tg, rm, images, labels, 3);
+    ck_assert(tg->cuda_attached == 1 && tc->cuda_attached == 0);
+    float *pc = params_of(mc), *pg = params_of(mg);
+    expect_close(rm->name, "weights after 3 steps", pg, pc, mc->params_size, GPU_TOL);
+    ck_assert(lego_trainer_save_state(tg, "/tmp/lego_test_cuda_train_a.st") == LEGO_OK);
+    expect_close(rm->name, "ema after 3 steps", tg->ema, tc->ema, mc->params_size, GPU_TOL);
+    expect_close(rm->name, "adam_v after 3 steps", tg->adam_v, tc->adam_v, mc->params_size,
+                 GPU_TOL);
+
+    /* The device evaluation uses the trained weights: the CPU model with
+     * the GPU's weights gives the same D(x). */
+    ck_assert(lego_model_set_params(mc, pg, (int64_t)mc->params_size) == LEGO_OK);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *dc = malloc(img * sizeof *dc), *dg = malloc(img * sizeof *dg);
+    ck_assert(dc && dg);
+    denoise_n(mc, rm, &io, rm->n, 1.0f, dc);
+    denoise_n(mg, rm, &io, rm->n, 1.0f, dg);
+    expect_close(rm->name, "denoise after training", dg, dc, img, GPU_TOL);
+    /* And lego_sample (the device loop) too. */
+    uint64_t seeds[8] = {5, 6, 7, 8, 9, 10, 11, 12};
+    lego_sample_request sr;
+    lego_sample_request_init(&sr);
+    sr.n = rm->n;
+    sr.height = rm->h;
+    sr.width = rm->w;
+    sr.seeds = seeds;
+    lego_sample_options so;
+    lego_sample_options_init(&so);
+    so.steps = 4;
+    sr.out = dc;
+    ck_assert_msg(lego_sample(mc, &sr, &so, NULL) == LEGO_OK, "%s", lego_model_error(mc));
+    sr.out = dg;
+    ck_assert_msg(lego_sample(mg, &sr, &so, NULL) == LEGO_OK, "%s", lego_model_error(mg));
+    expect_close(rm->name, "sample after training", dg, dc, img, GPU_TOL);
+    /* Weights rewritten on the host win over the device's; the next step
+     * trains from them and its result comes back. */
+    ck_assert(lego_model_set_params(mg, pc, (int64_t)mg->params_size) == LEGO_OK);
+    float *back = params_of(mg);
+    ck_assert(memcmp(back, pc, mg->params_size * sizeof *pc) == 0);
+    free(back);
+    run_steps(tg, rm, images, labels, 1);
+    back = params_of(mg);
+    ck_assert(memcmp(back, pc, mg->params_size * sizeof *pc) != 0);
+    free(back);
+    /* One more step, then the model goes back to the CPU: the weights come
+     * along. */
+    run_steps(tg, rm, images, labels, 1);
+    float *pg2 = params_of(mg);
+    ck_assert(lego_model_set_backend(mg, LEGO_BACKEND_CPU, 0) == LEGO_OK);
+    ck_assert(tg->cuda_attached == 0);
+    ck_assert(memcmp(pg2, mg->params, mg->params_size * sizeof *pg2) == 0);
+    /* And the trainer goes on on the CPU with its state. */
+    run_steps(tg, rm, images, labels, 1);
+    free(pg2);
+    free(dc);
+    free(dg);
+    free_inputs(&io);
+    free(pc);
+    free(pg);
+    free(images);
+    lego_trainer_free(tc);
+    lego_trainer_free(tg);
+    lego_model_free(mc);
+    lego_model_free(mg);
+}
+END_TEST
+
+/* Save after 2 steps, resume in a new model and trainer, 2 more steps:
+ * bit for bit what 4 uninterrupted steps give.  A CPU trainer's state
+ * loads into a GPU trainer and vice versa. */
+START_TEST(test_cuda_train_resume) {
+    const rand_model *rm = &train_models[1];
+    lego_train_options o = train_opts();
+    int32_t labels[8];
+    float *images = train_images(rm, rm->n, labels);
+    const char *st = "/tmp/lego_test_cuda_train_b.st";
+    const char *ema_a = "/tmp/lego_test_cuda_train_ema_a.safetensors";
+    const char *ema_b = "/tmp/lego_test_cuda_train_ema_b.safetensors";
+
+    lego_model *ma = build_rand(rm);
+    ck_assert(lego_model_set_backend(ma, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_trainer *ta = NULL;
+    ck_assert(lego_trainer_create(ma, &o, &ta) == LEGO_OK);
+    run_steps(ta, rm, images, labels, 2);
+    ck_assert_msg(lego_trainer_save_state(ta, st) == LEGO_OK, "%s", lego_trainer_error(ta));
+    run_steps(ta, rm, images, labels, 2);
+    ck_assert(lego_trainer_export_ema(ta, ema_a) == LEGO_OK);
+    float *pa = params_of(ma);
+
+    lego_model *mb = build_rand(rm);
+    randomize(mb, 999, 0.3f); /* overwritten by the state */
+    ck_assert(lego_model_set_backend(mb, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_trainer *tb = NULL;
+    ck_assert(lego_trainer_create(mb, &o, &tb) == LEGO_OK);
+    run_steps(tb, rm, images, labels, 1); /* its own state on the device first */
+    ck_assert_msg(lego_trainer_load_state(tb, st) == LEGO_OK, "%s", lego_trainer_error(tb));
+    run_steps(tb, rm, images, labels, 2);
+    ck_assert(lego_trainer_export_ema(tb, ema_b) == LEGO_OK);
+    float *pb = params_of(mb);
+    ck_assert_msg(memcmp(pa, pb, ma->params_size * sizeof *pa) == 0,
+                  "resumed weights differ from the uninterrupted run");
+    ck_assert(memcmp(ta->ema, tb->ema, ma->params_size * sizeof *pa) == 0);
+    ck_assert(memcmp(ta->adam_m, tb->adam_m, ma->params_size * sizeof *pa) == 0);
+    ck_assert(ta->step == tb->step && ta->adam_t == tb->adam_t &&
+              ta->images_seen == tb->images_seen);
+    printf("cuda train %-10s resume after 2 of 4 steps: bit-identical weights, EMA, moments\n",
+           rm->name);
+
+    /* CPU state -> GPU trainer, and GPU state -> CPU trainer: the next step
+     * agrees with the CPU's own continuation. */
+    lego_model *mc = build_rand(rm);
+    lego_trainer *tc = NULL;
+    ck_assert(lego_trainer_create(mc, &o, &tc) == LEGO_OK);
+    ck_assert(lego_trainer_load_state(tc, st) == LEGO_OK); /* a GPU state on the CPU */
+    run_steps(tc, rm, images, labels, 2);
+    float *pc = params_of(mc);
+    expect_close(rm->name, "gpu state resumed on cpu", pc, pa, mc->params_size, GPU_TOL);
+    ck_assert(lego_trainer_save_state(tc, st) == LEGO_OK); /* a CPU state after 4 steps */
+    ck_assert(lego_trainer_load_state(tb, st) == LEGO_OK); /* into the GPU trainer */
+    float *pl = params_of(mb);
+    ck_assert(memcmp(pl, pc, mc->params_size * sizeof *pl) == 0);
+    run_steps(tb, rm, images, labels, 1);
+    run_steps(tc, rm, images, labels, 1);
+    free(pb);
+    pb = params_of(mb);
+    free(pc);
+    pc = params_of(mc);
+    expect_close(rm->name, "cpu state resumed on gpu", pb, pc, mc->params_size, GPU_TOL);
+
+    free(pl);
+    free(pa);
+    free(pb);
+    free(pc);
+    free(images);
+    lego_trainer_free(ta);
+    lego_trainer_free(tb);
+    lego_trainer_free(tc);
+    lego_model_free(ma);
+    lego_model_free(mb);
+    lego_model_free(mc);
+    remove(st);
+    remove(ema_a);
+    remove(ema_b);
+}
+END_TEST
+
+/* Two trainers on one model take turns: each one's state moves between
+ * host and device as the other attaches, and the sequence of steps gives
+ * what it gives on the CPU. */
+START_TEST(test_cuda_train_two_trainers) {
+    const rand_model *rm = &train_models[3];
+    lego_train_options oa = train_opts(), ob = train_opts();
+    ob.seed = 99;
+    ob.optimizer = LEGO_OPTIMIZER_ADAM;
+    int32_t labels[8];
+    float *images = train_images(rm, rm->n, labels);
+    lego_model *mc = build_rand(rm), *mg = build_rand(rm);
+    ck_assert(lego_model_set_backend(mg, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_trainer *ca = NULL, *cb = NULL, *ga = NULL, *gb = NULL;
+    ck_assert(lego_trainer_create(mc, &oa, &ca) == LEGO_OK);
+    ck_assert(lego_trainer_create(mc, &ob, &cb) == LEGO_OK);
+    ck_assert(lego_trainer_create(mg, &oa, &ga) == LEGO_OK);
+    ck_assert(lego_trainer_create(mg, &ob, &gb) == LEGO_OK);
+    lego_trainer *cpu[4] = {ca, cb, cb, ca}, *gpu[4] = {ga, gb, gb, ga};
+    ck_assert(cuda_train_profile(mg, 1, NULL) == LEGO_OK); /* timing changes nothing else */
+    for (int i = 0; i < 4; i++) {
+        run_steps(cpu[i], rm, images, labels, 1);
+        run_steps(gpu[i], rm, images, labels, 1);
+    }
+    double parts[CUDA_TPROF_PARTS];
+    ck_assert(cuda_train_profile(mg, 0, parts) == LEGO_OK);
+    for (int i = 0; i < CUDA_TPROF_PARTS; i++) ck_assert(parts[i] > 0);
+    ck_assert(ga->cuda_attached == 1 && gb->cuda_attached == 0);
+    float *pc = params_of(mc), *pg = params_of(mg);
+    expect_close(rm->name, "two trainers: weights", pg, pc, mc->params_size, GPU_TOL);
+    ck_assert(lego_trainer_save_state(gb, "/tmp/lego_test_cuda_train_c.st") == LEGO_OK);
+    expect_close(rm->name, "two trainers: ema of b", gb->ema, cb->ema, mc->params_size, GPU_TOL);
+    expect_close(rm->name, "two trainers: ema of a", ga->ema, ca->ema, mc->params_size, GPU_TOL);
+    remove("/tmp/lego_test_cuda_train_c.st");
+    free(pc);
+    free(pg);
+    free(images);
+    lego_trainer_free(ca);
+    lego_trainer_free(cb);
+    lego_trainer_free(ga);
+    lego_trainer_free(gb);
+    lego_model_free(mc);
+    lego_model_free(mg);
+}
+END_TEST
+
+/* A non-finite gradient skips the update on the GPU as on the CPU; the
+ * model freed before its trainer is fine. */
+START_TEST(test_cuda_train_nonfinite) {
+    const rand_model *rm = &train_models[0];
+    lego_model *m = build_rand(rm);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    lego_train_options o = train_opts();
+    lego_trainer *t = NULL;
+    ck_assert(lego_trainer_create(m, &o, &t) == LEGO_OK);
+    int32_t labels[8];
+    float *images = train_images(rm, rm->n, labels);
+    size_t nv = m->params_size;
+    /* A device budget too small for the training state: a clean failure,
+     * nothing taken. */
+    size_t held = lego_model_device_memory_usage(m);
+    ck_assert(lego_model_set_device_memory_budget(m, held + 1024) == LEGO_OK);
+    lego_train_stats st;
+    lego_train_stats_init(&st);
+    ck_assert_int_eq(lego_trainer_step(t, images, labels, rm->n, &st), LEGO_ERR_OUT_OF_MEMORY);
+    ck_assert_msg(strstr(lego_trainer_error(t), "budget"), "%s", lego_trainer_error(t));
+    ck_assert(t->step == 0 && t->adam_t == 0);
+    ck_assert(lego_model_set_device_memory_budget(m, 0) == LEGO_OK);
+    m->params[m->table[0].offset] = 3e38f;
+    m->params[m->table[0].offset + 1] = 3e38f;
+    model_weights_changed(m);
+    float *before = params_of(m);
+    ck_assert(lego_trainer_step(t, images, labels, rm->n, &st) == LEGO_OK);
+    ck_assert_int_eq(st.skipped, 1);
+    ck_assert_int_eq(st.skipped_total, 1);
+    ck_assert_int_eq(t->adam_t, 0);
+    float *after = params_of(m);
+    ck_assert(memcmp(before, after, nv * sizeof *before) == 0);
+    m->params[m->table[0].offset] = 0;
+    m->params[m->table[0].offset + 1] = 0;
+    model_weights_changed(m);
+    ck_assert(lego_trainer_step(t, images, labels, rm->n, &st) == LEGO_OK);
+    ck_assert_int_eq(st.skipped, 0);
+    ck_assert_int_eq(t->adam_t, 1);
+    ck_assert(isfinite(st.loss) && isfinite(st.grad_norm) && st.grad_norm > 0);
+    lego_model_free(m); /* before the trainer */
+    ck_assert(t->cuda_attached == 0);
+    lego_trainer_free(t);
+    free(before);
+    free(after);
+    free(images);
+}
+END_TEST
+
 /* The sampling loop on the device (cuda_backend_sample)                    */
 /* ------------------------------------------------------------------------ */
 
@@ -1416,6 +1985,15 @@ int main(void) {
         tcase_add_test(ws, test_cuda_device_budget);
         tcase_add_test(ws, test_cuda_two_devices);
         tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
+        TCase *tr = add_case(s, "train");
+        tcase_add_loop_test(tr, test_cuda_train_random, 0, (int)NUM_TRAIN_MODELS);
+        tcase_add_test(tr, test_cuda_train_steps);
+        tcase_add_test(tr, test_cuda_train_resume);
+        tcase_add_test(tr, test_cuda_train_nonfinite);
+        tcase_add_test(tr, test_cuda_train_two_trainers);
+        tcase_add_test(add_case(s, "train-fmnist"), test_cuda_train_fmnist);
+        if (num_cases > 0)
+            tcase_add_loop_test(add_case(s, "train-golden"), test_cuda_train_golden, 0, num_cases);
         /* The device sampling loop: CK_RUN_CASE=devloop (a few minutes in
          * the host emulation), devloop-golden (the golden generate runs). */
         TCase *dl = add_case(s, "devloop");

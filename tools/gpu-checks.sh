@@ -6,7 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [sample-loop] [attn-ab]
+#                       [sample-loop] [attn-ab] [train-test] [train-bench] [train-profile]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -50,6 +50,28 @@ for what in "$@"; do
             echo "== 1000 samples $args"
             timeout 100 "$D/bin/lego-sample" --backend cuda --model "$MODEL" --labels cycle \
                 --batch 500 --quiet $args --npz "$OUT/fmnist_$name.npz"
+        done
+        ;;
+    train-test)
+        # Training on the GPU: golden gradients, GPU vs CPU, resume (test_cuda's parts).
+        for part in train-golden train; do
+            echo "== test_cuda $part"
+            CK_RUN_CASE=$part timeout 240 "$D/tests/test_cuda" > "$OUT/test_cuda_$part.log" 2>&1
+            echo "rc=$?"
+            grep -E "^[0-9]+%|:[EF]:|worst|resume" "$OUT/test_cuda_$part.log" | head -30
+        done
+        ;;
+    train-bench)
+        # Training throughput, Fashion-MNIST architecture, batch 256 (target on an H100:
+        # >= 10,500 images/s in bf16).
+        for args in "--precision fp32" "--precision bf16" "--precision bf16 --patch-fraction 0.5"; do
+            timeout 200 "$D/bin/lego-train" --backend cuda $args --batch 256 --bench 30 2>&1 | tail -2
+        done
+        ;;
+    train-profile)
+        # Where a training step's time goes (tools/train_profile.c).
+        for args in "256 bf16" "256 fp32" "256 bf16 0.5"; do
+            timeout 120 "$D/tests/train_profile" $args 2>&1
         done
         ;;
     profile-one)

@@ -21,10 +21,11 @@ SHARED=${SHARED:-../shared}
 rm -rf "$D"
 mkdir -p "$D/bin" "$D/lib" "$D/tests" "$D/deps" "$D/shared"
 make CUDA=1 -j2 lib examples build/tests/test_cuda build/tools/cuda_profile \
-    build/tools/cuda_sample_loop >/dev/null
+    build/tools/cuda_sample_loop build/tools/train_profile >/dev/null
 cp -a lib/liblego.so* "$D/lib/"
 cp bin/lego-* "$D/bin/"
-cp build/tests/test_cuda build/tools/cuda_profile build/tools/cuda_sample_loop "$D/tests/"
+cp build/tests/test_cuda build/tools/cuda_profile build/tools/train_profile build/tools/cuda_sample_loop \
+    "$D/tests/"
 strip "$D"/bin/* "$D"/tests/* "$D"/lib/liblego.so.*.*.*
 for lib in libcjson.so.1 libsubunit.so.0; do
     cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$D/deps/"

@@ -460,6 +460,8 @@ struct emu_layout {
     int type;
     uint64_t rows, cols;
     int64_t ld;
+    int32_t batch;
+    int64_t stride; /* elements between the matrices of a strided batch */
 };
 
 static size_t type_bytes(int type) { return type == CUDA_R_32F ? 4 : 2; }
@@ -478,6 +480,7 @@ static void store_elem(void *p, int type, uint64_t i, double v) {
 }
 struct emu_pref {
     uint64_t workspace = 0;
+    uint32_t align[4] = {256, 256, 256, 256}; /* A, B, C, D: what pointers promise */
 };
 
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
@@ -503,8 +506,25 @@ cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataTyp
     if ((type != CUDA_R_32F && type != CUDA_R_16BF && type != CUDA_R_16F) || rows == 0 ||
         cols == 0 || ld < (int64_t)rows)
         return CUBLAS_STATUS_INVALID_VALUE;
-    *l = new emu_layout{type, rows, cols, ld};
+    *l = new emu_layout{type, rows, cols, ld, 1, 0};
     return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
+                                                cublasLtMatrixLayoutAttribute_t attr,
+                                                const void *buf, size_t bytes) {
+    if (attr == CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT && bytes == sizeof l->batch) {
+        int32_t v;
+        memcpy(&v, buf, bytes);
+        if (v < 1) return CUBLAS_STATUS_INVALID_VALUE;
+        l->batch = v;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (attr == CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET && bytes == sizeof l->stride) {
+        memcpy(&l->stride, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_INVALID_VALUE;
 }
 
 cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
@@ -561,6 +581,11 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
 cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
                                                     cublasLtMatmulPreferenceAttributes_t attr,
                                                     const void *buf, size_t bytes) {
+    if (attr >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES &&
+        attr <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES && bytes == sizeof(uint32_t)) {
+        memcpy(&p->align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    }
     if (attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || bytes != sizeof p->workspace)
         return CUBLAS_STATUS_INVALID_VALUE;
     memcpy(&p->workspace, buf, bytes);
@@ -573,7 +598,8 @@ static bool consistent(const emu_desc *d, const emu_layout *a, const emu_layout 
     if (a->type != b->type || (dl->type != CUDA_R_32F && dl->type != a->type)) return false;
     uint64_t am = d->transa ? a->cols : a->rows, ak = d->transa ? a->rows : a->cols;
     uint64_t bk = d->transb ? b->cols : b->rows, bn = d->transb ? b->rows : b->cols;
-    return am == dl->rows && bn == dl->cols && ak == bk;
+    return am == dl->rows && bn == dl->cols && ak == bk && a->batch == b->batch &&
+           a->batch == dl->batch;
 }
 
 static bool has_bias(uint32_t e) {
@@ -583,7 +609,7 @@ static bool has_bias(uint32_t e) {
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t d,
                                               cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                               cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dl,
-                                              cublasLtMatmulPreference_t, int requested,
+                                              cublasLtMatmulPreference_t pref, int requested,
                                               cublasLtMatmulHeuristicResult_t *results,
                                               int *returned) {
     *returned = 0;
@@ -601,6 +627,9 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
         memset(&results[i], 0, sizeof results[i]);
         results[i].algo.data[0] = d->epilogue;
         results[i].algo.data[1] = (uint64_t)i;
+        /* The alignments the algorithm relies on: what the preference
+         * promised (256 unless told otherwise), as on a GPU. */
+        for (int k = 0; k < 4; k++) results[i].algo.data[2 + k] = pref->align[k];
         results[i].state = CUBLAS_STATUS_SUCCESS;
     }
     *returned = count;
@@ -620,6 +649,16 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const vo
                               size_t workspace_bytes, cudaStream_t stream) {
     if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
         return CUBLAS_STATUS_INVALID_VALUE;
+    /* Operands (and every matrix of a batch) aligned as the algorithm was
+     * chosen for. */
+    const void *ptrs[4] = {a, b, c, dst};
+    const emu_layout *lays[4] = {al, bl, cl, dl};
+    for (int k = 0; k < 4; k++) {
+        uint64_t need = algo->data[2 + k] ? algo->data[2 + k] : 256;
+        uint64_t stride_bytes = (uint64_t)lays[k]->stride * type_bytes(lays[k]->type);
+        if ((uintptr_t)ptrs[k] % need || (lays[k]->batch > 1 && stride_bytes % need))
+            return CUBLAS_STATUS_INVALID_VALUE;
+    }
     /* What a GPU bakes into the launch: the descriptors' values now. */
     emu_desc dv = *d;
     emu_layout av = *al, bv = *bl, cv = *cl, dlv = *dl;
@@ -636,9 +675,25 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
                        size_t workspace_bytes) {
     if (workspace_bytes) check_device_range(workspace, workspace_bytes, "matmul workspace");
     size_t ab = type_bytes(al->type), db = type_bytes(dl->type);
-    check_device_range(a, ((al->cols - 1) * al->ld + al->rows) * ab, "matmul A");
-    check_device_range(b, ((bl->cols - 1) * bl->ld + bl->rows) * ab, "matmul B");
-    check_device_range(dst, ((dl->cols - 1) * dl->ld + dl->rows) * db, "matmul D");
+    auto extent = [](const emu_layout *l) {
+        return (l->cols - 1) * l->ld + l->rows + (uint64_t)(l->batch - 1) * (uint64_t)l->stride;
+    };
+    check_device_range(a, extent(al) * ab, "matmul A");
+    check_device_range(b, extent(bl) * ab, "matmul B");
+    check_device_range(dst, extent(dl) * db, "matmul D");
+    if (dl->batch > 1) {
+        /* Strided batch: each matrix in turn, as a batch of one. */
+        emu_layout a1 = *al, b1 = *bl, c1 = *cl, d1 = *dl;
+        a1.batch = b1.batch = c1.batch = d1.batch = 1;
+        size_t cb = type_bytes(cl->type);
+        for (int32_t i = 0; i < dl->batch; i++)
+            matmul_now(d, alf, (const char *)a + (size_t)i * al->stride * ab, &a1,
+                       (const char *)b + (size_t)i * bl->stride * ab, &b1, bet,
+                       (const char *)c + (size_t)i * cl->stride * cb, &c1,
+                       (char *)dst + (size_t)i * dl->stride * db, &d1, workspace,
+                       workspace_bytes);
+        return;
+    }
     /* The bias has the type of D (no CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE). */
     if (has_bias(d->epilogue)) check_device_range(d->bias, dl->rows * db, "matmul bias");
     uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
