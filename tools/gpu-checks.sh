@@ -7,6 +7,7 @@
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
 #                       [sample-loop] [attn-ab] [train-test] [train-bench] [train-profile]
+#                       [train-fmnist] [train-compare]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -66,6 +67,38 @@ for what in "$@"; do
         # >= 10,500 images/s in bf16).
         for args in "--precision fp32" "--precision bf16" "--precision bf16 --patch-fraction 0.5"; do
             timeout 200 "$D/bin/lego-train" --backend cuda $args --batch 256 --bench 30 2>&1 | tail -2
+        done
+        ;;
+    train-fmnist)
+        # The default model: MINUTES (5.5, the reference's time on an H100) of bf16 training
+        # on Fashion-MNIST ($D/data, tools/stage-device.sh data), then 1000 samples (Heun 18,
+        # no guidance) for ../shared/eval/fmnist_score.py at home.  The EMA checkpoint comes
+        # back in 15 MB parts (the transfer's file limit): cat ema.part.* > model.safetensors.
+        echo "== train the Fashion-MNIST model, ${MINUTES:-5.5} min"
+        timeout 480 "$D/bin/lego-train" --backend cuda --precision bf16 \
+            --data "$D/data/train-images-idx3-ubyte.gz" --out /tmp/fmnist --batch ${BATCH:-256} \
+            --lr ${LR:-2e-4} --warmup 200 --ema-kimg ${EMA_KIMG:-100} --label-dropout 0.1 \
+            --minutes ${MINUTES:-5.5} --steps 1000000 --every 1000000 \
+            ${PATCH:+--patch-fraction $PATCH} > /tmp/fmnist_train.log 2>&1
+        echo "rc=$?"
+        tr '\r' '\n' < /tmp/fmnist_train.log | grep -E "^step" | awk 'NR % 500 == 0' > "$OUT/train_fmnist.log"
+        tr '\r' '\n' < /tmp/fmnist_train.log | tail -4 | tee -a "$OUT/train_fmnist.log"
+        timeout 100 "$D/bin/lego-sample" --backend cuda --model /tmp/fmnist/ema.safetensors \
+            --seeds 0-999 --labels cycle --batch 500 --quiet --npz "$OUT/fmnist_ours.npz"
+        echo "sample rc=$?"
+        split -b 15M /tmp/fmnist/ema.safetensors "$OUT/ema.part."
+        ;;
+    train-compare)
+        # Patch-sampled against joint training for the same time (CMP_MINUTES each, default
+        # 2): images/s and 1000 samples of each, scored at home.
+        for f in 1 0.5; do
+            echo "== patch fraction $f, ${CMP_MINUTES:-2} min"
+            timeout 300 "$D/bin/lego-train" --backend cuda --precision bf16 \
+                --data "$D/data/train-images-idx3-ubyte.gz" --out /tmp/cmp_$f --batch 256 \
+                --lr ${LR:-2e-4} --warmup 200 --ema-kimg ${EMA_KIMG:-100} --patch-fraction $f \
+                --minutes ${CMP_MINUTES:-2} --steps 1000000 --every 1000000 2>&1 | tr '\r' '\n' | tail -2
+            timeout 100 "$D/bin/lego-sample" --backend cuda --model /tmp/cmp_$f/ema.safetensors \
+                --seeds 0-999 --labels cycle --batch 500 --quiet --npz "$OUT/cmp_$f.npz"
         done
         ;;
     train-profile)
