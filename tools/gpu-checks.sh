@@ -12,6 +12,8 @@ set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
+# tools/stage-device.sh packs the programs; unpack them once.
+[ -f "$D/pack.tar.xz" ] && [ ! -d "$D/bin" ] && tar xJf "$D/pack.tar.xz" -C "$D"
 export LD_LIBRARY_PATH="$PWD/$D/deps:${LD_LIBRARY_PATH:-}"
 export LEGO_GOLDEN_DIR="$PWD/$D/shared/golden"
 MODEL="$D/shared/models/fmnist_lego_pg32.safetensors"
