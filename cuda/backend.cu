@@ -126,25 +126,6 @@ typedef struct cuda_handle {
     double profile_last;
 } cuda_handle;
 
-/* Switch to `device` for the lifetime of the guard, then back. */
-struct device_guard {
-    int previous;
-    bool switched;
-    cudaError_t status;
-    explicit device_guard(int device) : previous(0), switched(false), status(cudaSuccess) {
-        status = cudaGetDevice(&previous);
-        if (status == cudaSuccess && previous != device) {
-            status = cudaSetDevice(device);
-            switched = status == cudaSuccess;
-        }
-    }
-    ~device_guard() {
-        if (switched) cudaSetDevice(previous);
-    }
-    device_guard(const device_guard &) = delete;
-    device_guard &operator=(const device_guard &) = delete;
-};
-
 /* CUDA_OPT_PROFILE: charge the time since the last mark to `part`, after
  * the device has caught up.  Nothing when not profiling. */
 static double wall_ms(void) {

@@ -118,6 +118,25 @@ template <> struct lt_type<f16> { static const cudaDataType value = CUDA_R_16F; 
 
 static inline size_t dtype_bytes(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
 
+/* Switch to `device` for the lifetime of the guard, then back. */
+struct device_guard {
+    int previous;
+    bool switched;
+    cudaError_t status;
+    explicit device_guard(int device) : previous(0), switched(false), status(cudaSuccess) {
+        status = cudaGetDevice(&previous);
+        if (status == cudaSuccess && previous != device) {
+            status = cudaSetDevice(device);
+            switched = status == cudaSuccess;
+        }
+    }
+    ~device_guard() {
+        if (switched) cudaSetDevice(previous);
+    }
+    device_guard(const device_guard &) = delete;
+    device_guard &operator=(const device_guard &) = delete;
+};
+
 /* ---- tensor-core MMA (device) --------------------------------------------- */
 
 /* d += a b for one warp: a 16x16 (row-major fragments a[4]), b 16x8

@@ -985,26 +985,6 @@ static lego_status conditioning_bwd(tctx *c, int n) {
 /* ---- one loss (and gradient) ------------------------------------------------------------------
  */
 
-/* Switch to `device` for the lifetime of the guard, then back (as
- * backend.cu's guard). */
-struct train_guard {
-    int previous;
-    bool switched;
-    cudaError_t status;
-    explicit train_guard(int device) : previous(0), switched(false), status(cudaSuccess) {
-        status = cudaGetDevice(&previous);
-        if (status == cudaSuccess && previous != device) {
-            status = cudaSetDevice(device);
-            switched = status == cudaSuccess;
-        }
-    }
-    ~train_guard() {
-        if (switched) cudaSetDevice(previous);
-    }
-    train_guard(const train_guard &) = delete;
-    train_guard &operator=(const train_guard &) = delete;
-};
-
 /* The handle's view and training state (created on first use). */
 static lego_status open_ctx(lego_model *m, tctx *c, lego_err *err) {
     memset(c, 0, sizeof *c);
@@ -1177,7 +1157,7 @@ extern "C" lego_status cuda_train_loss(lego_model *m, const cuda_train_batch *b,
                                        float *grads, lego_err *err) {
     int device = backend_device(m);
     if (device < 0) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
-    train_guard guard(device);
+    device_guard guard(device);
     CU_TRY(guard.status);
     tctx c;
     lego_status s = open_ctx(m, &c, err);
@@ -1262,7 +1242,7 @@ extern "C" lego_status cuda_train_grads(lego_model *m, const cuda_trainer_link *
                                         lego_err *err) {
     int device = backend_device(m);
     if (device < 0) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
-    train_guard guard(device);
+    device_guard guard(device);
     CU_TRY(guard.status);
     tctx c;
     lego_status s = open_ctx(m, &c, err);
@@ -1285,7 +1265,7 @@ extern "C" lego_status cuda_train_update(lego_model *m, const cuda_trainer_link 
                                          const cuda_adam_step *a, lego_err *err) {
     int device = backend_device(m);
     if (device < 0) return lego_fail(err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
-    train_guard guard(device);
+    device_guard guard(device);
     CU_TRY(guard.status);
     tctx c;
     LEGO_TRY(open_ctx(m, &c, err));
@@ -1326,7 +1306,7 @@ extern "C" lego_status cuda_train_update(lego_model *m, const cuda_trainer_link 
 extern "C" lego_status cuda_backend_pull(lego_model *m, lego_err *err) {
     int device = backend_device(m);
     if (device < 0) return LEGO_OK;
-    train_guard guard(device);
+    device_guard guard(device);
     CU_TRY(guard.status);
     tctx c;
     memset(&c, 0, sizeof c);
@@ -1347,7 +1327,7 @@ extern "C" lego_status cuda_backend_pull(lego_model *m, lego_err *err) {
 
 extern "C" void cuda_train_detach(lego_model *m, const void *owner) {
     if (!m || backend_device(m) < 0) return;
-    train_guard guard(backend_device(m));
+    device_guard guard(backend_device(m));
     backend_view v;
     lego_err err;
     if (backend_view_peek(m, &v, &err) != LEGO_OK || !*v.train) return;
@@ -1365,7 +1345,7 @@ extern "C" lego_status cuda_train_profile(lego_model *m, int enable, double ms[C
     int device = backend_device(m);
     if (device < 0)
         return lego_fail(&m->err, LEGO_ERR_STATE, "the model is not on the CUDA backend");
-    train_guard guard(device);
+    device_guard guard(device);
     lego_err *err = &m->err;
     CU_TRY(guard.status);
     tctx c;

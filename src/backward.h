@@ -88,6 +88,11 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
                              lego_err *err);
 void net_cache_free(net_cache *c);
 
+/* A cache with the patch tables alone (no activations): what a model on
+ * the GPU, which keeps its activations on the device, needs of it. */
+lego_status net_tables_create(const lego_model *m, int n, int h, int w, net_cache **out,
+                              lego_err *err);
+
 /* Every brick on every patch (the joint training of the reference); the
  * state of a new cache. */
 void net_use_all_patches(const lego_model *m, net_cache *c);

@@ -99,15 +99,10 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
     for (int k = 0; k < m->num_bricks; k++) {
         const brick *b = &m->bricks[k];
         brick_acts *ba = &c->bricks[k];
-        size_t bs = (size_t)b->cfg.brick_size, T = (size_t)b->tokens;
-        size_t depth = (size_t)b->cfg.depth, R;
-        ba->patches_x = c->w / b->cfg.brick_size;
-        ba->patches_total = (c->h / b->cfg.brick_size) * ba->patches_x;
-        ba->patches_used = ba->patches_total;
-        ba->patch_index = NULL;
-        /* (h/bs)(w/bs)T = hw/p^2: below 2^36 for any valid resolution. */
-        ba->rows_per_image = ((size_t)c->h / bs) * ((size_t)c->w / bs) * T;
-        if (!size_mul(n, ba->rows_per_image, &R)) {
+        size_t T = (size_t)b->tokens, depth = (size_t)b->cfg.depth, R;
+        /* The whole brick (cache_shell set the patch counts): (h/bs)(w/bs)T
+         * = hw/p^2 rows per image, below 2^36 for any valid resolution. */
+        if (!size_mul(n, (size_t)ba->patches_total * T, &R)) {
             a->overflow = 1;
             return 0;
         }
@@ -152,8 +147,10 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
     return rmax;
 }
 
-lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache **out,
-                             lego_err *err) {
+/* A cache's record, its bricks' patch counts and the room for their patch
+ * tables, every brick on every patch; no activations yet. */
+static lego_status cache_shell(const lego_model *m, int n, int h, int w, net_cache **out,
+                               lego_err *err) {
     *out = NULL;
     net_cache *c = calloc(1, sizeof *c);
     if (c) c->bricks = calloc((size_t)(m->num_bricks > 0 ? m->num_bricks : 1), sizeof *c->bricks);
@@ -165,6 +162,40 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
     c->h = h;
     c->w = w;
     c->threads = m->threads;
+    size_t tables = 0, one;
+    for (int k = 0; k < m->num_bricks; k++) {
+        const brick *b = &m->bricks[k];
+        brick_acts *ba = &c->bricks[k];
+        ba->patches_x = w / b->cfg.brick_size;
+        ba->patches_total = (h / b->cfg.brick_size) * ba->patches_x;
+        ba->rows_per_image = (size_t)ba->patches_total * (size_t)b->tokens;
+        if (!size_mul((size_t)n, (size_t)ba->patches_total, &one) ||
+            !size_add(tables, one, &tables) || tables > LEGO_MAX_ALLOC / sizeof(int32_t)) {
+            net_cache_free(c);
+            return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
+                             "a training batch of %d images of %dx%d is too large", n, h, w);
+        }
+    }
+    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
+    if (!c->index_mem) {
+        net_cache_free(c);
+        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    net_use_all_patches(m, c);
+    *out = c;
+    return LEGO_OK;
+}
+
+lego_status net_tables_create(const lego_model *m, int n, int h, int w, net_cache **out,
+                              lego_err *err) {
+    return cache_shell(m, n, h, w, out, err);
+}
+
+lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache **out,
+                             lego_err *err) {
+    net_cache *c = NULL;
+    lego_status s = cache_shell(m, n, h, w, &c, err);
+    if (s != LEGO_OK) return s;
     arena a = {NULL, 0, 0};
     size_t rows = layout(m, c, &a);
     /* cblas takes int dimensions. */
@@ -175,13 +206,7 @@ lego_status net_cache_create(const lego_model *m, int n, int h, int w, net_cache
     }
     c->floats = a.used;
     c->mem = malloc((a.used ? a.used : 1) * sizeof *c->mem);
-    /* Room for every brick's patch table, n * (patches per image) each:
-     * far fewer than the activations' floats. */
-    size_t tables = 0;
-    for (int k = 0; k < m->num_bricks; k++)
-        tables += (size_t)n * (size_t)c->bricks[k].patches_total;
-    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
-    if (!c->mem || !c->index_mem) {
+    if (!c->mem) {
         net_cache_free(c);
         return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY,
                          "out of memory for %zu MiB of training activations",

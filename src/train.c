@@ -230,42 +230,6 @@ static lego_status labels_to_vectors(lego_err *err, const int32_t *labels, int n
 /* lego_train_loss for a model on the GPU (cuda/train.cu), batch validated. */
 /* ---- training on the GPU (cuda/train.cu): what the C side prepares ---- */
 
-/* A cache that holds only patch tables, for a model on the GPU (which keeps
- * its activations on the device): the fields net_use_all_patches and
- * net_sample_patches work with, as net_cache_create sets them. */
-static lego_status tables_cache_create(const lego_model *m, int n, int h, int w,
-                                       net_cache **out, lego_err *err) {
-    *out = NULL;
-    net_cache *c = calloc(1, sizeof *c);
-    if (c) c->bricks = calloc((size_t)(m->num_bricks > 0 ? m->num_bricks : 1), sizeof *c->bricks);
-    if (!c || !c->bricks) {
-        net_cache_free(c);
-        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    c->n = n;
-    c->h = h;
-    c->w = w;
-    size_t tables = 0, one;
-    for (int k = 0; k < m->num_bricks; k++) {
-        brick_acts *ba = &c->bricks[k];
-        ba->patches_x = w / m->bricks[k].cfg.brick_size;
-        ba->patches_total = (h / m->bricks[k].cfg.brick_size) * ba->patches_x;
-        if (!size_mul((size_t)n, (size_t)ba->patches_total, &one) ||
-            !size_add(tables, one, &tables) || tables > LEGO_MAX_ALLOC / sizeof(int32_t)) {
-            net_cache_free(c);
-            return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
-        }
-    }
-    c->index_mem = malloc((tables ? tables : 1) * sizeof *c->index_mem);
-    if (!c->index_mem) {
-        net_cache_free(c);
-        return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    net_use_all_patches(m, c);
-    *out = c;
-    return LEGO_OK;
-}
-
 /* The GPU's view of a batch; `tables` (may be NULL: every patch) gives
  * each brick's patches. */
 static void gpu_batch(const lego_model *m, const net_cache *tables, int n, int h, int w,
@@ -298,7 +262,7 @@ static lego_status gpu_train_loss(lego_model *m, const lego_train_batch *b, floa
         s = labels_to_vectors(&m->err, b->labels, b->n, L, vectors);
     }
     if (s == LEGO_OK && b->patch_fraction > 0 && b->patch_fraction < 1) {
-        s = tables_cache_create(m, b->n, b->height, b->width, &tables, &m->err);
+        s = net_tables_create(m, b->n, b->height, b->width, &tables, &m->err);
         if (s == LEGO_OK) choose_patches(m, tables, b->patch_fraction, b->patch_seed, 0);
     }
     cuda_train_batch cb;
@@ -539,7 +503,7 @@ static lego_status reserve_batch(lego_trainer *t, int n) {
     if (scratch == 0)
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
     if (gpu) scratch = 1;
-    lego_status s = gpu ? tables_cache_create(m, n, t->height, t->width, &t->cache, &t->err)
+    lego_status s = gpu ? net_tables_create(m, n, t->height, t->width, &t->cache, &t->err)
                         : net_cache_create(m, n, t->height, t->width, &t->cache, &t->err);
     if (s != LEGO_OK) return s;
     t->y = malloc(img * sizeof(float));
