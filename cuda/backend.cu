@@ -591,20 +591,7 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads;
     size_t d = (size_t)D, ms = 6 * d, depth = (size_t)b->cfg.depth;
 
-    tok_geom g;
-    g.C = m->cfg.img_channels;
-    g.c_in = b->c_in;
-    g.p = b->cfg.patch_size;
-    g.bs = b->cfg.brick_size;
-    g.grid = b->grid;
-    g.tokens = b->tokens;
-    g.patches_x = wid / g.bs;
-    g.h = hgt;
-    g.w = wid;
-    g.rows_per_image = (size_t)(hgt / g.bs) * (size_t)g.patches_x * (size_t)b->tokens;
-    g.rows = (size_t)nb * g.rows_per_image;
-    g.row_step = 2.0f / (float)(hgt - 1);
-    g.col_step = 2.0f / (float)(wid - 1);
+    tok_geom g = brick_geometry(m, k, nb, hgt, wid);
     size_t rows = g.rows, rpi = g.rows_per_image;
 
     /* adaLN vectors per image: block j in slot j ([nb][6D]: shift_msa

@@ -293,6 +293,26 @@ typedef struct tok_geom {
     float row_step, col_step; /* 2/(h-1), 2/(w-1), rounded as the CPU */
 } tok_geom;
 
+/* The geometry of brick k for n images of h x w (every patch). */
+static inline tok_geom brick_geometry(const lego_model *m, int k, int n, int h, int w) {
+    const brick *b = &m->bricks[k];
+    tok_geom g;
+    g.C = m->cfg.img_channels;
+    g.c_in = b->c_in;
+    g.p = b->cfg.patch_size;
+    g.bs = b->cfg.brick_size;
+    g.grid = b->grid;
+    g.tokens = b->tokens;
+    g.patches_x = w / g.bs;
+    g.h = h;
+    g.w = w;
+    g.rows_per_image = (size_t)(h / g.bs) * (size_t)g.patches_x * (size_t)b->tokens;
+    g.rows = (size_t)n * g.rows_per_image;
+    g.row_step = 2.0f / (float)(h - 1);
+    g.col_step = 2.0f / (float)(w - 1);
+    return g;
+}
+
 /* emb[i] = [cos(c_noise[i] * freq) | sin(c_noise[i] * freq)], freq of
  * fdim/2 entries (float products, cos/sin in double as the CPU). */
 lego_status k_timestep_embedding(cudaStream_t s, const float *c_noise, const float *freq, int nb,

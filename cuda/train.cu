@@ -494,26 +494,6 @@ static size_t widest(const lego_model *m, const brick *b) {
     return wide;
 }
 
-/* The geometry of brick k for n images of h x w (every patch). */
-static tok_geom geometry(const lego_model *m, int k, int n, int h, int w) {
-    const brick *b = &m->bricks[k];
-    tok_geom g;
-    g.C = m->cfg.img_channels;
-    g.c_in = b->c_in;
-    g.p = b->cfg.patch_size;
-    g.bs = b->cfg.brick_size;
-    g.grid = b->grid;
-    g.tokens = b->tokens;
-    g.patches_x = w / g.bs;
-    g.h = h;
-    g.w = w;
-    g.rows_per_image = (size_t)(h / g.bs) * (size_t)g.patches_x * (size_t)b->tokens;
-    g.rows = (size_t)n * g.rows_per_image;
-    g.row_step = 2.0f / (float)(h - 1);
-    g.col_step = 2.0f / (float)(w - 1);
-    return g;
-}
-
 /* Attention through batched GEMMs (cuBLASLt on the tensor cores) needs a
  * head's columns 16-byte aligned, and pays off from this many tokens. */
 #define ATTN_GEMM_MIN_TOKENS 32
@@ -567,7 +547,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
     for (int k = 0; k < m->num_bricks && !cv->overflow; k++) {
         const brick *b = &m->bricks[k];
         brick_dev *bd = &L->bricks[k];
-        bd->g = geometry(m, k, n, h, w);
+        bd->g = brick_geometry(m, k, n, h, w);
         bd->total = (int)(bd->g.rows_per_image / (size_t)b->tokens);
         bd->table_mem = (int32_t *)carve(cv, N, (size_t)bd->total, sizeof(int32_t));
         size_t R = bd->g.rows, depth = (size_t)b->cfg.depth;
@@ -1062,7 +1042,7 @@ static lego_status loss_grads(tctx *c, const cuda_train_batch *b, int grads, dou
     int sampling = 0;
     for (int k = 0; k < K; k++) {
         brick_dev *bd = &Lo->bricks[k];
-        bd->g = geometry(m, k, n, b->h, b->w);
+        bd->g = brick_geometry(m, k, n, b->h, b->w);
         bd->table = NULL;
         bd->used = bd->total;
         if (b->table[k]) {
