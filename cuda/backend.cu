@@ -608,7 +608,7 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     /* Patch embedding; the position embedding is added by the first
      * LayerNorm, which reads the row anyway. */
     T *th = (T *)l->th, *ty = (T *)l->ty, *wide = (T *)l->wide;
-    LEGO_TRY(k_gather<T>(s, &g, l->xin, below, wide, err));
+    LEGO_TRY(k_gather<T>(s, &g, NULL, l->xin, below, wide, err));
     LEGO_TRY(linear_fwd(h, m, &b->embed, wide, tt, rows, l->tx, f32, GEMM_ACT_NONE, err));
     mark(h, CUDA_PROF_GATHER);
     const float *pos = dev_param(h, m, b->pos_embed);

@@ -313,6 +313,20 @@ static inline tok_geom brick_geometry(const lego_model *m, int k, int n, int h, 
     return g;
 }
 
+/* Token row r's image and top-left pixel, as brick.c finds them.  With a
+ * patch table (m patches per image, their indices at table[img * m ...],
+ * rows_per_image = m * tokens) the row's patch comes from it; without,
+ * rows cover every patch in order. */
+__device__ __forceinline__ void token_origin(const tok_geom &g, const int32_t *table, size_t r,
+                                             size_t *img, int *y0, int *x0) {
+    size_t in_img = r % g.rows_per_image;
+    int slot = (int)(in_img / (size_t)g.tokens), tok = (int)(in_img % (size_t)g.tokens);
+    *img = r / g.rows_per_image;
+    int patch = table ? table[*img * (g.rows_per_image / (size_t)g.tokens) + (size_t)slot] : slot;
+    *y0 = (patch / g.patches_x) * g.bs + (tok / g.grid) * g.p;
+    *x0 = (patch % g.patches_x) * g.bs + (tok % g.grid) * g.p;
+}
+
 /* emb[i] = [cos(c_noise[i] * freq) | sin(c_noise[i] * freq)], freq of
  * fdim/2 entries (float products, cos/sin in double as the CPU). */
 lego_status k_timestep_embedding(cudaStream_t s, const float *c_noise, const float *freq, int nb,
@@ -335,8 +349,8 @@ lego_status k_scale_inputs(cudaStream_t s, const float *x, const float *coef, in
 /* Token rows [rows][c_in*p*p] (of type T) from [below], xin and the
  * coordinates. */
 template <class T>
-lego_status k_gather(cudaStream_t s, const tok_geom *g, const float *xin, const float *below,
-                     T *dst, lego_err *err);
+lego_status k_gather(cudaStream_t s, const tok_geom *g, const int32_t *table, const float *xin,
+                     const float *below, T *dst, lego_err *err);
 /* Token rows [rows][p*p*C] back into n x C x h x w. */
 lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float *out,
                       lego_err *err);

@@ -148,21 +148,13 @@ lego_status k_scale_inputs(cudaStream_t s, const float *x, const float *coef, in
     return LEGO_OK;
 }
 
-/* Token r's top-left pixel, as brick.c's gather_tokens finds it. */
-__device__ __forceinline__ void token_origin(const tok_geom &g, size_t r, size_t *img, int *y0,
-                                             int *x0) {
-    size_t in_img = r % g.rows_per_image;
-    int patch = (int)(in_img / (size_t)g.tokens), tok = (int)(in_img % (size_t)g.tokens);
-    *img = r / g.rows_per_image;
-    *y0 = (patch / g.patches_x) * g.bs + (tok / g.grid) * g.p;
-    *x0 = (patch % g.patches_x) * g.bs + (tok % g.grid) * g.p;
-}
-
 /* One thread per value of the [rows][c_in*p*p] token matrix, columns in the
  * (channel, y, x) order of the patch-embedding weight [D, c_in, p, p];
- * channels [F_below], c_in*x, row coordinate, column coordinate. */
+ * channels [F_below], c_in*x, row coordinate, column coordinate.  `table`:
+ * see token_origin (NULL at inference). */
 template <class T>
-__global__ void gather_kernel(tok_geom g, const float *xin, const float *below, T *dst) {
+__global__ void gather_kernel(tok_geom g, const int32_t *table, const float *xin,
+                              const float *below, T *dst) {
     int pp = g.p * g.p, width = g.c_in * pp, C = g.C;
     size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
     int first_x = below ? C : 0, first_coord = below ? 2 * C : C;
@@ -173,7 +165,7 @@ __global__ void gather_kernel(tok_geom g, const float *xin, const float *below, 
         int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
         size_t img;
         int y0, x0;
-        token_origin(g, r, &img, &y0, &x0);
+        token_origin(g, table, r, &img, &y0, &x0);
         int y = y0 + i, x = x0 + j;
         size_t pix = (size_t)y * g.w + (size_t)x;
         float v;
@@ -186,19 +178,19 @@ __global__ void gather_kernel(tok_geom g, const float *xin, const float *below, 
 }
 
 template <class T>
-lego_status k_gather(cudaStream_t s, const tok_geom *g, const float *xin, const float *below,
-                     T *dst, lego_err *err) {
+lego_status k_gather(cudaStream_t s, const tok_geom *g, const int32_t *table, const float *xin,
+                     const float *below, T *dst, lego_err *err) {
     size_t total = g->rows * (size_t)g->c_in * g->p * g->p;
-    LAUNCH(gather_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)(*g, xin, below, dst);
+    LAUNCH(gather_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)(*g, table, xin, below, dst);
     LAUNCH_CHECK("gather");
     return LEGO_OK;
 }
-template lego_status k_gather<float>(cudaStream_t, const tok_geom *, const float *, const float *,
-                                     float *, lego_err *);
-template lego_status k_gather<bf16>(cudaStream_t, const tok_geom *, const float *, const float *,
-                                    bf16 *, lego_err *);
-template lego_status k_gather<f16>(cudaStream_t, const tok_geom *, const float *, const float *,
-                                   f16 *, lego_err *);
+template lego_status k_gather<float>(cudaStream_t, const tok_geom *, const int32_t *,
+                                    const float *, const float *, float *, lego_err *);
+template lego_status k_gather<bf16>(cudaStream_t, const tok_geom *, const int32_t *,
+                                    const float *, const float *, bf16 *, lego_err *);
+template lego_status k_gather<f16>(cudaStream_t, const tok_geom *, const int32_t *,
+                                    const float *, const float *, f16 *, lego_err *);
 
 /* One thread per value of the [rows][p*p*C] output rows, laid out
  * (y, x, channel) as the final linear produces them (unpatchify). */
@@ -212,7 +204,7 @@ __global__ void scatter_kernel(tok_geom g, const float *src, float *out) {
         int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
         size_t img;
         int y0, x0;
-        token_origin(g, r, &img, &y0, &x0);
+        token_origin(g, NULL, r, &img, &y0, &x0);
         out[(img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] = src[idx];
     }
 }

@@ -814,7 +814,7 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
     float *final_mod = bd->mods + depth * N * ms;
     LEGO_TRY(lin_fwd(c, &b->final_ada, L->silu_c, f32, N, final_mod, f32));
 
-    TP(CUDA_TPROF_ROWS, t_gather<T>(s, &bd->g, table, L->xin, below, (T *)bd->patches, err));
+    TP(CUDA_TPROF_ROWS, k_gather<T>(s, &bd->g, table, L->xin, below, (T *)bd->patches, err));
     float *x0 = depth ? bd->blocks[0].x : bd->xf;
     LEGO_TRY(lin_fwd(c, &b->embed, bd->patches, tt, R, x0, f32));
     const float *pos = (const float *)dev_w(c, b->pos_embed, f32);

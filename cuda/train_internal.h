@@ -52,10 +52,8 @@ lego_status t_gated_bwd(cudaStream_t s, const float *dout, size_t rows, int D, s
                         const float *gate, size_t stride, T *dy, lego_err *err);
 
 /* Tokens: `table` NULL = every patch of every image in order; else m
- * patch indices per image (rows_per_image = m * tokens). */
-template <class T>
-lego_status t_gather(cudaStream_t s, const tok_geom *g, const int32_t *table, const float *xin,
-                     const float *below, T *dst, lego_err *err);
+ * patch indices per image (rows_per_image = m * tokens); the gather is
+ * k_gather (kernels.cu). */
 lego_status t_rows_to_image(cudaStream_t s, const tok_geom *g, const int32_t *table,
                             const float *rows, float *image, lego_err *err);
 template <class T>

@@ -177,55 +177,6 @@ lego_status t_gated_bwd(cudaStream_t s, const float *dout, size_t rows, int D, s
 
 /* ---- tokens and images ---------------------------------------------------- */
 
-/* Token row r's image and top-left pixel.  With a patch table (m patches
- * per image, their indices at table[img * m ...]) the row's patch comes
- * from it; without, rows cover every patch in order. */
-__device__ __forceinline__ void train_token_origin(const tok_geom &g, const int32_t *table,
-                                                   size_t r, size_t *img, int *y0, int *x0) {
-    size_t in_img = r % g.rows_per_image;
-    int slot = (int)(in_img / (size_t)g.tokens), tok = (int)(in_img % (size_t)g.tokens);
-    *img = r / g.rows_per_image;
-    size_t per = g.rows_per_image / (size_t)g.tokens;
-    int patch = table ? table[*img * per + (size_t)slot] : slot;
-    *y0 = (patch / g.patches_x) * g.bs + (tok / g.grid) * g.p;
-    *x0 = (patch % g.patches_x) * g.bs + (tok % g.grid) * g.p;
-}
-
-/* Token rows [rows][c_in p p] (channel, y, x) from [below], xin and the
- * coordinate channels, as gather_kernel (kernels.cu). */
-template <class T>
-__global__ void train_gather_kernel(tok_geom g, const int32_t *table, const float *xin,
-                                    const float *below, T *dst) {
-    int pp = g.p * g.p, width = g.c_in * pp, C = g.C;
-    size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
-    int first_x = below ? C : 0, first_coord = below ? 2 * C : C;
-    FOR_EACH(idx, total) {
-        size_t r = idx / (size_t)width;
-        int col = (int)(idx % (size_t)width);
-        int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
-        size_t img;
-        int y0, x0;
-        train_token_origin(g, table, r, &img, &y0, &x0);
-        int y = y0 + i, x = x0 + j;
-        size_t pix = (size_t)y * g.w + (size_t)x;
-        float v;
-        if (ci < first_x) v = below[(img * C + (size_t)ci) * plane + pix];
-        else if (ci < first_coord) v = xin[(img * C + (size_t)(ci - first_x)) * plane + pix];
-        else if (ci == first_coord) v = __fadd_rn(__fmul_rn((float)y, g.row_step), -1.0f);
-        else v = __fadd_rn(__fmul_rn((float)x, g.col_step), -1.0f);
-        dst[idx] = from_float<T>(v);
-    }
-}
-
-template <class T>
-lego_status t_gather(cudaStream_t s, const tok_geom *g, const int32_t *table, const float *xin,
-                     const float *below, T *dst, lego_err *err) {
-    size_t total = g->rows * (size_t)g->c_in * g->p * g->p;
-    LAUNCH(train_gather_kernel<T>, ew_blocks(total), EW_THREADS, 0, s)(*g, table, xin, below, dst);
-    LAUNCH_CHECK("train_gather");
-    return LEGO_OK;
-}
-
 /* The final layer's rows [rows][p p C] (y, x, channel) to the image
  * (unpatchify), or, with to_image 0, the image's values back into rows of
  * type T (its adjoint: dL/drows from dL/dF). */
@@ -240,7 +191,7 @@ __global__ void rows_image_kernel(tok_geom g, const int32_t *table, const float 
         int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
         size_t img;
         int y0, x0;
-        train_token_origin(g, table, r, &img, &y0, &x0);
+        token_origin(g, table, r, &img, &y0, &x0);
         float *px =
             image + (img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j);
         if (to_image) *px = rows[idx];
@@ -279,7 +230,7 @@ __global__ void below_grad_kernel(tok_geom g, const int32_t *table, const float 
         int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
         size_t img;
         int y0, x0;
-        train_token_origin(g, table, r, &img, &y0, &x0);
+        token_origin(g, table, r, &img, &y0, &x0);
         dbelow[(img * C + (size_t)ci) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] +=
             dpatches[r * (size_t)width + (size_t)col];
     }
@@ -923,8 +874,6 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
                                        lego_err *);                                           \
     template lego_status t_gated_bwd<T>(cudaStream_t, const float *, size_t, int, size_t,     \
                                         const float *, size_t, T *, lego_err *);              \
-    template lego_status t_gather<T>(cudaStream_t, const tok_geom *, const int32_t *,         \
-                                     const float *, const float *, T *, lego_err *);          \
     template lego_status t_image_to_rows<T>(cudaStream_t, const tok_geom *, const int32_t *,  \
                                             const float *, T *, lego_err *);                  \
     template lego_status t_ln_fwd<T>(cudaStream_t, float *, const float *, int, size_t, int,  \
