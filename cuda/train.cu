@@ -379,25 +379,8 @@ static lego_status tg_run(tctx *c, const tg_call *call) {
 static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t K, const void *A,
                       int64_t lda, const void *B, int64_t ldb, float beta, void *C, int64_t ldc,
                       cudaDataType ab, cudaDataType dt, const void *bias) {
-    tg_call call;
-    memset(&call, 0, sizeof call);
-    call.ta = ta;
-    call.tb = tb;
-    call.M = M;
-    call.N = N;
-    call.K = K;
-    call.A = A;
-    call.B = B;
-    call.C = C;
-    call.lda = lda;
-    call.ldb = ldb;
-    call.ldc = ldc;
-    call.ab = ab;
-    call.dt = dt;
-    call.alpha = 1.0f;
-    call.beta = beta;
-    call.bias = bias;
-    call.batch = 1;
+    /* Fields in tg_call's order. */
+    tg_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, ab, dt, 1.0f, beta, bias, 1, 0, 0, 0};
     return tg_run(c, &call);
 }
 
@@ -696,26 +679,9 @@ static tg_call attn_call(const attn_geom *a, int ta, int tb, uint64_t M, uint64_
                          const void *A, int64_t lda, int64_t sa, const void *B, int64_t ldb,
                          int64_t sb, void *C, int64_t ldc, int64_t sc, cudaDataType dt,
                          float alpha, size_t batch) {
-    tg_call call;
-    memset(&call, 0, sizeof call);
-    call.ta = ta;
-    call.tb = tb;
-    call.M = M;
-    call.N = N;
-    call.K = K;
-    call.A = A;
-    call.lda = lda;
-    call.sa = sa;
-    call.B = B;
-    call.ldb = ldb;
-    call.sb = sb;
-    call.C = C;
-    call.ldc = ldc;
-    call.sc = sc;
-    call.ab = a->tt;
-    call.dt = dt;
-    call.alpha = alpha;
-    call.batch = (int)batch;
+    /* Fields in tg_call's order. */
+    tg_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, a->tt, dt, alpha, 0.0f, NULL,
+                    (int)batch, sa, sb, sc};
     return call;
 }
 
