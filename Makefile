@@ -156,6 +156,11 @@ build/emu/emu.o: tests/cuda-emu/emu.cpp $(wildcard tests/cuda-emu/*.h) | build/e
 build/emu/test_cuda: tests/test_cuda.c tests/testutil.h $(EMU_OBJ)
 	$(CC) $(EMU_CFLAGS) -Itests $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(CHECK_LIBS) $(BASE_LDLIBS)
 
+# The example programs on the emulated backend, for dry runs of the GPU
+# scripts' command lines (e.g. build/emu/lego-train --backend cuda).
+build/emu/lego-%: examples/lego-%.c $(EMU_OBJ)
+	$(CC) $(EMU_CFLAGS) $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(BASE_LDLIBS)
+
 cuda-emu-check: build/emu/test_cuda
 	ASAN_OPTIONS=detect_stack_use_after_return=0 ./build/emu/test_cuda
 
@@ -177,6 +182,37 @@ VALGRIND_TESTS := $(filter-out build/tests/test_sample,$(TESTS))
 valgrind: $(TESTS)
 	@status=0; for t in $(VALGRIND_TESTS); do \
 	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
+	done; exit $$status
+
+# ThreadSanitizer: the test programs built with clang and LLVM's OpenMP
+# runtime into build/tsan/.  libomp tells TSan about its own barriers (GCC's
+# libgomp does not, so every parallel region would be reported); what is
+# left is the library's own threads: models used from separate threads
+# (test_api) and the OpenMP worker loops.  tests/tsan.supp silences races
+# inside libomp's own start-up.  test_allocfail replaces malloc, which TSan
+# must own.
+TSAN_CC ?= clang
+TSAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=thread
+TSAN_OBJ := $(patsubst src/%.c,build/tsan/%.o,$(SRC))
+TSAN_TESTS := $(filter-out build/tsan/test_allocfail,\
+                $(patsubst tests/%.c,build/tsan/%,$(wildcard tests/test_*.c)))
+.PHONY: tsan
+.SECONDARY: $(TSAN_OBJ)
+
+build/tsan:
+	mkdir -p $@
+
+build/tsan/%.o: src/%.c $(wildcard src/*.h) include/lego.h | build/tsan
+	$(TSAN_CC) $(BASE_CFLAGS) $(TSAN_FLAGS) -c $< -o $@
+
+build/tsan/test_%: tests/test_%.c tests/testutil.h $(TSAN_OBJ)
+	$(TSAN_CC) $(BASE_CFLAGS) $(TSAN_FLAGS) -Itests $< -o $@ $(TSAN_OBJ) $(CHECK_LIBS) $(BASE_LDLIBS)
+
+tsan: $(TSAN_TESTS)
+	@status=0; for t in $(TSAN_TESTS); do \
+	  echo "== tsan $$t"; CK_VERBOSITY=minimal \
+	  TSAN_OPTIONS="halt_on_error=1 exitcode=66 suppressions=$(CURDIR)/tests/tsan.supp" \
+	  ./$$t || status=1; \
 	done; exit $$status
 
 # libFuzzer harnesses (tests/fuzz/fuzz_*.c): clang with ASan + UBSan, the
