@@ -26,23 +26,6 @@
 /* helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* xorshift64*: reproducible test data, independent of the library's RNGs. */
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
-static double urand(double lo, double hi) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
-    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
-}
-static float *rand_floats(size_t n, double lo, double hi) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
-    return v;
-}
-
 /* |got - want| <= abs + rel*|want| for every element; the first failure is
  * reported with its index. */
 static void expect_close_d(const char *what, const float *got, const double *want, size_t n,

@@ -32,32 +32,6 @@
 /* helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
-static double urand(double lo, double hi) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
-    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
-}
-static double nrand(void) {
-    double u = urand(1e-12, 1), v = urand(0, 1);
-    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
-static float *rand_floats(size_t n, double lo, double hi) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
-    return v;
-}
-static float *normal_floats(size_t n) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)nrand();
-    return v;
-}
-
 static char *temp_path(const char *tag) {
     char *p = malloc(64);
     ck_assert(p);

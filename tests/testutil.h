@@ -10,6 +10,7 @@
 #endif
 #include <check.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,36 @@ static inline double scaled_error(const float *got, const float *want, size_t n)
         if (fabs(want[i]) > top) top = fabs(want[i]);
     }
     return err / top;
+}
+
+/* xorshift64*: reproducible test data, independent of the library's RNGs.
+ * One stream per test program; rng_seed() restarts it. */
+static uint64_t rng_state;
+static inline void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
+static inline double urand(double lo, double hi) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
+    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
+}
+/* A standard normal from two uniforms (Box-Muller). */
+static inline double nrand(void) {
+    double u = urand(1e-12, 1), v = urand(0, 1);
+    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
+}
+/* n uniform floats in [lo, hi) (n may be 0: a valid pointer still). */
+static inline float *rand_floats(size_t n, double lo, double hi) {
+    float *v = malloc((n ? n : 1) * sizeof *v);
+    ck_assert(v);
+    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
+    return v;
+}
+static inline float *normal_floats(size_t n) {
+    float *v = malloc((n ? n : 1) * sizeof *v);
+    ck_assert(v);
+    for (size_t i = 0; i < n; i++) v[i] = (float)nrand();
+    return v;
 }
 
 /* Run a suite, print Check's summary, return the process exit status. */
