@@ -549,13 +549,6 @@ END_TEST
 /* datasets                                                                 */
 /* ------------------------------------------------------------------------ */
 
-static void write_gz(const char *path, const unsigned char *data, size_t len) {
-    gzFile g = gzopen(path, "wb");
-    ck_assert_ptr_nonnull(g);
-    ck_assert_int_eq(gzwrite(g, data, (unsigned)len), (int)len);
-    ck_assert_int_eq(gzclose(g), Z_OK);
-}
-
 START_TEST(test_dataset) {
     char dir[] = "/tmp/lego_allocfail_ds_XXXXXX", images[96], labels[96], png_dir[96];
     ck_assert(mkdtemp(dir) != NULL);

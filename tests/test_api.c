@@ -176,24 +176,6 @@ static void remove_tmpdir(void) {
     ck_assert_msg(rmdir(tmpdir) == 0, "temp dir not empty");
 }
 
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *fp = fopen(path, "rb");
-    ck_assert(fp);
-    fseek(fp, 0, SEEK_END);
-    long len = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    unsigned char *p = malloc((size_t)len + 1);
-    ck_assert(fread(p, 1, (size_t)len, fp) == (size_t)len);
-    fclose(fp);
-    *n = (size_t)len;
-    return p;
-}
-static void write_all(const char *path, const void *p, size_t n) {
-    FILE *fp = fopen(path, "wb");
-    ck_assert(fp);
-    ck_assert(n == 0 || fwrite(p, 1, n, fp) == n);
-    ck_assert(fclose(fp) == 0);
-}
 
 /* Write the model's tensors as F32 safetensors, optionally with lego.config,
  * leaving out `skip`, adding an extra tensor `extra`, or giving tensor
@@ -992,7 +974,7 @@ START_TEST(test_load_errors) {
     const char *cut = tmppath("cut.safetensors");
     const size_t cuts[] = {n - 1, n / 2, 8 + (size_t)hl, 8 + (size_t)hl / 2, 5, 0};
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
-        write_all(cut, bytes, cuts[i]);
+        write_file(cut, bytes, cuts[i]);
         expect_load_fails(cut, NULL, LEGO_ERR_FORMAT, "cut.safetensors", NULL);
     }
     free(bytes);

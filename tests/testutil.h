@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "lego.h"
 #include "safetensors.h"
@@ -95,6 +96,38 @@ static inline float *normal_floats(size_t n) {
     ck_assert(v);
     for (size_t i = 0; i < n; i++) v[i] = (float)nrand();
     return v;
+}
+
+/* A whole file, with one spare byte after it so text can be terminated. */
+static inline unsigned char *read_all(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *buf;
+    long n;
+    ck_assert_msg(f != NULL, "%s missing", path);
+    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+    n = ftell(f);
+    ck_assert_int_ge(n, 0);
+    rewind(f);
+    buf = malloc((size_t)n + 1);
+    ck_assert_ptr_nonnull(buf);
+    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    *size = (size_t)n;
+    return buf;
+}
+
+static inline void write_file(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(data, 1, len, f), len);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+static inline void write_gz(const char *path, const void *data, size_t len) {
+    gzFile g = gzopen(path, "wb");
+    ck_assert_ptr_nonnull(g);
+    ck_assert_int_eq(gzwrite(g, data, (unsigned)len), (int)len);
+    ck_assert_int_eq(gzclose(g), Z_OK);
 }
 
 /* Run a suite, print Check's summary, return the process exit status. */
