@@ -211,16 +211,7 @@ typedef struct golden_case {
 } golden_case;
 
 static void read_case_json(golden_case *g, const char *dir) {
-    char path[4096];
-    static char buf[1 << 20];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     cJSON *steps = cJSON_GetObjectItem(root, "steps");
     cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "sampler");
     g->steps = cJSON_IsNumber(steps) ? steps->valueint : 0;
@@ -1011,16 +1002,7 @@ END_TEST
 
 /* tolerance.denoiser of case.json (the gradients are held to it too). */
 static double train_case_tolerance(const char *dir) {
-    static char path[4096];
-    static char buf[1 << 20];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "denoiser");
     double v = cJSON_IsNumber(tol) ? tol->valuedouble : GPU_TOL;
     cJSON_Delete(root);
@@ -2017,6 +1999,6 @@ int main(void) {
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

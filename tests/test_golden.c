@@ -14,26 +14,6 @@
 #define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
-
-/* The denoiser tolerance from case.json. */
-static double case_tolerance(const char *dir, const char *kind) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    static char buf[1 << 20];
-    size_t n = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[n] = '\0';
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
-    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), kind);
-    ck_assert_msg(cJSON_IsNumber(tol), "%s: tolerance.%s missing", path, kind);
-    double v = tol->valuedouble;
-    cJSON_Delete(root);
-    return v;
-}
-
 typedef struct golden_case {
     const char *name;
     lego_model *model;
@@ -223,6 +203,6 @@ int main(void) {
     }
     suite_add_tcase(s, tc);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

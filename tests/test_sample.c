@@ -24,17 +24,9 @@ typedef struct scase {
 
 static void open_case(scase *c, const char *dir) {
     char path[4096];
-    static char buf[1 << 20];
     memset(c, 0, sizeof *c);
     c->name = strrchr(dir, '/') + 1;
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert(fp);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     c->steps = cJSON_GetObjectItem(root, "steps")->valueint;
     c->tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "sampler")->valuedouble;
     cJSON_Delete(root);
@@ -587,6 +579,6 @@ int main(void) {
     tcase_add_test(contract, test_solvers_reach_gaussian_endpoint);
     suite_add_tcase(s, contract);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

@@ -108,31 +108,6 @@ static int find_tensor(lego_model *m, const char *name) {
 /* golden                                                                   */
 /* ------------------------------------------------------------------------ */
 
-
-/* tolerance.denoiser of case.json: the gradients are held to it too. */
-static double case_tolerance(const char *dir) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    fseek(fp, 0, SEEK_END);
-    long len = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    ck_assert(len > 0);
-    char *buf = malloc((size_t)len + 1);
-    ck_assert(buf && fread(buf, 1, (size_t)len, fp) == (size_t)len);
-    fclose(fp);
-    buf[len] = '\0';
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
-    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "denoiser");
-    ck_assert_msg(cJSON_IsNumber(tol), "%s: tolerance.denoiser missing", path);
-    double v = tol->valuedouble;
-    cJSON_Delete(root);
-    free(buf);
-    return v;
-}
-
 START_TEST(test_golden_train) {
     const char *dir = case_dirs[_i], *name = strrchr(dir, '/') + 1;
     char path[4096];
@@ -149,7 +124,8 @@ START_TEST(test_golden_train) {
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     lego_model *m = NULL;
     ck_assert_msg(lego_model_load(path, NULL, &m) == LEGO_OK, "%s", lego_model_error(m));
-    double tol = case_tolerance(dir);
+    /* tolerance.denoiser: the gradients are held to it too. */
+    double tol = case_tolerance(dir, "denoiser");
     ck_assert(ty->rank == 4);
 
     lego_train_batch b;
@@ -1288,6 +1264,6 @@ int main(void) {
     tcase_add_test(patches, test_patch_api);
     suite_add_tcase(s, patches);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

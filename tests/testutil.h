@@ -141,6 +141,7 @@ static inline int run_suite(Suite *s) {
 
 
 #ifdef TESTUTIL_GOLDEN_CASES
+#include <cjson/cJSON.h>
 #include <dirent.h>
 
 /* The golden cases: every folder under golden_dir() holding a
@@ -167,6 +168,33 @@ static void discover_cases(void) {
     }
     closedir(d);
     qsort(case_dirs, (size_t)num_cases, sizeof *case_dirs, compare_names);
+}
+
+static inline void free_cases(void) {
+    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+}
+
+/* A case's case.json, parsed; the caller cJSON_Delete()s it. */
+static inline cJSON *case_json(const char *dir) {
+    char path[4096];
+    size_t len;
+    snprintf(path, sizeof path, "%s/case.json", dir);
+    char *text = (char *)read_all(path, &len);
+    text[len] = '\0';
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    ck_assert_msg(root != NULL, "%s: not JSON", path);
+    return root;
+}
+
+/* tolerance.<kind> of a case's case.json, which must give it. */
+static inline double case_tolerance(const char *dir, const char *kind) {
+    cJSON *root = case_json(dir);
+    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), kind);
+    ck_assert_msg(cJSON_IsNumber(tol), "%s: tolerance.%s missing", dir, kind);
+    double v = tol->valuedouble;
+    cJSON_Delete(root);
+    return v;
 }
 #endif /* TESTUTIL_GOLDEN_CASES */
 
