@@ -580,16 +580,7 @@ static lego_model *build_rand(const rand_model *rm) {
     c.num_heads = rm->heads;
     c.mlp_ratio = rm->mlp_ratio;
     c.num_threads = 2;
-    lego_model *m = NULL;
-    ck_assert_msg(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
-    for (int k = 0; k < rm->num_bricks; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = rm->bricks[k][0];
-        b.patch_size = rm->bricks[k][1];
-        b.depth = rm->bricks[k][2];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
+    lego_model *m = model_with_bricks(&c, rm->bricks, rm->num_bricks);
     randomize(m, 1234, 0.05f);
     return m;
 }

@@ -370,8 +370,8 @@ static float *param(lego_model *m, const char *fmt, ...) {
     return NULL;
 }
 
-static lego_model *make_model(int C, int D, int heads, double mlp_ratio, const int *bricks,
-                              int nb, int threads) {
+static lego_model *make_model(int C, int D, int heads, double mlp_ratio,
+                              const int (*bricks)[3], int nb, int threads) {
     lego_model_config cfg;
     lego_model_config_init(&cfg);
     cfg.img_channels = C;
@@ -380,17 +380,7 @@ static lego_model *make_model(int C, int D, int heads, double mlp_ratio, const i
     cfg.mlp_ratio = mlp_ratio;
     cfg.frequency_embedding_size = 16;
     cfg.num_threads = threads;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&cfg, &m) == LEGO_OK);
-    for (int k = 0; k < nb; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[3 * k];
-        b.patch_size = bricks[3 * k + 1];
-        b.depth = bricks[3 * k + 2];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
-    return m;
+    return model_with_bricks(&cfg, bricks, nb);
 }
 
 static float *run_brick(lego_model *m, int k, int n, int h, int w, const float *xin,
@@ -482,7 +472,7 @@ static double want_plane(int img, int y, int x, int h, int w, const float *d) {
 START_TEST(test_brick_input_channels) {
     /* brick 0: 4x4 patches of 2x2 tokens; brick 1: 8x8 patches of 4x4
      * tokens (so a token's pixels are not a brick patch's). */
-    const int spec[] = {4, 2, 1, 8, 4, 2};
+    const int spec[][3] = {{4, 2, 1}, {8, 4, 2}};
     lego_model *m = make_model(2, 40, 2, 1.0, spec, 2, 2);
     const int n = 2, h = 8, w = 24;
     size_t img = (size_t)n * 2 * h * w;
@@ -520,7 +510,7 @@ END_TEST
 /* With every weight zero the output is the final linear's bias, laid out
  * (p, q, c) within each token: out[c][y][x] = bias[((y%p)*p + x%p)*C + c]. */
 START_TEST(test_brick_unpatchify_order) {
-    const int spec[] = {6, 3, 1};
+    const int spec[][3] = {{6, 3, 1}};
     lego_model *m = make_model(3, 16, 2, 2.0, spec, 1, 1);
     float *fb = param(m, "model.model.0.final_layer.linear.bias");
     for (int i = 0; i < 3 * 3 * 3; i++) fb[i] = (float)(i + 1);
@@ -656,7 +646,7 @@ static void randomize(lego_model *m, uint64_t seed) {
 START_TEST(test_brick_forward_reference) {
     /* brick 0: 4x4 patch 2 depth 1; brick 1: 8x8 patch 2 depth 2 (16
      * tokens); brick 2: 8x8 patch 8 (one token per patch). */
-    const int spec[] = {4, 2, 1, 8, 2, 2, 8, 8, 1};
+    const int spec[][3] = {{4, 2, 1}, {8, 2, 2}, {8, 8, 1}};
     lego_model *m = make_model(2, 16, 2, 2.0, spec, 3, 2);
     randomize(m, 7);
     const int n = 2, h = 8, w = 16, D = 16;

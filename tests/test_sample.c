@@ -212,17 +212,8 @@ static lego_model *small_model(void) {
     cfg.hidden_size = 32;
     cfg.num_heads = 2;
     cfg.num_threads = 1;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&cfg, &m) == LEGO_OK);
-    const int sizes[3][2] = {{4, 2}, {8, 4}, {8, 2}};
-    for (int k = 0; k < 3; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = sizes[k][0];
-        b.patch_size = sizes[k][1];
-        b.depth = 1;
-        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
-    }
+    const int bricks[3][3] = {{4, 2, 1}, {8, 4, 1}, {8, 2, 1}};
+    lego_model *m = model_with_bricks(&cfg, bricks, 3);
     ck_assert(lego_model_init_weights(m, 7) == LEGO_OK);
     return m;
 }

@@ -65,16 +65,7 @@ static lego_model *tiny_model_of(int label_dim, uint64_t seed, double jitter, in
     c.mlp_ratio = 2.0;
     c.frequency_embedding_size = 16;
     c.num_threads = 2;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&c, &m) == LEGO_OK);
-    for (int k = 0; k < num_bricks; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[k][0];
-        b.patch_size = bricks[k][1];
-        b.depth = bricks[k][2];
-        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
-    }
+    lego_model *m = model_with_bricks(&c, bricks, num_bricks);
     ck_assert(lego_model_init_weights(m, seed) == LEGO_OK);
     /* The reference init zeroes adaLN and final layers, which would hide
      * most gradients: jitter every trainable value. */

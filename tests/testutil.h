@@ -98,6 +98,24 @@ static inline float *normal_floats(size_t n) {
     return v;
 }
 
+/* A model of `cfg` with bricks given as rows {brick_size, patch_size,
+ * depth}, added in order (weights not initialised). */
+static inline lego_model *model_with_bricks(const lego_model_config *cfg, const int (*bricks)[3],
+                                            int num_bricks) {
+    lego_model *m = NULL;
+    lego_status s = lego_model_create(cfg, &m);
+    ck_assert_msg(s == LEGO_OK, "create: %s", lego_model_error(m));
+    for (int k = 0; k < num_bricks; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        b.brick_size = bricks[k][0];
+        b.patch_size = bricks[k][1];
+        b.depth = bricks[k][2];
+        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "brick %d: %s", k, lego_model_error(m));
+    }
+    return m;
+}
+
 /* A whole file, with one spare byte after it so text can be terminated. */
 static inline unsigned char *read_all(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
