@@ -57,19 +57,9 @@ static void close_case(golden_case *g) {
     lego_model_free(g->model);
 }
 
-/* Compare `got` with tensor `name` if the case has it. */
+/* Compare `got` with tensor `name` if the case has it, within the case's tolerance. */
 static void expect(const golden_case *g, const char *name, const float *got, size_t numel) {
-    size_t n = 0;
-    float *want = tensor_f32(g->io, name, &n);
-    if (!want) {
-        printf("golden %-12s %-16s (not in this case)\n", g->name, name);
-        return;
-    }
-    ck_assert_msg(n == numel, "%s %s: %zu values, expected %zu", g->name, name, numel, n);
-    double err = scaled_error(got, want, n);
-    printf("golden %-12s %-16s scaled error %.2e (tolerance %.0e)\n", g->name, name, err, g->tol);
-    free(want);
-    ck_assert_msg(err <= g->tol, "%s %s: scaled error %g exceeds %g", g->name, name, err, g->tol);
+    expect_golden(g->io, g->name, name, got, numel, g->tol);
 }
 
 static void request_for(const golden_case *g, lego_denoise_request *r, const float *x, int h, int w,

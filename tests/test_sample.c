@@ -63,17 +63,7 @@ static void close_case(scase *c) {
 }
 
 static void expect(const scase *c, const char *name, const float *got, size_t numel) {
-    size_t n = 0;
-    float *want = tensor_f32(c->io, name, &n);
-    if (!want) {
-        printf("golden %-12s %-18s (not in this case)\n", c->name, name);
-        return;
-    }
-    ck_assert_msg(n == numel, "%s %s: size %zu, expected %zu", c->name, name, numel, n);
-    double err = scaled_error(got, want, n);
-    printf("golden %-12s %-18s scaled error %.2e (tolerance %.0e)\n", c->name, name, err, c->tol);
-    free(want);
-    ck_assert_msg(err <= c->tol, "%s %s: scaled error %g exceeds %g", c->name, name, err, c->tol);
+    expect_golden(c->io, c->name, name, got, numel, c->tol);
 }
 
 START_TEST(test_golden_sigmas) {

@@ -148,6 +148,24 @@ static inline void write_gz(const char *path, const void *data, size_t len) {
     ck_assert_int_eq(gzclose(g), Z_OK);
 }
 
+/* `got` against tensor `name` of a golden case's io file within `tol`
+ * (scaled_error), with a line for the log; a tensor the case lacks is
+ * skipped. */
+static inline void expect_golden(const st_file *io, const char *case_name, const char *name,
+                                 const float *got, size_t numel, double tol) {
+    size_t n = 0;
+    float *want = tensor_f32(io, name, &n);
+    if (!want) {
+        printf("golden %-12s %-18s (not in this case)\n", case_name, name);
+        return;
+    }
+    ck_assert_msg(n == numel, "%s %s: %zu values, expected %zu", case_name, name, numel, n);
+    double err = scaled_error(got, want, n);
+    printf("golden %-12s %-18s scaled error %.2e (tolerance %.0e)\n", case_name, name, err, tol);
+    free(want);
+    ck_assert_msg(err <= tol, "%s %s: scaled error %g exceeds %g", case_name, name, err, tol);
+}
+
 /* Run a suite, print Check's summary, return the process exit status. */
 static inline int run_suite(Suite *s) {
     SRunner *sr = srunner_create(s);
