@@ -263,10 +263,11 @@ static void close_case(golden_case *g) {
     st_close(g->io);
 }
 
-/* Everything one model computes for a case. */
-typedef struct case_outputs {
+/* Everything one model computes for a golden case or a random model (NULL
+ * where that request is not made); free_outputs() frees it. */
+typedef struct denoise_outputs {
     float *cond, *bricks, *out, *skip, *cfg, *big;
-} case_outputs;
+} denoise_outputs;
 
 static void request_for(const golden_case *g, lego_denoise_request *r, const float *x, int h,
                         int w, float *out) {
@@ -280,7 +281,7 @@ static void request_for(const golden_case *g, lego_denoise_request *r, const flo
     r->out = out;
 }
 
-static void run_case(const golden_case *g, lego_model *m, case_outputs *o) {
+static void run_case(const golden_case *g, lego_model *m, denoise_outputs *o) {
     size_t img = (size_t)g->n * g->C * g->H * g->W;
     memset(o, 0, sizeof *o);
     o->cond = malloc((size_t)g->n * g->D * sizeof(float));
@@ -311,7 +312,7 @@ static void run_case(const golden_case *g, lego_model *m, case_outputs *o) {
     }
 }
 
-static void free_outputs(case_outputs *o) {
+static void free_outputs(denoise_outputs *o) {
     free(o->cond);
     free(o->bricks);
     free(o->out);
@@ -337,8 +338,8 @@ static void compare_one(const golden_case *g, const char *variant, const char *n
     expect_close(g->name, what, gpu, cpu, n, tol);
 }
 
-static void compare_case(const golden_case *g, const char *variant, const case_outputs *gpu,
-                         const case_outputs *cpu, double tol) {
+static void compare_case(const golden_case *g, const char *variant, const denoise_outputs *gpu,
+                         const denoise_outputs *cpu, double tol) {
     size_t img = (size_t)g->n * g->C * g->H * g->W;
     /* The conditioning is fp32 in every precision. */
     compare_one(g, variant, "cond", gpu->cond, cpu->cond, (size_t)g->n * g->D, GPU_TOL);
@@ -403,7 +404,7 @@ START_TEST(test_cuda_golden_denoiser) {
     g.L = cfg.label_dim;
     g.D = cfg.hidden_size;
 
-    case_outputs want, got;
+    denoise_outputs want, got;
     run_case(&g, cpu, &want);
     cuda_stats st;
     ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
@@ -615,13 +616,10 @@ static void free_inputs(rand_io *io) {
 }
 
 /* The requests of one random model: plain with brick outputs and c,
- * guided, top brick skipped. */
-typedef struct rand_outputs {
-    float *out, *bricks, *cond, *cfg, *skip;
-} rand_outputs;
-
-static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, rand_outputs *o) {
+ * guided, top brick skipped (no double-resolution output). */
+static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, denoise_outputs *o) {
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    memset(o, 0, sizeof *o);
     o->out = malloc(img * sizeof(float));
     o->bricks = malloc((size_t)rm->num_bricks * img * sizeof(float));
     o->cond = malloc((size_t)rm->n * rm->hidden * sizeof(float));
@@ -651,16 +649,8 @@ static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, ran
     ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", rm->name, lego_model_error(m));
 }
 
-static void free_rand_outputs(rand_outputs *o) {
-    free(o->out);
-    free(o->bricks);
-    free(o->cond);
-    free(o->cfg);
-    free(o->skip);
-}
-
-static void compare_rand(const rand_model *rm, const char *variant, const rand_outputs *gpu,
-                         const rand_outputs *cpu, double tol) {
+static void compare_rand(const rand_model *rm, const char *variant, const denoise_outputs *gpu,
+                         const denoise_outputs *cpu, double tol) {
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
     char what[96];
     snprintf(what, sizeof what, "cond%s", variant);
@@ -686,14 +676,14 @@ START_TEST(test_cuda_random_models) {
     if (only && strcmp(only, rm->name) != 0) return;
     lego_model *m = build_rand(rm);
     rand_io io = rand_inputs(rm);
-    rand_outputs cpu, gpu;
+    denoise_outputs cpu, gpu;
     run_rand(rm, m, &io, &cpu);
 
     ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
                   lego_model_error(m));
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, "", &gpu, &cpu, GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
     cuda_stats st;
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
@@ -701,15 +691,15 @@ START_TEST(test_cuda_random_models) {
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu,
                  GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, st.gelu_epilogue) == LEGO_OK);
 
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, " [flash only]", &gpu, &cpu, GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
-    rand_outputs low[NUM_LOW_VARIANTS];
+    denoise_outputs low[NUM_LOW_VARIANTS];
     for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) {
         set_low_variant(m, v);
         run_rand(rm, m, &io, &low[v]);
@@ -721,7 +711,7 @@ START_TEST(test_cuda_random_models) {
             compare_rand(rm, what, &low[v], &low[twin], MMA_TWIN_TOL);
         }
     }
-    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) free_rand_outputs(&low[v]);
+    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) free_outputs(&low[v]);
     reset_fp32(m);
 
     /* Back on the CPU: the same numbers as before the trip. */
@@ -729,9 +719,9 @@ START_TEST(test_cuda_random_models) {
     run_rand(rm, m, &io, &gpu);
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
     expect_close(rm->name, "cpu after the trip", gpu.out, cpu.out, img, 1e-6);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
-    free_rand_outputs(&cpu);
+    free_outputs(&cpu);
     free_inputs(&io);
     lego_model_free(m);
 }
