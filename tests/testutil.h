@@ -1,6 +1,9 @@
 /*
  * testutil.h -- helpers shared by the Check test programs: where the
- * golden cases are, reading tensors from safetensors files, comparing.
+ * golden cases are, reading tensors from safetensors files, comparing;
+ * reproducible random test data, small models from a brick list, whole
+ * files read and written.  Each test is its own program, so everything
+ * here is static.
  */
 #ifndef LEGO_TESTUTIL_H
 #define LEGO_TESTUTIL_H
