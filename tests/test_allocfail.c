@@ -331,16 +331,8 @@ static void write_checkpoint(void) {
     c.mlp_ratio = 1.0;
     c.frequency_embedding_size = 8;
     c.num_threads = 2;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&c, &m) == LEGO_OK);
-    const int bricks[2][2] = {{2, 1}, {4, 2}};
-    for (int k = 0; k < 2; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[k][0];
-        b.patch_size = bricks[k][1];
-        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
-    }
+    const int bricks[2][3] = {{2, 1, 1}, {4, 2, 1}};
+    lego_model *m = model_with_bricks(&c, bricks, 2);
     int64_t np = lego_model_num_params(m);
     float *p = malloc((size_t)np * sizeof *p);
     ck_assert(p && lego_model_get_params(m, p, np) == LEGO_OK);
@@ -548,13 +540,6 @@ END_TEST
 /* ------------------------------------------------------------------------ */
 /* datasets                                                                 */
 /* ------------------------------------------------------------------------ */
-
-static void write_gz(const char *path, const unsigned char *data, size_t len) {
-    gzFile g = gzopen(path, "wb");
-    ck_assert_ptr_nonnull(g);
-    ck_assert_int_eq(gzwrite(g, data, (unsigned)len), (int)len);
-    ck_assert_int_eq(gzclose(g), Z_OK);
-}
 
 START_TEST(test_dataset) {
     char dir[] = "/tmp/lego_allocfail_ds_XXXXXX", images[96], labels[96], png_dir[96];

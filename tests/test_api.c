@@ -34,22 +34,6 @@
 /* helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
-static double urand(double lo, double hi) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
-    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
-}
-static float *rand_floats(size_t n, double lo, double hi) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
-    return v;
-}
-
 /* The small configuration most tests use: C = 2, 10 classes, D = 16. */
 static lego_model_config small_config(void) {
     lego_model_config c;
@@ -65,25 +49,9 @@ static lego_model_config small_config(void) {
     return c;
 }
 
-/* bricks: triples (brick_size, patch_size, depth). */
-static lego_model *build(const lego_model_config *cfg, const int *bricks, int nb) {
-    lego_model *m = NULL;
-    lego_status s = lego_model_create(cfg, &m);
-    ck_assert_msg(s == LEGO_OK, "create: %s", lego_model_error(m));
-    for (int k = 0; k < nb; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[3 * k];
-        b.patch_size = bricks[3 * k + 1];
-        b.depth = bricks[3 * k + 2];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "brick %d: %s", k, lego_model_error(m));
-    }
-    return m;
-}
-
 /* The standard test model: bricks 4/2, 8/4, 8/2, all trainable parameters
  * random (adaLN and final layers too, so every brick does something). */
-static const int std_bricks[] = {4, 2, 1, 8, 4, 1, 8, 2, 1};
+static const int std_bricks[][3] = {{4, 2, 1}, {8, 4, 1}, {8, 2, 1}};
 
 static void randomize(lego_model *m, uint64_t seed) {
     rng_seed(seed);
@@ -98,7 +66,7 @@ static void randomize(lego_model *m, uint64_t seed) {
 
 static lego_model *std_model(uint64_t seed) {
     lego_model_config c = small_config();
-    lego_model *m = build(&c, std_bricks, 3);
+    lego_model *m = model_with_bricks(&c, std_bricks, 3);
     randomize(m, seed);
     return m;
 }
@@ -192,24 +160,6 @@ static void remove_tmpdir(void) {
     ck_assert_msg(rmdir(tmpdir) == 0, "temp dir not empty");
 }
 
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *fp = fopen(path, "rb");
-    ck_assert(fp);
-    fseek(fp, 0, SEEK_END);
-    long len = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    unsigned char *p = malloc((size_t)len + 1);
-    ck_assert(fread(p, 1, (size_t)len, fp) == (size_t)len);
-    fclose(fp);
-    *n = (size_t)len;
-    return p;
-}
-static void write_all(const char *path, const void *p, size_t n) {
-    FILE *fp = fopen(path, "wb");
-    ck_assert(fp);
-    ck_assert(n == 0 || fwrite(p, 1, n, fp) == n);
-    ck_assert(fclose(fp) == 0);
-}
 
 /* Write the model's tensors as F32 safetensors, optionally with lego.config,
  * leaving out `skip`, adding an extra tensor `extra`, or giving tensor
@@ -283,13 +233,13 @@ static void expect_failed_handle(lego_model *m, const char *needle) {
 }
 
 /* Parameter count of a config by the reference's layer list. */
-static int64_t expected_params(const lego_model_config *c, const int *bricks, int nb) {
+static int64_t expected_params(const lego_model_config *c, const int (*bricks)[3], int nb) {
     int64_t D = c->hidden_size, F = c->frequency_embedding_size, L = c->label_dim;
     int64_t C = c->img_channels, H = (int64_t)(c->hidden_size * c->mlp_ratio);
     int64_t n = F * D + D + D * D + D; /* t_embedder.mlp.0, .2 */
     if (L > 0) n += L * D + D;         /* y_embedder */
     for (int k = 0; k < nb; k++) {
-        int64_t bs = bricks[3 * k], p = bricks[3 * k + 1], depth = bricks[3 * k + 2];
+        int64_t bs = bricks[k][0], p = bricks[k][1], depth = bricks[k][2];
         int64_t T = (bs / p) * (bs / p), c_in = (k == 0 ? C : 2 * C) + 2;
         n += T * D;                      /* pos_embed */
         n += D * c_in * p * p + D;       /* x_embedder */
@@ -613,7 +563,7 @@ END_TEST
 
 START_TEST(test_brick_add_bad) {
     lego_model_config c = small_config();
-    lego_model *m = build(&c, std_bricks, 1);
+    lego_model *m = model_with_bricks(&c, std_bricks, 1);
     int64_t params = lego_model_num_params(m);
     static const struct {
         int brick, patch, depth;
@@ -658,7 +608,7 @@ START_TEST(test_too_many_bricks) {
     c.hidden_size = 8;
     c.num_heads = 1;
     c.mlp_ratio = 1.0;
-    lego_model *m = build(&c, NULL, 0);
+    lego_model *m = model_with_bricks(&c, NULL, 0);
     lego_brick_config b;
     lego_brick_config_init(&b);
     b.brick_size = 2;
@@ -692,15 +642,15 @@ END_TEST
 
 START_TEST(test_num_params) {
     lego_model_config c = small_config();
-    const int bricks[] = {4, 2, 1, 8, 4, 2, 6, 3, 1, 4, 1, 1};
-    lego_model *m = build(&c, NULL, 0);
+    const int bricks[][3] = {{4, 2, 1}, {8, 4, 2}, {6, 3, 1}, {4, 1, 1}};
+    lego_model *m = model_with_bricks(&c, NULL, 0);
     ck_assert(lego_model_num_params(m) == expected_params(&c, bricks, 0));
     for (int k = 0; k < 4; k++) {
         lego_brick_config b;
         lego_brick_config_init(&b);
-        b.brick_size = bricks[3 * k];
-        b.patch_size = bricks[3 * k + 1];
-        b.depth = bricks[3 * k + 2];
+        b.brick_size = bricks[k][0];
+        b.patch_size = bricks[k][1];
+        b.depth = bricks[k][2];
         ck_assert(lego_brick_add(m, &b) == LEGO_OK);
         int64_t want = expected_params(&c, bricks, k + 1);
         ck_assert_msg(lego_model_num_params(m) == want, "%d bricks: %lld params, want %lld",
@@ -717,7 +667,7 @@ START_TEST(test_num_params) {
     /* Unconditional, and a fractional mlp_ratio truncated as int(D*r). */
     c.label_dim = 0;
     c.mlp_ratio = 1.3; /* 20.8 -> 20 */
-    m = build(&c, bricks, 2);
+    m = model_with_bricks(&c, bricks, 2);
     ck_assert(lego_model_num_params(m) == expected_params(&c, bricks, 2));
     ck_assert(find_param(m, "model.y_embedder.embedding_table.weight") == NULL);
     const lego_param *fc1 = find_param(m, "model.model.1.blocks.1.mlp.fc1.weight");
@@ -728,15 +678,15 @@ END_TEST
 
 START_TEST(test_introspection) {
     lego_model_config c = small_config();
-    const int bricks[] = {4, 2, 1, 6, 3, 2};
-    lego_model *m = build(&c, NULL, 0);
+    const int bricks[][3] = {{4, 2, 1}, {6, 3, 2}};
+    lego_model *m = model_with_bricks(&c, NULL, 0);
     ck_assert_int_eq(lego_model_num_bricks(m), 0);
     ck_assert_int_eq(lego_model_resolution_multiple(m), 0);
     ck_assert_int_eq(lego_model_check_resolution(m, 8, 8), LEGO_ERR_STATE);
     ck_assert(lego_model_error(m)[0]);
     lego_model_free(m);
 
-    m = build(&c, bricks, 2);
+    m = model_with_bricks(&c, bricks, 2);
     ck_assert_int_eq(lego_model_num_bricks(m), 2);
     lego_brick_config b;
     lego_brick_config_init(&b);
@@ -782,20 +732,20 @@ START_TEST(test_introspection) {
     lego_model_free(m);
 
     /* LCM(4, 8, 2) = 8; LCM(3, 4, 5) = 60. */
-    const int b2[] = {4, 2, 1, 8, 2, 1, 2, 1, 1};
-    m = build(&c, b2, 3);
+    const int b2[][3] = {{4, 2, 1}, {8, 2, 1}, {2, 1, 1}};
+    m = model_with_bricks(&c, b2, 3);
     ck_assert_int_eq(lego_model_resolution_multiple(m), 8);
     lego_model_free(m);
-    const int b3[] = {3, 1, 1, 4, 2, 1, 5, 5, 1};
-    m = build(&c, b3, 3);
+    const int b3[][3] = {{3, 1, 1}, {4, 2, 1}, {5, 5, 1}};
+    m = model_with_bricks(&c, b3, 3);
     ck_assert_int_eq(lego_model_resolution_multiple(m), 60);
     ck_assert(lego_model_check_resolution(m, 60, 120) == LEGO_OK);
     lego_model_free(m);
 
     /* Coordinates divide by H-1: 1x1 images are refused even for 1x1
      * bricks. */
-    const int b4[] = {1, 1, 1};
-    m = build(&c, b4, 1);
+    const int b4[][3] = {{1, 1, 1}};
+    m = model_with_bricks(&c, b4, 1);
     ck_assert_int_eq(lego_model_check_resolution(m, 1, 4), LEGO_ERR_SHAPE);
     ck_assert_int_eq(lego_model_check_resolution(m, 4, 1), LEGO_ERR_SHAPE);
     ck_assert(lego_model_check_resolution(m, 2, 3) == LEGO_OK);
@@ -809,7 +759,7 @@ END_TEST
 
 START_TEST(test_init_weights) {
     lego_model_config c = small_config();
-    lego_model *a = build(&c, std_bricks, 3), *b = build(&c, std_bricks, 3);
+    lego_model *a = model_with_bricks(&c, std_bricks, 3), *b = model_with_bricks(&c, std_bricks, 3);
     ck_assert(lego_model_init_weights(a, 42) == LEGO_OK);
     ck_assert(lego_model_init_weights(b, 42) == LEGO_OK);
     ck_assert(a->params_size == b->params_size);
@@ -943,7 +893,7 @@ START_TEST(test_save_load_round_trip) {
     lego_model_config c = small_config();
     c.sigma_data = 0.25;
     c.label_dim = 0;
-    lego_model *m2 = build(&c, std_bricks, 1);
+    lego_model *m2 = model_with_bricks(&c, std_bricks, 1);
     ck_assert(lego_model_save(m2, path) == LEGO_OK);
     ck_assert(lego_model_load(path, NULL, &l) == LEGO_OK);
     lego_model_get_config(l, &b);
@@ -958,7 +908,7 @@ START_TEST(test_save_load_round_trip) {
     snprintf(bad, sizeof bad, "%s/no/such/dir/m.safetensors", tmpdir);
     ck_assert_int_eq(lego_model_save(m, bad), LEGO_ERR_IO);
     ck_assert(lego_model_error(m)[0]);
-    lego_model *empty = build(&c, NULL, 0);
+    lego_model *empty = model_with_bricks(&c, NULL, 0);
     ck_assert_int_eq(lego_model_save(empty, tmppath("e.safetensors")), LEGO_ERR_STATE);
     ck_assert(!path_exists(tmppath("e.safetensors")));
     lego_model_free(empty);
@@ -1008,7 +958,7 @@ START_TEST(test_load_errors) {
     const char *cut = tmppath("cut.safetensors");
     const size_t cuts[] = {n - 1, n / 2, 8 + (size_t)hl, 8 + (size_t)hl / 2, 5, 0};
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
-        write_all(cut, bytes, cuts[i]);
+        write_file(cut, bytes, cuts[i]);
         expect_load_fails(cut, NULL, LEGO_ERR_FORMAT, "cut.safetensors", NULL);
     }
     free(bytes);
@@ -1234,8 +1184,8 @@ START_TEST(test_load_weights) {
     float *before = malloc(dst->params_size * 4);
     memcpy(before, dst->params, dst->params_size * 4);
     lego_model_config c = small_config();
-    const int diff_bricks[] = {4, 2, 1, 8, 4, 1, 8, 2, 2}; /* last brick deeper */
-    lego_model *wrong = build(&c, diff_bricks, 3);
+    const int diff_bricks[][3] = {{4, 2, 1}, {8, 4, 1}, {8, 2, 2}}; /* last brick deeper */
+    lego_model *wrong = model_with_bricks(&c, diff_bricks, 3);
     const char *wpath = tmppath("wrong.safetensors");
     ck_assert(lego_model_save(wrong, wpath) == LEGO_OK);
     ck_assert_int_eq(lego_model_load_weights(dst, wpath), LEGO_ERR_SHAPE);
@@ -1244,7 +1194,7 @@ START_TEST(test_load_weights) {
     lego_model_free(wrong);
 
     c.hidden_size = 32; /* same bricks, other width */
-    wrong = build(&c, std_bricks, 3);
+    wrong = model_with_bricks(&c, std_bricks, 3);
     ck_assert(lego_model_save(wrong, wpath) == LEGO_OK);
     ck_assert_int_eq(lego_model_load_weights(dst, wpath), LEGO_ERR_SHAPE);
     ck_assert(memcmp(dst->params, before, dst->params_size * 4) == 0);
@@ -1373,7 +1323,7 @@ START_TEST(test_denoise_bad_requests) {
     /* Labels are ignored by an unconditional model, even out-of-range ones. */
     lego_model_config c = small_config();
     c.label_dim = 0;
-    lego_model *u = build(&c, std_bricks, 3);
+    lego_model *u = model_with_bricks(&c, std_bricks, 3);
     randomize(u, 21);
     float *o2 = alloc_out(in.img);
     r = good;
@@ -1390,7 +1340,7 @@ START_TEST(test_denoise_bad_requests) {
     lego_model_free(u);
 
     /* A model without bricks. */
-    lego_model *e = build(&c, NULL, 0);
+    lego_model *e = model_with_bricks(&c, NULL, 0);
     ck_assert_int_eq(lego_denoise(e, &good), LEGO_ERR_STATE);
     ck_assert(lego_model_error(e)[0]);
     lego_model_free(e);
@@ -1410,8 +1360,8 @@ END_TEST
 START_TEST(test_skip_middle_brick) {
     lego_model *m3 = std_model(30);
     lego_model_config c = small_config();
-    const int b2[] = {4, 2, 1, 8, 2, 1};
-    lego_model *m2 = build(&c, b2, 2);
+    const int b2[][3] = {{4, 2, 1}, {8, 2, 1}};
+    lego_model *m2 = model_with_bricks(&c, b2, 2);
     for (int i = 0; i < m2->num_params; i++) {
         const lego_param *p = &m2->table[i];
         char name[128];
@@ -2013,16 +1963,16 @@ START_TEST(test_fmnist_checkpoint) {
     ck_assert_int_eq(c.img_channels, 1);
     ck_assert_int_eq(c.hidden_size, 256);
     ck_assert(c.sigma_data == 0.5);
-    int bricks[9];
+    int bricks[3][3];
     const int sizes[3] = {4, 16, 32};
     for (int k = 0; k < 3; k++) {
         lego_brick_config b;
         lego_brick_config_init(&b);
         ck_assert(lego_model_get_brick(m, k, &b) == LEGO_OK);
         ck_assert_int_eq(b.brick_size, sizes[k]);
-        bricks[3 * k] = b.brick_size;
-        bricks[3 * k + 1] = b.patch_size;
-        bricks[3 * k + 2] = b.depth;
+        bricks[k][0] = b.brick_size;
+        bricks[k][1] = b.patch_size;
+        bricks[k][2] = b.depth;
     }
     ck_assert_int_eq(lego_model_resolution_multiple(m), 32);
     int64_t np = lego_model_num_params(m);

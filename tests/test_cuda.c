@@ -211,16 +211,7 @@ typedef struct golden_case {
 } golden_case;
 
 static void read_case_json(golden_case *g, const char *dir) {
-    char path[4096];
-    static char buf[1 << 20];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     cJSON *steps = cJSON_GetObjectItem(root, "steps");
     cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "sampler");
     g->steps = cJSON_IsNumber(steps) ? steps->valueint : 0;
@@ -272,10 +263,11 @@ static void close_case(golden_case *g) {
     st_close(g->io);
 }
 
-/* Everything one model computes for a case. */
-typedef struct case_outputs {
+/* Everything one model computes for a golden case or a random model (NULL
+ * where that request is not made); free_outputs() frees it. */
+typedef struct denoise_outputs {
     float *cond, *bricks, *out, *skip, *cfg, *big;
-} case_outputs;
+} denoise_outputs;
 
 static void request_for(const golden_case *g, lego_denoise_request *r, const float *x, int h,
                         int w, float *out) {
@@ -289,7 +281,7 @@ static void request_for(const golden_case *g, lego_denoise_request *r, const flo
     r->out = out;
 }
 
-static void run_case(const golden_case *g, lego_model *m, case_outputs *o) {
+static void run_case(const golden_case *g, lego_model *m, denoise_outputs *o) {
     size_t img = (size_t)g->n * g->C * g->H * g->W;
     memset(o, 0, sizeof *o);
     o->cond = malloc((size_t)g->n * g->D * sizeof(float));
@@ -320,7 +312,7 @@ static void run_case(const golden_case *g, lego_model *m, case_outputs *o) {
     }
 }
 
-static void free_outputs(case_outputs *o) {
+static void free_outputs(denoise_outputs *o) {
     free(o->cond);
     free(o->bricks);
     free(o->out);
@@ -346,8 +338,8 @@ static void compare_one(const golden_case *g, const char *variant, const char *n
     expect_close(g->name, what, gpu, cpu, n, tol);
 }
 
-static void compare_case(const golden_case *g, const char *variant, const case_outputs *gpu,
-                         const case_outputs *cpu, double tol) {
+static void compare_case(const golden_case *g, const char *variant, const denoise_outputs *gpu,
+                         const denoise_outputs *cpu, double tol) {
     size_t img = (size_t)g->n * g->C * g->H * g->W;
     /* The conditioning is fp32 in every precision. */
     compare_one(g, variant, "cond", gpu->cond, cpu->cond, (size_t)g->n * g->D, GPU_TOL);
@@ -412,7 +404,7 @@ START_TEST(test_cuda_golden_denoiser) {
     g.L = cfg.label_dim;
     g.D = cfg.hidden_size;
 
-    case_outputs want, got;
+    denoise_outputs want, got;
     run_case(&g, cpu, &want);
     cuda_stats st;
     ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
@@ -589,16 +581,7 @@ static lego_model *build_rand(const rand_model *rm) {
     c.num_heads = rm->heads;
     c.mlp_ratio = rm->mlp_ratio;
     c.num_threads = 2;
-    lego_model *m = NULL;
-    ck_assert_msg(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
-    for (int k = 0; k < rm->num_bricks; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = rm->bricks[k][0];
-        b.patch_size = rm->bricks[k][1];
-        b.depth = rm->bricks[k][2];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
+    lego_model *m = model_with_bricks(&c, rm->bricks, rm->num_bricks);
     randomize(m, 1234, 0.05f);
     return m;
 }
@@ -633,13 +616,10 @@ static void free_inputs(rand_io *io) {
 }
 
 /* The requests of one random model: plain with brick outputs and c,
- * guided, top brick skipped. */
-typedef struct rand_outputs {
-    float *out, *bricks, *cond, *cfg, *skip;
-} rand_outputs;
-
-static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, rand_outputs *o) {
+ * guided, top brick skipped (no double-resolution output). */
+static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, denoise_outputs *o) {
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    memset(o, 0, sizeof *o);
     o->out = malloc(img * sizeof(float));
     o->bricks = malloc((size_t)rm->num_bricks * img * sizeof(float));
     o->cond = malloc((size_t)rm->n * rm->hidden * sizeof(float));
@@ -669,16 +649,8 @@ static void run_rand(const rand_model *rm, lego_model *m, const rand_io *io, ran
     ck_assert_msg(lego_denoise(m, &r) == LEGO_OK, "%s: %s", rm->name, lego_model_error(m));
 }
 
-static void free_rand_outputs(rand_outputs *o) {
-    free(o->out);
-    free(o->bricks);
-    free(o->cond);
-    free(o->cfg);
-    free(o->skip);
-}
-
-static void compare_rand(const rand_model *rm, const char *variant, const rand_outputs *gpu,
-                         const rand_outputs *cpu, double tol) {
+static void compare_rand(const rand_model *rm, const char *variant, const denoise_outputs *gpu,
+                         const denoise_outputs *cpu, double tol) {
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
     char what[96];
     snprintf(what, sizeof what, "cond%s", variant);
@@ -704,14 +676,14 @@ START_TEST(test_cuda_random_models) {
     if (only && strcmp(only, rm->name) != 0) return;
     lego_model *m = build_rand(rm);
     rand_io io = rand_inputs(rm);
-    rand_outputs cpu, gpu;
+    denoise_outputs cpu, gpu;
     run_rand(rm, m, &io, &cpu);
 
     ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
                   lego_model_error(m));
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, "", &gpu, &cpu, GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
     cuda_stats st;
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
@@ -719,15 +691,15 @@ START_TEST(test_cuda_random_models) {
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu,
                  GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, st.gelu_epilogue) == LEGO_OK);
 
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_FLASH_ONLY, 1) == LEGO_OK);
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, " [flash only]", &gpu, &cpu, GPU_TOL);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
-    rand_outputs low[NUM_LOW_VARIANTS];
+    denoise_outputs low[NUM_LOW_VARIANTS];
     for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) {
         set_low_variant(m, v);
         run_rand(rm, m, &io, &low[v]);
@@ -739,7 +711,7 @@ START_TEST(test_cuda_random_models) {
             compare_rand(rm, what, &low[v], &low[twin], MMA_TWIN_TOL);
         }
     }
-    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) free_rand_outputs(&low[v]);
+    for (size_t v = 0; v < NUM_LOW_VARIANTS; v++) free_outputs(&low[v]);
     reset_fp32(m);
 
     /* Back on the CPU: the same numbers as before the trip. */
@@ -747,9 +719,9 @@ START_TEST(test_cuda_random_models) {
     run_rand(rm, m, &io, &gpu);
     size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
     expect_close(rm->name, "cpu after the trip", gpu.out, cpu.out, img, 1e-6);
-    free_rand_outputs(&gpu);
+    free_outputs(&gpu);
 
-    free_rand_outputs(&cpu);
+    free_outputs(&cpu);
     free_inputs(&io);
     lego_model_free(m);
 }
@@ -1011,16 +983,7 @@ END_TEST
 
 /* tolerance.denoiser of case.json (the gradients are held to it too). */
 static double train_case_tolerance(const char *dir) {
-    static char path[4096];
-    static char buf[1 << 20];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "denoiser");
     double v = cJSON_IsNumber(tol) ? tol->valuedouble : GPU_TOL;
     cJSON_Delete(root);
@@ -2017,6 +1980,6 @@ int main(void) {
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

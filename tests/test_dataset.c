@@ -82,37 +82,6 @@ static const char *dpath(path_buf out, const char *name) {
 
 static void mkdir_in(const char *name) { ck_assert_int_eq(mkdir(in_dir(name), 0700), 0); }
 
-static void write_file(const char *path, const void *data, size_t len) {
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(data, 1, len, f), len);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
-static uint8_t *read_all(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    uint8_t *buf;
-    long n;
-    ck_assert_ptr_nonnull(f);
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    n = ftell(f);
-    ck_assert_int_ge(n, 0);
-    rewind(f);
-    buf = malloc((size_t)n + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
-}
-
-static void write_gz(const char *path, const void *data, size_t len) {
-    gzFile g = gzopen(path, "wb");
-    ck_assert_ptr_nonnull(g);
-    ck_assert_int_eq(gzwrite(g, data, (unsigned)len), (int)len);
-    ck_assert_int_eq(gzclose(g), Z_OK);
-}
-
 static float px(unsigned v) { return (float)v / 127.5f - 1.0f; }
 
 /* ------------------------------------------------------------------------ */

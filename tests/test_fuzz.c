@@ -29,24 +29,6 @@
 
 typedef int (*fuzz_entry)(const uint8_t *, size_t);
 
-static uint8_t *read_input(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "cannot open %s", path);
-    size_t cap = 4096, n = 0, got;
-    uint8_t *buf = malloc(cap);
-    ck_assert(buf);
-    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += got;
-        if (n == cap) {
-            buf = realloc(buf, cap *= 2);
-            ck_assert(buf);
-        }
-    }
-    fclose(f);
-    *len = n;
-    return buf;
-}
-
 /* Every file of `dir`, in name order; the number run. */
 static int replay_dir(const char *dir, fuzz_entry entry) {
     struct dirent **names = NULL;
@@ -56,7 +38,7 @@ static int replay_dir(const char *dir, fuzz_entry entry) {
         if (names[i]->d_name[0] != '.') {
             size_t len;
             snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
-            uint8_t *data = read_input(path, &len);
+            uint8_t *data = read_all(path, &len);
             entry(data, len); /* a broken promise aborts: the test fails */
             free(data);
             ran++;

@@ -14,26 +14,6 @@
 #define TESTUTIL_GOLDEN_CASES
 #include "testutil.h"
 
-
-/* The denoiser tolerance from case.json. */
-static double case_tolerance(const char *dir, const char *kind) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    static char buf[1 << 20];
-    size_t n = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[n] = '\0';
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
-    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), kind);
-    ck_assert_msg(cJSON_IsNumber(tol), "%s: tolerance.%s missing", path, kind);
-    double v = tol->valuedouble;
-    cJSON_Delete(root);
-    return v;
-}
-
 typedef struct golden_case {
     const char *name;
     lego_model *model;
@@ -77,19 +57,9 @@ static void close_case(golden_case *g) {
     lego_model_free(g->model);
 }
 
-/* Compare `got` with tensor `name` if the case has it. */
+/* Compare `got` with tensor `name` if the case has it, within the case's tolerance. */
 static void expect(const golden_case *g, const char *name, const float *got, size_t numel) {
-    size_t n = 0;
-    float *want = tensor_f32(g->io, name, &n);
-    if (!want) {
-        printf("golden %-12s %-16s (not in this case)\n", g->name, name);
-        return;
-    }
-    ck_assert_msg(n == numel, "%s %s: %zu values, expected %zu", g->name, name, numel, n);
-    double err = scaled_error(got, want, n);
-    printf("golden %-12s %-16s scaled error %.2e (tolerance %.0e)\n", g->name, name, err, g->tol);
-    free(want);
-    ck_assert_msg(err <= g->tol, "%s %s: scaled error %g exceeds %g", g->name, name, err, g->tol);
+    expect_golden(g->io, g->name, name, got, numel, g->tol);
 }
 
 static void request_for(const golden_case *g, lego_denoise_request *r, const float *x, int h, int w,
@@ -223,6 +193,6 @@ int main(void) {
     }
     suite_add_tcase(s, tc);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

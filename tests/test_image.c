@@ -3,8 +3,8 @@
  * files read back with libpng, and .npz archives taken apart with zlib.
  */
 #define _POSIX_C_SOURCE 200809L
+#include "testutil.h"
 
-#include <check.h>
 #include <dirent.h>
 #include <float.h>
 #include <limits.h>
@@ -59,23 +59,6 @@ static int count_files(void) {
         if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
     closedir(d);
     return n;
-}
-
-static unsigned char *read_all(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    unsigned char *buf;
-    long n;
-    ck_assert_ptr_nonnull(f);
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    n = ftell(f);
-    ck_assert_int_ge(n, 0);
-    rewind(f);
-    buf = malloc((size_t)n + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
 }
 
 static void fill_random(uint8_t *p, size_t n, unsigned seed) {
@@ -666,11 +649,4 @@ static Suite *image_suite(void) {
     return s;
 }
 
-int main(void) {
-    SRunner *sr = srunner_create(image_suite());
-    int failed;
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-}
+int main(void) { return run_suite(image_suite()); }

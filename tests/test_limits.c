@@ -35,16 +35,8 @@ static lego_model *small_model(void) {
     c.mlp_ratio = 2.0;
     c.frequency_embedding_size = 32;
     c.num_threads = 1;
-    lego_model *m = NULL;
-    ck_assert_msg(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
-    const int bricks[2][2] = {{4, 2}, {8, 4}};
-    for (int k = 0; k < 2; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[k][0];
-        b.patch_size = bricks[k][1];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
+    const int bricks[2][3] = {{4, 2, 1}, {8, 4, 1}};
+    lego_model *m = model_with_bricks(&c, bricks, 2);
     ck_assert(lego_model_init_weights(m, 7) == LEGO_OK);
     /* The zero-initialised adaLN and final layers would make every output
      * the same; give them values so results say something. */

@@ -26,23 +26,6 @@
 /* helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* xorshift64*: reproducible test data, independent of the library's RNGs. */
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
-static double urand(double lo, double hi) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
-    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
-}
-static float *rand_floats(size_t n, double lo, double hi) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
-    return v;
-}
-
 /* |got - want| <= abs + rel*|want| for every element; the first failure is
  * reported with its index. */
 static void expect_close_d(const char *what, const float *got, const double *want, size_t n,
@@ -387,8 +370,8 @@ static float *param(lego_model *m, const char *fmt, ...) {
     return NULL;
 }
 
-static lego_model *make_model(int C, int D, int heads, double mlp_ratio, const int *bricks,
-                              int nb, int threads) {
+static lego_model *make_model(int C, int D, int heads, double mlp_ratio,
+                              const int (*bricks)[3], int nb, int threads) {
     lego_model_config cfg;
     lego_model_config_init(&cfg);
     cfg.img_channels = C;
@@ -397,17 +380,7 @@ static lego_model *make_model(int C, int D, int heads, double mlp_ratio, const i
     cfg.mlp_ratio = mlp_ratio;
     cfg.frequency_embedding_size = 16;
     cfg.num_threads = threads;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&cfg, &m) == LEGO_OK);
-    for (int k = 0; k < nb; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[3 * k];
-        b.patch_size = bricks[3 * k + 1];
-        b.depth = bricks[3 * k + 2];
-        ck_assert_msg(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
-    return m;
+    return model_with_bricks(&cfg, bricks, nb);
 }
 
 static float *run_brick(lego_model *m, int k, int n, int h, int w, const float *xin,
@@ -499,7 +472,7 @@ static double want_plane(int img, int y, int x, int h, int w, const float *d) {
 START_TEST(test_brick_input_channels) {
     /* brick 0: 4x4 patches of 2x2 tokens; brick 1: 8x8 patches of 4x4
      * tokens (so a token's pixels are not a brick patch's). */
-    const int spec[] = {4, 2, 1, 8, 4, 2};
+    const int spec[][3] = {{4, 2, 1}, {8, 4, 2}};
     lego_model *m = make_model(2, 40, 2, 1.0, spec, 2, 2);
     const int n = 2, h = 8, w = 24;
     size_t img = (size_t)n * 2 * h * w;
@@ -537,7 +510,7 @@ END_TEST
 /* With every weight zero the output is the final linear's bias, laid out
  * (p, q, c) within each token: out[c][y][x] = bias[((y%p)*p + x%p)*C + c]. */
 START_TEST(test_brick_unpatchify_order) {
-    const int spec[] = {6, 3, 1};
+    const int spec[][3] = {{6, 3, 1}};
     lego_model *m = make_model(3, 16, 2, 2.0, spec, 1, 1);
     float *fb = param(m, "model.model.0.final_layer.linear.bias");
     for (int i = 0; i < 3 * 3 * 3; i++) fb[i] = (float)(i + 1);
@@ -673,7 +646,7 @@ static void randomize(lego_model *m, uint64_t seed) {
 START_TEST(test_brick_forward_reference) {
     /* brick 0: 4x4 patch 2 depth 1; brick 1: 8x8 patch 2 depth 2 (16
      * tokens); brick 2: 8x8 patch 8 (one token per patch). */
-    const int spec[] = {4, 2, 1, 8, 2, 2, 8, 8, 1};
+    const int spec[][3] = {{4, 2, 1}, {8, 2, 2}, {8, 8, 1}};
     lego_model *m = make_model(2, 16, 2, 2.0, spec, 3, 2);
     randomize(m, 7);
     const int n = 2, h = 8, w = 16, D = 16;

@@ -3,14 +3,9 @@
  * and its statelessness contract, and the PyTorch-compatible generator
  * against values recorded from PyTorch itself (../shared/golden).
  */
-#include <check.h>
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include "testutil.h"
 
 #include "rng.h"
-#include "safetensors.h"
 
 /* ------------------------------------------------------------------------ */
 /* Philox                                                                   */
@@ -272,21 +267,16 @@ static int torch_reproduce(const char *name, double *got, size_t numel) {
 }
 
 START_TEST(test_torch_golden) {
-    const char *dir = getenv("LEGO_GOLDEN_DIR");
     char path[1024];
     st_file *f = NULL;
     lego_err err;
-    FILE *probe;
 
-    if (!dir || !*dir) dir = "../shared/golden";
-    snprintf(path, sizeof path, "%s/rng_torch_cpu/io.safetensors", dir);
-    probe = fopen(path, "rb");
-    if (!probe) {
+    snprintf(path, sizeof path, "%s/rng_torch_cpu/io.safetensors", golden_dir());
+    if (!path_exists(path)) {
         printf("test_rng: %s not found, skipping the PyTorch golden check\n",
                path);
         return;
     }
-    fclose(probe);
 
     lego_err_clear(&err);
     ck_assert_msg(st_open(path, &f, &err) == LEGO_OK, "%s: %s", path, err.msg);
@@ -327,10 +317,4 @@ static Suite *rng_suite(void) {
     return s;
 }
 
-int main(void) {
-    SRunner *sr = srunner_create(rng_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-}
+int main(void) { return run_suite(rng_suite()); }

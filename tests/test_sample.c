@@ -24,17 +24,9 @@ typedef struct scase {
 
 static void open_case(scase *c, const char *dir) {
     char path[4096];
-    static char buf[1 << 20];
     memset(c, 0, sizeof *c);
     c->name = strrchr(dir, '/') + 1;
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert(fp);
-    size_t len = fread(buf, 1, sizeof buf - 1, fp);
-    fclose(fp);
-    buf[len] = 0;
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
+    cJSON *root = case_json(dir);
     c->steps = cJSON_GetObjectItem(root, "steps")->valueint;
     c->tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "sampler")->valuedouble;
     cJSON_Delete(root);
@@ -71,17 +63,7 @@ static void close_case(scase *c) {
 }
 
 static void expect(const scase *c, const char *name, const float *got, size_t numel) {
-    size_t n = 0;
-    float *want = tensor_f32(c->io, name, &n);
-    if (!want) {
-        printf("golden %-12s %-18s (not in this case)\n", c->name, name);
-        return;
-    }
-    ck_assert_msg(n == numel, "%s %s: size %zu, expected %zu", c->name, name, numel, n);
-    double err = scaled_error(got, want, n);
-    printf("golden %-12s %-18s scaled error %.2e (tolerance %.0e)\n", c->name, name, err, c->tol);
-    free(want);
-    ck_assert_msg(err <= c->tol, "%s %s: scaled error %g exceeds %g", c->name, name, err, c->tol);
+    expect_golden(c->io, c->name, name, got, numel, c->tol);
 }
 
 START_TEST(test_golden_sigmas) {
@@ -220,17 +202,8 @@ static lego_model *small_model(void) {
     cfg.hidden_size = 32;
     cfg.num_heads = 2;
     cfg.num_threads = 1;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&cfg, &m) == LEGO_OK);
-    const int sizes[3][2] = {{4, 2}, {8, 4}, {8, 2}};
-    for (int k = 0; k < 3; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = sizes[k][0];
-        b.patch_size = sizes[k][1];
-        b.depth = 1;
-        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
-    }
+    const int bricks[3][3] = {{4, 2, 1}, {8, 4, 1}, {8, 2, 1}};
+    lego_model *m = model_with_bricks(&cfg, bricks, 3);
     ck_assert(lego_model_init_weights(m, 7) == LEGO_OK);
     return m;
 }
@@ -587,6 +560,6 @@ int main(void) {
     tcase_add_test(contract, test_solvers_reach_gaussian_endpoint);
     suite_add_tcase(s, contract);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

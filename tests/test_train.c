@@ -32,32 +32,6 @@
 /* helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static uint64_t rng_state;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
-static double urand(double lo, double hi) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t r = rng_state * 0x2545F4914F6CDD1Dull;
-    return lo + (hi - lo) * ((double)(r >> 11) * (1.0 / 9007199254740992.0));
-}
-static double nrand(void) {
-    double u = urand(1e-12, 1), v = urand(0, 1);
-    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
-static float *rand_floats(size_t n, double lo, double hi) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)urand(lo, hi);
-    return v;
-}
-static float *normal_floats(size_t n) {
-    float *v = malloc((n ? n : 1) * sizeof *v);
-    ck_assert(v);
-    for (size_t i = 0; i < n; i++) v[i] = (float)nrand();
-    return v;
-}
-
 static char *temp_path(const char *tag) {
     char *p = malloc(64);
     ck_assert(p);
@@ -91,16 +65,7 @@ static lego_model *tiny_model_of(int label_dim, uint64_t seed, double jitter, in
     c.mlp_ratio = 2.0;
     c.frequency_embedding_size = 16;
     c.num_threads = 2;
-    lego_model *m = NULL;
-    ck_assert(lego_model_create(&c, &m) == LEGO_OK);
-    for (int k = 0; k < num_bricks; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = bricks[k][0];
-        b.patch_size = bricks[k][1];
-        b.depth = bricks[k][2];
-        ck_assert(lego_brick_add(m, &b) == LEGO_OK);
-    }
+    lego_model *m = model_with_bricks(&c, bricks, num_bricks);
     ck_assert(lego_model_init_weights(m, seed) == LEGO_OK);
     /* The reference init zeroes adaLN and final layers, which would hide
      * most gradients: jitter every trainable value. */
@@ -134,31 +99,6 @@ static int find_tensor(lego_model *m, const char *name) {
 /* golden                                                                   */
 /* ------------------------------------------------------------------------ */
 
-
-/* tolerance.denoiser of case.json: the gradients are held to it too. */
-static double case_tolerance(const char *dir) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/case.json", dir);
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "%s missing", path);
-    fseek(fp, 0, SEEK_END);
-    long len = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    ck_assert(len > 0);
-    char *buf = malloc((size_t)len + 1);
-    ck_assert(buf && fread(buf, 1, (size_t)len, fp) == (size_t)len);
-    fclose(fp);
-    buf[len] = '\0';
-    cJSON *root = cJSON_Parse(buf);
-    ck_assert(root);
-    cJSON *tol = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "tolerance"), "denoiser");
-    ck_assert_msg(cJSON_IsNumber(tol), "%s: tolerance.denoiser missing", path);
-    double v = tol->valuedouble;
-    cJSON_Delete(root);
-    free(buf);
-    return v;
-}
-
 START_TEST(test_golden_train) {
     const char *dir = case_dirs[_i], *name = strrchr(dir, '/') + 1;
     char path[4096];
@@ -175,7 +115,8 @@ START_TEST(test_golden_train) {
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     lego_model *m = NULL;
     ck_assert_msg(lego_model_load(path, NULL, &m) == LEGO_OK, "%s", lego_model_error(m));
-    double tol = case_tolerance(dir);
+    /* tolerance.denoiser: the gradients are held to it too. */
+    double tol = case_tolerance(dir, "denoiser");
     ck_assert(ty->rank == 4);
 
     lego_train_batch b;
@@ -1314,6 +1255,6 @@ int main(void) {
     tcase_add_test(patches, test_patch_api);
     suite_add_tcase(s, patches);
     int status = run_suite(s);
-    for (int i = 0; i < num_cases; i++) free(case_dirs[i]);
+    free_cases();
     return status;
 }

@@ -46,7 +46,7 @@ static const uint8_t *next_chunk(const uint8_t **p, size_t *left, size_t *len) {
     return start;
 }
 
-static void write_file(const char *name, const uint8_t *data, size_t len) {
+static void write_folder_file(const char *name, const uint8_t *data, size_t len) {
     char path[128];
     snprintf(path, sizeof path, "%s/%s", folder, name);
     FILE *f = fopen(path, "wb");
@@ -85,7 +85,7 @@ static const char *make_folder(const uint8_t *p, size_t left) {
         size_t len;
         const uint8_t *c = next_chunk(&p, &left, &len);
         if (i == 0 && len == 0) continue; /* no dataset.json */
-        write_file(folder_names[i], c, len);
+        write_folder_file(folder_names[i], c, len);
     }
     return folder;
 }
