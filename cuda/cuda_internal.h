@@ -224,19 +224,43 @@ typedef enum gemm_act { GEMM_ACT_NONE = 0, GEMM_ACT_GELU = 1 } gemm_act;
 
 /* Algorithms the heuristic is asked for per shape; the first call of a
  * large enough shape outside graph capture times them and keeps the
- * fastest. */
+ * fastest (unless the call asks for a deterministic choice). */
 #define GEMM_CANDIDATES 8
 #define GEMM_TUNE_MIN_FLOPS 1e8
 
-/* One prepared cuBLASLt call shape: descriptors and the algorithm the
- * heuristic chose, keyed by (out, rows, in, types, act, epilogue allowed). */
+/* One GEMM in cuBLASLt's column-major terms:
+ *     C (M x N, ld ldc) = alpha op(A) op(B) + beta C  [+ bias per row of C]  [then GELU]
+ * A is stored K x M when ta (else M x K), B N x K when tb (else K x N).
+ * batch > 1: a strided batch, matrix i at A + i sa, B + i sb, C + i sc
+ * (elements).  A and B of type ab, C and the bias of type dt; fp32
+ * accumulation always (CUBLAS_COMPUTE_32F: no TF32 for fp32 operands). */
+typedef struct gemm_call {
+    int ta, tb;
+    uint64_t M, N, K;
+    const void *A, *B;
+    void *C;
+    int64_t lda, ldb, ldc;
+    cudaDataType ab, dt;
+    float alpha, beta;
+    const void *bias; /* NULL: none */
+    gemm_act act;
+    int batch;
+    int64_t sa, sb, sc;
+    /* The heuristic's first algorithm, never a timed choice: the same bits
+     * on every run (training, so that a resumed run continues exactly). */
+    int deterministic;
+} gemm_call;
+
+/* One prepared call shape: descriptors and the chosen algorithm, keyed by
+ * everything of a gemm_call but its pointers and scalars, plus what the
+ * pointers are aligned to and whether C is read (beta != 0). */
 typedef struct gemm_entry {
     int used;
-    uint64_t out, rows, in;
-    cudaDataType ab_type, d_type;
-    int act, gelu_allowed;
+    gemm_call key;
+    int beta_one, gelu_allowed;
+    uint32_t align[4]; /* A, B, C, bias: the power of two each is aligned to */
     cublasLtMatmulDesc_t desc;
-    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;   /* the one in use                     */
     cublasLtMatmulAlgo_t candidates[GEMM_CANDIDATES]; /* the heuristic's best few */
     int num_candidates;
@@ -245,7 +269,8 @@ typedef struct gemm_entry {
     int post_bias, post_gelu;    /* what kernels must apply afterwards */
 } gemm_entry;
 
-#define GEMM_CACHE 128
+/* Inference uses a few tens of shapes, a training step about a hundred. */
+#define GEMM_CACHE 256
 
 typedef struct gemm_ctx {
     cublasLtHandle_t lt;
@@ -269,6 +294,13 @@ void gemm_destroy(gemm_ctx *g);
 lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int out,
                         const void *x, size_t rows, void *y, cudaDataType ab_type,
                         cudaDataType d_type, gemm_act act, lego_err *err);
+
+/* Any GEMM of the form above, on g's stream, through g's cache of prepared
+ * shapes.  Operands need only the alignment of their type (the heuristic is
+ * told when they have less than DEVICE_ALIGN); the bias must have
+ * DEVICE_ALIGN.  A bias or GELU the chosen algorithm does not apply itself
+ * is applied by a kernel afterwards, which needs ldc == M and batch 1. */
+lego_status gemm_run(gemm_ctx *g, const gemm_call *call, lego_err *err);
 
 /* Whether cuBLASLt's GELU_BIAS epilogue computes the tanh-approximated GELU
  * of the reference (to 1e-5 relative): runs it on a ramp of inputs and

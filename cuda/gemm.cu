@@ -17,9 +17,12 @@
  *
  * Descriptors and the heuristic's algorithm are prepared once per shape and
  * cached in the handle (GEMM_CACHE entries, evicted round-robin), so a
- * sampling loop makes no heuristic queries after its first step.  Each
- * shape tries its epilogues from the most fused down, and whatever the
- * chosen algorithm does not do (bias, GELU) is left to a kernel after it.
+ * sampling loop or a training step makes no heuristic queries after its
+ * first.  Each shape tries its epilogues from the most fused down, and
+ * whatever the chosen algorithm does not do (bias, GELU) is left to a
+ * kernel after it.  gemm_run is the general form (transposes, leading
+ * dimensions, strided batches, beta): the trainer's GEMMs and its attention
+ * go through it too, with `deterministic` set.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -44,7 +47,7 @@ static void entry_destroy(gemm_entry *e) {
     if (!e->used) return;
     if (e->a) cublasLtMatrixLayoutDestroy(e->a);
     if (e->b) cublasLtMatrixLayoutDestroy(e->b);
-    if (e->d) cublasLtMatrixLayoutDestroy(e->d);
+    if (e->c) cublasLtMatrixLayoutDestroy(e->c);
     if (e->desc) cublasLtMatmulDescDestroy(e->desc);
     memset(e, 0, sizeof *e);
 }
@@ -60,51 +63,92 @@ static int has_bias(cublasLtEpilogue_t e) {
     return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS;
 }
 
-/* Fill entry `e` for the key (out, rows, in, act, gelu_allowed): layouts,
- * descriptor, and the first epilogue in the list for which the heuristic
- * offers an algorithm.  `bias` is a representative bias pointer (the
- * heuristic reads its alignment, not its contents). */
-static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint64_t rows,
-                                 uint64_t in, cudaDataType ab_type, cudaDataType d_type,
-                                 gemm_act act, int gelu_allowed, const void *bias,
-                                 lego_err *err) {
+/* The alignment (a power of two, at most DEVICE_ALIGN) that a pointer and
+ * every matrix of its batch keep. */
+static uint32_t alignment(const void *p, int batch, int64_t stride, size_t elem) {
+    uintptr_t v = (uintptr_t)p | DEVICE_ALIGN;
+    if (batch > 1) v |= (uintptr_t)stride * elem;
+    return (uint32_t)(v & (~v + 1));
+}
+
+static lego_status set_batch(cublasLtMatrixLayout_t l, int batch, int64_t stride, lego_err *err) {
+    if (batch <= 1) return LEGO_OK;
+    int32_t count = batch;
+    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                            sizeof count));
+    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                            &stride, sizeof stride));
+    return LEGO_OK;
+}
+
+/* The preference of a shape: the workspace, and the operands' alignment
+ * where it is below the DEVICE_ALIGN the heuristic assumes by default (a
+ * head's columns inside a token matrix). */
+static cublasStatus_t make_preference(const gemm_ctx *g, const uint32_t align[4],
+                                      cublasLtMatmulPreference_t *out) {
+    static const cublasLtMatmulPreferenceAttributes_t align_attr[3] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES};
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasStatus_t st = cublasLtMatmulPreferenceCreate(&pref);
+    uint64_t ws = g->workspace_bytes;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                  &ws, sizeof ws);
+    for (int i = 0; i < 3 && st == CUBLAS_STATUS_SUCCESS; i++)
+        if (align[i] < DEVICE_ALIGN)
+            st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align[i],
+                                                      sizeof align[i]);
+    /* D is C (in place): the same alignment. */
+    if (st == CUBLAS_STATUS_SUCCESS && align[2] < DEVICE_ALIGN)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                  &align[2], sizeof align[2]);
+    if (st != CUBLAS_STATUS_SUCCESS && pref) cublasLtMatmulPreferenceDestroy(pref);
+    *out = st == CUBLAS_STATUS_SUCCESS ? pref : NULL;
+    return st;
+}
+
+/* Fill entry `e` for call k: layouts, descriptor, and the first epilogue in
+ * the list (GELU+bias, bias, none) for which the heuristic offers an
+ * algorithm.  The bias pointer is a representative one (the heuristic
+ * reads its alignment, not its contents). */
+static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, const gemm_call *k, int beta_one,
+                                 int gelu_allowed, const uint32_t align[4], lego_err *err) {
     memset(e, 0, sizeof *e);
     e->used = 1; /* from here on entry_destroy frees what exists */
-    e->out = out;
-    e->rows = rows;
-    e->in = in;
-    e->ab_type = ab_type;
-    e->d_type = d_type;
-    e->act = act;
+    e->key = *k;
+    e->beta_one = beta_one;
     e->gelu_allowed = gelu_allowed;
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, ab_type, in, out, (int64_t)in));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, ab_type, in, rows, (int64_t)in));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->d, d_type, out, rows, (int64_t)out));
+    memcpy(e->align, align, sizeof e->align);
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, k->ab, k->ta ? k->K : k->M, k->ta ? k->M : k->K,
+                                      k->lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, k->ab, k->tb ? k->N : k->K, k->tb ? k->K : k->N,
+                                      k->ldb));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, k->dt, k->M, k->N, k->ldc));
+    LEGO_TRY(set_batch(e->a, k->batch, k->sa, err));
+    LEGO_TRY(set_batch(e->b, k->batch, k->sb, err));
+    LEGO_TRY(set_batch(e->c, k->batch, k->sc, err));
     LT_TRY(cublasLtMatmulDescCreate(&e->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    cublasOperation_t opa = k->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t opb = k->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
 
     cublasLtMatmulPreference_t pref = NULL;
-    LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
-    uint64_t ws = g->workspace_bytes;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
-        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        cublasLtMatmulPreferenceDestroy(pref);
-        return lt_status(st, err, "cublasLtMatmulPreferenceSetAttribute");
-    }
+    cublasStatus_t st = make_preference(g, align, &pref);
+    if (st != CUBLAS_STATUS_SUCCESS) return lt_status(st, err, "cuBLASLt GEMM preference");
 
     cublasLtEpilogue_t tries[3];
     int ntries = 0;
-    if (act == GEMM_ACT_GELU && gelu_allowed) tries[ntries++] = CUBLASLT_EPILOGUE_GELU_BIAS;
-    tries[ntries++] = CUBLASLT_EPILOGUE_BIAS;
+    if (k->bias && k->act == GEMM_ACT_GELU && gelu_allowed)
+        tries[ntries++] = CUBLASLT_EPILOGUE_GELU_BIAS;
+    if (k->bias) tries[ntries++] = CUBLASLT_EPILOGUE_BIAS;
     tries[ntries++] = CUBLASLT_EPILOGUE_DEFAULT;
     cublasStatus_t last = CUBLAS_STATUS_NOT_SUPPORTED;
     int found = 0;
     for (int i = 0; i < ntries && !found; i++) {
         cublasLtEpilogue_t epi = tries[i];
-        const void *bp = has_bias(epi) ? (const void *)bias : NULL;
+        const void *bp = has_bias(epi) ? k->bias : NULL;
         st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                             sizeof epi);
         if (st == CUBLAS_STATUS_SUCCESS)
@@ -117,7 +161,7 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint6
         cublasLtMatmulHeuristicResult_t res[GEMM_CANDIDATES];
         int count = 0;
         memset(res, 0, sizeof res);
-        st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->desc, e->a, e->b, e->d, e->d, pref,
+        st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->desc, e->a, e->b, e->c, e->c, pref,
                                             GEMM_CANDIDATES, res, &count);
         e->num_candidates = 0;
         for (int c = 0; st == CUBLAS_STATUS_SUCCESS && c < count; c++)
@@ -126,8 +170,8 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint6
         if (e->num_candidates > 0) {
             e->algo = e->candidates[0];
             e->epilogue = epi;
-            e->post_bias = !has_bias(epi);
-            e->post_gelu = act == GEMM_ACT_GELU && epi != CUBLASLT_EPILOGUE_GELU_BIAS;
+            e->post_bias = k->bias && !has_bias(epi);
+            e->post_gelu = k->act == GEMM_ACT_GELU && epi != CUBLASLT_EPILOGUE_GELU_BIAS;
             found = 1;
         } else if (st != CUBLAS_STATUS_SUCCESS) {
             last = st;
@@ -136,25 +180,42 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, uint64_t out, uint6
     cublasLtMatmulPreferenceDestroy(pref);
     if (!found)
         return lego_fail(err, LEGO_ERR_BACKEND,
-                         "cuBLASLt offers no algorithm for a %llu x %llu x %llu GEMM of types "
-                         "%d -> %d (%s)",
-                         (unsigned long long)rows, (unsigned long long)out,
-                         (unsigned long long)in, (int)ab_type, (int)d_type,
+                         "cuBLASLt offers no algorithm for a %llu x %llu x %llu GEMM (ops %d%d, "
+                         "types %d -> %d, batch %d): %s",
+                         (unsigned long long)k->M, (unsigned long long)k->N,
+                         (unsigned long long)k->K, k->ta, k->tb, (int)k->ab, (int)k->dt, k->batch,
                          cublasLtGetStatusString(last));
+    if ((e->post_bias || e->post_gelu) && (k->ldc != (int64_t)k->M || k->batch > 1))
+        return lego_fail(err, LEGO_ERR_BACKEND,
+                         "internal: a GEMM whose bias or GELU needs a kernel writes a strided C");
     return LEGO_OK;
 }
 
-static int misaligned(const void *p) { return p && (uintptr_t)p % DEVICE_ALIGN != 0; }
+/* Whether two calls have one shape (pointers and scalars aside). */
+static int same_shape(const gemm_call *x, const gemm_call *y) {
+    return x->ta == y->ta && x->tb == y->tb && x->M == y->M && x->N == y->N && x->K == y->K &&
+           x->lda == y->lda && x->ldb == y->ldb && x->ldc == y->ldc && x->ab == y->ab &&
+           x->dt == y->dt && (x->bias != NULL) == (y->bias != NULL) && x->act == y->act &&
+           x->batch == y->batch && x->sa == y->sa && x->sb == y->sb && x->sc == y->sc &&
+           x->deterministic == y->deterministic;
+}
 
-/* The cached entry for a key, preparing it (and evicting another) if new. */
-static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t in,
-                             cudaDataType ab_type, cudaDataType d_type, gemm_act act,
-                             int gelu_allowed, const void *bias, gemm_entry **found,
-                             lego_err *err) {
+/* The cached entry for a call, preparing it (and evicting another) if new. */
+static lego_status entry_for(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
+                             gemm_entry **found, lego_err *err) {
+    uint32_t align[4];
+    align[0] = alignment(k->A, k->batch, k->sa, dtype_bytes(k->ab));
+    align[1] = alignment(k->B, k->batch, k->sb, dtype_bytes(k->ab));
+    align[2] = alignment(k->C, k->batch, k->sc, dtype_bytes(k->dt));
+    align[3] = k->bias ? alignment(k->bias, 1, 0, dtype_bytes(k->dt)) : DEVICE_ALIGN;
+    if (align[3] < DEVICE_ALIGN)
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a GEMM bias is not %d-byte aligned",
+                         DEVICE_ALIGN);
+    int beta_one = k->beta != 0.0f;
     for (int i = 0; i < GEMM_CACHE; i++) {
         gemm_entry *e = &g->cache[i];
-        if (e->used && e->out == out && e->rows == rows && e->in == in && e->act == (int)act &&
-            e->gelu_allowed == gelu_allowed && e->ab_type == ab_type && e->d_type == d_type) {
+        if (e->used && e->beta_one == beta_one && e->gelu_allowed == gelu_allowed &&
+            same_shape(&e->key, k) && !memcmp(e->align, align, sizeof align)) {
             *found = e;
             return LEGO_OK;
         }
@@ -167,8 +228,7 @@ static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t 
         g->next_evict = (g->next_evict + 1) % GEMM_CACHE;
         entry_destroy(e);
     }
-    lego_status s = entry_prepare(g, e, out, rows, in, ab_type, d_type, act, gelu_allowed, bias,
-                                  err);
+    lego_status s = entry_prepare(g, e, k, beta_one, gelu_allowed, align, err);
     if (s != LEGO_OK) {
         entry_destroy(e);
         return s;
@@ -178,23 +238,23 @@ static lego_status entry_for(gemm_ctx *g, uint64_t out, uint64_t rows, uint64_t 
 }
 
 /* Time every candidate of `e` on the call's own operands (a warm-up and
- * three runs each, CUDA events) and keep the fastest.  Any candidate that
- * fails to launch is passed over; the outputs are overwritten by the call
- * that follows anyway. */
-static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const void *w, const void *x, void *y,
-                              lego_err *err) {
+ * three runs each, CUDA events) and keep the fastest.  Only for beta 0: the
+ * output is overwritten by the call that follows anyway.  A candidate that
+ * fails to launch is passed over. */
+static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const gemm_call *k, lego_err *err) {
     cudaEvent_t start = NULL, stop = NULL;
     lego_status s = cu_status(cudaEventCreate(&start), err, "cudaEventCreate");
     if (s == LEGO_OK) s = cu_status(cudaEventCreate(&stop), err, "cudaEventCreate");
-    const float alpha = 1.0f, beta = 0.0f;
+    const float beta = 0.0f;
     float best_ms = 0.0f;
     int best = -1;
     for (int c = 0; s == LEGO_OK && c < e->num_candidates; c++) {
         cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
         for (int run = 0; run < 4 && st == CUBLAS_STATUS_SUCCESS; run++) {
             if (run == 1) cudaEventRecord(start, g->stream);
-            st = cublasLtMatmul(g->lt, e->desc, &alpha, w, e->a, x, e->b, &beta, y, e->d, y, e->d,
-                                &e->candidates[c], g->workspace, g->workspace_bytes, g->stream);
+            st = cublasLtMatmul(g->lt, e->desc, &k->alpha, k->A, e->a, k->B, e->b, &beta, k->C,
+                                e->c, k->C, e->c, &e->candidates[c], g->workspace,
+                                g->workspace_bytes, g->stream);
         }
         if (st != CUBLAS_STATUS_SUCCESS) continue;
         s = cu_status(cudaEventRecord(stop, g->stream), err, "cudaEventRecord");
@@ -213,50 +273,64 @@ static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const void *w, const v
     return s;
 }
 
-/* gemm_linear with the epilogue choice spelled out; *used (may be NULL)
+/* gemm_run with the GELU epilogue allowed or not; *used (may be NULL)
  * receives the epilogue the GEMM itself applied. */
-static lego_status gemm_linear_ex(gemm_ctx *g, const void *w, const void *b, int in, int out,
-                                  const void *x, size_t rows, void *y, cudaDataType ab_type,
-                                  cudaDataType d_type, gemm_act act, int gelu_allowed,
-                                  cublasLtEpilogue_t *used, lego_err *err) {
-    if (misaligned(w) || misaligned(b) || misaligned(x) || misaligned(y))
-        return lego_fail(err, LEGO_ERR_BACKEND,
-                         "internal: a GEMM operand is not %d-byte aligned", DEVICE_ALIGN);
+static lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
+                               cublasLtEpilogue_t *used, lego_err *err) {
     gemm_entry *e = NULL;
-    LEGO_TRY(entry_for(g, (uint64_t)out, (uint64_t)rows, (uint64_t)in, ab_type, d_type, act,
-                       gelu_allowed, b, &e, err));
-    if (has_bias(e->epilogue)) {
-        const void *bp = b;
-        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
-                                              sizeof bp));
-    }
+    LEGO_TRY(entry_for(g, k, gelu_allowed, &e, err));
+    if (has_bias(e->epilogue))
+        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                              &k->bias, sizeof k->bias));
     if (!e->tuned) {
         /* Not while a graph is being captured: nothing runs then. */
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
         CU_TRY(cudaStreamIsCapturing(g->stream, &cs));
         if (cs == cudaStreamCaptureStatusNone) {
-            double flops = 2.0 * (double)rows * out * in;
-            if (g->autotune && e->num_candidates > 1 && flops >= GEMM_TUNE_MIN_FLOPS) {
-                LEGO_TRY(tune_entry(g, e, w, x, y, err));
+            double flops = 2.0 * (double)k->M * k->N * k->K * (k->batch > 1 ? k->batch : 1);
+            if (g->autotune && !k->deterministic && k->beta == 0.0f && e->num_candidates > 1 &&
+                flops >= GEMM_TUNE_MIN_FLOPS) {
+                LEGO_TRY(tune_entry(g, e, k, err));
                 g->tuned_shapes++;
             }
             e->tuned = 1;
         }
     }
-    const float alpha = 1.0f, beta = 0.0f;
-    LT_TRY(cublasLtMatmul(g->lt, e->desc, &alpha, w, e->a, x, e->b, &beta, y, e->d, y, e->d,
-                          &e->algo, g->workspace, g->workspace_bytes, g->stream));
-    if (e->post_bias) LEGO_TRY(k_add_bias(g->stream, y, b, d_type, rows, out, err));
-    if (e->post_gelu) LEGO_TRY(k_gelu(g->stream, y, d_type, rows * (size_t)out, err));
+    LT_TRY(cublasLtMatmul(g->lt, e->desc, &k->alpha, k->A, e->a, k->B, e->b, &k->beta, k->C, e->c,
+                          k->C, e->c, &e->algo, g->workspace, g->workspace_bytes, g->stream));
+    if (e->post_bias)
+        LEGO_TRY(k_add_bias(g->stream, k->C, k->bias, k->dt, k->N, (int)k->M, err));
+    if (e->post_gelu) LEGO_TRY(k_gelu(g->stream, k->C, k->dt, k->N * k->M, err));
     if (used) *used = e->epilogue;
     return LEGO_OK;
 }
 
+lego_status gemm_run(gemm_ctx *g, const gemm_call *k, lego_err *err) {
+    return gemm_run_ex(g, k, k->act == GEMM_ACT_GELU ? g->gelu_epilogue : 0, NULL, err);
+}
+
+/* y[rows][out] = x W^T + b as a column-major out x rows C = W^T x. */
+static gemm_call linear_call(const void *w, const void *b, int in, int out, const void *x,
+                             size_t rows, void *y, cudaDataType ab_type, cudaDataType d_type,
+                             gemm_act act) {
+    /* Fields in gemm_call's order. */
+    gemm_call k = {1, 0, (uint64_t)out, (uint64_t)rows, (uint64_t)in, w, x, y, in, in, out,
+                   ab_type, d_type, 1.0f, 0.0f, b, act, 1, 0, 0, 0, 0};
+    return k;
+}
+
+static int misaligned(const void *p) { return p && (uintptr_t)p % DEVICE_ALIGN != 0; }
+
 lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int out,
                         const void *x, size_t rows, void *y, cudaDataType ab_type,
                         cudaDataType d_type, gemm_act act, lego_err *err) {
-    return gemm_linear_ex(g, w, b, in, out, x, rows, y, ab_type, d_type, act,
-                          act == GEMM_ACT_GELU ? g->gelu_epilogue : 0, NULL, err);
+    /* The inference workspace keeps every operand on DEVICE_ALIGN: anything
+     * else is a planning bug, not a slower GEMM to accept. */
+    if (misaligned(w) || misaligned(b) || misaligned(x) || misaligned(y))
+        return lego_fail(err, LEGO_ERR_BACKEND,
+                         "internal: a GEMM operand is not %d-byte aligned", DEVICE_ALIGN);
+    gemm_call k = linear_call(w, b, in, out, x, rows, y, ab_type, d_type, act);
+    return gemm_run(g, &k, err);
 }
 
 /* ---- does GELU_BIAS compute the tanh approximation? ---------------------- */
@@ -290,9 +364,11 @@ lego_status gemm_probe_gelu(gemm_ctx *g, int *is_tanh, lego_err *err) {
                                       g->stream),
                       err, "cudaMemcpyAsync (probe)");
     if (s == LEGO_OK)
-        s = gemm_linear_ex(g, dev + w_off, dev + b_off, PROBE_IN, PROBE_OUT, dev + x_off,
-                           PROBE_ROWS, dev + y_off, CUDA_R_32F, CUDA_R_32F, GEMM_ACT_GELU, 1,
-                           &used, err);
+    {
+        gemm_call k = linear_call(dev + w_off, dev + b_off, PROBE_IN, PROBE_OUT, dev + x_off,
+                                  PROBE_ROWS, dev + y_off, CUDA_R_32F, CUDA_R_32F, GEMM_ACT_GELU);
+        s = gemm_run_ex(g, &k, 1, &used, err);
+    }
     if (s == LEGO_OK)
         s = cu_status(cudaMemcpyAsync(host + y_off, dev + y_off,
                                       PROBE_OUT * PROBE_ROWS * sizeof(float),

@@ -62,39 +62,6 @@
 
 #include "train_internal.h"
 
-/* ---- the GEMMs ---------------------------------------------------------------- */
-
-/* One GEMM: C (M x N, column-major, ldc) = alpha op(A) op(B) [+ beta C]
- * [+ bias per row of C], fp32 accumulation.  A is stored K x M when ta
- * (else M x K), B N x K when tb (else K x N).  batch > 1: a strided batch,
- * matrix i at A + i sa, B + i sb, C + i sc (elements). */
-typedef struct tg_call {
-    int ta, tb;
-    uint64_t M, N, K;
-    const void *A, *B;
-    void *C;
-    int64_t lda, ldb, ldc;
-    cudaDataType ab, dt;
-    float alpha, beta;
-    const void *bias;
-    int batch;
-    int64_t sa, sb, sc;
-} tg_call;
-
-/* A prepared shape: descriptors and the heuristic's first algorithm. */
-typedef struct tg_entry {
-    int used;
-    tg_call key; /* its shape (same_shape); pointers and scalars are per call */
-    int beta_one;
-    uint32_t align[4]; /* what A, B, C, D pointers are aligned to (bytes) */
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatrixLayout_t a, b, c;
-    cublasLtMatmulAlgo_t algo;
-    int post_bias; /* the heuristic refused the bias epilogue: a kernel adds it */
-} tg_entry;
-
-#define TG_CACHE 256 /* a step uses about 100 shapes; evictions would query the heuristic again */
-
 /* Buffers of one brick. */
 typedef struct block_dev {
     float *x, *mean1, *rstd1, *lse, *a, *x2, *mean2, *rstd2, *f;
@@ -159,23 +126,11 @@ typedef struct train_state {
     int ahead;        /* the device holds newer weights/state than the host */
     uint64_t gen;     /* m->weights_gen when it became ahead */
 
-    tg_entry cache[TG_CACHE];
-    int next_evict;
-
     /* cuda_train_profile: wall time per cuda_train_part, the last mark. */
     int profile;
     double prof_ms[CUDA_TPROF_PARTS];
     double prof_last;
 } train_state;
-
-static void tg_destroy(tg_entry *e) {
-    if (!e->used) return;
-    if (e->a) cublasLtMatrixLayoutDestroy(e->a);
-    if (e->b) cublasLtMatrixLayoutDestroy(e->b);
-    if (e->c) cublasLtMatrixLayoutDestroy(e->c);
-    if (e->desc) cublasLtMatmulDescDestroy(e->desc);
-    memset(e, 0, sizeof *e);
-}
 
 size_t train_state_bytes(const void *train) {
     const train_state *ts = (const train_state *)train;
@@ -196,7 +151,6 @@ void train_state_free(void *train) {
     train_state *ts = (train_state *)train;
     if (!ts) return;
     if (ts->attached) *ts->attached = 0;
-    for (int i = 0; i < TG_CACHE; i++) tg_destroy(&ts->cache[i]);
     if (ts->ws) cudaFree(ts->ws);
     if (ts->grads) cudaFree(ts->grads);
     free_opt(ts);
@@ -235,152 +189,19 @@ static void tmark(tctx *c, int part) {
         tmark(c, part);                                                                       \
     } while (0)
 
-/* The alignment (a power of two, at most DEVICE_ALIGN) that a pointer and
- * every matrix of its batch keep. */
-static uint32_t alignment(const void *p, int batch, int64_t stride, size_t elem) {
-    uintptr_t v = (uintptr_t)p | DEVICE_ALIGN;
-    if (batch > 1) v |= (uintptr_t)stride * elem;
-    return (uint32_t)(v & (~v + 1));
-}
-
-static lego_status set_batch(cublasLtMatrixLayout_t l, int batch, int64_t stride, lego_err *err) {
-    if (batch <= 1) return LEGO_OK;
-    int32_t count = batch;
-    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
-                                            sizeof count));
-    LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                                            &stride, sizeof stride));
-    return LEGO_OK;
-}
-
-static lego_status tg_prepare(tctx *c, tg_entry *e, const tg_call *k, int beta_one,
-                              const uint32_t align[4]) {
-    lego_err *err = c->err;
-    gemm_ctx *g = c->v.gemm;
-    memset(e, 0, sizeof *e);
-    e->used = 1;
-    e->key = *k;
-    e->beta_one = beta_one;
-    memcpy(e->align, align, sizeof e->align);
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, k->ab, k->ta ? k->K : k->M, k->ta ? k->M : k->K,
-                                      k->lda));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, k->ab, k->tb ? k->N : k->K, k->tb ? k->K : k->N,
-                                      k->ldb));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, k->dt, k->M, k->N, k->ldc));
-    LEGO_TRY(set_batch(e->a, k->batch, k->sa, err));
-    LEGO_TRY(set_batch(e->b, k->batch, k->sb, err));
-    LEGO_TRY(set_batch(e->c, k->batch, k->sc, err));
-    LT_TRY(cublasLtMatmulDescCreate(&e->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t opa = k->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasOperation_t opb = k->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
-    LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
-    cublasLtMatmulPreference_t pref = NULL;
-    LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
-    uint64_t wsb = g->workspace_bytes;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
-        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    /* Operands inside a token matrix (a head's columns) are aligned to
-     * less than the 256 bytes the heuristic assumes by default. */
-    static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; i++)
-        if (align[i] < DEVICE_ALIGN)
-            st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align[i],
-                                                      sizeof align[i]);
-    int has_bias = k->bias != NULL, found = 0;
-    for (int bias_epi = has_bias; st == CUBLAS_STATUS_SUCCESS && bias_epi >= 0 && !found;
-         bias_epi--) {
-        cublasLtEpilogue_t epi = bias_epi ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-        const void *bp = bias_epi ? k->bias : NULL;
-        st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
-                                            sizeof epi);
-        if (st == CUBLAS_STATUS_SUCCESS)
-            st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
-                                                sizeof bp);
-        if (st != CUBLAS_STATUS_SUCCESS) break;
-        cublasLtMatmulHeuristicResult_t res;
-        int count = 0;
-        memset(&res, 0, sizeof res);
-        cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(g->lt, e->desc, e->a, e->b, e->c,
-                                                           e->c, pref, 1, &res, &count);
-        if (hs == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS &&
-            res.workspaceSize <= g->workspace_bytes) {
-            e->algo = res.algo;
-            e->post_bias = has_bias && !bias_epi;
-            found = 1;
-        }
-    }
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS) return lt_status(st, err, "cuBLASLt descriptor (training)");
-    if (!found)
-        return lego_fail(err, LEGO_ERR_BACKEND,
-                         "cuBLASLt offers no algorithm for a training GEMM %llux%llux%llu "
-                         "(ops %d%d, types %d -> %d, batch %d)",
-                         (unsigned long long)k->M, (unsigned long long)k->N,
-                         (unsigned long long)k->K, k->ta, k->tb, (int)k->ab, (int)k->dt,
-                         k->batch);
-    return LEGO_OK;
-}
-
-/* Whether two calls have one shape (pointers and scalars aside). */
-static int same_shape(const tg_call *x, const tg_call *y) {
-    return x->ta == y->ta && x->tb == y->tb && x->M == y->M && x->N == y->N && x->K == y->K &&
-           x->lda == y->lda && x->ldb == y->ldb && x->ldc == y->ldc && x->ab == y->ab &&
-           x->dt == y->dt && (x->bias != NULL) == (y->bias != NULL) && x->batch == y->batch &&
-           x->sa == y->sa && x->sb == y->sb && x->sc == y->sc;
-}
-
-static lego_status tg_run(tctx *c, const tg_call *call) {
-    lego_err *err = c->err;
-    train_state *ts = c->ts;
-    uint32_t align[4];
-    align[0] = alignment(call->A, call->batch, call->sa, dtype_bytes(call->ab));
-    align[1] = alignment(call->B, call->batch, call->sb, dtype_bytes(call->ab));
-    align[2] = align[3] = alignment(call->C, call->batch, call->sc, dtype_bytes(call->dt));
-    if (call->bias && alignment(call->bias, 1, 0, 4) < DEVICE_ALIGN)
-        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a training GEMM bias is not aligned");
-    int beta_one = call->beta != 0.0f;
-    tg_entry *e = NULL;
-    for (int i = 0; i < TG_CACHE && !e; i++) {
-        tg_entry *x = &ts->cache[i];
-        if (x->used && x->beta_one == beta_one && same_shape(&x->key, call) &&
-            !memcmp(x->align, align, sizeof align))
-            e = x;
-    }
-    if (!e) {
-        for (int i = 0; i < TG_CACHE && !e; i++)
-            if (!ts->cache[i].used) e = &ts->cache[i];
-        if (!e) {
-            e = &ts->cache[ts->next_evict];
-            ts->next_evict = (ts->next_evict + 1) % TG_CACHE;
-            tg_destroy(e);
-        }
-        lego_status s = tg_prepare(c, e, call, beta_one, align);
-        if (s != LEGO_OK) {
-            tg_destroy(e);
-            return s;
-        }
-    }
-    if (call->bias && !e->post_bias)
-        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                              &call->bias, sizeof call->bias));
-    gemm_ctx *g = c->v.gemm;
-    LT_TRY(cublasLtMatmul(g->lt, e->desc, &call->alpha, call->A, e->a, call->B, e->b, &call->beta,
-                          call->C, e->c, call->C, e->c, &e->algo, g->workspace,
-                          g->workspace_bytes, c->s));
-    if (e->post_bias)
-        LEGO_TRY(k_add_bias(c->s, call->C, call->bias, call->dt, call->N, (int)call->M, err));
-    return LEGO_OK;
+/* The trainer's GEMMs: deterministic (see the top), on the handle's cache. */
+static lego_status tg_run(tctx *c, gemm_call *call) {
+    call->deterministic = 1;
+    return gemm_run(c->v.gemm, call, c->err);
 }
 
 /* The plain (unbatched, 256-byte aligned) GEMMs of the linear layers. */
 static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t K, const void *A,
                       int64_t lda, const void *B, int64_t ldb, float beta, void *C, int64_t ldc,
                       cudaDataType ab, cudaDataType dt, const void *bias) {
-    /* Fields in tg_call's order. */
-    tg_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, ab, dt, 1.0f, beta, bias, 1, 0, 0, 0};
+    /* Fields in gemm_call's order. */
+    gemm_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, ab, dt, 1.0f, beta, bias,
+                      GEMM_ACT_NONE, 1, 0, 0, 0, 1};
     return tg_run(c, &call);
 }
 
@@ -675,13 +496,13 @@ typedef struct attn_geom {
     cudaDataType tt;
 } attn_geom;
 
-static tg_call attn_call(const attn_geom *a, int ta, int tb, uint64_t M, uint64_t N, uint64_t K,
-                         const void *A, int64_t lda, int64_t sa, const void *B, int64_t ldb,
-                         int64_t sb, void *C, int64_t ldc, int64_t sc, cudaDataType dt,
-                         float alpha, size_t batch) {
-    /* Fields in tg_call's order. */
-    tg_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, a->tt, dt, alpha, 0.0f, NULL,
-                    (int)batch, sa, sb, sc};
+static gemm_call attn_call(const attn_geom *a, int ta, int tb, uint64_t M, uint64_t N,
+                           uint64_t K, const void *A, int64_t lda, int64_t sa, const void *B,
+                           int64_t ldb, int64_t sb, void *C, int64_t ldc, int64_t sc,
+                           cudaDataType dt, float alpha, size_t batch) {
+    /* Fields in gemm_call's order. */
+    gemm_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, a->tt, dt, alpha, 0.0f, NULL,
+                      GEMM_ACT_NONE, (int)batch, sa, sb, sc, 1};
     return call;
 }
 
@@ -692,7 +513,7 @@ static lego_status attn_scores(tctx *c, const attn_geom *a, const T *qkv, int h,
     size_t T3 = (size_t)a->T * 3 * a->D;
     const T *q = qkv + s0 * T3 + (size_t)h * a->hd, *k = q + a->D;
     float scale = 1.0f / sqrtf((float)a->hd);
-    tg_call call = attn_call(a, 1, 0, a->T, a->T, a->hd, k, 3 * a->D, T3, q, 3 * a->D, T3,
+    gemm_call call = attn_call(a, 1, 0, a->T, a->T, a->hd, k, 3 * a->D, T3, q, 3 * a->D, T3,
                              c->ts->L.att_s, a->T, (int64_t)a->T * a->T, CUDA_R_32F, scale, cs);
     return tg_run(c, &call);
 }
@@ -712,7 +533,7 @@ static lego_status attn_fwd_gemm(tctx *c, const T *qkv, size_t seqs, int tokens,
                                        (T *)L->att_p, lse, c->err));
             /* O (hd x T per sequence, into out's columns of head h) = V P^T */
             const T *v = qkv + s0 * T3 + 2 * a.D + (size_t)h * hd;
-            tg_call call = attn_call(&a, 0, 0, hd, tokens, tokens, v, 3 * a.D, T3, L->att_p,
+            gemm_call call = attn_call(&a, 0, 0, hd, tokens, tokens, v, 3 * a.D, T3, L->att_p,
                                      tokens, TT, out + s0 * tokens * a.D + (size_t)h * hd,
                                      a.D, (int64_t)tokens * a.D, a.tt, 1.0f, cs);
             LEGO_TRY(tg_run(c, &call));
@@ -743,18 +564,18 @@ static lego_status attn_bwd_gemm(tctx *c, const T *qkv, const T *dO, const float
             LEGO_TRY(attn_scores<T>(c, &a, qkv, h, s0, cs));
             LEGO_TRY(t_attn_probs<T>(c->s, L->att_s, NULL, rows, tokens, heads, h, s0 * tokens, lse,
                                      delta, scale, P, c->err));
-            tg_call dv_call = attn_call(&a, 0, 1, hd, tokens, tokens, go, D, TD, P, tokens, TT, dv,
+            gemm_call dv_call = attn_call(&a, 0, 1, hd, tokens, tokens, go, D, TD, P, tokens, TT, dv,
                                         3 * D, T3, a.tt, 1.0f, cs);
             LEGO_TRY(tg_run(c, &dv_call));
-            tg_call dp_call = attn_call(&a, 1, 0, tokens, tokens, hd, v, 3 * D, T3, go, D, TD,
+            gemm_call dp_call = attn_call(&a, 1, 0, tokens, tokens, hd, v, 3 * D, T3, go, D, TD,
                                         L->att_dp, tokens, TT, CUDA_R_32F, 1.0f, cs);
             LEGO_TRY(tg_run(c, &dp_call));
             LEGO_TRY(t_attn_probs<T>(c->s, L->att_s, L->att_dp, rows, tokens, heads, h,
                                      s0 * tokens, lse, delta, scale, P, c->err));
-            tg_call dq_call = attn_call(&a, 0, 0, hd, tokens, tokens, k, 3 * D, T3, P, tokens, TT,
+            gemm_call dq_call = attn_call(&a, 0, 0, hd, tokens, tokens, k, 3 * D, T3, P, tokens, TT,
                                         dq, 3 * D, T3, a.tt, 1.0f, cs);
             LEGO_TRY(tg_run(c, &dq_call));
-            tg_call dk_call = attn_call(&a, 0, 1, hd, tokens, tokens, q, 3 * D, T3, P, tokens, TT,
+            gemm_call dk_call = attn_call(&a, 0, 1, hd, tokens, tokens, q, 3 * D, T3, P, tokens, TT,
                                         dk, 3 * D, T3, a.tt, 1.0f, cs);
             LEGO_TRY(tg_run(c, &dk_call));
         }
