@@ -30,6 +30,7 @@
 #include <omp.h>
 #endif
 
+#include "denoise.h"
 #include "ops.h"
 #include "rng.h"
 
@@ -640,23 +641,12 @@ void net_sample_patches(const lego_model *m, net_cache *c, double fraction, uint
 /* Forward                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* [cos | sin] of c_noise * 10000^(-i/half), as denoise.c computes it. */
-static void timestep_embedding(float c_noise, int dim, float *out) {
-    int half = dim / 2;
-    for (int i = 0; i < half; i++) {
-        float f = expf(-9.21034037f * (float)i / (float)half); /* ln(10000) */
-        float arg = c_noise * f;
-        out[i] = (float)cos((double)arg);
-        out[half + i] = (float)sin((double)arg);
-    }
-}
-
 static void conditioning_fwd(const lego_model *m, net_cache *c, const float *sigma,
                              const float *label_vectors) {
     int n = c->n, fdim = m->cfg.frequency_embedding_size, L = m->cfg.label_dim;
     size_t nd = (size_t)n * (size_t)m->cfg.hidden_size;
     for (int i = 0; i < n; i++)
-        timestep_embedding(logf(sigma[i]) / 4.0f, fdim, c->emb + (size_t)i * fdim);
+        denoise_timestep_embedding(logf(sigma[i]) / 4.0f, fdim, c->emb + (size_t)i * fdim);
     op_linear(&m->t_fc1, c->emb, (size_t)n, c->t_pre);
     for (size_t i = 0; i < nd; i++) c->t_hid[i] = c->t_pre[i] * sigmoidf(c->t_pre[i]);
     op_linear(&m->t_fc2, c->t_hid, (size_t)n, c->cond);
