@@ -67,15 +67,6 @@ static float *take(arena *a, size_t n1, size_t n2) {
 /* Workers for a loop over `work` floats. */
 static int par(size_t work, int threads) { return work >= PAR_MIN_WORK ? threads : 1; }
 
-static size_t widest_row(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * (size_t)b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if ((size_t)b->c_in * p2 > wide) wide = (size_t)b->c_in * p2;
-    if ((size_t)m->cfg.img_channels * p2 > wide) wide = (size_t)m->cfg.img_channels * p2;
-    return wide;
-}
-
 /* Place every buffer of `c` in `a`; sets a->overflow on absurd sizes.
  * Returns the largest brick's token count. */
 static size_t layout(const lego_model *m, net_cache *c, arena *a) {
@@ -135,7 +126,8 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
         ba->hf = take(a, R, d);
         ba->out = take(a, n, chw);
         if (R > rmax) rmax = R;
-        if (widest_row(m, b) > wmax) wmax = widest_row(m, b);
+        size_t row_wide = model_widest_activation(m, b);
+        if (row_wide > wmax) wmax = row_wide;
         if (mod_row > mmax) mmax = mod_row;
         if (T > tmax) tmax = T;
     }

@@ -53,17 +53,8 @@ static void token_origin(const brick *b, brick_geom g, size_t r, size_t *img, in
     *x0 = (patch % g.patches_x) * bs + (tok % b->grid) * p;
 }
 
-static size_t widest_activation(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if (b->c_in * p2 > wide) wide = b->c_in * p2;
-    if (m->cfg.img_channels * p2 > wide) wide = m->cfg.img_channels * p2;
-    return wide;
-}
-
 static size_t row_floats(const lego_model *m, const brick *b) {
-    return 2 * (size_t)m->cfg.hidden_size + widest_activation(m, b);
+    return 2 * (size_t)m->cfg.hidden_size + model_widest_activation(m, b);
 }
 
 /* The most rows one chunk holds: whole images when an image fits the
@@ -233,7 +224,7 @@ void brick_forward(lego_model *m, int k, int n, int h, int w, const float *xin,
     c.x = mods + modulation_floats(m, b, n);
     c.h = c.x + cap * d;
     c.wide = c.h + cap * d;
-    c.attn = c.wide + cap * widest_activation(m, b);
+    c.attn = c.wide + cap * model_widest_activation(m, b);
 
     for (size_t r0 = 0; r0 < g.rows;) {
         size_t img = r0 / g.rows_per_image, rows, per_image;
