@@ -186,14 +186,11 @@ __global__ void rows_image_kernel(tok_geom g, const int32_t *table, const float 
     int C = g.C, width = g.p * g.p * C;
     size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
     FOR_EACH(idx, total) {
-        size_t r = idx / (size_t)width;
-        int col = (int)(idx % (size_t)width);
-        int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
         size_t img;
-        int y0, x0;
-        token_origin(g, table, r, &img, &y0, &x0);
-        float *px =
-            image + (img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j);
+        int c, y, x;
+        patch_pixel_hwc(g, table, idx / (size_t)width, (int)(idx % (size_t)width), &img, &c, &y,
+                        &x);
+        float *px = image + (img * C + (size_t)c) * plane + (size_t)y * g.w + (size_t)x;
         if (to_image) *px = rows[idx];
         else drows[idx] = from_float<T>(*px);
     }
@@ -227,11 +224,10 @@ __global__ void below_grad_kernel(tok_geom g, const int32_t *table, const float 
     FOR_EACH(idx, total) {
         size_t r = idx / (size_t)cw;
         int col = (int)(idx % (size_t)cw);
-        int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
         size_t img;
-        int y0, x0;
-        token_origin(g, table, r, &img, &y0, &x0);
-        dbelow[(img * C + (size_t)ci) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] +=
+        int ci, y, x;
+        patch_pixel_chw(g, table, r, col, &img, &ci, &y, &x);
+        dbelow[(img * C + (size_t)ci) * plane + (size_t)y * g.w + (size_t)x] +=
             dpatches[r * (size_t)width + (size_t)col];
     }
 }
