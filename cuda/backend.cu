@@ -464,16 +464,6 @@ typedef struct ws_layout {
     size_t bytes;
 } ws_layout;
 
-/* Widest activation of a brick, as brick.c's widest_activation. */
-static size_t widest(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if (b->c_in * p2 > wide) wide = b->c_in * p2;
-    if (m->cfg.img_channels * p2 > wide) wide = m->cfg.img_channels * p2;
-    return wide;
-}
-
 static size_t brick_rows(const brick *b, int nb, int h, int w) {
     size_t per_image = (size_t)(h / b->cfg.brick_size) * (size_t)(w / b->cfg.brick_size) *
                        (size_t)b->tokens;
@@ -501,7 +491,8 @@ static void plan_layout(const lego_model *m, int n, int nb, int h, int w, char *
         size_t rows = brick_rows(b, nb, h, w);
         if ((size_t)b->cfg.depth + 1 > mod_slots) mod_slots = (size_t)b->cfg.depth + 1;
         if (rows * D > tok) tok = rows * D;
-        if (rows * widest(m, b) > wide) wide = rows * widest(m, b);
+        size_t row_wide = model_widest_activation(m, b);
+        if (rows * row_wide > wide) wide = rows * row_wide;
     }
     l->mod_slot = round_up_floats((size_t)nb * 6 * D);
     size_t used = 0; /* floats */

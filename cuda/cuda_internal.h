@@ -359,6 +359,30 @@ __device__ __forceinline__ void token_origin(const tok_geom &g, const int32_t *t
     *x0 = (patch % g.patches_x) * g.bs + (tok % g.grid) * g.p;
 }
 
+/* Column col of token row r, in a row laid out (channel, y, x) as the
+ * patch embedding reads it: its image, channel and pixel (y, x). */
+__device__ __forceinline__ void patch_pixel_chw(const tok_geom &g, const int32_t *table, size_t r,
+                                                int col, size_t *img, int *channel, int *y,
+                                                int *x) {
+    int pp = g.p * g.p, y0, x0;
+    token_origin(g, table, r, img, &y0, &x0);
+    *channel = col / pp;
+    *y = y0 + (col % pp) / g.p;
+    *x = x0 + col % g.p;
+}
+
+/* The same for a row laid out (y, x, channel), as the final layer
+ * writes it. */
+__device__ __forceinline__ void patch_pixel_hwc(const tok_geom &g, const int32_t *table, size_t r,
+                                                int col, size_t *img, int *channel, int *y,
+                                                int *x) {
+    int y0, x0;
+    token_origin(g, table, r, img, &y0, &x0);
+    *channel = col % g.C;
+    *y = y0 + col / (g.p * g.C);
+    *x = x0 + (col / g.C) % g.p;
+}
+
 /* emb[i] = [cos(c_noise[i] * freq) | sin(c_noise[i] * freq)], freq of
  * fdim/2 entries (float products, cos/sin in double as the CPU). */
 lego_status k_timestep_embedding(cudaStream_t s, const float *c_noise, const float *freq, int nb,

@@ -160,13 +160,10 @@ __global__ void gather_kernel(tok_geom g, const int32_t *table, const float *xin
     int first_x = below ? C : 0, first_coord = below ? 2 * C : C;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
-        size_t r = idx / (size_t)width;
-        int col = (int)(idx % (size_t)width);
-        int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
         size_t img;
-        int y0, x0;
-        token_origin(g, table, r, &img, &y0, &x0);
-        int y = y0 + i, x = x0 + j;
+        int ci, y, x;
+        patch_pixel_chw(g, table, idx / (size_t)width, (int)(idx % (size_t)width), &img, &ci, &y,
+                        &x);
         size_t pix = (size_t)y * g.w + (size_t)x;
         float v;
         if (ci < first_x) v = below[(img * C + (size_t)ci) * plane + pix];
@@ -199,13 +196,10 @@ __global__ void scatter_kernel(tok_geom g, const float *src, float *out) {
     size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
-        size_t r = idx / (size_t)width;
-        int col = (int)(idx % (size_t)width);
-        int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
         size_t img;
-        int y0, x0;
-        token_origin(g, NULL, r, &img, &y0, &x0);
-        out[(img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] = src[idx];
+        int c, y, x;
+        patch_pixel_hwc(g, NULL, idx / (size_t)width, (int)(idx % (size_t)width), &img, &c, &y, &x);
+        out[(img * C + (size_t)c) * plane + (size_t)y * g.w + (size_t)x] = src[idx];
     }
 }
 

@@ -56,6 +56,22 @@ static lego_status select_device(int device, int *previous, lego_err *err) {
     return LEGO_OK;
 }
 
+/* The end of both entry points: unless s already failed, copy `bytes` of
+ * `dev` to `out`; then free dev and select the previous device again. */
+static lego_status copy_back_and_release(lego_status s, void *out, void *dev, size_t bytes,
+                                         int previous, const char *what, lego_err *err) {
+    if (s == LEGO_OK)
+        s = cu_status(cudaMemcpy(out, dev, bytes, cudaMemcpyDeviceToHost), err, what);
+    if (dev) cudaFree(dev);
+    cudaSetDevice(previous);
+    return s;
+}
+
+/* The Philox blocks holding elements first .. first + n - 1 (n >= 1). */
+static size_t blocks_covering(uint64_t first, size_t n) {
+    return (size_t)((first + n - 1) / 4 - first / 4 + 1);
+}
+
 extern "C" lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_t stream,
                                               uint64_t first, size_t n, float *out,
                                               lego_err *err) {
@@ -64,19 +80,15 @@ extern "C" lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_
     int previous = 0;
     LEGO_TRY(select_device(device, &previous, err));
     float *dev = NULL;
-    size_t blocks = (size_t)((first + n - 1) / 4 - first / 4 + 1);
-    lego_status s = cu_status(cudaMalloc(&dev, n * sizeof(float)), err, "cudaMalloc");
+    size_t blocks = blocks_covering(first, n), bytes = n * sizeof(float);
+    lego_status s = cu_status(cudaMalloc(&dev, bytes), err, "cudaMalloc");
     if (s == LEGO_OK) {
         LAUNCH(philox_normal_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream, first, n,
                                                                           blocks, dev);
         s = cu_status(cudaGetLastError(), err, "philox_normal_kernel");
     }
-    if (s == LEGO_OK)
-        s = cu_status(cudaMemcpy(out, dev, n * sizeof(float), cudaMemcpyDeviceToHost), err,
-                      "cudaMemcpy (philox normals)");
-    if (dev) cudaFree(dev);
-    cudaSetDevice(previous);
-    return s;
+    return copy_back_and_release(s, out, dev, bytes, previous, "cudaMemcpy (philox normals)",
+                                 err);
 }
 
 extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t stream,
@@ -87,18 +99,15 @@ extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t st
     int previous = 0;
     LEGO_TRY(select_device(device, &previous, err));
     uint32_t *dev = NULL;
-    lego_status s = cu_status(cudaMalloc(&dev, 4 * blocks * sizeof(uint32_t)), err, "cudaMalloc");
+    size_t bytes = 4 * blocks * sizeof(uint32_t);
+    lego_status s = cu_status(cudaMalloc(&dev, bytes), err, "cudaMalloc");
     if (s == LEGO_OK) {
         LAUNCH(philox_blocks_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream,
                                                                           first_block, blocks, dev);
         s = cu_status(cudaGetLastError(), err, "philox_blocks_kernel");
     }
-    if (s == LEGO_OK)
-        s = cu_status(cudaMemcpy(out, dev, 4 * blocks * sizeof(uint32_t), cudaMemcpyDeviceToHost),
-                      err, "cudaMemcpy (philox blocks)");
-    if (dev) cudaFree(dev);
-    cudaSetDevice(previous);
-    return s;
+    return copy_back_and_release(s, out, dev, bytes, previous, "cudaMemcpy (philox blocks)",
+                                 err);
 }
 
 /* The normals into device memory on a stream (training draws its noise
@@ -106,7 +115,7 @@ extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t st
 lego_status k_philox_normal(cudaStream_t s, uint64_t seed, uint64_t stream, uint64_t first,
                             size_t n, float *out, lego_err *err) {
     if (n == 0) return LEGO_OK;
-    size_t blocks = (size_t)((first + n - 1) / 4 - first / 4 + 1);
+    size_t blocks = blocks_covering(first, n);
     LAUNCH(philox_normal_kernel, ew_blocks(blocks), EW_THREADS, 0, s)(seed, stream, first, n,
                                                                       blocks, out);
     LAUNCH_CHECK("philox_normal");

@@ -186,14 +186,11 @@ __global__ void rows_image_kernel(tok_geom g, const int32_t *table, const float 
     int C = g.C, width = g.p * g.p * C;
     size_t total = g.rows * (size_t)width, plane = (size_t)g.h * g.w;
     FOR_EACH(idx, total) {
-        size_t r = idx / (size_t)width;
-        int col = (int)(idx % (size_t)width);
-        int i = col / (g.p * C), j = (col / C) % g.p, c = col % C;
         size_t img;
-        int y0, x0;
-        token_origin(g, table, r, &img, &y0, &x0);
-        float *px =
-            image + (img * C + (size_t)c) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j);
+        int c, y, x;
+        patch_pixel_hwc(g, table, idx / (size_t)width, (int)(idx % (size_t)width), &img, &c, &y,
+                        &x);
+        float *px = image + (img * C + (size_t)c) * plane + (size_t)y * g.w + (size_t)x;
         if (to_image) *px = rows[idx];
         else drows[idx] = from_float<T>(*px);
     }
@@ -227,11 +224,10 @@ __global__ void below_grad_kernel(tok_geom g, const int32_t *table, const float 
     FOR_EACH(idx, total) {
         size_t r = idx / (size_t)cw;
         int col = (int)(idx % (size_t)cw);
-        int ci = col / pp, i = (col % pp) / g.p, j = col % g.p;
         size_t img;
-        int y0, x0;
-        token_origin(g, table, r, &img, &y0, &x0);
-        dbelow[(img * C + (size_t)ci) * plane + (size_t)(y0 + i) * g.w + (size_t)(x0 + j)] +=
+        int ci, y, x;
+        patch_pixel_chw(g, table, r, col, &img, &ci, &y, &x);
+        dbelow[(img * C + (size_t)ci) * plane + (size_t)y * g.w + (size_t)x] +=
             dpatches[r * (size_t)width + (size_t)col];
     }
 }
@@ -431,6 +427,16 @@ template <int G> __device__ __forceinline__ size_t attn_stride(void) {
     return (size_t)gridDim.x * (blockDim.x / 32) * (size_t)(32 / G);
 }
 
+/* This lane's work item in `batch`.  Past the end it is clamped to the
+ * last item: it computes, as the full-mask shuffles need, and writes
+ * nothing (*valid false). */
+template <int G>
+__device__ __forceinline__ size_t attn_lane_item(size_t batch, size_t items, bool *valid) {
+    size_t w = batch + (threadIdx.x % 32) / G;
+    *valid = w < items;
+    return *valid ? w : items - 1;
+}
+
 /* out = softmax(q k^T / sqrt(hd)) v with an online softmax, and the row's
  * log-sum-exp of the scaled scores (what the backward pass recomputes the
  * probabilities from). */
@@ -440,12 +446,10 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, i
     int sub = threadIdx.x % G; /* elements sub + G c, c < ATTN_LANE_REGS */
     size_t D = (size_t)heads * hd, D3 = 3 * D;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
-        size_t w = batch + (threadIdx.x % 32) / G;
-        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
-        if (!valid) w = items - 1;
+        bool valid;
         size_t seq;
         int head, i;
-        attn_coords(w, Tn, heads, &seq, &head, &i);
+        attn_coords(attn_lane_item<G>(batch, items, &valid), Tn, heads, &seq, &head, &i);
         const T *base = qkv + seq * (size_t)Tn * D3 + (size_t)head * hd;
         float q[ATTN_LANE_REGS], o[ATTN_LANE_REGS];
         #pragma unroll
@@ -492,9 +496,8 @@ __global__ void attn_delta_kernel(const float *dout, const T *out, size_t items,
     int sub = threadIdx.x % G;
     size_t D = (size_t)heads * hd;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
-        size_t w = batch + (threadIdx.x % 32) / G;
-        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
-        if (!valid) w = items - 1;
+        bool valid;
+        size_t w = attn_lane_item<G>(batch, items, &valid);
         size_t row = w / (size_t)heads, head = w % (size_t)heads;
         const float *g = dout + row * D + head * (size_t)hd;
         const T *o = out + row * D + head * (size_t)hd;
@@ -516,12 +519,10 @@ __global__ void attn_bwd_kernel(const T *qkv, const float *dout, const float *ls
     int sub = threadIdx.x % G; /* elements sub + G c, c < ATTN_LANE_REGS */
     size_t D = (size_t)heads * hd, D3 = 3 * D;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
-        size_t w = batch + (threadIdx.x % 32) / G;
-        bool valid = w < items; /* past the end: clamped, computes, writes nothing */
-        if (!valid) w = items - 1;
+        bool valid;
         size_t seq;
         int head, me;
-        attn_coords(w, Tn, heads, &seq, &head, &me);
+        attn_coords(attn_lane_item<G>(batch, items, &valid), Tn, heads, &seq, &head, &me);
         const T *base = qkv + seq * (size_t)Tn * D3 + (size_t)head * hd;
         const float *gbase = dout + seq * (size_t)Tn * D + (size_t)head * hd;
         size_t rbase = seq * (size_t)Tn;

@@ -30,6 +30,7 @@
 #include <omp.h>
 #endif
 
+#include "denoise.h"
 #include "ops.h"
 #include "rng.h"
 
@@ -65,15 +66,6 @@ static float *take(arena *a, size_t n1, size_t n2) {
 
 /* Workers for a loop over `work` floats. */
 static int par(size_t work, int threads) { return work >= PAR_MIN_WORK ? threads : 1; }
-
-static size_t widest_row(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * (size_t)b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if ((size_t)b->c_in * p2 > wide) wide = (size_t)b->c_in * p2;
-    if ((size_t)m->cfg.img_channels * p2 > wide) wide = (size_t)m->cfg.img_channels * p2;
-    return wide;
-}
 
 /* Place every buffer of `c` in `a`; sets a->overflow on absurd sizes.
  * Returns the largest brick's token count. */
@@ -134,7 +126,8 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
         ba->hf = take(a, R, d);
         ba->out = take(a, n, chw);
         if (R > rmax) rmax = R;
-        if (widest_row(m, b) > wmax) wmax = widest_row(m, b);
+        size_t row_wide = model_widest_activation(m, b);
+        if (row_wide > wmax) wmax = row_wide;
         if (mod_row > mmax) mmax = mod_row;
         if (T > tmax) tmax = T;
     }
@@ -640,23 +633,12 @@ void net_sample_patches(const lego_model *m, net_cache *c, double fraction, uint
 /* Forward                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* [cos | sin] of c_noise * 10000^(-i/half), as denoise.c computes it. */
-static void timestep_embedding(float c_noise, int dim, float *out) {
-    int half = dim / 2;
-    for (int i = 0; i < half; i++) {
-        float f = expf(-9.21034037f * (float)i / (float)half); /* ln(10000) */
-        float arg = c_noise * f;
-        out[i] = (float)cos((double)arg);
-        out[half + i] = (float)sin((double)arg);
-    }
-}
-
 static void conditioning_fwd(const lego_model *m, net_cache *c, const float *sigma,
                              const float *label_vectors) {
     int n = c->n, fdim = m->cfg.frequency_embedding_size, L = m->cfg.label_dim;
     size_t nd = (size_t)n * (size_t)m->cfg.hidden_size;
     for (int i = 0; i < n; i++)
-        timestep_embedding(logf(sigma[i]) / 4.0f, fdim, c->emb + (size_t)i * fdim);
+        denoise_timestep_embedding(logf(sigma[i]) / 4.0f, fdim, c->emb + (size_t)i * fdim);
     op_linear(&m->t_fc1, c->emb, (size_t)n, c->t_pre);
     for (size_t i = 0; i < nd; i++) c->t_hid[i] = c->t_pre[i] * sigmoidf(c->t_pre[i]);
     op_linear(&m->t_fc2, c->t_hid, (size_t)n, c->cond);

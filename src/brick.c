@@ -42,17 +42,19 @@ static brick_geom geometry(const brick *b, int n, int h, int w) {
     return g;
 }
 
-static size_t widest_activation(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if (b->c_in * p2 > wide) wide = b->c_in * p2;
-    if (m->cfg.img_channels * p2 > wide) wide = m->cfg.img_channels * p2;
-    return wide;
+/* The image of batch row r and the top-left pixel (y0, x0) of its token's
+ * p x p patch; rows run image, brick patch, token row, token column. */
+static void token_origin(const brick *b, brick_geom g, size_t r, size_t *img, int *y0, int *x0) {
+    int bs = b->cfg.brick_size, p = b->cfg.patch_size;
+    size_t in_img = r % g.rows_per_image;
+    int patch = (int)(in_img / (size_t)b->tokens), tok = (int)(in_img % (size_t)b->tokens);
+    *img = r / g.rows_per_image;
+    *y0 = (patch / g.patches_x) * bs + (tok / b->grid) * p;
+    *x0 = (patch % g.patches_x) * bs + (tok % b->grid) * p;
 }
 
 static size_t row_floats(const lego_model *m, const brick *b) {
-    return 2 * (size_t)m->cfg.hidden_size + widest_activation(m, b);
+    return 2 * (size_t)m->cfg.hidden_size + model_widest_activation(m, b);
 }
 
 /* The most rows one chunk holds: whole images when an image fits the
@@ -91,18 +93,15 @@ size_t brick_scratch_floats(const lego_model *m, int k, int n, int h, int w) {
 static void gather_tokens(const lego_model *m, const brick *b, brick_geom g, int h, int w,
                           const float *xin, const float *below, size_t r0, size_t rows,
                           float *dst_rows, int threads) {
-    int C = m->cfg.img_channels, p = b->cfg.patch_size, bs = b->cfg.brick_size;
-    int grid = b->grid, c_in = b->c_in;
+    int C = m->cfg.img_channels, p = b->cfg.patch_size, c_in = b->c_in;
     size_t plane = (size_t)h * w, width = (size_t)c_in * p * p;
     float row_step = 2.0f / (float)(h - 1), col_step = 2.0f / (float)(w - 1);
 
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (size_t i_row = 0; i_row < rows; i_row++) {
-        size_t r = r0 + i_row;
-        size_t img = r / g.rows_per_image, in_img = r % g.rows_per_image;
-        int patch = (int)(in_img / (size_t)b->tokens), tok = (int)(in_img % (size_t)b->tokens);
-        int y0 = (patch / g.patches_x) * bs + (tok / grid) * p;
-        int x0 = (patch % g.patches_x) * bs + (tok % grid) * p;
+        size_t img;
+        int y0, x0;
+        token_origin(b, g, r0 + i_row, &img, &y0, &x0);
         float *dst = dst_rows + i_row * width;
         for (int ci = 0; ci < c_in; ci++) {
             /* Channels: [F_below (bricks above the first)], c_in*x, row, col. */
@@ -129,16 +128,14 @@ static void gather_tokens(const lego_model *m, const brick *b, brick_geom g, int
 static void scatter_tokens(const lego_model *m, const brick *b, brick_geom g, int h, int w,
                            const float *src_rows, size_t r0, size_t rows, float *out,
                            int threads) {
-    int C = m->cfg.img_channels, p = b->cfg.patch_size, bs = b->cfg.brick_size, grid = b->grid;
+    int C = m->cfg.img_channels, p = b->cfg.patch_size;
     size_t plane = (size_t)h * w, width = (size_t)p * p * C;
 
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (size_t i_row = 0; i_row < rows; i_row++) {
-        size_t r = r0 + i_row;
-        size_t img = r / g.rows_per_image, in_img = r % g.rows_per_image;
-        int patch = (int)(in_img / (size_t)b->tokens), tok = (int)(in_img % (size_t)b->tokens);
-        int y0 = (patch / g.patches_x) * bs + (tok / grid) * p;
-        int x0 = (patch % g.patches_x) * bs + (tok % grid) * p;
+        size_t img;
+        int y0, x0;
+        token_origin(b, g, r0 + i_row, &img, &y0, &x0);
         const float *src = src_rows + i_row * width;
         for (int i = 0; i < p; i++)
             for (int j = 0; j < p; j++)
@@ -227,7 +224,7 @@ void brick_forward(lego_model *m, int k, int n, int h, int w, const float *xin,
     c.x = mods + modulation_floats(m, b, n);
     c.h = c.x + cap * d;
     c.wide = c.h + cap * d;
-    c.attn = c.wide + cap * widest_activation(m, b);
+    c.attn = c.wide + cap * model_widest_activation(m, b);
 
     for (size_t r0 = 0; r0 < g.rows;) {
         size_t img = r0 / g.rows_per_image, rows, per_image;

@@ -2,6 +2,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -40,6 +41,22 @@ size_t size_prod(const size_t *dims, int n) {
     for (int i = 0; i < n; i++)
         if (!size_mul(p, dims[i], &p)) return 0;
     return p;
+}
+
+lego_status lego_check_batch_size(lego_err *err, int n) {
+    if (n < 1 || n > LEGO_MAX_BATCH)
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "batch size %d is out of range [1, %d]",
+                         n, LEGO_MAX_BATCH);
+    return LEGO_OK;
+}
+
+lego_status lego_check_sigmas(lego_err *err, const float *sigma, int n) {
+    for (int i = 0; i < n; i++)
+        if (!(sigma[i] > 0) || !isfinite(sigma[i]))
+            return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                             "sigma[%d] = %g: noise levels must be finite and positive", i,
+                             (double)sigma[i]);
+    return LEGO_OK;
 }
 
 void lego_copy_options(void *ours, size_t ours_size, const void *theirs,

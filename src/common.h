@@ -62,6 +62,18 @@ size_t size_prod(const size_t *dims, int n);
  * requests long before malloc would see them. */
 #define LEGO_MAX_ALLOC ((size_t)1 << 40)
 
+/* The largest batch one call accepts: far above any real use, low enough
+ * that n * 2 and n * label_dim stay comfortably inside int and size_t. */
+#define LEGO_MAX_BATCH (1 << 20)
+
+/* LEGO_ERR_INVALID_ARGUMENT, with a message in err, unless
+ * 1 <= n <= LEGO_MAX_BATCH. */
+lego_status lego_check_batch_size(lego_err *err, int n);
+
+/* LEGO_ERR_INVALID_ARGUMENT, with a message naming the first bad one,
+ * unless every noise level sigma[0 .. n-1] is finite and positive. */
+lego_status lego_check_sigmas(lego_err *err, const float *sigma, int n);
+
 /* Read the caller's option struct safely whatever its version: copy the
  * first min(caller_size, ours) bytes over our defaults. */
 void lego_copy_options(void *ours, size_t ours_size, const void *theirs,

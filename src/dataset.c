@@ -26,9 +26,10 @@
 #include <sys/types.h>
 
 #include <cjson/cJSON.h>
-#include <png.h>
 #define ZLIB_CONST
 #include <zlib.h>
+
+#include "png_msgs.h"
 
 #define DS_DEFAULT_MAX_BYTES ((uint64_t)1 << 31)
 /* Largest image side accepted from any file, and largest resolution. */
@@ -734,8 +735,7 @@ lego_status ds_zip_read(ds_zip *z, const ds_zip_entry *e, size_t limit,
 typedef struct png_mem {
     const uint8_t *data;
     size_t size, pos;
-    char error[200];
-    char warning[200];
+    png_msgs msgs;
 } png_mem;
 
 typedef struct png_shape {
@@ -747,17 +747,6 @@ static void png_mem_read(png_structp png, png_bytep out, size_t len) {
     if (len > m->size - m->pos) png_error(png, "unexpected end of data (truncated file)");
     memcpy(out, m->data + m->pos, len);
     m->pos += len;
-}
-
-static void png_on_error(png_structp png, png_const_charp msg) {
-    png_mem *m = png_get_error_ptr(png);
-    snprintf(m->error, sizeof m->error, "%s", msg ? msg : "unknown error");
-    png_longjmp(png, 1);
-}
-
-static void png_on_warning(png_structp png, png_const_charp msg) {
-    png_mem *m = png_get_error_ptr(png);
-    snprintf(m->warning, sizeof m->warning, "%s", msg ? msg : "");
 }
 
 /*
@@ -777,7 +766,8 @@ static lego_status png_decode(png_mem *m, const png_shape *want, png_shape *got,
     int depth, ctype, interlace, passes, channels;
     size_t rowbytes;
 
-    png = png_create_read_struct(PNG_LIBPNG_VER_STRING, m, png_on_error, png_on_warning);
+    png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &m->msgs, lego_png_on_error,
+                                 lego_png_on_warning);
     if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     info = png_create_info_struct(png);
     if (!info) {
@@ -786,10 +776,7 @@ static lego_status png_decode(png_mem *m, const png_shape *want, png_shape *got,
     }
     if (setjmp(png_jmpbuf(png))) {
         png_destroy_read_struct(&png, &info, NULL);
-        if (m->warning[0])
-            return lego_fail(err, LEGO_ERR_FORMAT, "not a valid PNG: %s (%s)", m->error,
-                             m->warning);
-        return lego_fail(err, LEGO_ERR_FORMAT, "not a valid PNG: %s", m->error);
+        return lego_png_fail(err, LEGO_ERR_FORMAT, "not a valid PNG", &m->msgs);
     }
     png_set_read_fn(png, m, png_mem_read);
     png_set_user_limits(png, DS_MAX_SIDE, DS_MAX_SIDE);

@@ -16,9 +16,7 @@
 #include "brick.h"
 #include "ops.h"
 
-/* Sinusoidal embedding of c_noise, [cos | sin], as the reference computes
- * it in float32: f_i = exp(-ln(10000) * i / half). */
-static void timestep_embedding(float c_noise, int dim, float *out) {
+void denoise_timestep_embedding(float c_noise, int dim, float *out) {
     int half = dim / 2;
     for (int i = 0; i < half; i++) {
         float f = expf(-9.21034037f * (float)i / (float)half); /* ln(10000) */
@@ -33,7 +31,7 @@ static void conditioning(const lego_model *m, int nb, const float *sigma, const 
                          float *emb, float *hid, float *cond) {
     int fdim = m->cfg.frequency_embedding_size, D = m->cfg.hidden_size;
     for (int i = 0; i < nb; i++)
-        timestep_embedding(logf(sigma[i]) / 4.0f, fdim, emb + (size_t)i * fdim);
+        denoise_timestep_embedding(logf(sigma[i]) / 4.0f, fdim, emb + (size_t)i * fdim);
     op_linear(&m->t_fc1, emb, (size_t)nb, hid);
     op_silu(hid, (size_t)nb * D);
     op_linear(&m->t_fc2, hid, (size_t)nb, cond);

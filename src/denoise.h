@@ -29,6 +29,11 @@ lego_status labels_to_rows(lego_model *m, int n, const int32_t *labels, float **
 lego_status model_denoise_floats(const lego_model *m, int n, int h, int w, int guided,
                                  size_t *floats);
 
+/* Sinusoidal embedding of c_noise into out[0 .. dim-1], [cos | sin], as
+ * the reference computes it in float32: f_i = exp(-ln(10000) * i / half).
+ * One definition for inference and training, so both see the same bits. */
+void denoise_timestep_embedding(float c_noise, int dim, float *out);
+
 /* Whether a guidance scale makes model_denoise run the unconditional half. */
 int denoise_guided(const lego_model *m, float guidance);
 

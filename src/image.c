@@ -15,9 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <png.h>
 #define ZLIB_CONST
 #include <zlib.h>
+
+#include "png_msgs.h"
 
 /* ------------------------------------------------------------------------ */
 /* Argument checks and error reporting                                      */
@@ -178,23 +179,22 @@ static lego_status out_commit(out_file *o, lego_err *err) {
 /* Rows are produced on demand so that a grid never needs a full canvas. */
 typedef const uint8_t *(*row_fn)(void *ctx, uint32_t y);
 
-/* Where libpng's callbacks leave their messages. */
-typedef struct png_msgs {
-    char warning[200];
-    char error[200];
-} png_msgs;
-
-static void on_png_error(png_structp png, png_const_charp msg) {
+void lego_png_on_error(png_structp png, png_const_charp msg) {
     png_msgs *m = png_get_error_ptr(png);
     snprintf(m->error, sizeof m->error, "%s", msg ? msg : "unknown error");
     png_longjmp(png, 1);
 }
 
-/* libpng explains some errors (such as an oversized IHDR) only in a
- * warning just before; keep the last one for the message. */
-static void on_png_warning(png_structp png, png_const_charp msg) {
+void lego_png_on_warning(png_structp png, png_const_charp msg) {
     png_msgs *m = png_get_error_ptr(png);
     snprintf(m->warning, sizeof m->warning, "%s", msg ? msg : "");
+}
+
+lego_status lego_png_fail(lego_err *err, lego_status status, const char *what,
+                          const png_msgs *msgs) {
+    if (msgs->warning[0])
+        return lego_fail(err, status, "%s: %s (%s)", what, msgs->error, msgs->warning);
+    return lego_fail(err, status, "%s: %s", what, msgs->error);
 }
 
 /*
@@ -212,8 +212,8 @@ static lego_status png_encode(FILE *f, uint32_t width, uint32_t height,
     png_structp png;
     png_infop info;
 
-    png = png_create_write_struct(PNG_LIBPNG_VER_STRING, msgs, on_png_error,
-                                  on_png_warning);
+    png = png_create_write_struct(PNG_LIBPNG_VER_STRING, msgs, lego_png_on_error,
+                                  lego_png_on_warning);
     if (!png) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory starting libpng");
     info = png_create_info_struct(png);
     if (!info) {
@@ -222,10 +222,7 @@ static lego_status png_encode(FILE *f, uint32_t width, uint32_t height,
     }
     if (setjmp(png_jmpbuf(png))) {
         png_destroy_write_struct(&png, &info);
-        if (msgs->warning[0])
-            return lego_fail(err, LEGO_ERR_IO, "libpng: %s (%s)", msgs->error,
-                             msgs->warning);
-        return lego_fail(err, LEGO_ERR_IO, "libpng: %s", msgs->error);
+        return lego_png_fail(err, LEGO_ERR_IO, "libpng", msgs);
     }
     png_init_io(png, f);
     png_set_IHDR(png, info, width, height, 8, color_types[channels],

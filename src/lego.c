@@ -69,10 +69,6 @@ LEGO_API void lego_denoise_request_init(lego_denoise_request *r) {
     r->guidance = 1.0f;
 }
 
-/* The largest batch one call accepts; far above any real use, low enough
- * that n * 2 and n * label_dim stay comfortably inside int and size_t. */
-#define MAX_BATCH (1 << 20)
-
 LEGO_API lego_status lego_denoise(lego_model *m, const lego_denoise_request *request) {
     MODEL_CHECK(m);
     if (!request) return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "request is NULL");
@@ -81,18 +77,12 @@ LEGO_API lego_status lego_denoise(lego_model *m, const lego_denoise_request *req
     lego_copy_options(&r, sizeof r, request, request->size);
 
     if (m->num_bricks == 0) return lego_fail(&m->err, LEGO_ERR_STATE, "the model has no bricks");
-    if (r.n < 1 || r.n > MAX_BATCH)
-        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "batch size %d is out of range [1, %d]",
-                         r.n, MAX_BATCH);
-    lego_status s = lego_model_check_resolution(m, r.height, r.width);
+    lego_status s = lego_check_batch_size(&m->err, r.n);
     if (s != LEGO_OK) return s;
+    if ((s = lego_model_check_resolution(m, r.height, r.width)) != LEGO_OK) return s;
     if (!r.x || !r.sigma || !r.out)
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "x, sigma and out must not be NULL");
-    for (int i = 0; i < r.n; i++)
-        if (!(r.sigma[i] > 0) || !isfinite(r.sigma[i]))
-            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
-                             "sigma[%d] = %g: noise levels must be finite and positive", i,
-                             (double)r.sigma[i]);
+    if ((s = lego_check_sigmas(&m->err, r.sigma, r.n)) != LEGO_OK) return s;
     if (!(r.guidance >= 0) || !isfinite(r.guidance))
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
                          "guidance scale %g must be finite and non-negative", (double)r.guidance);
@@ -114,7 +104,7 @@ LEGO_API lego_status lego_denoise(lego_model *m, const lego_denoise_request *req
     run &= ~r.skip_mask;
 
     int L = m->cfg.label_dim;
-    /* n <= MAX_BATCH and L <= 10^6: the one-hot rows' size fits. */
+    /* n <= LEGO_MAX_BATCH and L <= 10^6: the one-hot rows' size fits. */
     size_t label_bytes = L > 0 && r.labels ? (size_t)r.n * (size_t)L * sizeof(float) : 0;
     s = denoise_memory_check(m, r.n, r.height, r.width, denoise_guided(m, r.guidance),
                              label_bytes);

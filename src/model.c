@@ -653,3 +653,12 @@ LEGO_API lego_status lego_model_set_precision(lego_model *m, lego_precision p) {
     m->cfg.precision = p;
     return LEGO_OK;
 }
+
+size_t model_widest_activation(const lego_model *m, const brick *b) {
+    size_t p2 = (size_t)b->cfg.patch_size * b->cfg.patch_size;
+    size_t wide = 3 * (size_t)m->cfg.hidden_size;
+    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
+    if ((size_t)b->c_in * p2 > wide) wide = (size_t)b->c_in * p2;
+    if ((size_t)m->cfg.img_channels * p2 > wide) wide = (size_t)m->cfg.img_channels * p2;
+    return wide;
+}

@@ -137,6 +137,11 @@ lego_status config_from_json(const char *json, lego_model_config *cfg,
 /* Fill a brick's fixed 2-D sin-cos position embedding, [grid*grid][D]. */
 void sincos_pos_embed(float *out, int grid, int dim);
 
+/* Floats in the widest row of any activation of brick b: qkv, the MLP
+ * hidden layer, or the patch rows in and out.  One definition for the CPU
+ * forward and backward passes and the CUDA workspace. */
+size_t model_widest_activation(const lego_model *m, const brick *b);
+
 /* Hand every entry point the same prologue: a usable, non-failed model. */
 #define MODEL_CHECK(m)                                                         \
     do {                                                                       \

@@ -6,8 +6,7 @@
 
 #include <math.h>
 
-/* 2 pi, as torch's c10::pi<double> times two. */
-#define TWO_PI 6.283185307179586476925286766559
+#include "philox_core.h"
 
 /* ------------------------------------------------------------------------ */
 /* mt19937, seeded the way at::mt19937::init_with_uint32 does               */
@@ -86,7 +85,7 @@ static double normal_scalar(lego_torch_gen *g) {
     double u1 = uniform_f64(g);
     double u2 = uniform_f64(g);
     double r = sqrt(-2.0 * log1p(-u2)); /* 1 - u2 is in (0, 1] */
-    double theta = TWO_PI * u1;
+    double theta = LEGO_TWO_PI * u1;
     g->next_normal = r * sin(theta);
     g->has_next_normal = 1;
     return r * cos(theta);
@@ -99,7 +98,7 @@ static void fill16_f32(float *d) {
         float u1 = 1.0f - d[j];
         float u2 = d[j + 8];
         float radius = sqrtf(-2.0f * logf(u1));
-        float theta = (float)(TWO_PI * u2);
+        float theta = (float)(LEGO_TWO_PI * u2);
         d[j] = radius * cosf(theta);
         d[j + 8] = radius * sinf(theta);
     }
@@ -110,7 +109,7 @@ static void fill16_f64(double *d) {
         double u1 = 1.0 - d[j];
         double u2 = d[j + 8];
         double radius = sqrt(-2.0 * log(u1));
-        double theta = TWO_PI * u2;
+        double theta = LEGO_TWO_PI * u2;
         d[j] = radius * cos(theta);
         d[j + 8] = radius * sin(theta);
     }
@@ -161,86 +160,38 @@ int64_t torch_randint(lego_torch_gen *g, int64_t high) {
 /* Philox4x32-10                                                            */
 /* ------------------------------------------------------------------------ */
 
-#define PHILOX_M0 0xD2511F53u
-#define PHILOX_M1 0xCD9E8D57u
-#define PHILOX_W0 0x9E3779B9u
-#define PHILOX_W1 0xBB67AE85u
-
+/* The arithmetic is philox_core.h's, shared with the CUDA kernels. */
 void philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
                    uint32_t out[4]) {
-    uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
-    uint32_t k0 = key[0], k1 = key[1];
-    for (int round = 0; round < 10; round++) {
-        if (round > 0) { /* the key is bumped between rounds */
-            k0 += PHILOX_W0;
-            k1 += PHILOX_W1;
-        }
-        uint64_t p0 = (uint64_t)PHILOX_M0 * c0;
-        uint64_t p1 = (uint64_t)PHILOX_M1 * c2;
-        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
-        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)p1;
-        c3 = (uint32_t)p0;
-        c0 = n0;
-        c2 = n2;
-    }
-    out[0] = c0;
-    out[1] = c1;
-    out[2] = c2;
-    out[3] = c3;
+    for (int j = 0; j < 4; j++) out[j] = ctr[j];
+    philox_rounds(out, key[0], key[1]);
 }
 
-static void philox_block(uint64_t seed, uint64_t stream, uint64_t block,
-                         uint32_t w[4]) {
-    const uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
-    const uint32_t ctr[4] = {(uint32_t)block, (uint32_t)(block >> 32),
-                             (uint32_t)stream, (uint32_t)(stream >> 32)};
-    philox4x32_10(ctr, key, w);
-}
-
-/* x + 1 needs 33 bits and the product is a power-of-two scaling, so the
- * uniform is exact in double: the CUDA twin gets the same value. */
-static double philox_u01(uint32_t x) {
-    return ((double)x + 1.0) * 0x1p-32;
-}
-
-/* The four normals of block `block`, by the formula in rng.h. */
-static void philox_normal_block(uint64_t seed, uint64_t stream,
-                                uint64_t block, double z[4]) {
-    uint32_t w[4];
-    philox_block(seed, stream, block, w);
-    for (int p = 0; p < 2; p++) {
-        double r = sqrt(-2.0 * log(philox_u01(w[2 * p])));
-        double t = TWO_PI * philox_u01(w[2 * p + 1]);
-        z[2 * p] = r * cos(t);
-        z[2 * p + 1] = r * sin(t);
-    }
-}
-
-/* Walk the blocks covering [first, first + n), copying the wanted lanes;
+/* Walk the blocks covering [first, first + n), copying the wanted lanes
+ * into out64 or, rounded to float once, into out32 (the other is NULL);
  * the first and last blocks may be partial. */
-void philox_normal_f64(uint64_t seed, uint64_t stream, uint64_t first,
-                       size_t n, double *out) {
+static void philox_normal_walk(uint64_t seed, uint64_t stream, uint64_t first,
+                               size_t n, double *out64, float *out32) {
     size_t done = 0;
     while (done < n) {
         uint64_t e = first + done;
         double z[4];
-        philox_normal_block(seed, stream, e / 4, z);
-        for (unsigned lane = (unsigned)(e % 4); lane < 4 && done < n; lane++)
-            out[done++] = z[lane];
+        philox_normal4(seed, stream, e / 4, z);
+        for (unsigned lane = (unsigned)(e % 4); lane < 4 && done < n; lane++, done++) {
+            if (out64) out64[done] = z[lane];
+            else out32[done] = (float)z[lane];
+        }
     }
+}
+
+void philox_normal_f64(uint64_t seed, uint64_t stream, uint64_t first,
+                       size_t n, double *out) {
+    philox_normal_walk(seed, stream, first, n, out, NULL);
 }
 
 void philox_normal_f32(uint64_t seed, uint64_t stream, uint64_t first,
                        size_t n, float *out) {
-    size_t done = 0;
-    while (done < n) {
-        uint64_t e = first + done;
-        double z[4];
-        philox_normal_block(seed, stream, e / 4, z);
-        for (unsigned lane = (unsigned)(e % 4); lane < 4 && done < n; lane++)
-            out[done++] = (float)z[lane];
-    }
+    philox_normal_walk(seed, stream, first, n, NULL, out);
 }
 
 int64_t philox_randint(uint64_t seed, uint64_t stream, uint64_t index,

@@ -23,8 +23,6 @@
 #include "rng.h"
 #include "sampler.h"
 
-#define MAX_BATCH (1 << 20)
-
 enum { STREAM_LATENTS = 0, STREAM_LABELS = 1, STREAM_CHURN = 2 };
 
 LEGO_API void lego_sample_options_init(lego_sample_options *o) {
@@ -66,9 +64,8 @@ static int round_up(int v, int mult) { return (v + mult - 1) / mult * mult; }
 
 /* Bounded batch and image sizes, so that n * C * H * W fits comfortably. */
 static lego_status check_batch(lego_model *m, int n, int h, int w) {
-    if (n < 1 || n > MAX_BATCH)
-        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "batch size %d is out of range [1, %d]",
-                         n, MAX_BATCH);
+    lego_status s = lego_check_batch_size(&m->err, n);
+    if (s != LEGO_OK) return s;
     size_t need;
     if (model_denoise_floats(m, n, h, w, 1, &need) != LEGO_OK)
         return lego_fail(&m->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images of %dx%d is too large",

@@ -26,8 +26,6 @@
 #include "rng.h"
 #include "safetensors.h"
 
-/* As lego_denoise: far above real use, far below int overflow. */
-#define MAX_BATCH (1 << 20)
 /* Element-wise loops shorter than this stay on the calling thread. */
 #define PAR_MIN_WORK 32768
 
@@ -291,11 +289,9 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
     lego_train_batch_init(&b);
     lego_copy_options(&b, sizeof b, batch, batch->size);
     if (m->num_bricks == 0) return lego_fail(&m->err, LEGO_ERR_STATE, "the model has no bricks");
-    if (b.n < 1 || b.n > MAX_BATCH)
-        return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "batch size %d is out of range [1, %d]",
-                         b.n, MAX_BATCH);
-    lego_status s = lego_model_check_resolution(m, b.height, b.width);
+    lego_status s = lego_check_batch_size(&m->err, b.n);
     if (s != LEGO_OK) return s;
+    if ((s = lego_model_check_resolution(m, b.height, b.width)) != LEGO_OK) return s;
     if (!b.y || !b.noise || !b.sigma)
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "y, noise and sigma must not be NULL");
     if (b.labels && b.label_vectors)
@@ -304,11 +300,7 @@ LEGO_API lego_status lego_train_loss(lego_model *m, const lego_train_batch *batc
         return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
                          "patch_fraction %g must be in [0, 1] (0 or 1: every patch)",
                          b.patch_fraction);
-    for (int i = 0; i < b.n; i++)
-        if (!(b.sigma[i] > 0) || !isfinite(b.sigma[i]))
-            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
-                             "sigma[%d] = %g: noise levels must be finite and positive", i,
-                             (double)b.sigma[i]);
+    if ((s = lego_check_sigmas(&m->err, b.sigma, b.n)) != LEGO_OK) return s;
     /* The size check first: it bounds img (below the scratch), which the
      * loops over the caller's arrays use. */
     size_t scratch_floats = train_scratch_floats(m, b.n, b.height, b.width);
@@ -608,11 +600,9 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
                                        const int32_t *labels, int n, lego_train_stats *stats) {
     TRAINER_CHECK(t);
     lego_model *m = t->m;
-    if (n < 1 || n > MAX_BATCH)
-        return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "batch size %d is out of range [1, %d]",
-                         n, MAX_BATCH);
+    lego_status s = lego_check_batch_size(&t->err, n);
+    if (s != LEGO_OK) return s;
     if (!images) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "images is NULL");
-    lego_status s;
     size_t img;
     if (!size_mul((size_t)n * (size_t)m->cfg.img_channels, (size_t)t->height * t->width, &img))
         return lego_fail(&t->err, LEGO_ERR_OUT_OF_MEMORY, "a batch of %d images is too large", n);
