@@ -77,10 +77,15 @@ extern "C" lego_status cuda_philox_normal_f32(int device, uint64_t seed, uint64_
                                               lego_err *err) {
     if (!out || n == 0)
         return n == 0 ? LEGO_OK : lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "out is NULL");
+    size_t bytes;
+    if (!size_mul(n, sizeof(float), &bytes) || n - 1 > UINT64_MAX - first)
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT,
+                         "%zu normals from element %llu are too many", n,
+                         (unsigned long long)first);
     int previous = 0;
     LEGO_TRY(select_device(device, &previous, err));
     float *dev = NULL;
-    size_t blocks = blocks_covering(first, n), bytes = n * sizeof(float);
+    size_t blocks = blocks_covering(first, n);
     lego_status s = cu_status(cudaMalloc(&dev, bytes), err, "cudaMalloc");
     if (s == LEGO_OK) {
         LAUNCH(philox_normal_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream, first, n,
@@ -96,10 +101,12 @@ extern "C" lego_status cuda_philox_blocks(int device, uint64_t seed, uint64_t st
                                           lego_err *err) {
     if (!out || blocks == 0)
         return blocks == 0 ? LEGO_OK : lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "out is NULL");
+    size_t bytes;
+    if (!size_mul(blocks, 4 * sizeof(uint32_t), &bytes))
+        return lego_fail(err, LEGO_ERR_INVALID_ARGUMENT, "%zu Philox blocks are too many", blocks);
     int previous = 0;
     LEGO_TRY(select_device(device, &previous, err));
     uint32_t *dev = NULL;
-    size_t bytes = 4 * blocks * sizeof(uint32_t);
     lego_status s = cu_status(cudaMalloc(&dev, bytes), err, "cudaMalloc");
     if (s == LEGO_OK) {
         LAUNCH(philox_blocks_kernel, ew_blocks(blocks), EW_THREADS, 0, 0)(seed, stream,

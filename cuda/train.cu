@@ -289,15 +289,6 @@ static void *carve(carver *cv, size_t n1, size_t n2, size_t elem) {
     return cv->base ? cv->base + start : NULL;
 }
 
-static size_t widest(const lego_model *m, const brick *b) {
-    size_t p2 = (size_t)b->cfg.patch_size * b->cfg.patch_size;
-    size_t wide = 3 * (size_t)m->cfg.hidden_size;
-    if ((size_t)m->mlp_hidden > wide) wide = (size_t)m->mlp_hidden;
-    if ((size_t)b->c_in * p2 > wide) wide = (size_t)b->c_in * p2;
-    if ((size_t)m->cfg.img_channels * p2 > wide) wide = (size_t)m->cfg.img_channels * p2;
-    return wide;
-}
-
 /* Attention through batched GEMMs (cuBLASLt on the tensor cores) needs a
  * head's columns 16-byte aligned, and pays off from this many tokens. */
 #define ATTN_GEMM_MIN_TOKENS 32
@@ -383,7 +374,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
         bd->out = L->outs ? L->outs + (size_t)k * img : NULL;
         bd->dF = L->douts ? L->douts + (size_t)k * img : NULL;
         if (R > rmax) rmax = R;
-        if (widest(m, b) > wmax) wmax = widest(m, b);
+        if (model_widest_activation(m, b) > wmax) wmax = model_widest_activation(m, b);
         if (attn_by_gemm(attn_mode, b->tokens, m->cfg.hidden_size / m->cfg.num_heads, es)) {
             size_t seqs = R / (size_t)b->tokens, sq;
             if (!size_mul(attn_chunk(seqs, b->tokens, es), (size_t)b->tokens * b->tokens, &sq))
