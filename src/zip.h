@@ -1,6 +1,6 @@
 /*
- * dataset.h -- internals of the dataset reader (dataset.c): the read-only
- * ZIP reader it is built on.  Internal; not installed.
+ * zip.h -- the read-only ZIP reader (zip.c) under the dataset reader
+ * (dataset.c), and the buffer growth they share.  Internal; not installed.
  *
  * The ZIP reader handles what EDM/StyleGAN dataset archives use: entries
  * stored or deflated, optional data descriptors.  It refuses ZIP64,
@@ -10,13 +10,21 @@
  * and the data disagree.  Every size and offset is checked against the
  * file before it is used; every entry's CRC-32 is verified when it is read.
  */
-#ifndef LEGO_DATASET_H
-#define LEGO_DATASET_H
+#ifndef LEGO_ZIP_H
+#define LEGO_ZIP_H
 
 #include <stdint.h>
 #include <stdio.h>
 
 #include "common.h"
+
+/* Deflate cannot expand by more than about 1032:1; a header claiming more
+ * data than that from the bytes present is lying. */
+#define DS_MAX_RATIO 1032u
+
+/* Grow *p to hold at least `need` bytes, doubling, never beyond `limit`
+ * (lego_dataset_options.max_bytes, named in the message). (dataset.c) */
+lego_status ds_reserve(uint8_t **p, size_t *cap, size_t need, size_t limit, lego_err *err);
 
 typedef struct ds_zip_entry {
     char *name;             /* NUL-terminated; contains no NUL              */
@@ -60,4 +68,4 @@ lego_status ds_zip_read(ds_zip *z, const ds_zip_entry *e, size_t limit,
 
 void ds_zip_close(ds_zip *z);
 
-#endif /* LEGO_DATASET_H */
+#endif /* LEGO_ZIP_H */
