@@ -188,13 +188,16 @@ inline void emu_ldmatrix(uint32_t *r, int count, const void *row, bool trans) {
     }
 }
 inline void ldmatrix_x4(uint32_t r[4], const void *row) { emu_ldmatrix(r, 4, row, false); }
-/* cp.async: the copy happens at once; commits and waits have nothing to do. */
-inline void cp_async16(void *dst, const void *src, bool valid) {
-    if (valid) memcpy(dst, src, 16);
-    else memset(dst, 0, 16);
-}
-inline void cp_async_commit(void) {}
-template <int N> inline void cp_async_wait(void) {}
+/* cp.async (emu.cpp): the source is read at once, but shared memory is
+ * written only when the issuing thread's cp_async_wait<N> completes the
+ * copy's group, as on a GPU; a thread that reads other threads' copies
+ * without a barrier after their waits sees the old contents. */
+void emu_cp_async16(void *dst, const void *src, bool valid);
+void emu_cp_async_commit(void);
+void emu_cp_async_wait(int pending);
+inline void cp_async16(void *dst, const void *src, bool valid) { emu_cp_async16(dst, src, valid); }
+inline void cp_async_commit(void) { emu_cp_async_commit(); }
+template <int N> inline void cp_async_wait(void) { emu_cp_async_wait(N); }
 inline void ldmatrix_x2(uint32_t r[2], const void *row) { emu_ldmatrix(r, 2, row, false); }
 inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) { emu_ldmatrix(r, 4, row, true); }
 

@@ -9,6 +9,9 @@
  * warp has reached it, a block barrier when every live thread has; a
  * shuffle with exited lanes, a warp split between a shuffle and a block
  * barrier, or a deadlock aborts with a message (they are bugs on a GPU).
+ * LEGO_EMU_SCHEDULE picks the order threads take turns in (see
+ * schedule_mode): the other orders expose missing barriers.  cp.async
+ * writes shared memory only at the wait that completes it.
  * Shared and device memory come from the heap, filled with NaN bytes, so
  * that ASan sees overruns and results show reads of unwritten memory.
  *
@@ -124,6 +127,38 @@ static void thread_entry() {
     emu_abort("an exited thread was resumed");
 }
 
+/* cp.async copies not yet complete, per thread: 16 bytes read from the
+ * source at issue, written to shared memory by the wait that completes
+ * their group (the commit count when issued). */
+struct pending_copy {
+    void *dst;
+    unsigned char data[16];
+    int group;
+};
+static std::vector<pending_copy> copies_in_flight[1024];
+static int copy_groups[1024]; /* groups committed so far, per thread */
+
+void emu_cp_async16(void *dst, const void *src, bool valid) {
+    pending_copy c;
+    c.dst = dst;
+    c.group = copy_groups[current];
+    if (valid) memcpy(c.data, src, 16);
+    else memset(c.data, 0, 16);
+    copies_in_flight[current].push_back(c);
+}
+
+void emu_cp_async_commit(void) { copy_groups[current]++; }
+
+void emu_cp_async_wait(int pending) {
+    std::vector<pending_copy> &q = copies_in_flight[current];
+    size_t kept = 0;
+    for (size_t i = 0; i < q.size(); i++) {
+        if (q[i].group < copy_groups[current] - pending) memcpy(q[i].dst, q[i].data, 16);
+        else q[kept++] = q[i];
+    }
+    q.resize(kept);
+}
+
 float __shfl_sync(unsigned, float v, int src_lane) {
     int lane = current % 32, warp = current / 32, phase = threads[current].phase;
     shuffle_buf[warp][phase][lane] = v;
@@ -161,6 +196,22 @@ void __syncthreads(void) {
     yield_to_scheduler();
 }
 
+/* Release warp w's collective if every lane has reached it; 1 if so. */
+static int release_warp(int w) {
+    int at_warp = 0, exited = 0, blocked = 0;
+    for (int l = 0; l < 32; l++) {
+        int s = threads[w * 32 + l].state;
+        at_warp += s == AT_WARP;
+        exited += s == EXITED;
+        blocked += s == AT_BLOCK;
+    }
+    if (at_warp && blocked) emu_abort("a warp is split between a shuffle and __syncthreads");
+    if (!at_warp || at_warp + exited < 32) return 0;
+    if (exited) emu_abort("a shuffle or __syncwarp with exited lanes in the warp");
+    for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
+    return 1;
+}
+
 /* Release whatever barrier is complete; 0 if none is (a deadlock). */
 static int release_barriers(int n) {
     int live = 0, at_block = 0, released = 0;
@@ -168,27 +219,81 @@ static int release_barriers(int n) {
         live += threads[t].state != EXITED;
         at_block += threads[t].state == AT_BLOCK;
     }
-    for (int w = 0; w < n / 32; w++) {
-        int at_warp = 0, exited = 0, blocked = 0;
-        for (int l = 0; l < 32; l++) {
-            int s = threads[w * 32 + l].state;
-            at_warp += s == AT_WARP;
-            exited += s == EXITED;
-            blocked += s == AT_BLOCK;
-        }
-        if (at_warp && blocked) emu_abort("a warp is split between a shuffle and __syncthreads");
-        if (at_warp && at_warp + exited == 32) {
-            if (exited) emu_abort("a shuffle or __syncwarp with exited lanes in the warp");
-            for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
-            released = 1;
-        }
-    }
+    for (int w = 0; w < n / 32; w++) released |= release_warp(w);
     if (!released && live > 0 && at_block == live) {
         for (int t = 0; t < n; t++)
             if (threads[t].state == AT_BLOCK) threads[t].state = RUNNABLE;
         released = 1;
     }
     return released;
+}
+
+/* LEGO_EMU_SCHEDULE: how the threads of a block (and the blocks of a
+ * launch) take turns.  "forward" (the default) runs every runnable thread
+ * by index until it waits, then completes the barriers that can complete:
+ * so every thread has written what it writes before a barrier before any
+ * thread reads after it, and a missing __syncthreads or __syncwarp goes
+ * unseen.  "reverse" and "shuffle" instead run one thread at a time, the
+ * highest-numbered runnable one or a random one (LEGO_EMU_SEED), and let a
+ * warp go on as soon as its own last lane reaches a warp collective; the
+ * blocks of a launch run last to first.  Each is a legal GPU interleaving,
+ * so a result that changes with the schedule is a race: a warp reading
+ * shared memory other warps have not written yet, lanes without a
+ * __syncwarp, a block reading what another block of the launch writes. */
+enum { SCHED_FORWARD, SCHED_REVERSE, SCHED_SHUFFLE };
+
+static int schedule_mode() {
+    static int mode = -1;
+    if (mode < 0) {
+        const char *e = getenv("LEGO_EMU_SCHEDULE");
+        mode = SCHED_FORWARD;
+        if (e && !strcmp(e, "reverse")) mode = SCHED_REVERSE;
+        else if (e && !strcmp(e, "shuffle")) mode = SCHED_SHUFFLE;
+        else if (e && *e && strcmp(e, "forward")) emu_abort("LEGO_EMU_SCHEDULE: forward, reverse or shuffle");
+    }
+    return mode;
+}
+
+/* xorshift64*, seeded from LEGO_EMU_SEED: reproducible shuffles. */
+static uint64_t schedule_random() {
+    static uint64_t state = 0;
+    if (!state) {
+        const char *e = getenv("LEGO_EMU_SEED");
+        state = (e ? strtoull(e, nullptr, 10) : 1) * 0x9E3779B97F4A7C15ull | 1;
+    }
+    state ^= state >> 12, state ^= state << 25, state ^= state >> 27;
+    return state * 0x2545F4914F6CDD1Dull;
+}
+
+/* The next thread to run under "reverse" or "shuffle"; -1 if none can. */
+static int pick_thread(int n) {
+    int runnable[1024], count = 0;
+    for (int t = n - 1; t >= 0; t--)
+        if (threads[t].state == RUNNABLE) {
+            if (schedule_mode() == SCHED_REVERSE) return t;
+            runnable[count++] = t;
+        }
+    return count ? runnable[schedule_random() % (uint64_t)count] : -1;
+}
+
+/* Run thread t until it waits or exits. */
+static void run_thread(int t) {
+    current = t;
+    threadIdx = {(unsigned)t, 0, 0};
+#if EMU_ASAN
+    void *fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, threads[t].stack, STACK_BYTES);
+#endif
+    emu_switch(&scheduler_sp, threads[t].sp);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+static int live_threads(int n) {
+    int live = 0;
+    for (int t = 0; t < n; t++) live += threads[t].state != EXITED;
+    return live;
 }
 
 cudaError_t emu_set_max_smem(const void *kernel, int bytes) {
@@ -220,7 +325,10 @@ void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_
     }
     blockDim = {(unsigned)block, 1, 1};
     gridDim = {(unsigned)grid, 1, 1};
-    for (size_t b = 0; b < grid; b++) {
+    for (size_t i = 0; i < grid; i++) {
+        /* Blocks run one after the other: reversed, a block that reads what
+         * a later one writes sees a different value. */
+        size_t b = schedule_mode() == SCHED_FORWARD ? i : grid - 1 - i;
         blockIdx = {(unsigned)b, 0, 0};
         emu_smem = malloc(smem ? smem : 1);
         if (!emu_smem) emu_abort("out of memory for shared memory");
@@ -235,25 +343,29 @@ void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_
             threads[t].sp = sp;
             threads[t].state = RUNNABLE;
             threads[t].phase = 0;
+            copies_in_flight[t].clear();
+            copy_groups[t] = 0;
         }
-        for (;;) {
-            for (int t = 0; t < n; t++) {
-                if (threads[t].state != RUNNABLE) continue;
-                current = t;
-                threadIdx = {(unsigned)t, 0, 0};
-#if EMU_ASAN
-                void *fake = nullptr;
-                __sanitizer_start_switch_fiber(&fake, threads[t].stack, STACK_BYTES);
-#endif
-                emu_switch(&scheduler_sp, threads[t].sp);
-#if EMU_ASAN
-                __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+        if (schedule_mode() == SCHED_FORWARD) {
+            for (;;) {
+                for (int t = 0; t < n; t++)
+                    if (threads[t].state == RUNNABLE) run_thread(t);
+                if (!live_threads(n)) break;
+                if (!release_barriers(n)) emu_abort("deadlock: no barrier can complete");
             }
-            int live = 0;
-            for (int t = 0; t < n; t++) live += threads[t].state != EXITED;
-            if (!live) break;
-            if (!release_barriers(n)) emu_abort("deadlock: no barrier can complete");
+        } else {
+            for (;;) {
+                int t = pick_thread(n);
+                if (t >= 0) {
+                    /* A warp whose last lane arrived goes on at once. */
+                    run_thread(t);
+                    if (threads[t].state == AT_WARP) release_warp(t / 32);
+                    else release_barriers(n);
+                    continue;
+                }
+                if (!live_threads(n)) break;
+                if (!release_barriers(n)) emu_abort("deadlock: no barrier can complete");
+            }
         }
         free(emu_smem);
         emu_smem = nullptr;
