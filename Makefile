@@ -9,6 +9,8 @@
 #   make CUDA=1          also compile the CUDA backend in cuda/ with nvcc
 #                        (CUDA_HOME=/usr/local/cuda; docs/cuda.md)
 #   make SANITIZE=1      build everything with ASan + UBSan
+#   make tsan            the tests under ThreadSanitizer (clang, in build/tsan/)
+#   make valgrind, fuzz, check-abi, cuda-emu-check: see their rules below
 #
 VERSION_MAJOR := 0
 VERSION := 0.1.0
