@@ -189,9 +189,9 @@ static void tmark(tctx *c, int part) {
         tmark(c, part);                                                                       \
     } while (0)
 
-/* The trainer's GEMMs: deterministic (see the top), on the handle's cache. */
-static lego_status tg_run(tctx *c, gemm_call *call) {
-    call->deterministic = 1;
+/* The trainer's GEMMs, on the handle's cache; every call is built with
+ * `deterministic` set (see the top). */
+static lego_status tg_run(tctx *c, const gemm_call *call) {
     return gemm_run(c->v.gemm, call, c->err);
 }
 
