@@ -42,8 +42,9 @@ ifeq ($(CUDA),1)
   OBJ += $(patsubst cuda/%.cu,build/cuda_%.o,$(CUDA_SRC))
   BASE_CFLAGS += -DLEGO_HAVE_CUDA=1
   # The runtime path to the CUDA libraries is recorded in liblego (and the
-  # test programs); libstdc++ for the C++ runtime of the nvcc objects.
-  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
+  # test programs); libstdc++ for the C++ runtime of the nvcc objects; libdl
+  # for cuDNN, which is loaded at run time when present (cuda/cudnn_attention.cu).
+  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++ -ldl
 endif
 # A100 (sm_80) and H100 (sm_90) machine code, plus sm_90 PTX that newer GPUs
 # compile when they load the library.
@@ -137,7 +138,8 @@ build/tools/cuda_sample_loop: tools/cuda_sample_loop.c $(STATIC)
 # with e.g. CK_RUN_CASE=golden.  Independent of CUDA=; needs no CUDA toolkit.
 EMU_SAN ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 EMU_OBJ := $(patsubst src/%.c,build/emu/%.o,$(SRC)) \
-           $(patsubst cuda/%.cu,build/emu/cuda_%.o,$(CUDA_SRC)) build/emu/emu.o
+           $(patsubst cuda/%.cu,build/emu/cuda_%.o,$(CUDA_SRC)) build/emu/emu.o \
+           build/emu/cudnn_emu.o
 EMU_CFLAGS := -std=c11 $(WARN) -fopenmp -Iinclude -Isrc \
               $(shell pkg-config --cflags openblas 2>/dev/null) -DLEGO_HAVE_CUDA=1 -O2 -g $(EMU_SAN)
 EMU_CXXFLAGS := -std=c++17 $(WARN) -Wno-unknown-pragmas -ffp-contract=off -O2 -g $(EMU_SAN) \
@@ -155,8 +157,12 @@ build/emu/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) $(wildcard tests/cuda-emu/*.h
 build/emu/emu.o: tests/cuda-emu/emu.cpp $(wildcard tests/cuda-emu/*.h) | build/emu
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 
+build/emu/cudnn_emu.o: tests/cuda-emu/cudnn_emu.cpp $(wildcard tests/cuda-emu/*.h) | build/emu
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
 build/emu/test_cuda: tests/test_cuda.c tests/testutil.h $(EMU_OBJ)
-	$(CC) $(EMU_CFLAGS) -Itests $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(CHECK_LIBS) $(BASE_LDLIBS)
+	$(CC) $(EMU_CFLAGS) -DLEGO_TEST_EMULATION -Itests $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ \
+	    $(CHECK_LIBS) $(BASE_LDLIBS)
 
 # The example programs on the emulated backend, for dry runs of the GPU
 # scripts' command lines (e.g. build/emu/lego-train --backend cuda).

@@ -44,7 +44,7 @@
 
 #include "cuda_internal.h"
 
-#define SHORT_MAX_TOKENS 32
+#define SHORT_MAX_TOKENS ATTN_SHORT_MAX_TOKENS
 /* Shared memory one block of the short kernel may use without opting in. */
 #define SHORT_SMEM_LIMIT (48 * 1024)
 #define SHORT_MAX_WARPS 8

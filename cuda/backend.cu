@@ -65,6 +65,16 @@ typedef struct graph_key {
     int lp_type;
 } graph_key;
 
+/* Per attention shape, what runs it: 0 our kernels, 1 cuDNN. */
+#define ATTN_CHOICES 32
+typedef struct attn_choice {
+    int used;
+    attn_shape shape;
+    int mode; /* the attn_mode it was decided under */
+    int cudnn;
+    float ms_own, ms_cudnn; /* the timings behind it (0: not timed) */
+} attn_choice;
+
 typedef struct graph_entry {
     cudaGraphExec_t exec;
     graph_key key;
@@ -120,6 +130,14 @@ typedef struct cuda_handle {
     int device_loop; /* CUDA_OPT_DEVICE_LOOP */
     uint64_t host_copies, syncs, sample_runs, sample_host_copies, sample_syncs;
 
+    /* Long-sequence attention: cuDNN (loaded when first wanted, NULL
+     * before), and per shape which implementation runs it (run_attention). */
+    struct cudnn_attn *cudnn;
+    uint64_t cudnn_generation; /* cudnn_attn_generation when graphs were last valid */
+    attn_choice choices[ATTN_CHOICES];
+    int next_choice;
+    uint64_t attn_tuned;
+
     /* CUDA_OPT_PROFILE: wall time per part, the clock at the last mark. */
     int profile;
     double profile_ms[CUDA_PROF_PARTS];
@@ -158,6 +176,7 @@ static void handle_free(cuda_handle *h) {
     graphs_clear(h);
     train_state_free(h->train);
     sampler_free(h->sampler);
+    cudnn_attn_close(h->cudnn);
     if (h->gemm_ready) gemm_destroy(&h->gemm);
     if (h->ws) cudaFree(h->ws);
     if (h->params) cudaFree(h->params);
@@ -180,7 +199,8 @@ extern "C" void cuda_backend_destroy(void *handle) {
 /* Device bytes the handle holds. */
 static size_t handle_bytes(const cuda_handle *h) {
     return h->params_capacity * sizeof(float) + h->lp_capacity * 2 + h->ws_bytes +
-           h->gemm.workspace_bytes + h->freq_bytes + train_state_bytes(h->train);
+           h->gemm.workspace_bytes + h->freq_bytes + train_state_bytes(h->train) +
+           cudnn_attn_bytes(h->cudnn);
 }
 
 /* Whether replacing `old_bytes` of the handle's memory by `new_bytes` stays
@@ -388,6 +408,19 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->sample_syncs = h->sample_syncs;
     sampler_graph_counts(h->sampler, &out->step_graph_captures, &out->step_graph_launches);
     out->device_loop = h->device_loop;
+    cudnn_attn_info ci;
+    cudnn_attn_get_info(h->cudnn, &ci);
+    out->cudnn_available = ci.available;
+    out->cudnn_version = ci.version;
+    out->cudnn_plans = ci.plans;
+    out->cudnn_runs = ci.runs;
+    out->cudnn_last_graph = ci.last_graph;
+    memcpy(out->cudnn_note, ci.note, sizeof out->cudnn_note);
+    out->attn_timed = h->attn_tuned;
+    for (int i = 0; i < ATTN_CHOICES; i++) {
+        out->attn_decided += (uint64_t)h->choices[i].used;
+        out->attn_cudnn_shapes += (uint64_t)(h->choices[i].used && h->choices[i].cudnn);
+    }
     return LEGO_OK;
 }
 
@@ -403,7 +436,7 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         h->attn_mode = value ? ATTN_FLASH_ONLY : ATTN_AUTO;
         return LEGO_OK;
     case CUDA_OPT_ATTENTION:
-        if (value < ATTN_AUTO || value > ATTN_MMA32)
+        if (value < ATTN_AUTO || value > ATTN_OWN)
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown attention mode %d",
                              value);
         h->attn_mode = value;
@@ -569,6 +602,103 @@ static lego_status linear_f32(cuda_handle *h, const lego_model *m, const linear 
     return linear_fwd(h, m, l, x, CUDA_R_32F, rows, y, CUDA_R_32F, GEMM_ACT_NONE, err);
 }
 
+/* ---- attention: our kernels or cuDNN ------------------------------------------- */
+
+static int same_attn_shape(const attn_shape *a, const attn_shape *b) {
+    return a->seqs == b->seqs && a->tokens == b->tokens && a->heads == b->heads &&
+           a->head_dim == b->head_dim && a->type == b->type;
+}
+
+/* Milliseconds per call of `run` on the handle's stream: a warm-up, then
+ * three runs between CUDA events.  A failed run gives *ms = -1. */
+template <class F>
+static lego_status time_runs(cuda_handle *h, F run, float *ms, lego_err *err) {
+    *ms = -1.0f;
+    cudaEvent_t start = NULL, stop = NULL;
+    lego_status s = cu_status(cudaEventCreate(&start), err, "cudaEventCreate");
+    if (s == LEGO_OK) s = cu_status(cudaEventCreate(&stop), err, "cudaEventCreate");
+    bool ran = s == LEGO_OK;
+    for (int i = 0; ran && i < 4; i++) {
+        if (i == 1) s = cu_status(cudaEventRecord(start, h->stream), err, "cudaEventRecord");
+        ran = s == LEGO_OK && run() == LEGO_OK;
+    }
+    if (ran) s = cu_status(cudaEventRecord(stop, h->stream), err, "cudaEventRecord");
+    if (ran && s == LEGO_OK) s = cu_status(cudaEventSynchronize(stop), err, "attention being timed");
+    if (ran && s == LEGO_OK) {
+        s = cu_status(cudaEventElapsedTime(ms, start, stop), err, "cudaEventElapsedTime");
+        *ms /= 3.0f;
+    }
+    if (start) cudaEventDestroy(start);
+    if (stop) cudaEventDestroy(stop);
+    return s;
+}
+
+/* Decide, at a shape's first use (never during capture), whether cuDNN
+ * runs it: under ATTN_CUDNN whenever cuDNN takes the shape; under ATTN_AUTO
+ * when it also measured faster than our kernel on these very operands (both
+ * write the same output, which the caller's run overwrites). */
+template <class T>
+static lego_status attn_decide(cuda_handle *h, const lego_model *m, const attn_shape *sh,
+                               const T *qkv, T *out, attn_choice *c, lego_err *err) {
+    memset(c, 0, sizeof *c);
+    c->shape = *sh;
+    c->mode = h->attn_mode;
+    if (!h->cudnn) LEGO_TRY(cudnn_attn_open(h->stream, &h->cudnn, err));
+    size_t held = handle_bytes(h), budget = m->device_budget;
+    size_t room = budget == 0 ? SIZE_MAX : budget > held ? budget - held : 0;
+    int ok = 0;
+    LEGO_TRY(cudnn_attn_prepare(h->cudnn, sh, room, &ok, err));
+    if (cudnn_attn_generation(h->cudnn) != h->cudnn_generation) {
+        graphs_clear(h); /* they may replay a dropped plan or a moved workspace */
+        h->cudnn_generation = cudnn_attn_generation(h->cudnn);
+    }
+    c->cudnn = ok;
+    if (ok && h->attn_mode == ATTN_AUTO) {
+        lego_err scratch = {LEGO_OK, ""}; /* a failing cuDNN run only rules it out */
+        LEGO_TRY(time_runs(h, [&] {
+            return k_attention<T>(h->stream, qkv, sh->seqs, sh->tokens, sh->heads, sh->head_dim,
+                                  out, ATTN_AUTO, err);
+        }, &c->ms_own, err));
+        LEGO_TRY(time_runs(h, [&] {
+            return cudnn_attn_run(h->cudnn, sh, qkv, out, &scratch);
+        }, &c->ms_cudnn, err));
+        c->cudnn = c->ms_cudnn >= 0.0f && c->ms_cudnn < c->ms_own;
+        h->attn_tuned++;
+    }
+    c->used = 1;
+    return LEGO_OK;
+}
+
+/* One block's attention (the k_attention contract).  Sequences longer than
+ * the short kernels take may go to cuDNN: under ATTN_CUDNN, or under
+ * ATTN_AUTO with tuning on (CUDA_OPT_AUTOTUNE) where it measured faster.
+ * The choice is made once per shape, so captured graphs repeat it. */
+template <class T>
+static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *qkv, size_t seqs,
+                                 int tokens, int heads, int head_dim, T *out, lego_err *err) {
+    const attn_shape sh = {seqs, tokens, heads, head_dim, lt_type<T>::value};
+    const int mode = h->attn_mode;
+    const bool candidate = (mode == ATTN_CUDNN || (mode == ATTN_AUTO && h->gemm.autotune)) &&
+                           tokens > ATTN_SHORT_MAX_TOKENS && cudnn_attn_supports(&sh);
+    const attn_choice *c = NULL;
+    for (int i = 0; candidate && i < ATTN_CHOICES && !c; i++)
+        if (h->choices[i].used && h->choices[i].mode == mode &&
+            same_attn_shape(&h->choices[i].shape, &sh))
+            c = &h->choices[i];
+    if (candidate && !c) {
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        CU_TRY(cudaStreamIsCapturing(h->stream, &cs));
+        if (cs == cudaStreamCaptureStatusNone) {
+            attn_choice *slot = &h->choices[h->next_choice];
+            h->next_choice = (h->next_choice + 1) % ATTN_CHOICES;
+            LEGO_TRY(attn_decide<T>(h, m, &sh, qkv, out, slot, err));
+            c = slot;
+        }
+    }
+    if (c && c->cudnn) return cudnn_attn_run(h->cudnn, &sh, qkv, out, err);
+    return k_attention<T>(h->stream, qkv, seqs, tokens, heads, head_dim, out, mode, err);
+}
+
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
  * chunk.  T is the type of the GEMM inputs and outputs inside the blocks
  * and of the attention operands (as under the reference's autocast); the
@@ -613,8 +743,8 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         const float *mod = l->mods + j * l->mod_slot;
         LEGO_TRY(linear_fwd(h, m, &blk->qkv, th, tt, rows, wide, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_QKV);
-        LEGO_TRY(k_attention<T>(s, wide, rows / (size_t)b->tokens, b->tokens, heads, D / heads,
-                                th, h->attn_mode, err));
+        LEGO_TRY(run_attention<T>(h, m, wide, rows / (size_t)b->tokens, b->tokens, heads,
+                                  D / heads, th, err));
         mark(h, CUDA_PROF_ATTENTION);
         LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, ty, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_PROJ);

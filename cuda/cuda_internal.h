@@ -441,8 +441,13 @@ typedef enum attn_mode {
     ATTN_AUTO = 0,       /* short kernel for <= 32 tokens, else the best tiled one */
     ATTN_FLASH_ONLY = 1, /* the tiled kernels even for short sequences      */
     ATTN_NO_MMA = 2,     /* never the tensor-core kernel                    */
-    ATTN_MMA32 = 3       /* as ATTN_AUTO with the 32-rows-per-warp tensor-core kernel */
+    ATTN_MMA32 = 3,      /* as ATTN_AUTO with the 32-rows-per-warp tensor-core kernel */
+    ATTN_CUDNN = 4,      /* cuDNN's fused attention wherever it takes the shape */
+    ATTN_OWN = 5         /* as ATTN_AUTO but never cuDNN (nothing timed) */
 } attn_mode;
+
+/* Sequences at most this long stay on the one-warp-per-head kernels. */
+#define ATTN_SHORT_MAX_TOKENS 32
 
 /* Multi-head self-attention of `seqs` sequences of `tokens` rows each, qkv
  * rows [q | k | v] each [heads][head_dim], out rows [heads][head_dim] (as
@@ -452,6 +457,50 @@ typedef enum attn_mode {
 template <class T>
 lego_status k_attention(cudaStream_t s, const T *qkv, size_t seqs, int tokens, int heads,
                         int head_dim, T *out, int mode, lego_err *err);
+
+/* ---- attention through cuDNN (cudnn_attention.cu) --------------------------- */
+
+/* One attention call's shape, as k_attention takes it. */
+typedef struct attn_shape {
+    size_t seqs;
+    int tokens, heads, head_dim;
+    cudaDataType type; /* of qkv and out */
+} attn_shape;
+
+/* Which operation graph a plan was built from. */
+enum { CUDNN_GRAPH_SDPA = 1, CUDNN_GRAPH_COMPOSITE = 2 };
+
+typedef struct cudnn_attn_info {
+    int available;       /* the library was loaded and a cuDNN handle made */
+    long version;        /* cudnnGetVersion(), 0 when not loaded           */
+    uint64_t plans, runs;
+    int last_graph;      /* CUDNN_GRAPH_* of the last plan built           */
+    char note[200];      /* why cuDNN, or the last shape it refused, is not used */
+} cudnn_attn_info;
+
+/* A handle's cuDNN: loaded with dlopen when first wanted; never an error
+ * when the library is absent (the result is then simply not available). */
+struct cudnn_attn;
+lego_status cudnn_attn_open(cudaStream_t stream, struct cudnn_attn **out, lego_err *err);
+void cudnn_attn_close(struct cudnn_attn *c);
+/* Device bytes held (the workspace). */
+size_t cudnn_attn_bytes(const struct cudnn_attn *c);
+/* Moves whenever a plan is dropped or the workspace moves: CUDA graphs that
+ * captured earlier runs must not be replayed after that. */
+uint64_t cudnn_attn_generation(const struct cudnn_attn *c);
+void cudnn_attn_get_info(const struct cudnn_attn *c, cudnn_attn_info *out);
+/* Whether the shape is one cuDNN's fused attention may take at all
+ * (bf16/fp16, head_dim a multiple of 8 up to 128). */
+int cudnn_attn_supports(const attn_shape *sh);
+/* Build (once) the plan and workspace of a shape: *ok = 1 when cuDNN takes
+ * it.  The workspace may grow by at most `room` bytes.  Not while the
+ * stream is being captured. */
+lego_status cudnn_attn_prepare(struct cudnn_attn *c, const attn_shape *sh, size_t room, int *ok,
+                               lego_err *err);
+/* Enqueue a prepared shape's attention (capturable): the k_attention
+ * contract. */
+lego_status cudnn_attn_run(struct cudnn_attn *c, const attn_shape *sh, const void *qkv, void *out,
+                           lego_err *err);
 
 /* ---- the handle as train.cu sees it (backend.cu) --------------------------- */
 

@@ -52,6 +52,17 @@ typedef struct cuda_stats {
     uint64_t step_graph_captures; /* sampler step graphs captured             */
     uint64_t step_graph_launches; /* and launched                             */
     int device_loop;             /* CUDA_OPT_DEVICE_LOOP's value              */
+    /* Attention through cuDNN (cuda/cudnn_attention.cu), loaded when first
+     * wanted: whether it was, its version, plans built and runs made, the
+     * shapes decided (timed when CUDA_OPT_ATTENTION is 0) and how many of
+     * them cuDNN runs, the graph of its last plan (1 SDPA operation, 2
+     * composite), and why it, or the last shape it refused, is not used. */
+    int cudnn_available;
+    long cudnn_version;
+    uint64_t cudnn_plans, cudnn_runs;
+    uint64_t attn_decided, attn_timed, attn_cudnn_shapes;
+    int cudnn_last_graph;
+    char cudnn_note[200];
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -68,7 +79,11 @@ typedef enum cuda_option {
     /* Attention kernel choice: 0 automatic, 1 = CUDA_OPT_FLASH_ONLY, 2 never
      * the tensor-core kernel (bf16/fp16 then use the CUDA-core one), 3 as 0
      * but with the tensor-core kernel that gives each warp 32 query rows
-     * (attention_mma2_kernel; an experiment to time against 0). */
+     * (attention_mma2_kernel; an experiment to time against 0), 4 cuDNN's
+     * fused attention for every sequence of more than 32 tokens it takes
+     * (else as 0), 5 as 0 but never cuDNN.  Under 0 with CUDA_OPT_AUTOTUNE
+     * on, such a sequence shape goes to cuDNN when, at its first use, it
+     * timed faster than our kernel. */
     CUDA_OPT_ATTENTION = 3,
     /* 1 (the default): an evaluation without per-brick outputs or c runs
      * as one CUDA graph, captured at its first occurrence per request

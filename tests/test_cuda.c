@@ -355,20 +355,22 @@ static void compare_case(const golden_case *g, const char *variant, const denois
     if (gpu->big) compare_one(g, variant, "denoised.big", gpu->big, cpu->big, g->big->numel, tol);
 }
 
-/* The 16-bit precisions, each with its attention kernels: automatic (the
- * tensor-core kernel for long sequences), every sequence through the
- * tiled kernels (tensor cores for short ones too), no tensor cores, and
- * the tensor-core kernel with 32 query rows per warp. */
+/* The 16-bit precisions, each with its attention kernels: automatic among
+ * ours (the tensor-core kernel for long sequences), every sequence through
+ * the tiled kernels (tensor cores for short ones too), no tensor cores,
+ * the tensor-core kernel with 32 query rows per warp, and cuDNN. */
 static const struct {
     lego_precision precision;
     int attn_mode;
     const char *name;
     int twin; /* >= 0: the random models also compare with that variant */
 } low_variants[] = {
-    {LEGO_PRECISION_BF16, 0, " [bf16]", -1},
+    /* Mode 5: the automatic choice among our kernels, never cuDNN (whose
+     * use under mode 0 depends on a timing; the cuDNN rows are below). */
+    {LEGO_PRECISION_BF16, 5, " [bf16]", -1},
     {LEGO_PRECISION_BF16, 1, " [bf16 flash only]", -1},
     {LEGO_PRECISION_BF16, 2, " [bf16 no mma]", -1},
-    {LEGO_PRECISION_FP16, 0, " [fp16]", -1},
+    {LEGO_PRECISION_FP16, 5, " [fp16]", -1},
     /* The tensor-core kernel with 32 query rows per warp (mode 3): the
      * same arithmetic per row as mode 0's kernel but for the softmax's
      * fused scale, so also within MMA_TWIN_TOL of mode 0, a much tighter
@@ -376,6 +378,10 @@ static const struct {
      * hd104 model by 4e-3 there). */
     {LEGO_PRECISION_BF16, 3, " [bf16 mma32]", 0},
     {LEGO_PRECISION_FP16, 3, " [fp16 mma32]", 3},
+    /* cuDNN's fused attention where it takes the shape (mode 4; our
+     * kernels where it does not, or where the library is absent). */
+    {LEGO_PRECISION_BF16, 4, " [bf16 cudnn]", -1},
+    {LEGO_PRECISION_FP16, 4, " [fp16 cudnn]", -1},
 };
 #define MMA_TWIN_TOL 3e-4
 #define NUM_LOW_VARIANTS (sizeof low_variants / sizeof low_variants[0])
@@ -724,6 +730,152 @@ START_TEST(test_cuda_random_models) {
     free_outputs(&cpu);
     free_inputs(&io);
     lego_model_free(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Attention through cuDNN                                                  */
+/* ------------------------------------------------------------------------ */
+
+static const rand_model *find_rand(const char *name) {
+    for (size_t i = 0; i < NUM_RAND_MODELS; i++)
+        if (strcmp(rand_models[i].name, name) == 0) return &rand_models[i];
+    ck_abort_msg("no random model %s", name);
+    return NULL;
+}
+
+static void print_cudnn(const char *what, const cuda_stats *st) {
+    printf("cuda cudnn %-28s loaded %d version %ld plans %llu runs %llu graph %d shapes %llu/%llu "
+           "timed %llu%s%s\n",
+           what, st->cudnn_available, st->cudnn_version, (unsigned long long)st->cudnn_plans,
+           (unsigned long long)st->cudnn_runs, st->cudnn_last_graph,
+           (unsigned long long)st->attn_cudnn_shapes, (unsigned long long)st->attn_decided,
+           (unsigned long long)st->attn_timed, st->cudnn_note[0] ? " -- " : "", st->cudnn_note);
+    fflush(stdout);
+}
+
+/* A fresh copy of rm on the device in `precision` with attention mode
+ * `mode`, its outputs compared with the CPU's, its stats in *st. */
+static lego_model *cudnn_run(const rand_model *rm, const rand_io *io, const denoise_outputs *cpu,
+                             lego_precision precision, int mode, const char *what,
+                             cuda_stats *st) {
+    lego_model *m = build_rand(rm);
+    ck_assert_msg(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK, "%s",
+                  lego_model_error(m));
+    ck_assert(lego_model_set_precision(m, precision) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, mode) == LEGO_OK);
+    denoise_outputs gpu;
+    run_rand(rm, m, io, &gpu);
+    compare_rand(rm, what, &gpu, cpu, LOW_TOL);
+    free_outputs(&gpu);
+    ck_assert(cuda_backend_stats(m, st) == LEGO_OK);
+    print_cudnn(what, st);
+    return m;
+}
+
+/* cuDNN's fused attention for the long sequences (mode 4, and mode 0's
+ * timed choice): the same results as the CPU, graph replays equal to the
+ * eager runs, and (in the emulation, whose cuDNN can be told to be absent,
+ * to have no engine for the fused operation or none at all, or to fail)
+ * every fallback. */
+START_TEST(test_cuda_cudnn_attention) {
+    const rand_model *rm = find_rand("mma-hd40-100tok");
+    lego_model *cpu_model = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    denoise_outputs cpu;
+    run_rand(rm, cpu_model, &io, &cpu);
+    lego_model_free(cpu_model);
+
+    cuda_stats st;
+    lego_model *m = cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 4, "[bf16 cudnn]", &st);
+    if (!st.cudnn_available) {
+        printf("cuda cudnn: not available here (%s): our kernels ran, the rest is skipped\n",
+               st.cudnn_note);
+        lego_model_free(m);
+        free_outputs(&cpu);
+        free_inputs(&io);
+        return;
+    }
+    ck_assert(st.cudnn_runs > 0);
+    /* The 100-token brick at n and 2n (guided) sequences; the 4-token
+     * brick stays on our kernels. */
+    ck_assert_uint_eq(st.attn_decided, 2);
+    ck_assert_uint_eq(st.attn_cudnn_shapes, 2);
+    ck_assert_uint_eq(st.attn_timed, 0);
+
+    /* The guided and skipped requests replay graphs the second time:
+     * bit-identical to their eager runs. */
+    denoise_outputs a, b;
+    run_rand(rm, m, &io, &a);
+    cuda_stats st2;
+    ck_assert(cuda_backend_stats(m, &st2) == LEGO_OK);
+    run_rand(rm, m, &io, &b);
+    cuda_stats st3;
+    ck_assert(cuda_backend_stats(m, &st3) == LEGO_OK);
+    ck_assert(st3.graph_launches > st2.graph_launches);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    ck_assert(memcmp(a.cfg, b.cfg, img * sizeof(float)) == 0);
+    ck_assert(memcmp(a.skip, b.skip, img * sizeof(float)) == 0);
+    free_outputs(&a);
+    free_outputs(&b);
+    lego_model_free(m);
+
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_FP16, 4, "[fp16 cudnn]", &st));
+    ck_assert(st.cudnn_runs > 0);
+
+    /* Automatic: both timed once at the shape's first use, the faster kept. */
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 0, "[bf16 auto]", &st));
+    ck_assert_uint_eq(st.attn_timed, 2);
+    ck_assert_uint_eq(st.attn_decided, 2);
+
+#ifdef LEGO_TEST_EMULATION
+    setenv("LEGO_EMU_CUDNN", "composite", 1);
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 4, "[composite graph]", &st));
+    ck_assert_int_eq(st.cudnn_last_graph, 2);
+    ck_assert(st.cudnn_runs > 0);
+    ck_assert_msg(strstr(st.cudnn_note, "SDPA graph") != NULL, "%s", st.cudnn_note);
+
+    setenv("LEGO_EMU_CUDNN", "absent", 1);
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 4, "[library absent]", &st));
+    ck_assert_int_eq(st.cudnn_available, 0);
+    ck_assert_msg(strstr(st.cudnn_note, "not found") != NULL, "%s", st.cudnn_note);
+
+    setenv("LEGO_EMU_CUDNN", "none", 1);
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 4, "[no engine]", &st));
+    ck_assert_uint_eq(st.attn_cudnn_shapes, 0);
+    ck_assert_uint_eq(st.cudnn_runs, 0);
+    ck_assert_msg(strstr(st.cudnn_note, "no engine") != NULL, "%s", st.cudnn_note);
+
+    /* A failing execution rules cuDNN out while timing; forced, it is an
+     * error that names cuDNN. */
+    setenv("LEGO_EMU_CUDNN", "fail-exec", 1);
+    lego_model_free(cudnn_run(rm, &io, &cpu, LEGO_PRECISION_BF16, 0, "[failing, auto]", &st));
+    ck_assert_uint_eq(st.attn_cudnn_shapes, 0);
+    ck_assert_uint_eq(st.attn_timed, 2);
+    m = build_rand(rm);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, 4) == LEGO_OK);
+    float *out = malloc(img * sizeof(float));
+    ck_assert(out != NULL);
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = rm->n;
+    r.height = rm->h;
+    r.width = rm->w;
+    r.x = io.x;
+    r.sigma = io.sigma;
+    r.labels = io.labels;
+    r.out = out;
+    ck_assert_int_eq(lego_denoise(m, &r), LEGO_ERR_BACKEND);
+    ck_assert_msg(strstr(lego_model_error(m), "cuDNN") != NULL, "%s", lego_model_error(m));
+    printf("cuda cudnn [failing, forced]: %s\n", lego_model_error(m));
+    free(out);
+    lego_model_free(m);
+    unsetenv("LEGO_EMU_CUDNN");
+#endif
+    free_outputs(&cpu);
+    free_inputs(&io);
 }
 END_TEST
 
@@ -1942,6 +2094,7 @@ int main(void) {
         tcase_add_test(add_case(s, "philox"), test_cuda_philox);
         tcase_add_loop_test(add_case(s, "random"), test_cuda_random_models, 0,
                             (int)NUM_RAND_MODELS);
+        tcase_add_test(add_case(s, "cudnn"), test_cuda_cudnn_attention);
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);

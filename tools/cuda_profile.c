@@ -5,7 +5,8 @@
  *   build/tools/cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] [--attn MODE]
  *
  * --attn sets CUDA_OPT_ATTENTION (0 automatic, 3 the tensor-core kernel
- * with 32 query rows per warp, ...: src/backend_cuda.h) for an A/B timing.
+ * with 32 query rows per warp, 4 cuDNN, 5 never cuDNN: src/backend_cuda.h) for an
+ * A/B timing; a "cudnn" line says whether cuDNN was loaded and ran.
  * Before the profile it times whole evaluations (graphs on, as lego-bench;
  * host copies included): the median of 5 after the warm-ups.
  *
@@ -119,6 +120,12 @@ int main(int argc, char **argv) {
     for (int p = 0; p < CUDA_PROF_PARTS; p++)
         printf("  %-13s %9.3f ms %5.1f%%\n", part_names[p], st.profile_ms[p] / reps,
                100.0 * st.profile_ms[p] / reps / total);
+    printf("cudnn loaded %d version %ld plans %llu runs %llu graph %d; attention shapes %llu, "
+           "%llu on cuDNN, %llu timed%s%s\n",
+           st.cudnn_available, st.cudnn_version, (unsigned long long)st.cudnn_plans,
+           (unsigned long long)st.cudnn_runs, st.cudnn_last_graph,
+           (unsigned long long)st.attn_decided, (unsigned long long)st.attn_cudnn_shapes,
+           (unsigned long long)st.attn_timed, st.cudnn_note[0] ? " -- " : "", st.cudnn_note);
     free(x), free(out), free(sigma);
     lego_model_free(m);
     return 0;

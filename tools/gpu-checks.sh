@@ -15,6 +15,18 @@ mkdir -p "$OUT"
 # tools/stage-device.sh packs the programs; unpack them once.
 [ -f "$D/pack.tar.xz" ] && [ ! -d "$D/bin" ] && tar xJf "$D/pack.tar.xz" -C "$D"
 export LD_LIBRARY_PATH="$PWD/$D/deps:${LD_LIBRARY_PATH:-}"
+# cuDNN (loaded at run time for attention, cuda/cudnn_attention.cu): the
+# system's if ldconfig knows it, else the one pip installed for PyTorch.
+if ! ldconfig -p 2>/dev/null | grep -q "libcudnn.so.9"; then
+    for dir in $(python3 -c 'import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__) + "/lib")' 2>/dev/null) \
+               /usr/local/lib/python3*/dist-packages/nvidia/cudnn/lib /usr/lib/python3/dist-packages/nvidia/cudnn/lib; do
+        [ -e "$dir/libcudnn.so.9" ] && { export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"; break; }
+    done
+fi
+for dir in $(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null); do
+    [ -d "$dir" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
+done
+echo "cuDNN: $(ldconfig -p 2>/dev/null | grep -m1 'libcudnn.so.9 ' | sed 's/.*=> //') LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 export LEGO_GOLDEN_DIR="$PWD/$D/shared/golden"
 MODEL="$D/shared/models/fmnist_lego_pg32.safetensors"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -34,6 +46,7 @@ for what in "$@"; do
         timeout 240 "$D/tests/test_cuda" > "$OUT/test_cuda.log" 2>&1
         echo "test_cuda rc=$?"
         grep -E "^[0-9]+%|:[EF]:|worst|scaled error [1-9]\.[0-9]+e-0[0-3]" "$OUT/test_cuda.log" | head -40
+        grep -E "^cuda cudnn" "$OUT/test_cuda.log" | head -8
         grep -c "scaled error" "$OUT/test_cuda.log"
         ;;
     sample)
@@ -141,13 +154,16 @@ for what in "$@"; do
         done
         ;;
     attn-ab)
-        # The tensor-core attention with 16 query rows per warp (mode 0, the
-        # automatic choice) against 32 rows per warp (mode 3): whole
-        # evaluations and the attention's share (tests/cuda_profile).
-        echo "== attention A/B: CUDA_OPT_ATTENTION 0 vs 3"
+        # Long-sequence attention: the automatic choice (mode 0: our
+        # tensor-core kernel, or cuDNN where it timed faster), our kernel
+        # with 32 query rows per warp (mode 3), cuDNN wherever it takes the
+        # shape (mode 4), and our 16-row kernel only (mode 5, the automatic
+        # choice before cuDNN): whole evaluations and the attention's share
+        # (tests/cuda_profile).
+        echo "== attention A/B: CUDA_OPT_ATTENTION 0, 3, 4, 5"
         for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16"; do
-            for mode in 0 3 0 3; do
-                timeout 120 "$D/tests/cuda_profile" $args --attn $mode 2>&1 | grep -E "^(eval|profile)|attention"
+            for mode in 0 3 4 5 0 3 4 5; do
+                timeout 120 "$D/tests/cuda_profile" $args --attn $mode 2>&1 | grep -E "^(eval|profile|cudnn)|attention"
             done
         done
         ;;

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cublasLt.h"
+#include "emu_internal.h"
 
 #ifdef __SANITIZE_ADDRESS__
 #include <sanitizer/common_interface_defs.h>
@@ -46,7 +47,7 @@ static std::map<const char *, size_t> allocations; /* device memory: base -> byt
 static std::map<const void *, int> max_smem;       /* cudaFuncSetAttribute */
 static int current_device;
 
-[[noreturn]] static void emu_abort(const char *what) {
+[[noreturn]] void emu_abort(const char *what) {
     fprintf(stderr, "liblego CUDA emulation: %s\n", what);
     abort();
 }
@@ -432,7 +433,7 @@ cudaError_t cudaFree(void *p) {
 }
 
 /* Abort unless [p, p + bytes) lies inside one device allocation. */
-static void check_device_range(const void *p, size_t bytes, const char *what) {
+void check_device_range(const void *p, size_t bytes, const char *what) {
     auto it = allocations.upper_bound((const char *)p);
     if (it == allocations.begin()) {
         fprintf(stderr, "%s: %p is not device memory\n", what, p);
@@ -579,13 +580,13 @@ struct emu_layout {
 static size_t type_bytes(int type) { return type == CUDA_R_32F ? 4 : 2; }
 
 /* Element i of a matrix of `type` as a double, and back. */
-static double load_elem(const void *p, int type, uint64_t i) {
+double load_elem(const void *p, int type, uint64_t i) {
     if (type == CUDA_R_32F) return ((const float *)p)[i];
     if (type == CUDA_R_16BF) return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
     return __half2float(((const __half *)p)[i]);
 }
 
-static void store_elem(void *p, int type, uint64_t i, double v) {
+void store_elem(void *p, int type, uint64_t i, double v) {
     if (type == CUDA_R_32F) ((float *)p)[i] = (float)v;
     else if (type == CUDA_R_16BF) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v);
     else ((__half *)p)[i] = __float2half_rn((float)v);

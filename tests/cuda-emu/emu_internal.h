@@ -1,0 +1,20 @@
+/*
+ * emu_internal.h -- what the files of the host emulation share (emu.cpp:
+ * the runtime and cuBLASLt; cudnn_emu.cpp: cuDNN's backend API).
+ */
+#ifndef LEGO_EMU_INTERNAL_H
+#define LEGO_EMU_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Print `what` and abort: a bug a GPU would punish. */
+[[noreturn]] void emu_abort(const char *what);
+/* Abort unless [p, p + bytes) lies inside one device allocation. */
+void check_device_range(const void *p, size_t bytes, const char *what);
+/* Element i of an array of CUDA_R_32F / _16BF / _16F as a double, and
+ * back (rounded to nearest even). */
+double load_elem(const void *p, int type, uint64_t i);
+void store_elem(void *p, int type, uint64_t i, double v);
+
+#endif
