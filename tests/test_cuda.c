@@ -38,6 +38,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #include "backend_cuda.h"
@@ -1094,6 +1095,94 @@ START_TEST(test_cuda_two_devices) {
 }
 END_TEST
 
+/* One host thread's model on one device (test_cuda_threads).  Check's
+ * asserts must stay on the main thread, so the worker only records. */
+typedef struct device_job {
+    lego_model *m;
+    const rand_model *rm;
+    const rand_io *io;
+    int device;
+    const float *want;
+    lego_status status;
+    char msg[512];
+    double err_fp32, err_bf16;
+} device_job;
+
+static void *device_worker(void *arg) {
+    device_job *j = arg;
+    const rand_model *rm = j->rm;
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *got = malloc(img * sizeof(float));
+    lego_status s = got ? lego_model_set_backend(j->m, LEGO_BACKEND_CUDA, j->device)
+                        : LEGO_ERR_OUT_OF_MEMORY;
+    for (int round = 0; s == LEGO_OK && round < 5; round++) {
+        if (round == 3) s = lego_model_set_precision(j->m, LEGO_PRECISION_BF16);
+        lego_denoise_request r;
+        lego_denoise_request_init(&r);
+        r.n = rm->n;
+        r.height = rm->h;
+        r.width = rm->w;
+        r.x = j->io->x;
+        r.sigma = j->io->sigma;
+        r.labels = j->io->labels;
+        r.out = got;
+        if (s == LEGO_OK) s = lego_denoise(j->m, &r);
+        double e = s == LEGO_OK ? scaled_error(got, j->want, img) : 0.0;
+        double *worst = round < 3 ? &j->err_fp32 : &j->err_bf16;
+        if (e > *worst) *worst = e;
+    }
+    if (s != LEGO_OK) snprintf(j->msg, sizeof j->msg, "%s", lego_model_error(j->m));
+    j->status = s;
+    free(got);
+    return NULL;
+}
+
+/* Two models on two devices, each driven by its own host thread at the
+ * same time (fp32, then bf16 with attention through cuDNN where it timed
+ * faster).  In the emulation every launch, GEMM and cuDNN graph checks
+ * that its stream and memory belong to the calling thread's current
+ * device, so a call that forgot to select its handle's device fails. */
+START_TEST(test_cuda_threads) {
+    if (cuda_device_count() < 2) {
+        printf("cuda threads: %d device(s), skipped\n", cuda_device_count());
+        return;
+    }
+    const rand_model *rm = find_rand("mma-hd40-100tok");
+    lego_model *cpu = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *want = malloc(img * sizeof(float));
+    ck_assert(want != NULL);
+    denoise_n(cpu, rm, &io, rm->n, 1.0f, want);
+    device_job jobs[2];
+    pthread_t threads[2];
+    for (int d = 0; d < 2; d++) {
+        memset(&jobs[d], 0, sizeof jobs[d]);
+        jobs[d].m = build_rand(rm);
+        jobs[d].rm = rm;
+        jobs[d].io = &io;
+        jobs[d].device = d;
+        jobs[d].want = want;
+        ck_assert(pthread_create(&threads[d], NULL, device_worker, &jobs[d]) == 0);
+    }
+    for (int d = 0; d < 2; d++) ck_assert(pthread_join(threads[d], NULL) == 0);
+    for (int d = 0; d < 2; d++) {
+        printf("cuda threads   device %d: fp32 worst %.2e, bf16 worst %.2e%s%s\n", d,
+               jobs[d].err_fp32, jobs[d].err_bf16, jobs[d].msg[0] ? " -- " : "", jobs[d].msg);
+        ck_assert_msg(jobs[d].status == LEGO_OK, "device %d: %s", d, jobs[d].msg);
+        ck_assert(jobs[d].err_fp32 <= GPU_TOL);
+        ck_assert(jobs[d].err_bf16 <= LOW_TOL);
+        cuda_stats st;
+        ck_assert(cuda_backend_stats(jobs[d].m, &st) == LEGO_OK);
+        ck_assert_int_eq(st.device, d);
+        lego_model_free(jobs[d].m);
+    }
+    free(want);
+    free_inputs(&io);
+    lego_model_free(cpu);
+}
+END_TEST
+
 /* lego_sample with the Philox generator (latents, churn noise, labels from
  * the seeds) on the GPU against the CPU, in fp32. */
 START_TEST(test_cuda_sample_philox) {
@@ -2100,6 +2189,7 @@ int main(void) {
         tcase_add_test(ws, test_cuda_weights_follow);
         tcase_add_test(ws, test_cuda_device_budget);
         tcase_add_test(ws, test_cuda_two_devices);
+        tcase_add_test(ws, test_cuda_threads);
         tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
         TCase *tr = add_case(s, "train");
         tcase_add_loop_test(tr, test_cuda_train_random, 0, (int)NUM_TRAIN_MODELS);

@@ -109,6 +109,8 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop);
 /* Run `work` now, or record it if `stream` is capturing. */
 void emu_enqueue(cudaStream_t stream, const std::function<void()> &work);
+/* Abort unless `stream` (NULL: the default one) belongs to the current device. */
+void emu_check_stream_device(cudaStream_t stream, const char *what);
 cudaError_t emu_set_max_smem(const void *kernel, int bytes);
 template <class F> cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
     return emu_set_max_smem((const void *)kernel, bytes);
@@ -209,6 +211,7 @@ template <class K> struct emu_launch {
     size_t grid, block, smem;
     cudaStream_t stream;
     template <class... A> void operator()(A... args) {
+        emu_check_stream_device(stream, "kernel launch");
         K k = kernel;
         size_t g = grid, b = block, sm = smem;
         std::function<void()> body = [=] { k(args...); };

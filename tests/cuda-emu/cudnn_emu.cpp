@@ -55,7 +55,7 @@ struct emu_cudnn_desc {
 };
 
 static std::set<const emu_cudnn_desc *> live; /* descriptors not yet destroyed */
-static char last_error[256];
+static thread_local char last_error[256];
 
 static const char *mode_env(void) {
     const char *e = getenv("LEGO_EMU_CUDNN");
@@ -250,17 +250,20 @@ void cudnnGetLastErrorString(char *message, size_t max_size) {
 }
 
 cudnnStatus_t cudnnCreate(cudnnHandle_t *handle) {
+    auto lock = emu_api_lock();
     if (!handle) return fail(CUDNN_STATUS_BAD_PARAM, "cudnnCreate: NULL");
     *handle = new emu_cudnn_handle();
     return CUDNN_STATUS_SUCCESS;
 }
 
 cudnnStatus_t cudnnDestroy(cudnnHandle_t handle) {
+    auto lock = emu_api_lock();
     delete handle;
     return CUDNN_STATUS_SUCCESS;
 }
 
 cudnnStatus_t cudnnSetStream(cudnnHandle_t handle, cudaStream_t stream) {
+    auto lock = emu_api_lock();
     if (!handle) return fail(CUDNN_STATUS_BAD_PARAM, "cudnnSetStream: no handle");
     handle->stream = stream;
     return CUDNN_STATUS_SUCCESS;
@@ -268,6 +271,7 @@ cudnnStatus_t cudnnSetStream(cudnnHandle_t handle, cudaStream_t stream) {
 
 cudnnStatus_t cudnnBackendCreateDescriptor(cudnnBackendDescriptorType_t type,
                                            cudnnBackendDescriptor_t *descriptor) {
+    auto lock = emu_api_lock();
     if (!descriptor) return fail(CUDNN_STATUS_BAD_PARAM, "create: NULL");
     if (type == CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR && EMU_CUDNN_VERSION < 91300)
         return fail(CUDNN_STATUS_NOT_SUPPORTED, "no SDPA operation before 9.13");
@@ -279,6 +283,7 @@ cudnnStatus_t cudnnBackendCreateDescriptor(cudnnBackendDescriptorType_t type,
 }
 
 cudnnStatus_t cudnnBackendDestroyDescriptor(cudnnBackendDescriptor_t d) {
+    auto lock = emu_api_lock();
     if (!d) return CUDNN_STATUS_SUCCESS;
     if (!live.erase(d)) emu_abort("cuDNN: a descriptor was destroyed twice");
     delete d;
@@ -289,6 +294,7 @@ cudnnStatus_t cudnnBackendSetAttribute(cudnnBackendDescriptor_t d,
                                        cudnnBackendAttributeName_t name,
                                        cudnnBackendAttributeType_t type, int64_t count,
                                        const void *values) {
+    auto lock = emu_api_lock();
     if (!d || !live.count(d)) emu_abort("cuDNN: set on a descriptor that does not exist");
     if (d->finalized) return fail(CUDNN_STATUS_BAD_PARAM, "attribute %d set after finalize", name);
     cudnnBackendAttributeType_t want;
@@ -508,6 +514,7 @@ static int engines_for(const emu_cudnn_desc *graph) {
 }
 
 cudnnStatus_t cudnnBackendFinalize(cudnnBackendDescriptor_t d) {
+    auto lock = emu_api_lock();
     if (!d || !live.count(d)) emu_abort("cuDNN: finalize of a descriptor that does not exist");
     if (d->finalized) return fail(CUDNN_STATUS_BAD_PARAM, "finalized twice");
     cudnnStatus_t st = CUDNN_STATUS_SUCCESS;
@@ -566,6 +573,7 @@ cudnnStatus_t cudnnBackendGetAttribute(cudnnBackendDescriptor_t const d,
                                        cudnnBackendAttributeName_t name,
                                        cudnnBackendAttributeType_t type, int64_t requested,
                                        int64_t *count, void *values) {
+    auto lock = emu_api_lock();
     if (!d || !live.count(d)) emu_abort("cuDNN: get on a descriptor that does not exist");
     if (!d->finalized) return fail(CUDNN_STATUS_BAD_PARAM, "get before finalize");
     if (d->type == CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR && name == CUDNN_ATTR_ENGINEHEUR_RESULTS &&
@@ -777,6 +785,7 @@ static void run_program(program p) {
 
 cudnnStatus_t cudnnBackendExecute(cudnnHandle_t handle, cudnnBackendDescriptor_t plan,
                                   cudnnBackendDescriptor_t pack) {
+    auto lock = emu_api_lock();
     if (!handle) return fail(CUDNN_STATUS_BAD_PARAM, "execute: no handle");
     if (!plan || !live.count(plan) || !plan->finalized ||
         plan->type != CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR || !live.count(plan->graph))
@@ -784,6 +793,7 @@ cudnnStatus_t cudnnBackendExecute(cudnnHandle_t handle, cudnnBackendDescriptor_t
     if (!pack || !live.count(pack) || !pack->finalized ||
         pack->type != CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)
         return fail(CUDNN_STATUS_BAD_PARAM, "execute: not a finalized variant pack");
+    emu_check_stream_device(handle->stream, "cudnnBackendExecute");
     if (!strcmp(mode_env(), "fail-exec"))
         return fail(CUDNN_STATUS_EXECUTION_FAILED, "LEGO_EMU_CUDNN=fail-exec");
     std::vector<int64_t> ids = get_i64s(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS);
@@ -809,6 +819,7 @@ cudnnStatus_t cudnnBackendExecute(cudnnHandle_t handle, cudnnBackendDescriptor_t
             if (k == ids.size()) return -1;
             t.ptr = ptrs[k];
             if (t.t.by_value) t.value = *(const float *)t.ptr; /* read now, as cuDNN does */
+            else check_current_device(t.ptr, "cuDNN tensor");
         }
         prog.tensors.push_back(t);
         return index[d] = (int)prog.tensors.size() - 1;

@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include <map>
+#include <mutex>
 #include <vector>
 
 #include "cublasLt.h"
@@ -42,10 +43,25 @@
 dim3 threadIdx, blockIdx, blockDim, gridDim;
 void *emu_smem;
 
-static cudaError_t last_error = cudaSuccess;
-static std::map<const char *, size_t> allocations; /* device memory: base -> bytes */
-static std::map<const void *, int> max_smem;       /* cudaFuncSetAttribute */
-static int current_device;
+/* As in CUDA, the current device and the last error belong to the host
+ * thread.  Everything shared (allocations, the kernel threads, the
+ * globals above) is used under api_mutex: calls from several host threads
+ * run one at a time, each whole (a launch runs every block before another
+ * call starts), which is one legal order of concurrent GPUs. */
+static thread_local cudaError_t last_error = cudaSuccess;
+static thread_local int current_device;
+struct allocation {
+    size_t bytes;
+    int device;
+};
+static std::map<const char *, allocation> allocations; /* device memory by base */
+static std::map<const void *, int> max_smem;           /* cudaFuncSetAttribute */
+static std::recursive_mutex api_mutex;
+#define EMU_API std::lock_guard<std::recursive_mutex> api_guard_(api_mutex)
+
+std::unique_lock<std::recursive_mutex> emu_api_lock(void) {
+    return std::unique_lock<std::recursive_mutex>(api_mutex);
+}
 
 [[noreturn]] void emu_abort(const char *what) {
     fprintf(stderr, "liblego CUDA emulation: %s\n", what);
@@ -298,6 +314,7 @@ static int live_threads(int n) {
 }
 
 cudaError_t emu_set_max_smem(const void *kernel, int bytes) {
+    EMU_API;
     if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;
     max_smem[kernel] = bytes;
     return cudaSuccess;
@@ -418,14 +435,16 @@ cudaError_t cudaGetLastError(void) {
 }
 
 cudaError_t emu_malloc(void **p, size_t bytes) {
+    EMU_API;
     *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
     if (!*p) return cudaErrorMemoryAllocation;
     memset(*p, 0xff, bytes);
-    allocations[(const char *)*p] = bytes;
+    allocations[(const char *)*p] = allocation{bytes, current_device};
     return cudaSuccess;
 }
 
 cudaError_t cudaFree(void *p) {
+    EMU_API;
     if (!p) return cudaSuccess;
     if (!allocations.erase((const char *)p)) emu_abort("cudaFree of memory cudaMalloc did not give");
     free(p);
@@ -434,19 +453,35 @@ cudaError_t cudaFree(void *p) {
 
 /* Abort unless [p, p + bytes) lies inside one device allocation. */
 void check_device_range(const void *p, size_t bytes, const char *what) {
+    EMU_API;
     auto it = allocations.upper_bound((const char *)p);
     if (it == allocations.begin()) {
         fprintf(stderr, "%s: %p is not device memory\n", what, p);
         emu_abort("bad device pointer");
     }
     --it;
-    if ((const char *)p + bytes > it->first + it->second) {
+    if ((const char *)p + bytes > it->first + it->second.bytes) {
         fprintf(stderr, "%s: %zu bytes at %p run past their allocation\n", what, bytes, p);
         emu_abort("device range overrun");
     }
 }
 
+/* Abort unless p lies in memory of the current device: a kernel, GEMM or
+ * cuDNN graph of device d reads and writes only d's memory. */
+void check_current_device(const void *p, const char *what) {
+    EMU_API;
+    auto it = allocations.upper_bound((const char *)p);
+    if (it == allocations.begin()) return; /* check_device_range reports it */
+    --it;
+    if (it->second.device != current_device) {
+        fprintf(stderr, "%s: %p is memory of device %d, device %d is current\n", what, p,
+                it->second.device, current_device);
+        emu_abort("work on another device's memory");
+    }
+}
+
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    EMU_API;
     if (kind == cudaMemcpyHostToDevice) check_device_range(dst, bytes, "cudaMemcpy destination");
     else check_device_range(src, bytes, "cudaMemcpy source");
     memcpy(dst, src, bytes);
@@ -459,11 +494,21 @@ struct emu_graph {
 
 struct emu_stream {
     emu_graph *capture = nullptr; /* recording into this graph */
+    int device = 0;               /* the device current when it was made */
 };
 
 void emu_enqueue(cudaStream_t stream, const std::function<void()> &work) {
+    EMU_API;
     if (stream && stream->capture) stream->capture->work.push_back(work);
     else work();
+}
+
+void emu_check_stream_device(cudaStream_t stream, const char *what) {
+    if (stream && stream->device != current_device) {
+        fprintf(stderr, "%s: a stream of device %d while device %d is current\n", what,
+                stream->device, current_device);
+        emu_abort("work enqueued on another device's stream");
+    }
 }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
@@ -528,7 +573,9 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsig
 }
 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+    EMU_API;
     if (stream && stream->capture) return cudaErrorStreamCaptureUnsupported;
+    emu_check_stream_device(stream, "cudaGraphLaunch");
     for (auto &w : exec->work) w();
     return cudaSuccess;
 }
@@ -545,6 +592,7 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
     *stream = new emu_stream();
+    (*stream)->device = current_device;
     return cudaSuccess;
 }
 
@@ -772,6 +820,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const vo
         if ((uintptr_t)ptrs[k] % need || (lays[k]->batch > 1 && stride_bytes % need))
             return CUBLAS_STATUS_INVALID_VALUE;
     }
+    emu_check_stream_device(stream, "cublasLtMatmul");
+    for (int k = 0; k < 4; k++) check_current_device(ptrs[k], "cublasLtMatmul operand");
     /* What a GPU bakes into the launch: the descriptors' values now. */
     emu_desc dv = *d;
     emu_layout av = *al, bv = *bl, cv = *cl, dlv = *dl;

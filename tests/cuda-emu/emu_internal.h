@@ -8,10 +8,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <mutex>
+
 /* Print `what` and abort: a bug a GPU would punish. */
 [[noreturn]] void emu_abort(const char *what);
 /* Abort unless [p, p + bytes) lies inside one device allocation. */
 void check_device_range(const void *p, size_t bytes, const char *what);
+/* Abort unless p lies in memory of the current device. */
+void check_current_device(const void *p, const char *what);
+/* The lock every emulated API call holds (recursive): calls from several
+ * host threads run one at a time. */
+std::unique_lock<std::recursive_mutex> emu_api_lock(void);
 /* Element i of an array of CUDA_R_32F / _16BF / _16F as a double, and
  * back (rounded to nearest even). */
 double load_elem(const void *p, int type, uint64_t i);
