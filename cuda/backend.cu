@@ -25,6 +25,7 @@
  * caller's current device afterwards.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -60,7 +61,7 @@ typedef struct graph_key {
     int n, nb, hgt, wid, guided, label_rows;
     uint32_t brick_mask;
     float guidance;
-    int precision, attn_mode, gelu_epilogue;
+    int precision, attn_mode, gelu_epilogue, ln_mode;
     const void *ws, *params, *lp, *freq;
     int lp_type;
 } graph_key;
@@ -76,8 +77,9 @@ typedef struct attn_choice {
 } attn_choice;
 
 typedef struct graph_entry {
-    cudaGraphExec_t exec;
+    cudaGraphExec_t exec; /* NULL with `failed`: the key could not be captured */
     graph_key key;
+    int failed;
 } graph_entry;
 
 typedef struct cuda_handle {
@@ -86,6 +88,7 @@ typedef struct cuda_handle {
     gemm_ctx gemm;
     int gemm_ready;
     int attn_mode; /* attn_mode */
+    int ln_mode;   /* LN_TILED or LN_PER_ROW (CUDA_OPT_LAYERNORM) */
     int precision; /* cuda_precision */
     int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
 
@@ -121,6 +124,12 @@ typedef struct cuda_handle {
     int next_graph;
 
     uint64_t workspace_allocs, weight_uploads, graph_captures, graph_launches;
+    /* Captures that failed (the request itself had run eagerly, so it
+     * stands), the last one's message, and cuDNN runs in the capture under
+     * way (capture_failed drops cuDNN when they may be the cause). */
+    uint64_t capture_failures;
+    char capture_note[200];
+    uint64_t cudnn_captured;
 
     /* Training on the device (train.cu): activations, gradients, optimiser
      * state; NULL until the first GPU training call. */
@@ -399,6 +408,8 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->graphs = h->use_graphs;
     out->graph_captures = h->graph_captures;
     out->graph_launches = h->graph_launches;
+    out->capture_failures = h->capture_failures;
+    memcpy(out->capture_note, h->capture_note, sizeof out->capture_note);
     out->tuned_shapes = h->gemm.tuned_shapes;
     for (int i = 0; i < CUDA_PROF_PARTS; i++) out->profile_ms[i] = h->profile_ms[i];
     out->precision = h->precision;
@@ -408,6 +419,7 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->sample_syncs = h->sample_syncs;
     sampler_graph_counts(h->sampler, &out->step_graph_captures, &out->step_graph_launches);
     out->device_loop = h->device_loop;
+    out->ln_mode = h->ln_mode;
     cudnn_attn_info ci;
     cudnn_attn_get_info(h->cudnn, &ci);
     out->cudnn_available = ci.available;
@@ -443,6 +455,12 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_GRAPHS:
         h->use_graphs = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_LAYERNORM:
+        if (value != LN_TILED && value != LN_PER_ROW)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown LayerNorm mode %d",
+                             value);
+        h->ln_mode = value;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
         if (value < 0 || value > 2)
@@ -695,7 +713,10 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
             c = slot;
         }
     }
-    if (c && c->cudnn) return cudnn_attn_run(h->cudnn, &sh, qkv, out, err);
+    if (c && c->cudnn) {
+        h->cudnn_captured++; /* counted while capturing only: reset at each capture */
+        return cudnn_attn_run(h->cudnn, &sh, qkv, out, err);
+    }
     return k_attention<T>(h->stream, qkv, seqs, tokens, heads, head_dim, out, mode, err);
 }
 
@@ -735,7 +756,7 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     const float *pos = dev_param(h, m, b->pos_embed);
     if (!pos) return lego_fail(err, LEGO_ERR_BACKEND, "internal: pos_embed not on the device");
     LEGO_TRY(k_layernorm_modulate<T>(s, l->tx, pos, b->tokens, rows, D, rpi, l->mods,
-                                     l->mods + d, ms, th, err));
+                                     l->mods + d, ms, th, h->ln_mode, err));
     mark(h, CUDA_PROF_LAYERNORM);
 
     for (size_t j = 0; j < depth; j++) {
@@ -749,7 +770,8 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, ty, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_PROJ);
         LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 2 * d, ms,
-                                               mod + 3 * d, mod + 4 * d, ms, th, err));
+                                               mod + 3 * d, mod + 4 * d, ms, th, h->ln_mode,
+                                               err));
         mark(h, CUDA_PROF_LAYERNORM);
         LEGO_TRY(linear_fwd(h, m, &blk->fc1, th, tt, rows, wide, tt, GEMM_ACT_GELU, err));
         mark(h, CUDA_PROF_FC1);
@@ -759,7 +781,8 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         const float *next = j + 1 < depth ? l->mods + (j + 1) * l->mod_slot : final_mod;
         size_t next_stride = j + 1 < depth ? ms : 2 * d;
         LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 5 * d, ms,
-                                               next, next + d, next_stride, th, err));
+                                               next, next + d, next_stride, th, h->ln_mode,
+                                               err));
         mark(h, CUDA_PROF_LAYERNORM);
     }
 
@@ -874,6 +897,7 @@ static graph_key key_for(const cuda_handle *h, const denoise_args *a, const requ
     k.precision = h->precision;
     k.attn_mode = h->attn_mode;
     k.gelu_epilogue = h->gemm.gelu_epilogue;
+    k.ln_mode = h->ln_mode;
     k.ws = h->ws;
     k.params = h->params;
     k.lp = h->lp;
@@ -910,13 +934,29 @@ static lego_status capture(cuda_handle *h, const lego_model *m, const denoise_ar
     return st;
 }
 
+/* A capture failed (the eager run before it stands).  If cuDNN ran inside
+ * it, cuDNN may not be capturable here: every shape goes back to our
+ * kernels, and the caller may capture again.  Returns whether to retry. */
+static int capture_failed(cuda_handle *h, const lego_err *why) {
+    h->capture_failures++;
+    snprintf(h->capture_note, sizeof h->capture_note, "%.*s", (int)sizeof h->capture_note - 1,
+             why->msg);
+    cudaGetLastError(); /* the failed capture's error is not the request's */
+    if (!h->cudnn_captured) return 0;
+    for (int i = 0; i < ATTN_CHOICES; i++) h->choices[i].cudnn = 0;
+    h->cudnn_captured = 0;
+    return 1;
+}
+
 /* Launch the graph for this request, capturing it first if it is new. */
 static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_args *a,
                              const request_plan *p, const ws_layout *l, lego_err *err) {
     graph_key key = key_for(h, a, p);
     for (int i = 0; i < GRAPH_CACHE; i++) {
-        if (h->graphs[i].exec && memcmp(&h->graphs[i].key, &key, sizeof key) == 0) {
-            CU_TRY(cudaGraphLaunch(h->graphs[i].exec, h->stream));
+        const graph_entry *g = &h->graphs[i];
+        if ((g->exec || g->failed) && memcmp(&g->key, &key, sizeof key) == 0) {
+            if (g->failed) return enqueue_network(h, m, a, p, l, err);
+            CU_TRY(cudaGraphLaunch(g->exec, h->stream));
             h->graph_launches++;
             return LEGO_OK;
         }
@@ -925,13 +965,17 @@ static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_
      * every GEMM outside the capture, then record it for the next time. */
     LEGO_TRY(enqueue_network(h, m, a, p, l, err));
     cudaGraphExec_t exec = NULL;
-    LEGO_TRY(capture(h, m, a, p, l, &exec, err));
+    lego_err why = {LEGO_OK, ""};
+    h->cudnn_captured = 0;
+    int failed = capture(h, m, a, p, l, &exec, &why) != LEGO_OK;
+    if (failed && capture_failed(h, &why)) return LEGO_OK; /* captured next time */
     graph_entry *slot = &h->graphs[h->next_graph];
     h->next_graph = (h->next_graph + 1) % GRAPH_CACHE;
     if (slot->exec) cudaGraphExecDestroy(slot->exec);
     slot->exec = exec;
     slot->key = key;
-    h->graph_captures++;
+    slot->failed = failed; /* then this request stays eager */
+    if (!failed) h->graph_captures++;
     return LEGO_OK;
 }
 
@@ -1050,6 +1094,12 @@ int backend_device(const lego_model *m) {
 }
 
 /* ---- the network for the device sampling loop (sampler.cu) --------------------------- */
+
+void cuda_eval_capture_begin(lego_model *m) { ((cuda_handle *)m->cuda)->cudnn_captured = 0; }
+
+int cuda_eval_capture_failed(lego_model *m, const lego_err *why) {
+    return capture_failed((cuda_handle *)m->cuda, why);
+}
 
 static_assert(sizeof(graph_key) <= CUDA_EVAL_KEY_BYTES, "CUDA_EVAL_KEY_BYTES is too small");
 

@@ -410,19 +410,23 @@ lego_status k_gather(cudaStream_t s, const tok_geom *g, const int32_t *table, co
 /* Token rows [rows][p*p*C] back into n x C x h x w. */
 lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float *out,
                       lego_err *err);
+/* How the LayerNorm kernels for dim a multiple of 128 take their rows
+ * (CUDA_OPT_LAYERNORM; the same bits either way). */
+enum { LN_TILED = 0, LN_PER_ROW = 1 };
 /* (x += pos[r % tokens] when pos) then y = LN(x)*(1+scale)+shift, y of
- * type T. */
+ * type T.  mode: LN_TILED or LN_PER_ROW. */
 template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
-                                 const float *scale, size_t mod_stride, T *y, lego_err *err);
+                                 const float *scale, size_t mod_stride, T *y, int mode,
+                                 lego_err *err);
 /* x += gate*y, out = LN(x)*(1+scale)+shift; y (a GEMM output) and out of
  * type T, x fp32; out must not overlap y. */
 template <class T>
 lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
-                                       const float *scale, size_t mod_stride, T *out,
+                                       const float *scale, size_t mod_stride, T *out, int mode,
                                        lego_err *err);
 /* out = f[n..2n) + g (f[0..n) - f[n..2n)) over n images of chw floats. */
 lego_status k_guide(cudaStream_t s, const float *f, int n, size_t chw, float g, float *out,
@@ -583,6 +587,12 @@ lego_status cuda_eval_copy(lego_model *m, void *dst, const void *src, size_t byt
                            cudaMemcpyKind kind);
 /* cudaStreamSynchronize of the handle's stream, counted for sample_syncs. */
 lego_status cuda_eval_sync(lego_model *m);
+/* Around the capture of a step: begin resets the count of cuDNN runs in
+ * it; after a failed capture (the step had run eagerly), failed records it
+ * and returns 1 when the step should be captured again (cuDNN ran in it and
+ * has been dropped: every shape is back on our kernels). */
+void cuda_eval_capture_begin(lego_model *m);
+int cuda_eval_capture_failed(lego_model *m, const lego_err *why);
 
 /* ---- the device sampling loop (sampler.cu) -------------------------------- */
 

@@ -13,6 +13,8 @@
  */
 #include <string.h>
 
+#include <type_traits>
+
 #include "cuda_internal.h"
 
 /* ---- conditioning ---------------------------------------------------------- */
@@ -270,8 +272,35 @@ __global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens
  * row, so x, y and the modulation vectors are read once with 16-byte
  * loads and the statistics need no second pass over memory.  The
  * arithmetic is the generic kernels' (two-pass variance, same formulas);
- * only the order of the partial sums differs. */
+ * only the order of the partial sums differs.  The row array is sized by
+ * a compile-time bound MAXV >= dim/128 (ln_bound): sized for the widest
+ * row, it held registers that narrower rows never use (94 per thread at
+ * width 1024 with 16, ptxas sm_90), and fewer registers let more warps
+ * keep loads in flight in these memory-bound kernels. */
 #define LN_MAX_VEC 16
+
+/* The kernel instance for a row of nv float4 per lane: the smallest bound
+ * of {2, 4, 8, 9, 12, 16} that holds it (exact for the widths of the LEGO
+ * and DiT presets: 256, 1024, 1152; 384 and 768 take 4 and 8). */
+static int ln_bound(int nv) {
+    static const int bounds[] = {2, 4, 8, 9, 12, LN_MAX_VEC};
+    for (int b : bounds)
+        if (nv <= b) return b;
+    return 0;
+}
+
+/* f(std::integral_constant<int, ln_bound(nv)>()): the kernel instance as a
+ * template argument. */
+template <class F> static void with_ln_bound(int nv, F f) {
+    switch (ln_bound(nv)) {
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 9: f(std::integral_constant<int, 9>()); break;
+    case 12: f(std::integral_constant<int, 12>()); break;
+    default: f(std::integral_constant<int, LN_MAX_VEC>()); break;
+    }
+}
 
 __device__ __forceinline__ float4 ld4(const float *p) { return *(const float4 *)p; }
 __device__ __forceinline__ void st4(float *p, float4 v) { *(float4 *)p = v; }
@@ -306,15 +335,16 @@ template <> __device__ __forceinline__ float4 load4<f16>(const f16 *p) {
     return unpack4<f16>(*(const uint2 *)p);
 }
 
-/* Mean and variance of the lane's values, then the modulated row out. */
-template <class T>
+/* Mean and variance of the lane's values, then the modulated row out.
+ * MAXV bounds nv at compile time (see ln_bound). */
+template <class T, int MAXV>
 __device__ __forceinline__ void modulate_vec(const float4 *v, int nv, int dim, float sum,
                                              int lane, const float *shift, const float *scale,
                                              T *yr) {
     const float mean = warp_sum(sum) / (float)dim;
     float var = 0.0f;
 #pragma unroll
-    for (int j = 0; j < LN_MAX_VEC; j++) {
+    for (int j = 0; j < MAXV; j++) {
         if (j >= nv) break;
         float a = v[j].x - mean, b = v[j].y - mean, c = v[j].z - mean, d = v[j].w - mean;
         var += a * a + b * b + c * c + d * d;
@@ -322,7 +352,7 @@ __device__ __forceinline__ void modulate_vec(const float4 *v, int nv, int dim, f
     var = warp_sum(var);
     const float rstd = 1.0f / sqrtf(var / (float)dim + 1e-6f);
 #pragma unroll
-    for (int j = 0; j < LN_MAX_VEC; j++) {
+    for (int j = 0; j < MAXV; j++) {
         if (j >= nv) break;
         int i = (lane + 32 * j) * 4;
         float4 sc = ld4(scale + i), sh = ld4(shift + i);
@@ -333,19 +363,60 @@ __device__ __forceinline__ void modulate_vec(const float4 *v, int nv, int dim, f
     }
 }
 
-template <class T>
+/* Which rows a warp of the register kernels takes.  Per row (TILED
+ * false): LN_ROWS_PER_BLOCK warps per block stride over the matrix, each
+ * reading its row's modulation vectors from global memory (L2).  Tiled: a
+ * block takes LN_TILE_ROWS consecutive rows of one image and first copies
+ * that image's vectors to shared memory, so they are read from L2 once per
+ * tile instead of once per row.  The arithmetic per row is the same, so
+ * the two give the same bits. */
+#define LN_TILE_ROWS 64
+
+struct ln_rows {
+    size_t first, end, step;
+    size_t img; /* tiled: the block's image */
+};
+
+template <bool TILED> __device__ __forceinline__ ln_rows ln_warp_rows(size_t rows, size_t rpi) {
+    const size_t warp = threadIdx.x / 32;
+    if (!TILED)
+        return ln_rows{(size_t)blockIdx.x * LN_ROWS_PER_BLOCK + warp, rows,
+                       (size_t)gridDim.x * LN_ROWS_PER_BLOCK, 0};
+    const size_t tiles = (rpi + LN_TILE_ROWS - 1) / LN_TILE_ROWS, img = blockIdx.x / tiles;
+    const size_t first = img * rpi + (blockIdx.x % tiles) * LN_TILE_ROWS;
+    const size_t end = first + LN_TILE_ROWS < (img + 1) * rpi ? first + LN_TILE_ROWS
+                                                               : (img + 1) * rpi;
+    return ln_rows{first + warp, end, blockDim.x / 32, img};
+}
+
+/* Tiled kernels: `count` vectors of dim floats (the block's image's) one
+ * after the other into shared memory, before any warp reads them. */
+__device__ __forceinline__ void ln_stage(float *staged, const float *const *src, int count,
+                                         int dim) {
+    for (int v = 0; v < count; v++)
+        for (int i = threadIdx.x * 4; i < dim; i += blockDim.x * 4)
+            st4(staged + (size_t)v * dim + i, ld4(src[v] + i));
+    __syncthreads();
+}
+
+template <class T, bool TILED, int MAXV>
 __global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int tokens, size_t rows,
                                               int dim, size_t rows_per_image, const float *shift,
                                               const float *scale, size_t mod_stride, T *y) {
+    DYNAMIC_SMEM(float, staged); /* tiled: [shift | scale] of the block's image */
     const int lane = threadIdx.x % 32, nv = dim / 128;
-    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
-         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+    const ln_rows w = ln_warp_rows<TILED>(rows, rows_per_image);
+    if (TILED) {
+        const float *src[2] = {shift + w.img * mod_stride, scale + w.img * mod_stride};
+        ln_stage(staged, src, 2, dim);
+    }
+    for (size_t r = w.first; r < w.end; r += w.step) {
         float *xr = x + r * (size_t)dim;
         const float *pe = pos ? pos + (r % (size_t)tokens) * (size_t)dim : NULL;
-        float4 v[LN_MAX_VEC];
+        float4 v[MAXV];
         float sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < LN_MAX_VEC; j++) {
+        for (int j = 0; j < MAXV; j++) {
             if (j >= nv) break;
             int i = (lane + 32 * j) * 4;
             float4 a = ld4(xr + i);
@@ -358,28 +429,34 @@ __global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int to
             sum += a.x + a.y + a.z + a.w;
         }
         size_t img = r / rows_per_image;
-        modulate_vec<T>(v, nv, dim, sum, lane, shift + img * mod_stride, scale + img * mod_stride,
-                        y + r * (size_t)dim);
+        modulate_vec<T, MAXV>(v, nv, dim, sum, lane, TILED ? staged : shift + img * mod_stride,
+                        TILED ? staged + dim : scale + img * mod_stride, y + r * (size_t)dim);
     }
 }
 
-template <class T>
+template <class T, bool TILED, int MAXV>
 __global__ void gated_residual_layernorm_vec_kernel(float *x, const T *y, size_t rows, int dim,
                                                     size_t rows_per_image, const float *gate,
                                                     size_t gate_stride, const float *shift,
                                                     const float *scale, size_t mod_stride,
                                                     T *out) {
+    DYNAMIC_SMEM(float, staged); /* tiled: [gate | shift | scale] of the block's image */
     const int lane = threadIdx.x % 32, nv = dim / 128;
-    for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
-         r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
+    const ln_rows w = ln_warp_rows<TILED>(rows, rows_per_image);
+    if (TILED) {
+        const float *src[3] = {gate + w.img * gate_stride, shift + w.img * mod_stride,
+                               scale + w.img * mod_stride};
+        ln_stage(staged, src, 3, dim);
+    }
+    for (size_t r = w.first; r < w.end; r += w.step) {
         size_t img = r / rows_per_image;
-        const float *g = gate + img * gate_stride;
+        const float *g = TILED ? staged : gate + img * gate_stride;
         const T *yr = y + r * (size_t)dim;
         float *xr = x + r * (size_t)dim;
-        float4 v[LN_MAX_VEC];
+        float4 v[MAXV];
         float sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < LN_MAX_VEC; j++) {
+        for (int j = 0; j < MAXV; j++) {
             if (j >= nv) break;
             int i = (lane + 32 * j) * 4;
             float4 a = ld4(xr + i), b = load4<T>(yr + i), gg = ld4(g + i);
@@ -388,7 +465,8 @@ __global__ void gated_residual_layernorm_vec_kernel(float *x, const T *y, size_t
             v[j] = a;
             sum += a.x + a.y + a.z + a.w;
         }
-        modulate_vec<T>(v, nv, dim, sum, lane, shift + img * mod_stride, scale + img * mod_stride,
+        modulate_vec<T, MAXV>(v, nv, dim, sum, lane, TILED ? staged + dim : shift + img * mod_stride,
+                        TILED ? staged + 2 * (size_t)dim : scale + img * mod_stride,
                         out + r * (size_t)dim);
     }
 }
@@ -400,14 +478,72 @@ static bool ln_vec_ok(int dim, size_t mod_stride, size_t gate_stride) {
            gate_stride % 4 == 0;
 }
 
+/* The tiled kernels' grid (images x tiles per image), or 0 when they do
+ * not apply: per-row mode, or rows not whole images. */
+static unsigned ln_tiles(int mode, size_t rows, size_t rows_per_image) {
+    if (mode != LN_TILED || rows_per_image == 0 || rows % rows_per_image != 0) return 0;
+    size_t tiles = (rows_per_image + LN_TILE_ROWS - 1) / LN_TILE_ROWS;
+    size_t blocks = rows / rows_per_image * tiles; /* <= rows */
+    return blocks > 0 && blocks <= 2147483647u ? (unsigned)blocks : 0;
+}
+
+/* One launch of a register kernel: tiled (grid `tiled`, `vectors` staged
+ * vectors of dim floats in shared memory) or per row. */
+typedef struct ln_launch {
+    cudaStream_t s;
+    unsigned tiled;
+    size_t rows;
+    int dim;
+    size_t rows_per_image;
+    int vectors;
+} ln_launch;
+
+template <class T, int MAXV>
+static void launch_ln_vec(const ln_launch &L, float *x, const float *pos, int tokens,
+                          const float *shift, const float *scale, size_t mod_stride, T *y) {
+    /* One name each: LAUNCH is a macro. */
+    auto tiled_kernel = layernorm_modulate_vec_kernel<T, true, MAXV>;
+    auto row_kernel = layernorm_modulate_vec_kernel<T, false, MAXV>;
+    if (L.tiled)
+        LAUNCH(tiled_kernel, L.tiled, 32 * LN_ROWS_PER_BLOCK,
+               (size_t)L.vectors * L.dim * sizeof(float), L.s)(
+            x, pos, tokens, L.rows, L.dim, L.rows_per_image, shift, scale, mod_stride, y);
+    else
+        LAUNCH(row_kernel, ln_blocks(L.rows), 32 * LN_ROWS_PER_BLOCK, 0, L.s)(
+            x, pos, tokens, L.rows, L.dim, L.rows_per_image, shift, scale, mod_stride, y);
+}
+
+template <class T, int MAXV>
+static void launch_gated_vec(const ln_launch &L, float *x, const T *y, const float *gate,
+                             size_t gate_stride, const float *shift, const float *scale,
+                             size_t mod_stride, T *out) {
+    auto tiled_kernel = gated_residual_layernorm_vec_kernel<T, true, MAXV>;
+    auto row_kernel = gated_residual_layernorm_vec_kernel<T, false, MAXV>;
+    if (L.tiled)
+        LAUNCH(tiled_kernel, L.tiled, 32 * LN_ROWS_PER_BLOCK,
+               (size_t)L.vectors * L.dim * sizeof(float), L.s)(
+            x, y, L.rows, L.dim, L.rows_per_image, gate, gate_stride, shift, scale, mod_stride,
+            out);
+    else
+        LAUNCH(row_kernel, ln_blocks(L.rows), 32 * LN_ROWS_PER_BLOCK, 0, L.s)(
+            x, y, L.rows, L.dim, L.rows_per_image, gate, gate_stride, shift, scale, mod_stride,
+            out);
+}
+
 template <class T>
 lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
-                                 const float *scale, size_t mod_stride, T *y, lego_err *err) {
-    if (ln_vec_ok(dim, mod_stride, 4))
-        LAUNCH(layernorm_modulate_vec_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
-            x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
-    else
+                                 const float *scale, size_t mod_stride, T *y, int mode,
+                                 lego_err *err) {
+    const bool vec = ln_vec_ok(dim, mod_stride, 4);
+    const unsigned tiled = vec ? ln_tiles(mode, rows, rows_per_image) : 0;
+    if (vec) {
+        const ln_launch L = {s, tiled, rows, dim, rows_per_image, 2};
+        with_ln_bound(dim / 128, [&](auto bound) {
+            launch_ln_vec<T, decltype(bound)::value>(L, x, pos, tokens, shift, scale, mod_stride,
+                                                     y);
+        });
+    } else
         LAUNCH(layernorm_modulate_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
             x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
     LAUNCH_CHECK("layernorm_modulate");
@@ -443,12 +579,16 @@ lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, siz
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
                                        const float *scale, size_t mod_stride, T *out,
-                                       lego_err *err) {
-    if (ln_vec_ok(dim, mod_stride, gate_stride))
-        LAUNCH(gated_residual_layernorm_vec_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0,
-               s)(x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride,
-                  out);
-    else
+                                       int mode, lego_err *err) {
+    const bool vec = ln_vec_ok(dim, mod_stride, gate_stride);
+    const unsigned tiled = vec ? ln_tiles(mode, rows, rows_per_image) : 0;
+    if (vec) {
+        const ln_launch L = {s, tiled, rows, dim, rows_per_image, 3};
+        with_ln_bound(dim / 128, [&](auto bound) {
+            launch_gated_vec<T, decltype(bound)::value>(L, x, y, gate, gate_stride, shift, scale,
+                                                        mod_stride, out);
+        });
+    } else
         LAUNCH(gated_residual_layernorm_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
             x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
     LAUNCH_CHECK("gated_residual_layernorm");
@@ -458,10 +598,11 @@ lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, siz
 #define LN_INSTANTIATE(T)                                                                 \
     template lego_status k_layernorm_modulate<T>(cudaStream_t, float *, const float *, int, \
                                                  size_t, int, size_t, const float *,       \
-                                                 const float *, size_t, T *, lego_err *);  \
+                                                 const float *, size_t, T *, int,          \
+                                                 lego_err *);                              \
     template lego_status k_gated_residual_layernorm<T>(                                    \
         cudaStream_t, float *, const T *, size_t, int, size_t, const float *, size_t,      \
-        const float *, const float *, size_t, T *, lego_err *);
+        const float *, const float *, size_t, T *, int, lego_err *);
 LN_INSTANTIATE(float)
 LN_INSTANTIATE(bf16)
 LN_INSTANTIATE(f16)

@@ -57,8 +57,9 @@ typedef struct step_key {
 } step_key;
 
 typedef struct step_graph {
-    cudaGraphExec_t exec;
+    cudaGraphExec_t exec; /* NULL with `failed`: this kind stays eager */
     step_key key;
+    int failed;
 } step_graph;
 
 struct cuda_sampler {
@@ -335,11 +336,11 @@ static step_key key_for_step(const lego_model *m, const cuda_eval *e, const samp
 
 /* Record enqueue_step into a graph (nothing runs). */
 static lego_status capture_step(lego_model *m, const cuda_eval *e, const samp_layout *l,
-                                const step_kind *k, cudaGraphExec_t *exec) {
-    lego_err *err = &m->err;
+                                const step_kind *k, cudaGraphExec_t *exec, lego_err *err) {
     *exec = NULL;
     CU_TRY(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
     lego_status st = enqueue_step(m, e, l, k);
+    if (st != LEGO_OK) *err = m->err; /* enqueue_step reports into the model's record */
     cudaGraph_t graph = NULL;
     cudaError_t ce = cudaStreamEndCapture(e->stream, &graph); /* always: leave capture */
     if (st == LEGO_OK) st = cu_status(ce, err, "cudaStreamEndCapture");
@@ -361,7 +362,8 @@ static lego_status run_step(lego_model *m, cuda_sampler *S, const cuda_eval *e,
     step_key key = key_for_step(m, e, l, k);
     for (int i = 0; i < STEP_GRAPHS; i++) {
         step_graph *g = &S->graphs[i];
-        if (g->exec && memcmp(&g->key, &key, sizeof key) == 0) {
+        if ((g->exec || g->failed) && memcmp(&g->key, &key, sizeof key) == 0) {
+            if (g->failed) return enqueue_step(m, e, l, k);
             CU_TRY(cudaGraphLaunch(g->exec, e->stream));
             S->launches++;
             return LEGO_OK;
@@ -369,13 +371,18 @@ static lego_status run_step(lego_model *m, cuda_sampler *S, const cuda_eval *e,
     }
     LEGO_TRY(enqueue_step(m, e, l, k));
     cudaGraphExec_t exec = NULL;
-    LEGO_TRY(capture_step(m, e, l, k, &exec));
+    /* The step has run; a capture that fails costs only the replays. */
+    lego_err why = {LEGO_OK, ""};
+    cuda_eval_capture_begin(m);
+    int failed = capture_step(m, e, l, k, &exec, &why) != LEGO_OK;
+    if (failed && cuda_eval_capture_failed(m, &why)) return LEGO_OK; /* captured next time */
     step_graph *slot = &S->graphs[S->next_graph];
     S->next_graph = (S->next_graph + 1) % STEP_GRAPHS;
     if (slot->exec) cudaGraphExecDestroy(slot->exec);
     slot->exec = exec;
     slot->key = key;
-    S->captures++;
+    slot->failed = failed;
+    if (!failed) S->captures++;
     return LEGO_OK;
 }
 

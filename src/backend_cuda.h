@@ -42,6 +42,11 @@ typedef struct cuda_stats {
     int graphs;                /* 1: plain evaluations replay CUDA graphs     */
     uint64_t graph_captures;   /* graphs captured and instantiated           */
     uint64_t graph_launches;   /* graph launches                             */
+    /* Captures that failed: the request had run eagerly and stands; that
+     * request (or sampler step kind) then stays eager, or is captured again
+     * without cuDNN when cuDNN ran in it. */
+    uint64_t capture_failures;
+    char capture_note[200];
     uint64_t tuned_shapes;     /* GEMM shapes whose algorithms were timed    */
     double profile_ms[16];     /* CUDA_OPT_PROFILE: milliseconds per cuda_profile_part */
     /* The device sampling loop (cuda_backend_sample). */
@@ -52,6 +57,7 @@ typedef struct cuda_stats {
     uint64_t step_graph_captures; /* sampler step graphs captured             */
     uint64_t step_graph_launches; /* and launched                             */
     int device_loop;             /* CUDA_OPT_DEVICE_LOOP's value              */
+    int ln_mode;                 /* CUDA_OPT_LAYERNORM's value                */
     /* Attention through cuDNN (cuda/cudnn_attention.cu), loaded when first
      * wanted: whether it was, its version, plans built and runs made, the
      * shapes decided (timed when CUDA_OPT_ATTENTION is 0) and how many of
@@ -104,7 +110,12 @@ typedef enum cuda_option {
      * batched GEMMs for sequences of at least 32 tokens (when a head's
      * columns are 16-byte aligned), the CUDA-core kernels below that; 1 the
      * kernels always; 2 the GEMMs whenever aligned, short sequences too. */
-    CUDA_OPT_TRAIN_ATTENTION = 8
+    CUDA_OPT_TRAIN_ATTENTION = 8,
+    /* LayerNorm kernels for widths that are a multiple of 128: 0 (the
+     * default) one block per 64 rows of an image, with that image's adaLN
+     * vectors staged in shared memory; 1 one warp per row, the vectors
+     * read from global memory for every row.  The same bits; for timing. */
+    CUDA_OPT_LAYERNORM = 9
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */

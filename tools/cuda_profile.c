@@ -2,11 +2,12 @@
  * cuda_profile -- where one evaluation of a preset spends its time on the
  * GPU, part by part (GEMMs by layer, attention, LayerNorm, ...).
  *
- *   build/tools/cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] [--attn MODE]
+ *   build/tools/cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] [--attn MODE] [--ln MODE]
  *
  * --attn sets CUDA_OPT_ATTENTION (0 automatic, 3 the tensor-core kernel
  * with 32 query rows per warp, 4 cuDNN, 5 never cuDNN: src/backend_cuda.h) for an
- * A/B timing; a "cudnn" line says whether cuDNN was loaded and ran.
+ * A/B timing; a "cudnn" line says whether cuDNN was loaded and ran.  --ln
+ * sets CUDA_OPT_LAYERNORM (0 tiles per image, 1 one warp per row).
  * Before the profile it times whole evaluations (graphs on, as lego-bench;
  * host copies included): the median of 5 after the warm-ups.
  *
@@ -43,16 +44,18 @@ static int cmp_double(const void *a, const void *b) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] "
-                        "[--attn MODE]\n");
+                        "[--attn MODE] [--ln MODE]\n");
         return 2;
     }
-    int n = atoi(argv[2]), skip_top = 0, attn = -1;
+    int n = atoi(argv[2]), skip_top = 0, attn = -1, ln = 0;
     const char *prec = "fp32";
     for (int i = 3; i < argc; i++) {
         if (strcmp(argv[i], "--skip-top") == 0)
             skip_top = 1;
         else if (strcmp(argv[i], "--attn") == 0 && i + 1 < argc)
             attn = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--ln") == 0 && i + 1 < argc)
+            ln = atoi(argv[++i]);
         else if (i == 3)
             prec = argv[i];
         else {
@@ -69,7 +72,8 @@ int main(int argc, char **argv) {
     lego_model *m = NULL;
     if (lego_model_create_preset(argv[1], &o, &m) != LEGO_OK ||
         lego_model_init_weights(m, 1) != LEGO_OK ||
-        (attn >= 0 && cuda_backend_set_option(m, CUDA_OPT_ATTENTION, attn) != LEGO_OK)) {
+        (attn >= 0 && cuda_backend_set_option(m, CUDA_OPT_ATTENTION, attn) != LEGO_OK) ||
+        cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, ln) != LEGO_OK) {
         fprintf(stderr, "cuda_profile: %s\n", lego_model_error(m));
         lego_model_free(m);
         return 1;
@@ -101,9 +105,9 @@ int main(int argc, char **argv) {
     }
     if (ok) {
         qsort(wall, 5, sizeof wall[0], cmp_double);
-        printf("eval %s batch %d %s attn %d, %d/%d bricks: %.2f ms per evaluation (median of 5, "
-               "min %.2f)\n",
-               argv[1], n, prec, attn < 0 ? 0 : attn, r.num_bricks, K, wall[2], wall[0]);
+        printf("eval %s batch %d %s attn %d ln %d, %d/%d bricks: %.2f ms per evaluation (median "
+               "of 5, min %.2f)\n",
+               argv[1], n, prec, attn < 0 ? 0 : attn, ln, r.num_bricks, K, wall[2], wall[0]);
     }
     ok = ok && cuda_backend_set_option(m, CUDA_OPT_PROFILE, 2) == LEGO_OK;
     for (int i = 0; ok && i < reps; i++) ok = lego_denoise(m, &r) == LEGO_OK;
@@ -114,9 +118,9 @@ int main(int argc, char **argv) {
     }
     double total = 0;
     for (int p = 0; p < CUDA_PROF_PARTS; p++) total += st.profile_ms[p] / reps;
-    printf("profile %s batch %d %s attn %d, %d/%d bricks: %.2f ms per evaluation "
+    printf("profile %s batch %d %s attn %d ln %d, %d/%d bricks: %.2f ms per evaluation "
            "(synchronised parts)\n",
-           argv[1], n, prec, attn < 0 ? 0 : attn, r.num_bricks, K, total);
+           argv[1], n, prec, attn < 0 ? 0 : attn, ln, r.num_bricks, K, total);
     for (int p = 0; p < CUDA_PROF_PARTS; p++)
         printf("  %-13s %9.3f ms %5.1f%%\n", part_names[p], st.profile_ms[p] / reps,
                100.0 * st.profile_ms[p] / reps / total);

@@ -6,7 +6,7 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [sample-loop] [attn-ab] [train-test] [train-bench] [train-profile]
+#                       [sample-loop] [attn-ab] [ln-ab] [train-test] [train-bench] [train-profile]
 #                       [train-fmnist] [train-compare]
 set -u
 D=${D:-.dev}
@@ -164,6 +164,16 @@ for what in "$@"; do
         for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16"; do
             for mode in 0 3 4 5 0 3 4 5; do
                 timeout 120 "$D/tests/cuda_profile" $args --attn $mode 2>&1 | grep -E "^(eval|profile|cudnn)|attention"
+            done
+        done
+        ;;
+    ln-ab)
+        # The LayerNorm kernels: tiles of 64 rows with the image's adaLN vectors in
+        # shared memory (0, the default) against one warp per row (1); the same bits.
+        echo "== LayerNorm A/B: CUDA_OPT_LAYERNORM 0 vs 1"
+        for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16"; do
+            for ln in 0 1 0 1; do
+                timeout 120 "$D/tests/cuda_profile" $args --ln $ln 2>&1 | grep -E "^(eval|profile)|layernorm"
             done
         done
         ;;

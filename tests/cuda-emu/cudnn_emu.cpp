@@ -17,7 +17,8 @@
  *
  * LEGO_EMU_CUDNN: absent (the library is not found), composite (no engine
  * for the fused operation, as before cuDNN 9.13), none (no engine at all),
- * fail-exec (execution fails).
+ * fail-exec (execution fails), no-capture (execution fails while the
+ * stream is being captured).
  */
 #include <math.h>
 #include <stdarg.h>
@@ -796,6 +797,10 @@ cudnnStatus_t cudnnBackendExecute(cudnnHandle_t handle, cudnnBackendDescriptor_t
     emu_check_stream_device(handle->stream, "cudnnBackendExecute");
     if (!strcmp(mode_env(), "fail-exec"))
         return fail(CUDNN_STATUS_EXECUTION_FAILED, "LEGO_EMU_CUDNN=fail-exec");
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(handle->stream, &capturing);
+    if (!strcmp(mode_env(), "no-capture") && capturing != cudaStreamCaptureStatusNone)
+        return fail(CUDNN_STATUS_NOT_SUPPORTED, "LEGO_EMU_CUDNN=no-capture: not while capturing");
     std::vector<int64_t> ids = get_i64s(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS);
     const attr_value *pv = find(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS);
     std::vector<void *> ptrs((size_t)pv->count);

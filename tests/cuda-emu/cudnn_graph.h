@@ -5,7 +5,8 @@
  * either.  The library is "loaded" through emu_cudnn_dlopen/dlsym/dlclose
  * (LEGO_EMU_CUDNN): LEGO_EMU_CUDNN=absent makes the open fail, =composite
  * gives the fused SDPA operation no engine (as cuDNN before 9.13), =none
- * gives no graph an engine.
+ * gives no graph an engine, =fail-exec fails every execution, =no-capture
+ * those made while the stream is being captured.
  */
 #ifndef LEGO_EMU_CUDNN_GRAPH_H
 #define LEGO_EMU_CUDNN_GRAPH_H

@@ -22,6 +22,7 @@
  *
  * x86-64 System V only (the context switch is a few lines of assembly).
  */
+#include <execinfo.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -65,6 +66,8 @@ std::unique_lock<std::recursive_mutex> emu_api_lock(void) {
 
 [[noreturn]] void emu_abort(const char *what) {
     fprintf(stderr, "liblego CUDA emulation: %s\n", what);
+    void *frames[48];
+    backtrace_symbols_fd(frames, backtrace(frames, 48), 2); /* where the library went wrong */
     abort();
 }
 
