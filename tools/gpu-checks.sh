@@ -18,12 +18,13 @@ export LD_LIBRARY_PATH="$PWD/$D/deps:${LD_LIBRARY_PATH:-}"
 # cuDNN (loaded at run time for attention, cuda/cudnn_attention.cu): the
 # system's if ldconfig knows it, else the one pip installed for PyTorch.
 if ! ldconfig -p 2>/dev/null | grep -q "libcudnn.so.9"; then
-    for dir in $(python3 -c 'import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__) + "/lib")' 2>/dev/null) \
-               /usr/local/lib/python3*/dist-packages/nvidia/cudnn/lib /usr/lib/python3/dist-packages/nvidia/cudnn/lib; do
+    for dir in $(python3 -c 'import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0] + "/lib")' 2>/dev/null) \
+               /usr/local/lib/python3*/dist-packages/nvidia/cudnn/lib /usr/lib/python3/dist-packages/nvidia/cudnn/lib \
+               /usr/local/lib/python3*/site-packages/nvidia/cudnn/lib; do
         [ -e "$dir/libcudnn.so.9" ] && { export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"; break; }
     done
 fi
-for dir in $(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null); do
+for dir in $(python3 -c 'import nvidia.cuda_nvrtc; print(list(nvidia.cuda_nvrtc.__path__)[0] + "/lib")' 2>/dev/null); do
     [ -d "$dir" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
 done
 echo "cuDNN: $(ldconfig -p 2>/dev/null | grep -m1 'libcudnn.so.9 ' | sed 's/.*=> //') LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
