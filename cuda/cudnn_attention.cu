@@ -270,6 +270,23 @@ static cudnnBackendDescriptor_t tensor(builder *b, int64_t uid, cudnnDataType_t 
     return d;
 }
 
+/* A descriptor-valued attribute; NULL values are left unset. */
+typedef struct desc_attr {
+    cudnnBackendAttributeName_t name;
+    cudnnBackendDescriptor_t value;
+} desc_attr;
+
+/* A finalized descriptor of `type` (an operation) with these attributes. */
+static cudnnBackendDescriptor_t operation(builder *b, cudnnBackendDescriptorType_t type,
+                                          const char *what, const desc_attr *attrs, int n) {
+    cudnnBackendDescriptor_t d = make(b, type, what);
+    for (int i = 0; i < n; i++)
+        if (attrs[i].value)
+            set(b, d, attrs[i].name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &attrs[i].value, what);
+    finish(b, d, what);
+    return d;
+}
+
 /* The operands every graph shares: Q, K (or K^T), V, O, the scale. */
 typedef struct operands {
     cudnnBackendDescriptor_t q, k, v, o, scale;
@@ -298,16 +315,12 @@ static operands io_tensors(builder *b, const attn_shape *sh, int k_transposed) {
 /* Graph 1: the fused SDPA operation.  Returns the operation count. */
 static int graph_sdpa(builder *b, const attn_shape *sh, cudnnBackendDescriptor_t *ops) {
     operands t = io_tensors(b, sh, 0);
-    cudnnBackendDescriptor_t op = make(b, CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR,
-                                       "SDPA operation");
-    const cudnnBackendAttributeType_t bd = CUDNN_TYPE_BACKEND_DESCRIPTOR;
-    set(b, op, CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, bd, 1, &t.q, "SDPA Q");
-    set(b, op, CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, bd, 1, &t.k, "SDPA K");
-    set(b, op, CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, bd, 1, &t.v, "SDPA V");
-    set(b, op, CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, bd, 1, &t.o, "SDPA O");
-    set(b, op, CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC, bd, 1, &t.scale, "SDPA scale");
-    finish(b, op, "finalize SDPA operation");
-    ops[0] = op;
+    const desc_attr a[] = {{CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, t.q},
+                           {CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, t.k},
+                           {CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, t.v},
+                           {CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, t.o},
+                           {CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC, t.scale}};
+    ops[0] = operation(b, CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR, "SDPA operation", a, 5);
     return 1;
 }
 
@@ -319,15 +332,12 @@ static cudnnBackendDescriptor_t pointwise(builder *b, cudnnPointwiseMode_t mode,
     set(b, pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode, "pointwise mode");
     set(b, pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &f32, "pointwise precision");
     finish(b, pw, "finalize pointwise");
-    cudnnBackendDescriptor_t op = make(b, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
-                                       "pointwise operation");
-    const cudnnBackendAttributeType_t bd = CUDNN_TYPE_BACKEND_DESCRIPTOR;
-    set(b, op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, bd, 1, &pw, "pointwise descriptor");
-    set(b, op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, bd, 1, &x, "pointwise x");
-    if (y2) set(b, op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, bd, 1, &y2, "pointwise b");
-    set(b, op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, bd, 1, &y, "pointwise y");
-    finish(b, op, "finalize pointwise operation");
-    return op;
+    const desc_attr a[] = {{CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw},
+                           {CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x},
+                           {CUDNN_ATTR_OPERATION_POINTWISE_BDESC, y2},
+                           {CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y}};
+    return operation(b, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise operation", a,
+                     4);
 }
 
 static cudnnBackendDescriptor_t reduction(builder *b, cudnnReduceTensorOp_t what,
@@ -338,14 +348,11 @@ static cudnnBackendDescriptor_t reduction(builder *b, cudnnReduceTensorOp_t what
         "reduction operator");
     set(b, rd, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32, "reduction type");
     finish(b, rd, "finalize reduction");
-    cudnnBackendDescriptor_t op = make(b, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR,
-                                       "reduction operation");
-    const cudnnBackendAttributeType_t bd = CUDNN_TYPE_BACKEND_DESCRIPTOR;
-    set(b, op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, bd, 1, &rd, "reduction descriptor");
-    set(b, op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, bd, 1, &x, "reduction x");
-    set(b, op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, bd, 1, &y, "reduction y");
-    finish(b, op, "finalize reduction operation");
-    return op;
+    const desc_attr a[] = {{CUDNN_ATTR_OPERATION_REDUCTION_DESC, rd},
+                           {CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x},
+                           {CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y}};
+    return operation(b, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction operation", a,
+                     3);
 }
 
 static cudnnBackendDescriptor_t matmul(builder *b, cudnnBackendDescriptor_t a,
@@ -354,15 +361,11 @@ static cudnnBackendDescriptor_t matmul(builder *b, cudnnBackendDescriptor_t a,
     cudnnBackendDescriptor_t mm = make(b, CUDNN_BACKEND_MATMUL_DESCRIPTOR, "matmul");
     set(b, mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32, "matmul type");
     finish(b, mm, "finalize matmul");
-    cudnnBackendDescriptor_t op = make(b, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR,
-                                       "matmul operation");
-    const cudnnBackendAttributeType_t bd = CUDNN_TYPE_BACKEND_DESCRIPTOR;
-    set(b, op, CUDNN_ATTR_OPERATION_MATMUL_DESC, bd, 1, &mm, "matmul descriptor");
-    set(b, op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, bd, 1, &a, "matmul a");
-    set(b, op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, bd, 1, &bm, "matmul b");
-    set(b, op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, bd, 1, &c, "matmul c");
-    finish(b, op, "finalize matmul operation");
-    return op;
+    const desc_attr at[] = {{CUDNN_ATTR_OPERATION_MATMUL_DESC, mm},
+                            {CUDNN_ATTR_OPERATION_MATMUL_ADESC, a},
+                            {CUDNN_ATTR_OPERATION_MATMUL_BDESC, bm},
+                            {CUDNN_ATTR_OPERATION_MATMUL_CDESC, c}};
+    return operation(b, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul operation", at, 4);
 }
 
 /* Graph 2: the composite graph.  Returns the operation count. */
