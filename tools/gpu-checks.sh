@@ -44,8 +44,9 @@ for what in "$@"; do
     case $what in
     test)
         echo "== test_cuda"
-        timeout 240 "$D/tests/test_cuda" > "$OUT/test_cuda.log" 2>&1
-        echo "test_cuda rc=$?"
+        start=$(date +%s)
+        timeout 300 "$D/tests/test_cuda" > "$OUT/test_cuda.log" 2>&1
+        echo "test_cuda rc=$? in $(($(date +%s) - start)) s"
         grep -E "^[0-9]+%|:[EF]:|worst|scaled error [1-9]\.[0-9]+e-0[0-3]" "$OUT/test_cuda.log" | head -40
         grep -E "^cuda cudnn" "$OUT/test_cuda.log" | head -8
         grep -c "scaled error" "$OUT/test_cuda.log"
