@@ -622,11 +622,6 @@ static lego_status linear_f32(cuda_handle *h, const lego_model *m, const linear 
 
 /* ---- attention: our kernels or cuDNN ------------------------------------------- */
 
-static int same_attn_shape(const attn_shape *a, const attn_shape *b) {
-    return a->seqs == b->seqs && a->tokens == b->tokens && a->heads == b->heads &&
-           a->head_dim == b->head_dim && a->type == b->type;
-}
-
 /* Milliseconds per call of `run` on the handle's stream: a warm-up, then
  * three runs between CUDA events.  A failed run gives *ms = -1. */
 template <class F>
@@ -701,7 +696,7 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
     const attn_choice *c = NULL;
     for (int i = 0; candidate && i < ATTN_CHOICES && !c; i++)
         if (h->choices[i].used && h->choices[i].mode == mode &&
-            same_attn_shape(&h->choices[i].shape, &sh))
+            attn_shape_equal(&h->choices[i].shape, &sh))
             c = &h->choices[i];
     if (candidate && !c) {
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;

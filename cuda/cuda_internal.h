@@ -471,6 +471,11 @@ typedef struct attn_shape {
     cudaDataType type; /* of qkv and out */
 } attn_shape;
 
+static inline int attn_shape_equal(const attn_shape *a, const attn_shape *b) {
+    return a->seqs == b->seqs && a->tokens == b->tokens && a->heads == b->heads &&
+           a->head_dim == b->head_dim && a->type == b->type;
+}
+
 /* Which operation graph a plan was built from. */
 enum { CUDNN_GRAPH_SDPA = 1, CUDNN_GRAPH_COMPOSITE = 2 };
 

@@ -103,11 +103,6 @@ struct cudnn_attn {
     char note[256];
 };
 
-static int same_shape(const attn_shape *a, const attn_shape *b) {
-    return a->seqs == b->seqs && a->tokens == b->tokens && a->heads == b->heads &&
-           a->head_dim == b->head_dim && a->type == b->type;
-}
-
 /* ---- loading ------------------------------------------------------------------ */
 
 static int load_library(cudnn_attn *c) {
@@ -460,7 +455,7 @@ static void note_failure(cudnn_attn *c, const char *graph, const builder *b) {
 
 static attn_plan *find_plan(cudnn_attn *c, const attn_shape *sh) {
     for (int i = 0; i < PLAN_CACHE; i++)
-        if (c->plans[i].used && same_shape(&c->plans[i].key, sh)) return &c->plans[i];
+        if (c->plans[i].used && attn_shape_equal(&c->plans[i].key, sh)) return &c->plans[i];
     return NULL;
 }
 
@@ -478,7 +473,7 @@ lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room,
         return LEGO_OK;
     }
     for (int i = 0; i < c->nrefused; i++)
-        if (same_shape(&c->refused[i], sh)) return LEGO_OK;
+        if (attn_shape_equal(&c->refused[i], sh)) return LEGO_OK;
 
     attn_plan *slot = NULL;
     for (int i = 0; i < PLAN_CACHE && !slot; i++)
