@@ -659,8 +659,7 @@ static lego_status attn_decide(cuda_handle *h, const lego_model *m, const attn_s
     if (!h->cudnn) LEGO_TRY(cudnn_attn_open(h->stream, &h->cudnn, err));
     size_t held = handle_bytes(h), budget = m->device_budget;
     size_t room = budget == 0 ? SIZE_MAX : budget > held ? budget - held : 0;
-    int ok = 0;
-    LEGO_TRY(cudnn_attn_prepare(h->cudnn, sh, room, &ok, err));
+    int ok = cudnn_attn_prepare(h->cudnn, sh, room);
     if (cudnn_attn_generation(h->cudnn) != h->cudnn_generation) {
         graphs_clear(h); /* they may replay a dropped plan or a moved workspace */
         h->cudnn_generation = cudnn_attn_generation(h->cudnn);

@@ -501,11 +501,11 @@ void cudnn_attn_get_info(const struct cudnn_attn *c, cudnn_attn_info *out);
 /* Whether the shape is one cuDNN's fused attention may take at all
  * (bf16/fp16, head_dim a multiple of 8 up to 128). */
 int cudnn_attn_supports(const attn_shape *sh);
-/* Build (once) the plan and workspace of a shape: *ok = 1 when cuDNN takes
- * it.  The workspace may grow by at most `room` bytes.  Not while the
- * stream is being captured. */
-lego_status cudnn_attn_prepare(struct cudnn_attn *c, const attn_shape *sh, size_t room, int *ok,
-                               lego_err *err);
+/* Build (once) the plan and workspace of a shape: 1 when cuDNN takes it,
+ * 0 when it does not (no engine, no library, or the workspace would grow
+ * by more than `room` bytes or cannot be allocated: the note says which).
+ * Never an error of the request.  Not while the stream is being captured. */
+int cudnn_attn_prepare(struct cudnn_attn *c, const attn_shape *sh, size_t room);
 /* Enqueue a prepared shape's attention (capturable): the k_attention
  * contract. */
 lego_status cudnn_attn_run(struct cudnn_attn *c, const attn_shape *sh, const void *qkv, void *out,

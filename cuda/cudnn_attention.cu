@@ -444,12 +444,13 @@ static void build_plan(builder *b, cudnnHandle_t handle, const cudnnBackendDescr
     }
 }
 
-/* Append cuDNN's own account of the last failure to the note. */
-static void note_failure(cudnn_attn *c, const char *graph, const builder *b) {
+/* Append a graph's failure, with cuDNN's own account of it, to note. */
+static void note_failure(const cudnn_attn *c, char *note, size_t size, const char *graph,
+                         const builder *b) {
     char detail[160] = "";
     if (c->f.last_error) c->f.last_error(detail, sizeof detail);
-    size_t used = strlen(c->note);
-    snprintf(c->note + used, sizeof c->note - used, "%s%s: %s at %s%s%s", used ? "; " : "", graph,
+    size_t used = strlen(note);
+    snprintf(note + used, size - used, "%s%s: %s at %s%s%s", used ? "; " : "", graph,
              c->f.error_string(b->st), b->step ? b->step : "?", detail[0] ? ": " : "", detail);
 }
 
@@ -464,16 +465,11 @@ int cudnn_attn_supports(const attn_shape *sh) {
            sh->head_dim <= 128 && sh->tokens > 0 && sh->seqs > 0 && sh->heads > 0;
 }
 
-lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room, int *ok,
-                               lego_err *err) {
-    *ok = 0;
-    if (!c->available || !cudnn_attn_supports(sh)) return LEGO_OK;
-    if (find_plan(c, sh)) {
-        *ok = 1;
-        return LEGO_OK;
-    }
+int cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room) {
+    if (!c->available || !cudnn_attn_supports(sh)) return 0;
+    if (find_plan(c, sh)) return 1;
     for (int i = 0; i < c->nrefused; i++)
-        if (attn_shape_equal(&c->refused[i], sh)) return LEGO_OK;
+        if (attn_shape_equal(&c->refused[i], sh)) return 0;
 
     attn_plan *slot = NULL;
     for (int i = 0; i < PLAN_CACHE && !slot; i++)
@@ -484,7 +480,7 @@ lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room,
         plan_free(&c->f, slot);
         c->generation++;
     }
-    c->note[0] = '\0';
+    char note[sizeof c->note] = ""; /* why graphs failed, kept when one did */
     static const struct {
         int graph;
         const char *name;
@@ -494,6 +490,10 @@ lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room,
     for (size_t g = 0; g < sizeof graphs / sizeof graphs[0]; g++) {
         if (graphs[g].graph == CUDNN_GRAPH_SDPA && c->version < SDPA_OP_VERSION) continue;
         memset(slot, 0, sizeof *slot);
+        if (c->f.last_error) { /* drop an older message, so that a failure below reports its own */
+            char stale[8];
+            c->f.last_error(stale, sizeof stale);
+        }
         builder b = {&c->f, slot, CUDNN_STATUS_SUCCESS, NULL};
         cudnnBackendDescriptor_t ops[8] = {NULL};
         int nops = graphs[g].build(&b, sh, ops);
@@ -504,12 +504,13 @@ lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room,
             slot->graph = graphs[g].graph;
             break;
         }
-        note_failure(c, graphs[g].name, &b);
+        note_failure(c, note, sizeof note, graphs[g].name, &b);
         plan_free(&c->f, slot);
     }
+    if (note[0]) memcpy(c->note, note, sizeof note);
     if (!slot->used) {
         if (c->nrefused < PLAN_CACHE) c->refused[c->nrefused++] = *sh;
-        return LEGO_OK;
+        return 0;
     }
     c->plans_built++;
     c->last_graph = slot->graph;
@@ -521,17 +522,22 @@ lego_status cudnn_attn_prepare(cudnn_attn *c, const attn_shape *sh, size_t room,
             snprintf(c->note, sizeof c->note,
                      "cuDNN workspace of %zu bytes would pass the device budget", need);
             plan_free(&c->f, slot);
-            return LEGO_OK;
+            return 0;
+        }
+        /* The new one first: the plans made so far keep the old one if this fails. */
+        void *fresh = NULL;
+        if (cudaMalloc(&fresh, need) != cudaSuccess) {
+            cudaGetLastError(); /* not an error of the request: our kernels need no workspace */
+            snprintf(c->note, sizeof c->note, "cuDNN workspace of %zu bytes: out of memory", need);
+            plan_free(&c->f, slot);
+            return 0;
         }
         if (c->workspace) cudaFree(c->workspace);
-        c->workspace = NULL;
-        c->workspace_bytes = 0;
-        c->generation++;
-        CU_TRY(cudaMalloc(&c->workspace, need));
+        c->workspace = fresh;
         c->workspace_bytes = need;
+        c->generation++;
     }
-    *ok = 1;
-    return LEGO_OK;
+    return 1;
 }
 
 lego_status cudnn_attn_run(cudnn_attn *c, const attn_shape *sh, const void *qkv, void *out,
