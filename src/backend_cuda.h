@@ -96,7 +96,10 @@ typedef enum cuda_option {
      * shape and replayed after; 0: kernels are launched one by one. */
     CUDA_OPT_GRAPHS = 4,
     /* 1 (the default): time the heuristic's candidate algorithms of each
-     * large GEMM shape at its first use and keep the fastest. */
+     * large GEMM shape at its first use and keep the fastest; and, under
+     * CUDA_OPT_ATTENTION 0, our attention kernel against cuDNN's for each
+     * long-sequence shape.  0: neither (reproducible from process to
+     * process). */
     CUDA_OPT_AUTOTUNE = 5,
     /* 1: synchronise after every step of the network and add its wall time
      * to profile_ms (no graphs meanwhile); 2: the same after clearing the
