@@ -73,7 +73,6 @@ typedef struct attn_choice {
     attn_shape shape;
     int mode; /* the attn_mode it was decided under */
     int cudnn;
-    float ms_own, ms_cudnn; /* the timings behind it (0: not timed) */
 } attn_choice;
 
 typedef struct graph_entry {
@@ -126,7 +125,7 @@ typedef struct cuda_handle {
     uint64_t workspace_allocs, weight_uploads, graph_captures, graph_launches;
     /* Captures that failed (the request itself had run eagerly, so it
      * stands), the last one's message, and cuDNN runs in the capture under
-     * way (capture_failed drops cuDNN when they may be the cause). */
+     * way (capture_work drops cuDNN when they may be the cause). */
     uint64_t capture_failures;
     char capture_note[200];
     uint64_t cudnn_captured;
@@ -667,14 +666,15 @@ static lego_status attn_decide(cuda_handle *h, const lego_model *m, const attn_s
     c->cudnn = ok;
     if (ok && h->attn_mode == ATTN_AUTO) {
         lego_err scratch = {LEGO_OK, ""}; /* a failing cuDNN run only rules it out */
+        float ms_own = 0.0f, ms_cudnn = 0.0f;
         LEGO_TRY(time_runs(h, [&] {
             return k_attention<T>(h->stream, qkv, sh->seqs, sh->tokens, sh->heads, sh->head_dim,
                                   out, ATTN_AUTO, err);
-        }, &c->ms_own, err));
+        }, &ms_own, err));
         LEGO_TRY(time_runs(h, [&] {
             return cudnn_attn_run(h->cudnn, sh, qkv, out, &scratch);
-        }, &c->ms_cudnn, err));
-        c->cudnn = c->ms_cudnn >= 0.0f && c->ms_cudnn < c->ms_own;
+        }, &ms_cudnn, err));
+        c->cudnn = ms_cudnn >= 0.0f && ms_cudnn < ms_own;
         h->attn_tuned++;
     }
     c->used = 1;
@@ -908,38 +908,53 @@ static void graphs_clear(cuda_handle *h) {
     sampler_clear_graphs(h->sampler);
 }
 
-/* Capture enqueue_network into a graph and instantiate it. */
-static lego_status capture(cuda_handle *h, const lego_model *m, const denoise_args *a,
-                           const request_plan *p, const ws_layout *l, cudaGraphExec_t *exec,
-                           lego_err *err) {
+/* Record enqueue(ctx, err) on the handle's stream into an instantiated
+ * graph.  The caller has just run the same work eagerly, so a capture that
+ * fails is not an error of its request: *exec stays NULL, the failure is
+ * counted and kept in capture_note, and the result says what next.  If
+ * cuDNN ran inside the failed capture it may not be capturable here: every
+ * attention shape goes back to our kernels and the work is worth
+ * capturing again (CAPTURE_RETRY); otherwise it stays eager (CAPTURE_EAGER). */
+static capture_result capture_work(cuda_handle *h, capture_fn enqueue, void *ctx,
+                                   cudaGraphExec_t *exec) {
     *exec = NULL;
-    CU_TRY(cudaStreamBeginCapture(h->stream, cudaStreamCaptureModeThreadLocal));
-    lego_status st = enqueue_network(h, m, a, p, l, err);
-    cudaGraph_t graph = NULL;
-    cudaError_t e = cudaStreamEndCapture(h->stream, &graph); /* always: the stream must leave capture */
-    if (st == LEGO_OK) st = cu_status(e, err, "cudaStreamEndCapture");
-    if (st == LEGO_OK) st = cu_status(cudaGraphInstantiate(exec, graph, 0), err,
-                                      "cudaGraphInstantiate");
-    if (graph) cudaGraphDestroy(graph);
-    if (st != LEGO_OK) {
-        cudaGetLastError(); /* a failed capture leaves its error behind */
-        *exec = NULL;
+    lego_err why = {LEGO_OK, ""};
+    lego_err *err = &why;
+    h->cudnn_captured = 0;
+    lego_status st = cu_status(cudaStreamBeginCapture(h->stream, cudaStreamCaptureModeThreadLocal),
+                               err, "cudaStreamBeginCapture");
+    if (st == LEGO_OK) {
+        st = enqueue(ctx, err);
+        cudaGraph_t graph = NULL;
+        cudaError_t e = cudaStreamEndCapture(h->stream, &graph); /* always: leave capture */
+        if (st == LEGO_OK) st = cu_status(e, err, "cudaStreamEndCapture");
+        if (st == LEGO_OK)
+            st = cu_status(cudaGraphInstantiate(exec, graph, 0), err, "cudaGraphInstantiate");
+        if (graph) cudaGraphDestroy(graph);
     }
-    return st;
-}
-
-/* A capture failed (the eager run before it stands).  If cuDNN ran inside
- * it, cuDNN may not be capturable here: every shape goes back to our
- * kernels, and the caller may capture again.  Returns whether to retry. */
-static int capture_failed(cuda_handle *h, const lego_err *why) {
+    if (st == LEGO_OK) return CAPTURED;
+    *exec = NULL;
+    cudaGetLastError(); /* the failed capture's error is not the request's */
     h->capture_failures++;
     snprintf(h->capture_note, sizeof h->capture_note, "%.*s", (int)sizeof h->capture_note - 1,
-             why->msg);
-    cudaGetLastError(); /* the failed capture's error is not the request's */
-    if (!h->cudnn_captured) return 0;
+             why.msg);
+    if (!h->cudnn_captured) return CAPTURE_EAGER;
     for (int i = 0; i < ATTN_CHOICES; i++) h->choices[i].cudnn = 0;
-    h->cudnn_captured = 0;
-    return 1;
+    return CAPTURE_RETRY;
+}
+
+/* enqueue_network's arguments, for capture_work. */
+typedef struct network_work {
+    cuda_handle *h;
+    const lego_model *m;
+    const denoise_args *a;
+    const request_plan *p;
+    const ws_layout *l;
+} network_work;
+
+static lego_status enqueue_network_work(void *ctx, lego_err *err) {
+    const network_work *w = (const network_work *)ctx;
+    return enqueue_network(w->h, w->m, w->a, w->p, w->l, err);
 }
 
 /* Launch the graph for this request, capturing it first if it is new. */
@@ -958,18 +973,17 @@ static lego_status run_graph(cuda_handle *h, const lego_model *m, const denoise_
     /* A new request: run it as it is, which also prepares (and tunes)
      * every GEMM outside the capture, then record it for the next time. */
     LEGO_TRY(enqueue_network(h, m, a, p, l, err));
+    network_work w = {h, m, a, p, l};
     cudaGraphExec_t exec = NULL;
-    lego_err why = {LEGO_OK, ""};
-    h->cudnn_captured = 0;
-    int failed = capture(h, m, a, p, l, &exec, &why) != LEGO_OK;
-    if (failed && capture_failed(h, &why)) return LEGO_OK; /* captured next time */
+    capture_result r = capture_work(h, enqueue_network_work, &w, &exec);
+    if (r == CAPTURE_RETRY) return LEGO_OK; /* captured next time, without cuDNN */
     graph_entry *slot = &h->graphs[h->next_graph];
     h->next_graph = (h->next_graph + 1) % GRAPH_CACHE;
     if (slot->exec) cudaGraphExecDestroy(slot->exec);
     slot->exec = exec;
     slot->key = key;
-    slot->failed = failed; /* then this request stays eager */
-    if (!failed) h->graph_captures++;
+    slot->failed = r == CAPTURE_EAGER; /* then this request stays eager */
+    if (r == CAPTURED) h->graph_captures++;
     return LEGO_OK;
 }
 
@@ -1089,10 +1103,9 @@ int backend_device(const lego_model *m) {
 
 /* ---- the network for the device sampling loop (sampler.cu) --------------------------- */
 
-void cuda_eval_capture_begin(lego_model *m) { ((cuda_handle *)m->cuda)->cudnn_captured = 0; }
-
-int cuda_eval_capture_failed(lego_model *m, const lego_err *why) {
-    return capture_failed((cuda_handle *)m->cuda, why);
+capture_result cuda_eval_capture(lego_model *m, capture_fn enqueue, void *ctx,
+                                 cudaGraphExec_t *exec) {
+    return capture_work((cuda_handle *)m->cuda, enqueue, ctx, exec);
 }
 
 static_assert(sizeof(graph_key) <= CUDA_EVAL_KEY_BYTES, "CUDA_EVAL_KEY_BYTES is too small");

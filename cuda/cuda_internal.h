@@ -592,12 +592,15 @@ lego_status cuda_eval_copy(lego_model *m, void *dst, const void *src, size_t byt
                            cudaMemcpyKind kind);
 /* cudaStreamSynchronize of the handle's stream, counted for sample_syncs. */
 lego_status cuda_eval_sync(lego_model *m);
-/* Around the capture of a step: begin resets the count of cuDNN runs in
- * it; after a failed capture (the step had run eagerly), failed records it
- * and returns 1 when the step should be captured again (cuDNN ran in it and
- * has been dropped: every shape is back on our kernels). */
-void cuda_eval_capture_begin(lego_model *m);
-int cuda_eval_capture_failed(lego_model *m, const lego_err *why);
+/* Capture enqueue(ctx, err) on the handle's stream into *exec, after the
+ * caller ran the same work eagerly (backend.cu's capture_work): a failed
+ * capture is not an error of the request.  CAPTURED: *exec is the graph;
+ * CAPTURE_EAGER: keep this work eager; CAPTURE_RETRY: cuDNN ran in it and
+ * was dropped, capture it again next time. */
+typedef enum capture_result { CAPTURED, CAPTURE_EAGER, CAPTURE_RETRY } capture_result;
+typedef lego_status (*capture_fn)(void *ctx, lego_err *err);
+capture_result cuda_eval_capture(lego_model *m, capture_fn enqueue, void *ctx,
+                                 cudaGraphExec_t *exec);
 
 /* ---- the device sampling loop (sampler.cu) -------------------------------- */
 

@@ -334,23 +334,18 @@ static step_key key_for_step(const lego_model *m, const cuda_eval *e, const samp
     return key;
 }
 
-/* Record enqueue_step into a graph (nothing runs). */
-static lego_status capture_step(lego_model *m, const cuda_eval *e, const samp_layout *l,
-                                const step_kind *k, cudaGraphExec_t *exec, lego_err *err) {
-    *exec = NULL;
-    CU_TRY(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
-    lego_status st = enqueue_step(m, e, l, k);
-    if (st != LEGO_OK) *err = m->err; /* enqueue_step reports into the model's record */
-    cudaGraph_t graph = NULL;
-    cudaError_t ce = cudaStreamEndCapture(e->stream, &graph); /* always: leave capture */
-    if (st == LEGO_OK) st = cu_status(ce, err, "cudaStreamEndCapture");
-    if (st == LEGO_OK)
-        st = cu_status(cudaGraphInstantiate(exec, graph, 0), err, "cudaGraphInstantiate");
-    if (graph) cudaGraphDestroy(graph);
-    if (st != LEGO_OK) {
-        cudaGetLastError(); /* a failed capture leaves its error behind */
-        *exec = NULL;
-    }
+/* enqueue_step's arguments, for cuda_eval_capture. */
+typedef struct step_work {
+    lego_model *m;
+    const cuda_eval *e;
+    const samp_layout *l;
+    const step_kind *k;
+} step_work;
+
+static lego_status enqueue_step_work(void *ctx, lego_err *err) {
+    const step_work *w = (const step_work *)ctx;
+    lego_status st = enqueue_step(w->m, w->e, w->l, w->k);
+    if (st != LEGO_OK) *err = w->m->err; /* enqueue_step reports into the model's record */
     return st;
 }
 
@@ -370,19 +365,18 @@ static lego_status run_step(lego_model *m, cuda_sampler *S, const cuda_eval *e,
         }
     }
     LEGO_TRY(enqueue_step(m, e, l, k));
-    cudaGraphExec_t exec = NULL;
     /* The step has run; a capture that fails costs only the replays. */
-    lego_err why = {LEGO_OK, ""};
-    cuda_eval_capture_begin(m);
-    int failed = capture_step(m, e, l, k, &exec, &why) != LEGO_OK;
-    if (failed && cuda_eval_capture_failed(m, &why)) return LEGO_OK; /* captured next time */
+    step_work w = {m, e, l, k};
+    cudaGraphExec_t exec = NULL;
+    capture_result r = cuda_eval_capture(m, enqueue_step_work, &w, &exec);
+    if (r == CAPTURE_RETRY) return LEGO_OK; /* captured next time, without cuDNN */
     step_graph *slot = &S->graphs[S->next_graph];
     S->next_graph = (S->next_graph + 1) % STEP_GRAPHS;
     if (slot->exec) cudaGraphExecDestroy(slot->exec);
     slot->exec = exec;
     slot->key = key;
-    slot->failed = failed;
-    if (!failed) S->captures++;
+    slot->failed = r == CAPTURE_EAGER;
+    if (r == CAPTURED) S->captures++;
     return LEGO_OK;
 }
 
