@@ -39,8 +39,8 @@
  * workers (and waiting for the BLAS's threads to stop spinning) costs more
  * than tiny loops gain. */
 #define PAR_MIN_WORK 32768
-#define GELU_C0 0.7978845608f /* sqrt(2/pi) */
-#define GELU_C1 0.044715f
+/* Columns per block of the bias gradient's column sums. */
+#define COLSUM_BLOCK 64
 
 /* ------------------------------------------------------------------------ */
 /* The arena: a sizing pass with a NULL base, then the real one.            */
@@ -87,7 +87,7 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
     c->dcond = take(a, n, d);
     c->dhid = take(a, n, d);
 
-    size_t rmax = 0, wmax = 0, mmax = 0, tmax = 0;
+    size_t rmax = 0, wmax = 0, mmax = 0, amax = 0;
     for (int k = 0; k < m->num_bricks; k++) {
         const brick *b = &m->bricks[k];
         brick_acts *ba = &c->bricks[k];
@@ -129,14 +129,15 @@ static size_t layout(const lego_model *m, net_cache *c, arena *a) {
         size_t row_wide = model_widest_activation(m, b);
         if (row_wide > wmax) wmax = row_wide;
         if (mod_row > mmax) mmax = mod_row;
-        if (T > tmax) tmax = T;
+        size_t att = op_attention_train_scratch(b->tokens, m->cfg.hidden_size / m->cfg.num_heads);
+        if (att > amax) amax = att;
     }
     c->dx = take(a, rmax, d);
     c->dh = take(a, rmax, d);
     c->dt = take(a, rmax, d);
     c->wide = take(a, rmax, wmax);
     c->dmods = take(a, n, mmax);
-    c->att_scratch = take(a, (size_t)c->threads, tmax);
+    c->att_scratch = take(a, (size_t)c->threads, amax);
     return rmax;
 }
 
@@ -411,113 +412,7 @@ static void gated_add_bwd(const float *dout, const float *y, size_t rows, int D,
     }
 }
 
-static void gelu_fwd(const float *u, float *g, size_t n, int threads) {
-    #pragma omp parallel for num_threads(par(n, threads)) schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float x = u[i];
-        g[i] = 0.5f * x * (1.0f + tanhf(GELU_C0 * (x + GELU_C1 * x * x * x)));
-    }
-}
-
-/* d *= GELU'(u) */
-static void gelu_bwd(const float *u, float *d, size_t n, int threads) {
-    #pragma omp parallel for num_threads(par(n, threads)) schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float x = u[i], x2 = x * x;
-        float t = tanhf(GELU_C0 * (x + GELU_C1 * x2 * x));
-        d[i] *= 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x2);
-    }
-}
-
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* Multi-head attention per sequence of T rows, keeping the probabilities. */
-static void attention_fwd(const float *qkv, size_t seqs, int T, int heads, int hd, float *probs,
-                          float *out, int threads) {
-    size_t D = (size_t)heads * hd, D3 = 3 * D, t = (size_t)T;
-    float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel for num_threads(par(seqs * t * D, threads)) schedule(static)
-    for (size_t task = 0; task < seqs * (size_t)heads; task++) {
-        size_t s = task / (size_t)heads, off = (task % (size_t)heads) * (size_t)hd;
-        const float *base = qkv + s * t * D3;
-        float *P = probs + task * t * t;
-        for (size_t i = 0; i < t; i++) {
-            const float *q = base + i * D3 + off;
-            float *p = P + i * t, top = -INFINITY, sum = 0;
-            for (size_t j = 0; j < t; j++) {
-                const float *k = base + j * D3 + D + off;
-                float dot = 0;
-                #pragma omp simd reduction(+ : dot)
-                for (int e = 0; e < hd; e++) dot += q[e] * k[e];
-                p[j] = dot * scale;
-                if (p[j] > top) top = p[j];
-            }
-            for (size_t j = 0; j < t; j++) {
-                p[j] = expf(p[j] - top);
-                sum += p[j];
-            }
-            float inv = 1.0f / sum;
-            float *o = out + (s * t + i) * D + off;
-            for (int e = 0; e < hd; e++) o[e] = 0;
-            for (size_t j = 0; j < t; j++) {
-                p[j] *= inv;
-                const float *v = base + j * D3 + 2 * D + off;
-                #pragma omp simd
-                for (int e = 0; e < hd; e++) o[e] += p[j] * v[e];
-            }
-        }
-    }
-}
-
-/* Backward of attention_fwd: dqkv from dout.  scratch holds T floats per
- * worker (one row of dP). */
-static void attention_bwd(const float *qkv, const float *probs, const float *dout, size_t seqs,
-                          int T, int heads, int hd, float *dqkv, float *scratch, int threads) {
-    size_t D = (size_t)heads * hd, D3 = 3 * D, t = (size_t)T;
-    float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel for num_threads(par(seqs * t * D, threads)) schedule(static)
-    for (size_t task = 0; task < seqs * (size_t)heads; task++) {
-        size_t s = task / (size_t)heads, off = (task % (size_t)heads) * (size_t)hd;
-        int me = 0;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-#endif
-        float *dp = scratch + (size_t)me * t;
-        const float *base = qkv + s * t * D3, *P = probs + task * t * t;
-        float *dbase = dqkv + s * t * D3;
-        for (size_t i = 0; i < t; i++)
-            for (int part = 0; part < 3; part++)
-                memset(dbase + i * D3 + (size_t)part * D + off, 0, (size_t)hd * sizeof(float));
-        for (size_t i = 0; i < t; i++) {
-            const float *p = P + i * t, *go = dout + (s * t + i) * D + off;
-            const float *q = base + i * D3 + off;
-            float *dq = dbase + i * D3 + off, rowdot = 0;
-            /* dP = dout v^T, dv += P^T dout */
-            for (size_t j = 0; j < t; j++) {
-                const float *v = base + j * D3 + 2 * D + off;
-                float *dv = dbase + j * D3 + 2 * D + off, dot = 0;
-                #pragma omp simd reduction(+ : dot)
-                for (int e = 0; e < hd; e++) {
-                    dot += go[e] * v[e];
-                    dv[e] += p[j] * go[e];
-                }
-                dp[j] = dot;
-                rowdot += p[j] * dot;
-            }
-            /* softmax: dS = P (dP - sum_j P dP); S = scale q k^T */
-            for (size_t j = 0; j < t; j++) {
-                float ds = p[j] * (dp[j] - rowdot) * scale;
-                const float *k = base + j * D3 + D + off;
-                float *dk = dbase + j * D3 + D + off;
-                #pragma omp simd
-                for (int e = 0; e < hd; e++) {
-                    dq[e] += ds * k[e];
-                    dk[e] += ds * q[e];
-                }
-            }
-        }
-    }
-}
 
 /* Backward of y = x W^T + b over `rows` rows: dW += dy^T x, db += sum of dy
  * over rows, and dx = dy W + beta*dx when dx is not NULL.  The gradient of a
@@ -547,11 +442,18 @@ static void linear_bwd(const lego_model *m, float *grads, const linear *l, const
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, i1 - i0, (int)rows, 1.0f,
                             dy, out, x + i0, in, 1.0f, gw + i0, in);
         }
+        /* db: each column summed over the rows in order, as one sum per
+         * column would, but a block of columns at a time so that every row
+         * is one contiguous read instead of a strided walk per column. */
         #pragma omp for schedule(static)
-        for (int o = 0; o < out; o++) {
-            double s = 0;
-            for (size_t r = 0; r < rows; r++) s += dy[r * (size_t)out + (size_t)o];
-            gb[o] += (float)s;
+        for (int o0 = 0; o0 < out; o0 += COLSUM_BLOCK) {
+            int width = out - o0 < COLSUM_BLOCK ? out - o0 : COLSUM_BLOCK;
+            double sum[COLSUM_BLOCK] = {0};
+            for (size_t r = 0; r < rows; r++) {
+                const float *row = dy + r * (size_t)out + (size_t)o0;
+                for (int i = 0; i < width; i++) sum[i] += row[i];
+            }
+            for (int i = 0; i < width; i++) gb[o0 + i] += (float)sum[i];
         }
         if (dx) {
             size_t r0 = rows * (size_t)me / (size_t)nt, r1 = rows * (size_t)(me + 1) / (size_t)nt;
@@ -682,13 +584,13 @@ static void brick_fwd(const lego_model *m, int k, net_cache *c, const float *bel
         const float *mod = ba->mods + j * n * ms;
         ln_mod_fwd(A->x, R, D, rpi, mod, ms, A->mean1, A->rstd1, A->h1, nt);
         op_linear_act(&blk->qkv, A->h1, R, A->qkv, OP_ACT_NONE, nt);
-        attention_fwd(A->qkv, R / (size_t)b->tokens, b->tokens, heads, D / heads, A->probs,
-                      A->att, nt);
+        op_attention_train(A->qkv, R / (size_t)b->tokens, b->tokens, heads, D / heads, A->probs,
+                           A->att, c->att_scratch, nt < c->threads ? nt : c->threads);
         op_linear_act(&blk->proj, A->att, R, A->a, OP_ACT_NONE, nt);
         gated_add(A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, nt);
         ln_mod_fwd(A->x2, R, D, rpi, mod + 3 * d, ms, A->mean2, A->rstd2, A->h2, nt);
         op_linear_act(&blk->fc1, A->h2, R, A->u, OP_ACT_NONE, nt);
-        gelu_fwd(A->u, A->g, R * hm, nt);
+        op_gelu_tanh_to(A->u, A->g, R * hm, par(R * hm, nt));
         op_linear_act(&blk->fc2, A->g, R, A->f, OP_ACT_NONE, nt);
         float *next = j + 1 < depth ? ba->blocks[j + 1].x : ba->xf;
         gated_add(A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, nt);
@@ -735,15 +637,15 @@ static void block_bwd(const lego_model *m, const brick *b, int j, net_cache *c,
     /* MLP branch: x' = x2 + gate2 * fc2(GELU(fc1(h2))) */
     gated_add_bwd(dx, A->f, R, D, rpi, mod + 5 * d, dmod + 5 * d, ms, dt, nt);
     linear_bwd(m, grads, &blk->fc2, A->g, dt, R, wide, 0.0f, nt);
-    gelu_bwd(A->u, wide, R * (size_t)m->mlp_hidden, nt);
+    op_gelu_tanh_grad(A->u, wide, R * (size_t)m->mlp_hidden, par(R * (size_t)m->mlp_hidden, nt));
     linear_bwd(m, grads, &blk->fc1, A->h2, wide, R, dh, 0.0f, nt);
     ln_mod_bwd(A->x2, A->mean2, A->rstd2, dh, R, D, rpi, mod + 3 * d, dmod + 3 * d, ms, dx, nt);
 
     /* Attention branch: x2 = x + gate1 * proj(attention(qkv(h1))) */
     gated_add_bwd(dx, A->a, R, D, rpi, mod + 2 * d, dmod + 2 * d, ms, dt, nt);
     linear_bwd(m, grads, &blk->proj, A->att, dt, R, dh, 0.0f, nt);
-    attention_bwd(A->qkv, A->probs, dh, R / (size_t)b->tokens, b->tokens, heads, D / heads, wide,
-                  c->att_scratch, nt < c->threads ? nt : c->threads);
+    op_attention_backward(A->qkv, A->probs, dh, R / (size_t)b->tokens, b->tokens, heads,
+                          D / heads, wide, c->att_scratch, nt < c->threads ? nt : c->threads);
     linear_bwd(m, grads, &blk->qkv, A->h1, wide, R, dh, 0.0f, nt);
     ln_mod_bwd(A->x, A->mean1, A->rstd1, dh, R, D, rpi, mod, dmod, ms, dx, nt);
 }

@@ -67,6 +67,12 @@ void op_gated_residual_layernorm(float *x, const float *y, size_t rows, int dim,
 /* x = GELU(x) with the tanh approximation, in place. */
 void op_gelu_tanh(float *x, size_t n, int threads);
 
+/* y = GELU(x); y may be x. */
+void op_gelu_tanh_to(const float *x, float *y, size_t n, int threads);
+
+/* d *= GELU'(x): the backward pass of op_gelu_tanh_to, x its input. */
+void op_gelu_tanh_grad(const float *x, float *d, size_t n, int threads);
+
 /* x = SiLU(x) = x * sigmoid(x), in place. */
 void op_silu(float *x, size_t n);
 
@@ -77,5 +83,21 @@ void op_silu(float *x, size_t n);
 void op_attention(const float *qkv, size_t seqs, int tokens, int heads, int head_dim,
                   float *out, float *scratch, int threads);
 size_t op_attention_scratch(int tokens, int head_dim);
+
+/* op_attention for training: also keeps the softmax probabilities of
+ * sequence s, head h at probs + (s*heads + h)*tokens*tokens, row-major
+ * [query][key], for the backward pass. */
+void op_attention_train(const float *qkv, size_t seqs, int tokens, int heads, int head_dim,
+                        float *probs, float *out, float *scratch, int threads);
+
+/* Backward of op_attention_train: dqkv (rows like qkv, overwritten) from
+ * dout (rows like out), given the forward pass's qkv and probs. */
+void op_attention_backward(const float *qkv, const float *probs, const float *dout, size_t seqs,
+                           int tokens, int heads, int head_dim, float *dqkv, float *scratch,
+                           int threads);
+
+/* Scratch floats per worker for both training passes (SIZE_MAX when the
+ * count overflows). */
+size_t op_attention_train_scratch(int tokens, int head_dim);
 
 #endif /* LEGO_OPS_H */

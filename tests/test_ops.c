@@ -4,7 +4,8 @@
  * implementations written here.
  *
  *   kernels      op_linear, op_layernorm_modulate, op_gated_residual,
- *                op_gelu_tanh, op_silu, op_attention
+ *                op_gelu_tanh(_to, _grad), op_silu, op_attention, and the
+ *                training pair op_attention_train / op_attention_backward
  *   pos_embed    sincos_pos_embed against the MAE formula
  *   brick        gather/scatter pinned by hand-set weights (whole-image
  *                coordinates, channel order, row-major patches, (h, w, p, q,
@@ -245,6 +246,159 @@ START_TEST(test_attention) {
             expect_close_d(what, out, want, nout, 2e-6, 1e-5);
             free(qkv), free(out), free(scratch), free(qd), free(want);
         }
+}
+END_TEST
+
+/* The training pair against double precision: op_attention_train's output
+ * and probabilities, and op_attention_backward's dq, dk, dv for a random
+ * dout, written out from the formulas
+ *   dP = dO v^T, dv = P^T dO, dS = P (dP - rowsum(P dP)) / sqrt(d),
+ *   dq = dS k, dk = dS^T q.
+ * Token counts and head sizes off the kernels' 6 x 16 tiles, several
+ * sequences and heads, two workers. */
+static void ref_attention_backward(const double *qkv, const double *dout, int tokens, int heads,
+                                   int hd, double *probs, double *dqkv) {
+    size_t D = (size_t)heads * hd, D3 = 3 * D, T = (size_t)tokens;
+    double *dp = malloc(T * sizeof *dp);
+    ck_assert(dp);
+    for (size_t i = 0; i < T * D3; i++) dqkv[i] = 0;
+    for (int h = 0; h < heads; h++) {
+        size_t off = (size_t)h * hd;
+        double *P = probs + (size_t)h * T * T;
+        for (size_t i = 0; i < T; i++) { /* probabilities */
+            double mx = -INFINITY, sum = 0;
+            for (size_t j = 0; j < T; j++) {
+                double dot = 0;
+                for (int e = 0; e < hd; e++) dot += qkv[i * D3 + off + e] * qkv[j * D3 + D + off + e];
+                P[i * T + j] = dot / sqrt((double)hd);
+                mx = fmax(mx, P[i * T + j]);
+            }
+            for (size_t j = 0; j < T; j++) sum += (P[i * T + j] = exp(P[i * T + j] - mx));
+            for (size_t j = 0; j < T; j++) P[i * T + j] /= sum;
+        }
+        for (size_t i = 0; i < T; i++) {
+            double rowdot = 0;
+            for (size_t j = 0; j < T; j++) {
+                double dot = 0;
+                for (int e = 0; e < hd; e++) dot += dout[i * D + off + e] * qkv[j * D3 + 2 * D + off + e];
+                dp[j] = dot;
+                rowdot += P[i * T + j] * dot;
+            }
+            for (size_t j = 0; j < T; j++) {
+                double ds = P[i * T + j] * (dp[j] - rowdot) / sqrt((double)hd);
+                for (int e = 0; e < hd; e++) {
+                    dqkv[i * D3 + off + e] += ds * qkv[j * D3 + D + off + e];
+                    dqkv[j * D3 + D + off + e] += ds * qkv[i * D3 + off + e];
+                    dqkv[j * D3 + 2 * D + off + e] += P[i * T + j] * dout[i * D + off + e];
+                }
+            }
+        }
+    }
+    free(dp);
+}
+
+/* Largest |x| of n doubles (at least 1e-30). */
+static double max_abs(const double *x, size_t n) {
+    double m = 1e-30;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(x[i]));
+    return m;
+}
+
+START_TEST(test_attention_train) {
+    static const struct { int tokens, heads, hd; } shapes[] = {
+        {1, 2, 8}, {4, 2, 8}, {7, 3, 13}, {16, 1, 16}, {37, 2, 24}, {64, 2, 64}, {100, 1, 40},
+    };
+    const int seqs = 3, threads = 2;
+    rng_seed(14);
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        int tokens = shapes[si].tokens, heads = shapes[si].heads, hd = shapes[si].hd;
+        size_t dim = (size_t)heads * hd, T = (size_t)tokens;
+        size_t nqkv = (size_t)seqs * T * 3 * dim, nout = (size_t)seqs * T * dim;
+        size_t nprob = (size_t)seqs * heads * T * T;
+        size_t per_worker = op_attention_train_scratch(tokens, hd);
+        float *qkv = rand_floats(nqkv, -1.5, 1.5), *dout = rand_floats(nout, -1, 1);
+        float *out = malloc(nout * sizeof *out), *sample_out = malloc(nout * sizeof *out);
+        float *probs = malloc(nprob * sizeof *probs), *dqkv = malloc(nqkv * sizeof *dqkv);
+        float *scratch = malloc((size_t)threads * per_worker * sizeof *scratch);
+        float *sample_scratch = malloc((size_t)threads * op_attention_scratch(tokens, hd) *
+                                       sizeof *sample_scratch);
+        double *qd = malloc(nqkv * sizeof *qd), *gd = malloc(nout * sizeof *gd);
+        double *want_out = malloc(nout * sizeof *want_out), *want_p = malloc(nprob * sizeof *want_p);
+        double *want_d = malloc(nqkv * sizeof *want_d);
+        ck_assert(out && sample_out && probs && dqkv && scratch && sample_scratch && qd && gd &&
+                  want_out && want_p && want_d);
+        ck_assert(per_worker >= op_attention_scratch(tokens, hd));
+        for (size_t i = 0; i < nqkv; i++) qd[i] = qkv[i], dqkv[i] = NAN; /* fully overwritten */
+        for (size_t i = 0; i < nout; i++) gd[i] = dout[i], out[i] = NAN;
+        for (size_t i = 0; i < nprob; i++) probs[i] = NAN;
+
+        op_attention_train(qkv, (size_t)seqs, tokens, heads, hd, probs, out, scratch, threads);
+        op_attention_backward(qkv, probs, dout, (size_t)seqs, tokens, heads, hd, dqkv, scratch,
+                              threads);
+        op_attention(qkv, (size_t)seqs, tokens, heads, hd, sample_out, sample_scratch, threads);
+        for (int s = 0; s < seqs; s++) {
+            size_t in_at = (size_t)s * T * 3 * dim, out_at = (size_t)s * T * dim;
+            ref_attention(qd + in_at, tokens, heads, hd, want_out + out_at);
+            ref_attention_backward(qd + in_at, gd + out_at, tokens, heads, hd,
+                                   want_p + (size_t)s * heads * T * T, want_d + in_at);
+        }
+        char what[96];
+        snprintf(what, sizeof what, "train attention T=%d heads=%d hd=%d", tokens, heads, hd);
+        expect_close_d(what, out, want_out, nout, 2e-6, 1e-5);
+        expect_close_d(what, sample_out, want_out, nout, 2e-6, 1e-5);
+        snprintf(what, sizeof what, "probabilities T=%d heads=%d hd=%d", tokens, heads, hd);
+        expect_close_d(what, probs, want_p, nprob, 1e-6, 1e-5);
+        /* Gradients: sums of T products, errors relative to their scale. */
+        snprintf(what, sizeof what, "dqkv T=%d heads=%d hd=%d", tokens, heads, hd);
+        expect_close_d(what, dqkv, want_d, nqkv, 2e-6 * max_abs(want_d, nqkv), 1e-5);
+        free(qkv), free(dout), free(out), free(sample_out), free(probs), free(dqkv);
+        free(scratch), free(sample_scratch), free(qd), free(gd), free(want_out), free(want_p);
+        free(want_d);
+    }
+}
+END_TEST
+
+/* GELU's derivative against the double formula, and op_gelu_tanh_to
+ * against the in-place op_gelu_tanh, bit for bit. */
+START_TEST(test_gelu_tanh_grad) {
+    const size_t dense = 12001;
+    const float extra[] = {0.0f, -0.0f, 1e-8f, -1e-8f, 20, -20, 87, -87, 1e4f, -1e4f,
+                           1e36f, -1e36f, 3e38f, -3e38f};
+    const size_t ne = sizeof extra / sizeof extra[0], n = dense + ne;
+    float *x = malloc(n * sizeof *x), *d = malloc(n * sizeof *d);
+    float *g1 = malloc(n * sizeof *g1), *g2 = malloc(n * sizeof *g2);
+    ck_assert(x && d && g1 && g2);
+    for (size_t i = 0; i < dense; i++) x[i] = (float)(-12.0 + 24.0 * (double)i / (dense - 1));
+    memcpy(x + dense, extra, sizeof extra);
+    for (size_t i = 0; i < n; i++) d[i] = 1.0f + (float)(i % 3); /* d is scaled, not set */
+    op_gelu_tanh_grad(x, d, n, 2);
+    const double c0 = sqrt(2.0 / 3.14159265358979323846), c1 = 0.044715;
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double v = x[i], want;
+        if (fabs(v) > 1e6) {
+            want = v > 0 ? 1.0 : 0.0; /* the cubic overflows; the slope is 1 or 0 */
+        } else {
+            double t = tanh(c0 * (v + c1 * v * v * v));
+            want = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c0 * (1 + 3 * c1 * v * v);
+        }
+        want *= 1.0 + (double)(i % 3);
+        double err = fabs((double)d[i] - want);
+        ck_assert_msg(isfinite(d[i]) && err <= 2e-6 * (1 + fabs(want)),
+                      "gelu'(%.9g) = %.9g, want %.9g", v, (double)d[i], want);
+        worst = fmax(worst, err / (1 + fabs(want)));
+    }
+    printf("gelu_tanh_grad: worst error %.2e (abs/(1+|want|))\n", worst);
+    memcpy(g1, x, n * sizeof *x);
+    op_gelu_tanh(g1, n, 2);
+    op_gelu_tanh_to(x, g2, n, 2);
+    ck_assert(memcmp(g1, g2, n * sizeof *g1) == 0);
+    /* NaN in, NaN out (8 lanes, then the scalar tail). */
+    float nx[11] = {NAN, 1, 2, 3, 4, 5, 6, 7, 8, NAN, 0.5f}, nd[11];
+    for (int i = 0; i < 11; i++) nd[i] = 1.0f;
+    op_gelu_tanh_grad(nx, nd, 11, 1);
+    for (int i = 0; i < 11; i++) ck_assert(isnan(nd[i]) == (i == 0 || i == 9));
+    free(x), free(d), free(g1), free(g2);
 }
 END_TEST
 
@@ -690,6 +844,8 @@ int main(void) {
     tcase_add_test(k, test_silu);
     tcase_add_test(k, test_attention);
     tcase_add_test(k, test_attention_large_logits);
+    tcase_add_test(k, test_attention_train);
+    tcase_add_test(k, test_gelu_tanh_grad);
     tcase_add_test(k, test_nan_passes_through);
     suite_add_tcase(s, k);
     TCase *p = tcase_create("pos_embed");
