@@ -197,8 +197,10 @@ __attribute__((target("avx2,fma"))) static float softmax_row_avx2(float *s, int 
     return 1.0f / sum;
 }
 
-/* K^T [head_dim][t16] (scaled; zero past the tokens) or V [tokens][d16]
- * (zero past head_dim) of one head, packed from the qkv rows. */
+/* One head's panel, from rows `stride` floats apart: transposed,
+ * [head_dim][t16] times `scale` and zero past the tokens (K^T, V^T), or
+ * [tokens][d16] and zero past head_dim (pack_rows: V, K, Q, dO).  The zero
+ * padding lets the tile compute whole 16-wide blocks. */
 static void pack_transposed(const float *src, size_t stride, int tokens, int head_dim,
                             float scale, float *dst) {
     size_t t16 = ROUND16(tokens);
