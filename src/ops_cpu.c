@@ -169,30 +169,30 @@ void op_gated_residual_layernorm(float *x, const float *y, size_t rows, int dim,
     }
 }
 
-/* Elementwise work in chunks of this many floats, one chunk per worker
- * at a time. */
+/* Floats per chunk of element-wise work. */
 #define ELEMENT_CHUNK 4096
 
-void op_gelu_tanh_to(const float *x, float *y, size_t n, int threads) {
+/* fn over n floats in chunks of ELEMENT_CHUNK, one chunk per worker at a
+ * time. */
+static void over_chunks(void (*fn)(const float *, float *, size_t, int), const float *x,
+                        float *y, size_t n, int threads) {
     size_t nchunks = (n + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
     int fast = simd_have_avx2_fma();
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (size_t c = 0; c < nchunks; c++) {
         size_t begin = c * ELEMENT_CHUNK, len = n - begin < ELEMENT_CHUNK ? n - begin : ELEMENT_CHUNK;
-        gelu_span(x + begin, y + begin, len, fast);
+        fn(x + begin, y + begin, len, fast);
     }
 }
 
-void op_gelu_tanh(float *x, size_t n, int threads) { op_gelu_tanh_to(x, x, n, threads); }
+void op_gelu_tanh_to(const float *x, float *y, size_t n, int threads) {
+    over_chunks(gelu_span, x, y, n, threads);
+}
+
+void op_gelu_tanh(float *x, size_t n, int threads) { over_chunks(gelu_span, x, x, n, threads); }
 
 void op_gelu_tanh_grad(const float *x, float *d, size_t n, int threads) {
-    size_t nchunks = (n + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
-    int fast = simd_have_avx2_fma();
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (size_t c = 0; c < nchunks; c++) {
-        size_t begin = c * ELEMENT_CHUNK, len = n - begin < ELEMENT_CHUNK ? n - begin : ELEMENT_CHUNK;
-        gelu_grad_span(x + begin, d + begin, len, fast);
-    }
+    over_chunks(gelu_grad_span, x, d, n, threads);
 }
 
 void op_silu(float *x, size_t n) {
