@@ -45,13 +45,13 @@ size_t op_attention_scratch(int tokens, int head_dim) {
 }
 
 /* The backward pass's AVX2 panels: V^T [hd][T16]; dO, K and Q [T][hd16];
- * dS [T][T16]; one tile of output [ROWS][max(T16, hd16)].  The plain C
- * version needs one row of dP. */
+ * dS [T + ROWS - 1][T16] (a tail tile's duplicate rows land in the extra
+ * rows); one tile of output [ROWS][hd16].  The plain C version needs one
+ * row of dP. */
 static size_t backward_scratch(int tokens, int head_dim) {
-    size_t t = (size_t)tokens, t16 = ROUND16(tokens), d16 = ROUND16(head_dim);
-    size_t wide = t16 > d16 ? t16 : d16, ts;
-    if (!size_mul(t, t16, &ts)) return SIZE_MAX;
-    size_t need = (size_t)head_dim * t16 + 3 * t * d16 + ATT_ROWS * wide;
+    size_t t = (size_t)tokens, t16 = ROUND16(tokens), d16 = ROUND16(head_dim), ts;
+    if (!size_mul(t + ATT_ROWS - 1, t16, &ts)) return SIZE_MAX;
+    size_t need = (size_t)head_dim * t16 + 3 * t * d16 + ATT_ROWS * d16;
     return size_add(need, ts, &need) ? need : SIZE_MAX;
 }
 
@@ -300,7 +300,7 @@ attend_backward_avx2(const float *qkv, const float *P, const float *dout, int to
     size_t D = (size_t)dim, stride = 3 * D, t = (size_t)tokens, off = (size_t)head * head_dim;
     size_t t16 = ROUND16(tokens), d16 = ROUND16(head_dim);
     float *vt = scratch, *gop = vt + (size_t)head_dim * t16, *kp = gop + t * d16;
-    float *qp = kp + t * d16, *ds = qp + t * d16, *tile = ds + t * t16;
+    float *qp = kp + t * d16, *ds = qp + t * d16, *tile = ds + (t + ATT_ROWS - 1) * t16;
     const float *q0 = qkv + off, *go0 = dout + off;
     pack_transposed(q0 + 2 * D, stride, tokens, head_dim, 1.0f, vt);
     pack_rows(go0, D, tokens, head_dim, gop);
@@ -312,13 +312,8 @@ attend_backward_avx2(const float *qkv, const float *P, const float *dout, int to
         const float *a[ATT_ROWS];
         int rows = tile_rows(go0, D, i0, tokens, a);
         float *dsi = ds + (size_t)i0 * t16;
-        /* dP = dO V^T straight into dS's rows (the duplicates of a tail
-         * tile land in the tile buffer), then dS in place. */
-        for (size_t j0 = 0; j0 < t16; j0 += 16) {
-            tile_avx2(a, 1, head_dim, vt + j0, t16, tile, 16);
-            for (int r = 0; r < rows; r++)
-                memcpy(dsi + (size_t)r * t16 + j0, tile + (size_t)r * 16, 16 * sizeof *tile);
-        }
+        /* dP = dO V^T straight into dS's rows, then dS in place. */
+        for (size_t j0 = 0; j0 < t16; j0 += 16) tile_avx2(a, 1, head_dim, vt + j0, t16, dsi + j0, t16);
         for (int r = 0; r < rows; r++)
             softmax_grad_row(P + (size_t)(i0 + r) * t, dsi + (size_t)r * t16, tokens, scale);
         tile_rows(dsi, t16, 0, rows, a);
