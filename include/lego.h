@@ -606,7 +606,8 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *trainer,
 /* Everything needed to resume bit-exactly (weights, EMA, Adam moments,
  * counters, seed) as safetensors.  Options are not stored: resume with the
  * same ones.  load_state needs a trainer on a model of the same
- * architecture; on failure nothing changes. */
+ * architecture, and refuses a state with a non-finite value or a negative
+ * second moment (LEGO_ERR_FORMAT); on failure nothing changes. */
 LEGO_API lego_status lego_trainer_save_state(lego_trainer *trainer, const char *path);
 LEGO_API lego_status lego_trainer_load_state(lego_trainer *trainer, const char *path);
 

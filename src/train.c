@@ -613,6 +613,11 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
                 return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT,
                                  "label[%d] = %d is out of range [-1, %d)", i, labels[i],
                                  m->cfg.label_dim);
+    /* Counters from a state file may sit anywhere below INT64_MAX. */
+    if (t->step == INT64_MAX || t->images_seen > INT64_MAX - n)
+        return lego_fail(&t->err, LEGO_ERR_STATE,
+                         "the step or image counter would overflow (step %lld, %lld images)",
+                         (long long)t->step, (long long)t->images_seen);
     if ((s = reserve_batch(t, n)) != LEGO_OK) return s;
 
     /* On the GPU the noise (n x C x h x w normals, the bulk of the draws) is
@@ -794,6 +799,25 @@ static lego_status find_f32(lego_err *err, const st_file *f, const char *name, i
     return LEGO_OK;
 }
 
+/* A step with a non-finite gradient changes nothing, so a healthy run never
+ * saves a non-finite value or a negative second moment: a state that holds
+ * one is damaged, and resuming from it would only spread NaN. */
+static lego_status check_state_values(const lego_model *m, lego_err *err, const float *fresh,
+                                     size_t nv) {
+    for (int which = 0; which < 4; which++)
+        for (int i = 0; i < m->num_params; i++) {
+            const lego_param *p = &m->table[i];
+            const float *a = fresh + (size_t)which * nv + p->offset;
+            for (size_t j = 0; j < p->numel; j++)
+                if (!isfinite(a[j]) || (which == 3 && a[j] < 0))
+                    return lego_fail(err, LEGO_ERR_FORMAT,
+                                     "'%s%s' holds %g at %zu: a state to resume from has finite "
+                                     "values and second moments >= 0",
+                                     state_prefix[which], p->name, (double)a[j], j);
+        }
+    return LEGO_OK;
+}
+
 LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) {
     TRAINER_CHECK(t);
     if (!path) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "path is NULL");
@@ -843,6 +867,7 @@ LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) 
                       f->num_tensors, expected);
         goto done;
     }
+    if ((s = check_state_values(m, &t->err, fresh, nv)) != LEGO_OK) goto done;
     /* All checked: commit. */
     memcpy(m->params, fresh, nv * sizeof *fresh);
     model_weights_changed(m);

@@ -21,6 +21,10 @@
 #include "fuzz/fuzz_dataset.c"
 #undef LLVMFuzzerTestOneInput
 
+#define LLVMFuzzerTestOneInput fuzz_trainer_state_one
+#include "fuzz/fuzz_trainer_state.c"
+#undef LLVMFuzzerTestOneInput
+
 #define LLVMFuzzerTestOneInput fuzz_request_one
 #define LLVMFuzzerInitialize fuzz_request_init
 #include "fuzz/fuzz_request.c"
@@ -73,6 +77,9 @@ END_TEST
 START_TEST(test_replay_dataset) { replay("dataset", fuzz_dataset_one); }
 END_TEST
 
+START_TEST(test_replay_trainer_state) { replay("trainer_state", fuzz_trainer_state_one); }
+END_TEST
+
 START_TEST(test_replay_request) {
     fuzz_request_init(NULL, NULL);
     replay("request", fuzz_request_one);
@@ -87,6 +94,7 @@ int main(void) {
     tcase_set_timeout(t, 300);
     tcase_add_test(t, test_replay_model_load);
     tcase_add_test(t, test_replay_dataset);
+    tcase_add_test(t, test_replay_trainer_state);
     tcase_add_test(t, test_replay_request);
     suite_add_tcase(s, t);
     return run_suite(s);

@@ -662,6 +662,63 @@ START_TEST(test_nonfinite_skip) {
 }
 END_TEST
 
+/* A state file with a damaged value (NaN, or a negative second moment) is
+ * refused and the trainer keeps its state; counters at their limit make the
+ * next step fail instead of overflowing. */
+START_TEST(test_state_damaged) {
+    const int n = 2;
+    int32_t labels[2] = {0, 1};
+    rng_seed(5);
+    float *images = rand_floats(tiny_img(n), -1, 1);
+    char *path = temp_path("damaged");
+    lego_model *ma = tiny_model(TINY_L, 3, 0.02), *mb = tiny_model(TINY_L, 4, 0.02);
+    lego_trainer *ta = make_trainer(ma, NULL), *tb = make_trainer(mb, NULL);
+    ck_assert(lego_trainer_step(ta, images, labels, n, NULL) == LEGO_OK);
+    int k = find_tensor(ma, "model.model.0.blocks.0.attn.qkv.weight");
+    size_t at = ma->table[k].offset + 5;
+    const char *expect[3] = {"'adam_v.model.model.0.blocks.0.attn.qkv.weight' holds -0.5 at 5",
+                             "'ema.model.model.0.blocks.0.attn.qkv.weight' holds nan at 5",
+                             "'model.model.0.blocks.0.attn.qkv.weight' holds inf at 5"};
+    float first = mb->params[at];
+    for (int c = 0; c < 3; c++) {
+        float keep[3] = {ta->adam_v[at], ta->ema[at], ma->params[at]};
+        if (c == 0) ta->adam_v[at] = -0.5f;
+        if (c == 1) ta->ema[at] = NAN;
+        if (c == 2) ma->params[at] = INFINITY;
+        ck_assert(lego_trainer_save_state(ta, path) == LEGO_OK);
+        ck_assert(lego_trainer_load_state(tb, path) == LEGO_ERR_FORMAT);
+        ck_assert_msg(strstr(lego_trainer_error(tb), expect[c]) != NULL, "%s",
+                      lego_trainer_error(tb));
+        ck_assert(mb->params[at] == first && tb->step == 0 && tb->adam_v[at] == 0);
+        ta->adam_v[at] = keep[0];
+        ta->ema[at] = keep[1];
+        ma->params[at] = keep[2];
+    }
+    ck_assert(lego_trainer_save_state(ta, path) == LEGO_OK);
+    ck_assert_msg(lego_trainer_load_state(tb, path) == LEGO_OK, "%s", lego_trainer_error(tb));
+    ck_assert(tb->step == 1 && mb->params[at] == ma->params[at]);
+
+    tb->step = INT64_MAX;
+    ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_ERR_STATE);
+    ck_assert(strstr(lego_trainer_error(tb), "overflow") != NULL);
+    tb->step = 1;
+    tb->images_seen = INT64_MAX - 1;
+    ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_ERR_STATE);
+    ck_assert(tb->step == 1 && mb->params[at] == ma->params[at]);
+    tb->images_seen = INT64_MAX - n;
+    ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_OK);
+    ck_assert(tb->step == 2 && tb->images_seen == INT64_MAX);
+
+    remove(path);
+    free(path);
+    free(images);
+    lego_trainer_free(ta);
+    lego_trainer_free(tb);
+    lego_model_free(ma);
+    lego_model_free(mb);
+}
+END_TEST
+
 static lego_train_options resume_options(void) {
     lego_train_options o;
     lego_train_options_init(&o);
@@ -1241,6 +1298,7 @@ int main(void) {
     tcase_add_loop_test(tr, test_adam_hand, 0, 3);
     tcase_add_test(tr, test_nonfinite_skip);
     tcase_add_loop_test(tr, test_resume_exact, 0, 2);
+    tcase_add_test(tr, test_state_damaged);
     tcase_add_test(tr, test_export_ema);
     tcase_add_test(tr, test_draws);
     tcase_add_loop_test(tr, test_loss_decreases, 0, 2);

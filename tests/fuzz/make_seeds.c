@@ -81,7 +81,7 @@ static void save(const char *harness, const char *name, const bytes *b) {
 /* ---- checkpoints ---- */
 
 /* bricks: pairs (brick_size, patch_size). */
-static bytes checkpoint(int channels, int label_dim, int hidden, const int *bricks, int nb) {
+static lego_model *seed_model(int channels, int label_dim, int hidden, const int *bricks, int nb) {
     lego_model_config c;
     lego_model_config_init(&c);
     c.img_channels = channels;
@@ -101,6 +101,11 @@ static bytes checkpoint(int channels, int label_dim, int hidden, const int *bric
         if (lego_brick_add(m, &b) != LEGO_OK) die(lego_model_error(m));
     }
     if (lego_model_init_weights(m, 1) != LEGO_OK) die(lego_model_error(m));
+    return m;
+}
+
+static bytes checkpoint(int channels, int label_dim, int hidden, const int *bricks, int nb) {
+    lego_model *m = seed_model(channels, label_dim, hidden, bricks, nb);
     char path[512];
     snprintf(path, sizeof path, "%s/.seed.safetensors", outdir);
     if (lego_model_save(m, path) != LEGO_OK) die(lego_model_error(m));
@@ -137,6 +142,39 @@ static void model_seeds(void) {
     free(b.p);
     free(small.p);
     free(plain.p);
+}
+
+/* ---- trainer states ---- */
+
+/* fuzz_trainer_state's trainer after 1 and 3 steps, and its EMA checkpoint
+ * (a model file, which is not a trainer state). */
+static void trainer_state_seeds(void) {
+    const int two[] = {2, 1, 4, 2};
+    lego_model *m = seed_model(1, 2, 4, two, 2);
+    lego_train_options o;
+    lego_train_options_init(&o);
+    o.height = o.width = 4;
+    o.seed = 7;
+    lego_trainer *t = NULL;
+    if (lego_trainer_create(m, &o, &t) != LEGO_OK) die(lego_trainer_error(t));
+    float image[16];
+    for (int i = 0; i < 16; i++) image[i] = (float)(i % 5) / 2.0f - 1.0f;
+    char path[512];
+    snprintf(path, sizeof path, "%s/.seed.safetensors", outdir);
+    const char *names[3] = {"step1", "step3", "ema-checkpoint"};
+    for (int k = 0; k < 3; k++) {
+        int32_t label = k == 0 ? 1 : -1;
+        for (int step = 0; step < (k == 0 ? 1 : k == 1 ? 2 : 0); step++)
+            if (lego_trainer_step(t, image, &label, 1, NULL) != LEGO_OK) die(lego_trainer_error(t));
+        lego_status s = k < 2 ? lego_trainer_save_state(t, path) : lego_trainer_export_ema(t, path);
+        if (s != LEGO_OK) die(lego_trainer_error(t));
+        bytes b = read_all(path);
+        save("trainer_state", names[k], &b);
+        free(b.p);
+    }
+    remove(path);
+    lego_trainer_free(t);
+    lego_model_free(m);
 }
 
 /* ---- datasets ---- */
@@ -387,6 +425,7 @@ int main(int argc, char **argv) {
     outdir = argv[1];
     if (mkdir(outdir, 0755) != 0 && errno != EEXIST) die(outdir);
     model_seeds();
+    trainer_state_seeds();
     dataset_seeds();
     request_seeds();
     return 0;
