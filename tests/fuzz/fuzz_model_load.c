@@ -18,31 +18,6 @@
 static fuzz_file file;
 static lego_model *target; /* mode 2 */
 
-/* The architecture of the mode-2 model, as the seeds write it. */
-static lego_model *small_model(void) {
-    lego_model_config c;
-    lego_model_config_init(&c);
-    c.img_channels = 1;
-    c.label_dim = 2;
-    c.hidden_size = 4;
-    c.num_heads = 1;
-    c.mlp_ratio = 1.0;
-    c.frequency_embedding_size = 4;
-    c.num_threads = 1;
-    lego_model *m = NULL;
-    FUZZ_REQUIRE(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
-    const int sizes[2][2] = {{2, 1}, {4, 2}};
-    for (int k = 0; k < 2; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = sizes[k][0];
-        b.patch_size = sizes[k][1];
-        FUZZ_REQUIRE(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
-    FUZZ_REQUIRE(lego_model_init_weights(m, 1) == LEGO_OK, "%s", lego_model_error(m));
-    return m;
-}
-
 /* A cheap fingerprint of all weights. */
 static uint64_t weights_hash(lego_model *m) {
     int64_t n = lego_model_num_params(m);
@@ -118,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         load(data + skip, size - skip, json);
         free(json);
     } else {
-        if (!target) target = small_model();
+        if (!target) target = fuzz_small_model();
         uint64_t before = weights_hash(target);
         fuzz_file_set(&file, data, size);
         lego_status s = lego_model_load_weights(target, file.path);

@@ -16,33 +16,8 @@ static fuzz_file state_in;
 static lego_model *state_model;
 static lego_trainer *trainer;
 static char state_dir[64], state_path[96];
-static uint8_t *initial;          /* the trainer's state before any input */
+static uint8_t *initial; /* the trainer's state before any input */
 static size_t initial_size;
-
-/* The fixed trainer's architecture (make_seeds.c writes its states). */
-static lego_model *trainer_model(void) {
-    lego_model_config c;
-    lego_model_config_init(&c);
-    c.img_channels = 1;
-    c.label_dim = 2;
-    c.hidden_size = 4;
-    c.num_heads = 1;
-    c.mlp_ratio = 1.0;
-    c.frequency_embedding_size = 4;
-    c.num_threads = 1;
-    lego_model *m = NULL;
-    FUZZ_REQUIRE(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
-    const int sizes[2][2] = {{2, 1}, {4, 2}};
-    for (int k = 0; k < 2; k++) {
-        lego_brick_config b;
-        lego_brick_config_init(&b);
-        b.brick_size = sizes[k][0];
-        b.patch_size = sizes[k][1];
-        FUZZ_REQUIRE(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
-    }
-    FUZZ_REQUIRE(lego_model_init_weights(m, 1) == LEGO_OK, "%s", lego_model_error(m));
-    return m;
-}
 
 /* One step on a fixed 4 x 4 image; its loss may be anything. */
 static lego_status trainer_step(void) {
@@ -83,7 +58,7 @@ static void trainer_setup(void) {
     FUZZ_REQUIRE(mkdtemp(state_dir), "mkdtemp failed");
     atexit(trainer_teardown);
     snprintf(state_path, sizeof state_path, "%s/state.safetensors", state_dir);
-    state_model = trainer_model();
+    state_model = fuzz_small_model();
     lego_train_options o;
     lego_train_options_init(&o);
     o.height = o.width = 4;

@@ -96,6 +96,33 @@ static inline double fuzz_f64(fuzz_reader *r) {
     return v;
 }
 
+/* The small conditional model that fuzz_model_load (mode 2) loads weights
+ * into and fuzz_trainer_state trains: 1 channel, 2 classes, width 4, bricks
+ * 2/1 and 4/2 of depth 1 (make_seeds.c writes its files). */
+static inline lego_model *fuzz_small_model(void) {
+    lego_model_config c;
+    lego_model_config_init(&c);
+    c.img_channels = 1;
+    c.label_dim = 2;
+    c.hidden_size = 4;
+    c.num_heads = 1;
+    c.mlp_ratio = 1.0;
+    c.frequency_embedding_size = 4;
+    c.num_threads = 1;
+    lego_model *m = NULL;
+    FUZZ_REQUIRE(lego_model_create(&c, &m) == LEGO_OK, "%s", lego_model_error(m));
+    const int sizes[2][2] = {{2, 1}, {4, 2}};
+    for (int k = 0; k < 2; k++) {
+        lego_brick_config b;
+        lego_brick_config_init(&b);
+        b.brick_size = sizes[k][0];
+        b.patch_size = sizes[k][1];
+        FUZZ_REQUIRE(lego_brick_add(m, &b) == LEGO_OK, "%s", lego_model_error(m));
+    }
+    FUZZ_REQUIRE(lego_model_init_weights(m, 1) == LEGO_OK, "%s", lego_model_error(m));
+    return m;
+}
+
 /* A page nothing may touch: what a harness passes for caller buffers of a
  * request the library must refuse before reading or writing them. */
 static inline void *fuzz_guard_page(void) {
