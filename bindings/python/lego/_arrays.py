@@ -15,8 +15,9 @@ except ImportError:  # numpy is optional
     np = None
 
 _CTYPES = {"f": ctypes.c_float, "d": ctypes.c_double, "i": ctypes.c_int32,
-           "Q": ctypes.c_uint64, "B": ctypes.c_uint8}
-_NUMPY = {"f": "float32", "d": "float64", "i": "int32", "Q": "uint64", "B": "uint8"}
+           "q": ctypes.c_int64, "Q": ctypes.c_uint64, "B": ctypes.c_uint8}
+_NUMPY = {"f": "float32", "d": "float64", "i": "int32", "q": "int64", "Q": "uint64",
+          "B": "uint8"}
 
 
 def have_numpy():

@@ -35,6 +35,7 @@ PRECISIONS = {"fp32": 0, "bf16": 1, "fp16": 2}
 SOLVERS = {"heun": 0, "euler": 1, "dpmpp2m": 2}
 RNGS = {"philox": 0, "torch": 1}
 SKIP_RULES = {"pg": 0, "pr": 1}  # TOP_AT_LOW_NOISE, TOP_AT_HIGH_NOISE
+OPTIMIZERS = {"adamw": 0, "adam": 1}
 
 c_int, c_double, c_float, c_size_t = ctypes.c_int, ctypes.c_double, ctypes.c_float, ctypes.c_size_t
 c_int32, c_uint32, c_int64, c_uint64 = ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64
@@ -199,6 +200,71 @@ class PresetOptions(ctypes.Structure):
     ]
 
 
+class TrainBatch(ctypes.Structure):
+    _fields_ = [
+        ("size", c_size_t),
+        ("n", c_int),
+        ("height", c_int),
+        ("width", c_int),
+        ("y", P(c_float)),
+        ("noise", P(c_float)),
+        ("sigma", P(c_float)),
+        ("labels", P(c_int32)),
+        ("label_vectors", P(c_float)),
+        ("patch_fraction", c_double),
+        ("patch_seed", c_uint64),
+    ]
+
+
+class TrainOptions(ctypes.Structure):
+    _fields_ = [
+        ("size", c_size_t),
+        ("optimizer", c_int),
+        ("lr", c_double),
+        ("beta1", c_double),
+        ("beta2", c_double),
+        ("eps", c_double),
+        ("weight_decay", c_double),
+        ("warmup_steps", c_int),
+        ("grad_clip", c_double),
+        ("ema_halflife_kimg", c_double),
+        ("ema_rampup_ratio", c_double),
+        ("p_mean", c_double),
+        ("p_std", c_double),
+        ("label_dropout", c_double),
+        ("hflip", c_int),
+        ("height", c_int),
+        ("width", c_int),
+        ("seed", c_uint64),
+        ("patch_fraction", c_double),
+    ]
+
+
+class TrainStats(ctypes.Structure):
+    _fields_ = [
+        ("size", c_size_t),
+        ("step", c_int64),
+        ("images_seen", c_int64),
+        ("loss", c_double),
+        ("grad_norm", c_double),
+        ("lr", c_double),
+        ("ema_beta", c_double),
+        ("skipped", c_int),
+        ("skipped_total", c_int64),
+    ]
+
+
+class DatasetOptions(ctypes.Structure):
+    _fields_ = [
+        ("size", c_size_t),
+        ("resolution", c_int),
+        ("pad_value", c_float),
+        ("max_bytes", c_uint64),
+        ("max_images", c_int64),
+        ("labels_path", c_char_p),
+    ]
+
+
 # struct -> the name of its C _init function.
 INITS = {
     ModelConfig: "lego_model_config_init",
@@ -212,6 +278,10 @@ INITS = {
     StepRequest: "lego_step_request_init",
     TensorInfo: "lego_tensor_info_init",
     PresetOptions: "lego_preset_options_init",
+    TrainBatch: "lego_train_batch_init",
+    TrainOptions: "lego_train_options_init",
+    TrainStats: "lego_train_stats_init",
+    DatasetOptions: "lego_dataset_options_init",
 }
 
 # name: (restype, argtypes)
@@ -259,6 +329,26 @@ PROTOTYPES = {
     "lego_preset_get_brick": (c_int, [c_char_p, c_int, P(BrickConfig)]),
     "lego_preset_num_params": (c_int, [c_char_p, P(PresetOptions), P(c_int64)]),
     "lego_model_create_preset": (c_int, [c_char_p, P(PresetOptions), P(c_void_p)]),
+    "lego_model_set_memory_budget": (c_int, [c_void_p, c_size_t]),
+    "lego_model_memory_usage": (c_size_t, [c_void_p]),
+    "lego_model_set_device_memory_budget": (c_int, [c_void_p, c_size_t]),
+    "lego_model_device_memory_usage": (c_size_t, [c_void_p]),
+    "lego_train_loss": (c_int, [c_void_p, P(TrainBatch), P(c_float), P(c_float)]),
+    "lego_trainer_create": (c_int, [c_void_p, P(TrainOptions), P(c_void_p)]),
+    "lego_trainer_step": (c_int, [c_void_p, P(c_float), P(c_int32), c_int, P(TrainStats)]),
+    "lego_trainer_save_state": (c_int, [c_void_p, c_char_p]),
+    "lego_trainer_load_state": (c_int, [c_void_p, c_char_p]),
+    "lego_trainer_export_ema": (c_int, [c_void_p, c_char_p]),
+    "lego_trainer_free": (None, [c_void_p]),
+    "lego_trainer_error": (c_char_p, [c_void_p]),
+    "lego_dataset_open": (c_int, [c_char_p, P(DatasetOptions), P(c_void_p)]),
+    "lego_dataset_free": (None, [c_void_p]),
+    "lego_dataset_error": (c_char_p, [c_void_p]),
+    "lego_dataset_count": (c_int64, [c_void_p]),
+    "lego_dataset_shape": (c_int, [c_void_p, P(c_int), P(c_int), P(c_int)]),
+    "lego_dataset_label_dim": (c_int, [c_void_p]),
+    "lego_dataset_get": (c_int, [c_void_p, c_int64, P(c_float), P(c_int32)]),
+    "lego_dataset_get_batch": (c_int, [c_void_p, P(c_int64), c_int, P(c_float), P(c_int32)]),
 }
 for _struct, _init in INITS.items():
     PROTOTYPES[_init] = (None, [P(_struct)])

@@ -1,6 +1,7 @@
 """lego.Model: a liblego model handle and what can be done with it."""
 
 import ctypes
+import weakref
 from collections import namedtuple
 
 from . import _arrays
@@ -57,6 +58,7 @@ class Model:
 
     def __init__(self, handle):
         self._h = handle
+        self._trainers = weakref.WeakSet()  # closed before the model is
 
     # ---- construction ---------------------------------------------------
 
@@ -111,6 +113,9 @@ class Model:
                                                           ctypes.byref(h)), h)
 
     def close(self):
+        """Free the model now, and first any Trainer that borrows it."""
+        for t in list(self._trainers):
+            t.close()
         if self._h:
             _lib.lib().lego_model_free(self._h)
             self._h = None
@@ -218,6 +223,25 @@ class Model:
         d["resolution_multiple"] = self.resolution_multiple
         return d
 
+    @property
+    def memory_usage(self):
+        """Host bytes the model holds now."""
+        return _lib.lib().lego_model_memory_usage(self._handle())
+
+    def set_memory_budget(self, nbytes):
+        """Cap the host bytes the model may hold (0: no limit); a request
+        that would need more fails with LEGO_ERR_OUT_OF_MEMORY."""
+        self._check(_lib.lib().lego_model_set_memory_budget(self._handle(), nbytes))
+
+    @property
+    def device_memory_usage(self):
+        """GPU bytes the model holds now (0 on the CPU)."""
+        return _lib.lib().lego_model_device_memory_usage(self._handle())
+
+    def set_device_memory_budget(self, nbytes):
+        """Cap the GPU bytes the model may hold (0: no limit)."""
+        self._check(_lib.lib().lego_model_set_device_memory_budget(self._handle(), nbytes))
+
     def set_threads(self, threads):
         self._check(_lib.lib().lego_model_set_threads(self._handle(), threads))
 
@@ -281,6 +305,40 @@ class Model:
             r.brick_outputs = fb.ptr
         self._check(lib.lego_denoise(self._handle(), ctypes.byref(r)))
         return (out.value, fb.value) if brick_outputs else out.value
+
+    # ---- training ---------------------------------------------------------
+
+    def train_loss(self, y, noise, sigma, labels=None, patch_fraction=0.0, patch_seed=0,
+                   grads=True):
+        """The reference LEGO training loss of one batch: clean images y and
+        standard normal noise (both n x C x H x W), n noise levels, labels
+        as in denoise.  patch_fraction in (0, 1) trains each brick on that
+        fraction of its patches (drawn from patch_seed).  Returns (loss,
+        gradient as a flat num_params array, zero for fixed parameters), or
+        the loss alone with grads=False."""
+        lib = _lib.lib()
+        C, H, W = self._size(None, None)
+        if _arrays.have_numpy() and hasattr(y, "shape") and len(y.shape) == 4:
+            n, C, H, W = y.shape
+        else:
+            n = len(y) // (C * H * W)
+        yb, _ = _arrays.from_input(y, "f", "y", (n, C, H, W))
+        nb, _ = _arrays.from_input(noise, "f", "noise", (n, C, H, W))
+        sigmas = [float(sigma)] * n if isinstance(sigma, (int, float)) else sigma
+        sb, _ = _arrays.from_input(sigmas, "f", "sigma", (n,))
+        b = _lib.new(_lib.TrainBatch)
+        b.n, b.height, b.width = n, H, W
+        b.y, b.noise, b.sigma = yb.ptr, nb.ptr, sb.ptr
+        lb = None
+        if labels is not None:
+            lb, _ = _arrays.from_input(labels, "i", "labels", (n,))
+            b.labels = lb.ptr
+        b.patch_fraction, b.patch_seed = patch_fraction, patch_seed
+        loss = ctypes.c_float()
+        gb = _arrays.empty("f", (self.num_params,)) if grads else None
+        self._check(lib.lego_train_loss(self._handle(), ctypes.byref(b), ctypes.byref(loss),
+                                        gb.ptr if gb else None))
+        return (loss.value, gb.value) if grads else loss.value
 
     # ---- sampling ---------------------------------------------------------
 

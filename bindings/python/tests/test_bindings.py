@@ -9,12 +9,15 @@ model      a tiny model built through the API: information, denoise, brick
            outputs, errors as LegoError with the library's message
 sample     seeds, labels, solvers, skip rules, progress and cancellation
 io         save/load, parameters, uint8 conversion, PNG, npz
+train      datasets (idx.gz), the training loss and its gradient, the trainer:
+           steps, resume bit for bit, the EMA checkpoint, memory budgets
 no_numpy   the same calls with numpy hidden, in a child process
 fmnist     ../shared/models/fmnist_lego_pg32: images equal to bin/lego-sample's
            for seeds 0-3 (skipped when ../shared is absent)
 """
 
 import ctypes
+import gzip
 import json
 import math
 import os
@@ -92,6 +95,14 @@ class StructTest(unittest.TestCase):
         po = _lib.new(_lib.PresetOptions)
         self.assertEqual((po.img_channels, po.img_resolution, po.label_dim, po.backend),
                          (0, 0, -1, 0))
+        t = _lib.new(_lib.TrainOptions)
+        self.assertEqual((t.optimizer, t.lr, t.beta1, t.beta2, t.eps, t.ema_halflife_kimg,
+                          t.ema_rampup_ratio, t.p_mean, t.p_std, t.patch_fraction),
+                         (0, 1e-4, 0.9, 0.999, 1e-8, 500.0, 0.05, -1.2, 1.2, 0.0))
+        d = _lib.new(_lib.DatasetOptions)
+        self.assertEqual((d.resolution, d.pad_value, d.max_bytes, d.max_images),
+                         (0, -1.0, 2 << 30, 0))
+        self.assertFalse(d.labels_path)
 
     def test_config_round_trip(self):
         # Every field of lego_model_config goes into the library and comes
@@ -330,6 +341,141 @@ class IoTest(unittest.TestCase):
             self.assertIn("dir.png", cm.exception.message)
 
 
+def write_idx(folder, images, labels):
+    """Fashion-MNIST's file pair (gzip'd idx3 images, idx1 labels) for uint8
+    images n x h x w; returns the images file's path."""
+    n, h, w = len(images), len(images[0]), len(images[0][0])
+    head = bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + h.to_bytes(4, "big") + w.to_bytes(4, "big")
+    pixels = bytes(v for image in images for row in image for v in row)
+    path = os.path.join(folder, "train-images-idx3-ubyte.gz")
+    with gzip.open(path, "wb") as f:
+        f.write(head + pixels)
+    with gzip.open(os.path.join(folder, "train-labels-idx1-ubyte.gz"), "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(labels))
+    return path
+
+
+@unittest.skipIf(np is None, "numpy not installed")
+class TrainTest(unittest.TestCase):
+    def test_dataset(self):
+        rng = np.random.default_rng(3)
+        pixels = rng.integers(0, 256, (3, 6, 6), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_idx(tmp, pixels.tolist(), [2, 0, 9])
+            with lego.Dataset(path, resolution=8) as d:
+                self.assertEqual((len(d), d.shape, d.label_dim), (3, (1, 8, 8), 10))
+                want = np.full((3, 1, 8, 8), -1.0, np.float32)
+                want[:, 0, 1:7, 1:7] = pixels / np.float32(127.5) - 1
+                image, label = d.get(2)
+                self.assertEqual(label, 9)
+                np.testing.assert_allclose(image, want[2], atol=1e-6)
+                images, labels = d.get_batch([1, 2, 1])
+                self.assertEqual(list(labels), [0, 9, 0])
+                np.testing.assert_array_equal(images, np.stack([want[1], want[2], want[1]]))
+                with self.assertRaises(lego.LegoError) as cm:
+                    d.get_batch([0, 3])
+                self.assertEqual(cm.exception.status_name, "LEGO_ERR_INVALID_ARGUMENT")
+            d = lego.Dataset(path, max_images=2)
+            self.assertEqual((len(d), d.shape), (2, (1, 6, 6)))
+            d.close()
+            with self.assertRaises(lego.LegoError):
+                d.get(0)
+            with self.assertRaises(lego.LegoError) as cm:
+                lego.Dataset(os.path.join(tmp, "none.gz"))
+            self.assertIn("none.gz", cm.exception.message)
+
+    def batch(self, n, seed):
+        rng = np.random.default_rng(seed)
+        y = rng.uniform(-1, 1, (n, 3, 8, 8)).astype(np.float32)
+        return y, rng.integers(-1, 10, n).astype(np.int32)
+
+    def test_train_loss_and_gradient(self):
+        m = small_model(seed=4)
+        y, labels = self.batch(2, 1)
+        noise = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+        sigma = [0.4, 1.7]
+        loss, grads = m.train_loss(y, noise, sigma, labels=labels)
+        self.assertTrue(math.isfinite(loss) and loss > 0)
+        self.assertEqual(grads.shape, (m.num_params,))
+        self.assertEqual(m.train_loss(y, noise, sigma, labels=labels, grads=False), loss)
+        for t in m.tensors():
+            if not t.trainable:
+                self.assertFalse(grads[t.offset:t.offset + t.numel].any(), t.name)
+        # The steepest weight against central differences in float64 terms.
+        p = m.get_params().astype(np.float64)
+        i = int(np.argmax(np.abs(grads)))
+        eps = 1e-3
+        side = []
+        for sign in (1, -1):
+            q = p.copy()
+            q[i] += sign * eps
+            m.set_params(q.astype(np.float32))
+            side.append(m.train_loss(y, noise, sigma, labels=labels, grads=False))
+        numeric = (side[0] - side[1]) / (2 * eps)
+        self.assertAlmostEqual(numeric / grads[i], 1.0, delta=0.03)
+        m.set_params(p.astype(np.float32))
+        half = m.train_loss(y, noise, sigma, labels=labels, patch_fraction=0.5, patch_seed=3,
+                            grads=False)
+        self.assertTrue(math.isfinite(half) and half != loss)
+
+    def test_trainer_resumes_bit_for_bit(self):
+        y, labels = self.batch(3, 7)
+        opts = dict(lr=2e-3, warmup_steps=2, grad_clip=50.0, ema_halflife_kimg=0.01,
+                    label_dropout=0.3, hflip=1, seed=1234, optimizer="adam")
+        straight = small_model(seed=2)
+        t = lego.Trainer(straight, **opts)
+        self.assertEqual(t.image_shape, (3, 8, 8))
+        losses = [t.step(y, labels).loss for _ in range(4)]
+        with tempfile.TemporaryDirectory() as tmp:
+            state = os.path.join(tmp, "state.safetensors")
+            first = small_model(seed=2)
+            with lego.Trainer(first, **opts) as t1:
+                s1 = t1.step(y, labels)
+                s2 = t1.step(y.reshape(-1), labels)  # flat images too
+                self.assertEqual((s1.step, s2.step, s2.images_seen), (1, 2, 6))
+                self.assertAlmostEqual(s1.lr, 1e-3)
+                self.assertEqual([s1.loss, s2.loss], losses[:2])
+                t1.save_state(state)
+            resumed = small_model(seed=99)  # other weights: the state brings them
+            t2 = lego.Trainer(resumed, **opts)
+            t2.load_state(state)
+            self.assertEqual([t2.step(y, labels).loss for _ in range(2)], losses[2:])
+            np.testing.assert_array_equal(resumed.get_params(), straight.get_params())
+            ema = os.path.join(tmp, "ema.safetensors")
+            t2.export_ema(ema)
+            e = lego.Model.load(ema, threads=2)
+            self.assertEqual(e.info(), resumed.info())
+            self.assertFalse(np.array_equal(e.get_params(), resumed.get_params()))
+            with self.assertRaises(lego.LegoError) as cm:
+                t2.load_state(os.path.join(tmp, "none.safetensors"))
+            self.assertEqual(cm.exception.status_name, "LEGO_ERR_IO")
+            self.assertIn("none.safetensors", cm.exception.message)
+        with self.assertRaises(ValueError):
+            t2.step(y[:, :2], labels)
+        with self.assertRaises(lego.LegoError) as cm:
+            t2.step(y, [0, 1, 10])
+        self.assertIn("out of range", cm.exception.message)
+        with self.assertRaises(TypeError):
+            lego.Trainer(resumed, learning_rate=1.0)
+        with self.assertRaises(lego.LegoError) as cm:
+            lego.Trainer(resumed, lr=-1.0)
+        self.assertEqual(cm.exception.status_name, "LEGO_ERR_INVALID_ARGUMENT")
+        resumed.close()  # closes its trainer first
+        with self.assertRaises(lego.LegoError):
+            t2.step(y, labels)
+
+    def test_memory(self):
+        m = small_model()
+        self.assertGreater(m.memory_usage, m.num_params * 4)
+        self.assertEqual(m.device_memory_usage, 0)
+        with self.assertRaises(lego.LegoError) as cm:
+            m.set_memory_budget(1)
+        self.assertEqual(cm.exception.status_name, "LEGO_ERR_OUT_OF_MEMORY")
+        m.set_memory_budget(m.memory_usage + (64 << 20))
+        m.denoise(noisy(1), 1.0)
+        m.set_memory_budget(0)
+
+
 class NoNumpyTest(unittest.TestCase):
     """The package imports and works with numpy hidden (flat sequences in,
     array.array out)."""
@@ -346,7 +492,12 @@ d = m.denoise(x, [0.5, 2.0], labels=[1, -1])
 s = m.sample(seeds=[5, 6], labels=[1, 2], steps=3)
 u = lego.to_uint8(s.images, shape=(2, 3, 8, 8))
 assert isinstance(d, array.array) and d.typecode == "f", type(d)
-print(json.dumps({"d": list(d), "s": list(s.images), "labels": list(s.labels), "u": list(u)}))
+loss, grads = m.train_loss(x, x[::-1], [0.5, 2.0], labels=[1, -1])
+t = lego.Trainer(m, seed=3)
+st = t.step(x, [4, 5])
+assert isinstance(grads, array.array) and len(grads) == m.num_params
+print(json.dumps({"d": list(d), "s": list(s.images), "labels": list(s.labels), "u": list(u),
+                  "loss": loss, "step": [st.step, st.images_seen]}))
 """ % (SMALL_BRICKS, SMALL)
 
     def test_without_numpy(self):
@@ -357,6 +508,7 @@ print(json.dumps({"d": list(d), "s": list(s.images), "labels": list(s.labels), "
         self.assertEqual(len(got["d"]), 2 * 3 * 64)
         self.assertEqual(got["labels"], [1, 2])
         self.assertTrue(all(0 <= v <= 255 for v in got["u"]))
+        self.assertEqual(got["step"], [1, 2])
         if np is None:
             return
         m = small_model(seed=1)
@@ -367,6 +519,9 @@ print(json.dumps({"d": list(d), "s": list(s.images), "labels": list(s.labels), "
         s = m.sample(seeds=[5, 6], labels=[1, 2], steps=3)
         np.testing.assert_array_equal(np.array(got["s"], np.float32).reshape(2, 3, 8, 8),
                                       s.images)
+        xr = np.ascontiguousarray(x.reshape(-1)[::-1]).reshape(x.shape)
+        self.assertEqual(got["loss"], m.train_loss(x, xr, [0.5, 2.0], labels=[1, -1],
+                                                   grads=False))
 
 
 @unittest.skipUnless(os.path.exists(FMNIST), "../shared/models absent")
