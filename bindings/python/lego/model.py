@@ -318,11 +318,15 @@ class Model:
         the loss alone with grads=False."""
         lib = _lib.lib()
         C, H, W = self._size(None, None)
-        if _arrays.have_numpy() and hasattr(y, "shape") and len(y.shape) == 4:
-            n, C, H, W = y.shape
+        yb, shape = _arrays.from_input(y, "f", "y")
+        if len(shape) == 4:
+            n, C2, H, W = shape
+            if C2 != C:
+                raise ValueError("y has %d channels, the model %d" % (C2, C))
         else:
-            n = len(y) // (C * H * W)
-        yb, _ = _arrays.from_input(y, "f", "y", (n, C, H, W))
+            n = yb.count // (C * H * W)
+            if n < 1 or n * C * H * W != yb.count:
+                raise ValueError("y: %d values is not n x %d x %d x %d" % (yb.count, C, H, W))
         nb, _ = _arrays.from_input(noise, "f", "noise", (n, C, H, W))
         sigmas = [float(sigma)] * n if isinstance(sigma, (int, float)) else sigma
         sb, _ = _arrays.from_input(sigmas, "f", "sigma", (n,))

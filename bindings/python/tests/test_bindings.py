@@ -417,6 +417,13 @@ class TrainTest(unittest.TestCase):
         half = m.train_loss(y, noise, sigma, labels=labels, patch_fraction=0.5, patch_seed=3,
                             grads=False)
         self.assertTrue(math.isfinite(half) and half != loss)
+        with self.assertRaises(ValueError):
+            m.train_loss(y[:, :2], noise, sigma)
+        with self.assertRaises(ValueError):
+            m.train_loss(y, noise[:1], sigma)
+        with self.assertRaises(lego.LegoError) as cm:
+            m.train_loss(y, noise, [0.4, -1.0])
+        self.assertIn("sigma", cm.exception.message)
 
     def test_trainer_resumes_bit_for_bit(self):
         y, labels = self.batch(3, 7)
