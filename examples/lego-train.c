@@ -7,10 +7,15 @@
  * The default architecture is the Fashion-MNIST LEGO-PG of the reference (bricks 4/16/32 with
  * patches 2/8/2, depths 2/2/4, hidden 256, 4 heads, 10 classes).  Writes DIR/state.safetensors
  * (resumable training state), DIR/ema.safetensors (a checkpoint lego-sample reads) and
- * DIR/grid-STEP.png sample grids.  Exit status 0 on success, 1 on failure, 2 on usage errors.
+ * DIR/grid-STEP.png sample grids.  --steps counts from the start of training, so --resume
+ * continues to the same end, and the data order is a function of the images seen, so a resumed
+ * run sees the images a straight run would.  SIGINT or SIGTERM stops after the current step,
+ * saving first.  Exit status 0 on success, 1 on failure, 2 on usage errors, 128 + the signal
+ * when a signal stopped a run (its state saved).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +35,8 @@ static void usage(FILE *fp) {
         "  --out DIR          where state, EMA checkpoint and grids go (default runs/lego)\n"
         "  --init FILE        start from this checkpoint instead of a fresh model\n"
         "  --resume           continue from DIR/state.safetensors\n"
-        "  --steps N          optimiser steps (default 1000)\n"
+        "  --steps N          train until step N, counted from the start (a resumed\n"
+        "                     run continues to it; default 1000)\n"
         "  --minutes X        stop after X minutes of training (saving and grids not\n"
         "                     counted), or at --steps, whichever comes first\n"
         "  --batch N          images per step (default 64)\n"
@@ -43,6 +49,7 @@ static void usage(FILE *fp) {
         "                     trains on this fraction of its patches (default 1: all)\n"
         "  --seed N           data order, noise and flips (default 0)\n"
         "  --every N          save state, EMA and a sample grid every N steps (default 500)\n"
+        "  --grid N           images in each sample grid, 0 = no grids (default 20)\n"
         "  --threads N        CPU threads (default: all cores)\n"
         "  --backend cpu|cuda where the network trains (default cpu)\n"
         "  --device N         CUDA device index (default 0)\n"
@@ -54,7 +61,7 @@ static void usage(FILE *fp) {
 
 typedef struct args {
     const char *data, *out, *init;
-    int resume, steps, batch, warmup, hflip, every, threads, device, bench;
+    int resume, steps, batch, warmup, hflip, every, threads, device, bench, grid;
     lego_backend backend;
     lego_precision precision;
     double lr, ema_kimg, dropout, patch_fraction, minutes;
@@ -71,6 +78,7 @@ static int parse_args(int argc, char **argv, args *a) {
     a->ema_kimg = 500;
     a->dropout = 0.1;
     a->every = 500;
+    a->grid = 20;
     a->patch_fraction = 1;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -87,6 +95,8 @@ static int parse_args(int argc, char **argv, args *a) {
         else if (!strcmp(o, "--batch")) ok = (a->batch = (int)strtol(v, &end, 10)) > 0 && !*end;
         else if (!strcmp(o, "--warmup")) ok = (a->warmup = (int)strtol(v, &end, 10)) >= 0 && !*end;
         else if (!strcmp(o, "--every")) ok = (a->every = (int)strtol(v, &end, 10)) > 0 && !*end;
+        else if (!strcmp(o, "--grid"))
+            ok = (a->grid = (int)strtol(v, &end, 10)) >= 0 && a->grid <= 100 && !*end;
         else if (!strcmp(o, "--threads")) ok = (a->threads = (int)strtol(v, &end, 10)) >= 0 && !*end;
         else if (!strcmp(o, "--seed")) { a->seed = strtoull(v, &end, 10); ok = !*end; }
         else if (!strcmp(o, "--device")) ok = (a->device = (int)strtol(v, &end, 10)) >= 0 && !*end;
@@ -212,8 +222,9 @@ done:
     return ok;
 }
 
-/* A small grid from the EMA weights: 2 images per class (or 20 unlabelled). */
-static int write_grid(const char *ema_path, const char *grid_path, int threads) {
+/* A grid of n images from the EMA weights, classes in turn (unlabelled
+ * models: the null label), 10 to a row. */
+static int write_grid(const char *ema_path, const char *grid_path, int n, int threads) {
     lego_load_options lo;
     lego_load_options_init(&lo);
     lo.num_threads = threads;
@@ -228,8 +239,8 @@ static int write_grid(const char *ema_path, const char *grid_path, int threads) 
     lego_model_config cfg;
     lego_model_config_init(&cfg);
     lego_model_get_config(m, &cfg);
-    int n = 20, c = cfg.img_channels, h = cfg.img_resolution;
-    int32_t labels[20];
+    int c = cfg.img_channels, h = cfg.img_resolution;
+    int32_t labels[100];
     for (int i = 0; i < n; i++) labels[i] = cfg.label_dim > 0 ? i % cfg.label_dim : -1;
     img = malloc((size_t)n * c * h * h * sizeof *img);
     u8 = malloc((size_t)n * c * h * h);
@@ -261,6 +272,36 @@ done:
     free(u8);
     lego_model_free(m);
     return ok;
+}
+
+/* The signal that asked the run to stop (SIGINT, SIGTERM), or 0. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+static void catch_stop_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND; /* a second signal stops at once */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* Epoch e's visiting order: a Fisher-Yates shuffle driven by xorshift,
+ * seeded by (seed, e), so any image's place in the stream follows from the
+ * number of images seen before it. */
+static void epoch_order(int64_t *order, int64_t count, uint64_t seed, int64_t epoch) {
+    uint64_t rs = (seed * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)epoch * 0xD1B54A32D192ED03ull);
+    rs = rs ? rs : 1;
+    for (int64_t j = 0; j < count; j++) order[j] = j;
+    for (int64_t j = count - 1; j > 0; j--) {
+        rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+        int64_t k = (int64_t)(rs % (uint64_t)(j + 1)), tmp = order[j];
+        order[j] = order[k];
+        order[k] = tmp;
+    }
 }
 
 int main(int argc, char **argv) {
@@ -339,25 +380,32 @@ int main(int argc, char **argv) {
         fprintf(stderr, "lego-train: out of memory\n");
         goto done;
     }
-    /* Epochs visit the data in a shuffled order (xorshift, seeded). */
-    uint64_t rs = a.seed * 0x9E3779B97F4A7C15ull + 1;
-    int64_t pos = count;
-    fprintf(stderr, "lego-train: %lld images %dx%dx%d, %d classes, %lld parameters\n",
-            (long long)count, c, h, w, classes, (long long)lego_model_num_params(m));
-    double trained = 0; /* seconds in steps: saving and grids excluded */
     lego_train_stats st;
     lego_train_stats_init(&st);
-    for (int step = 0; step < a.steps; step++) {
+    lego_trainer_get_stats(t, &st); /* step 0, or the resumed state's */
+    const int64_t first_step = st.step;
+    if (first_step >= a.steps) {
+        fprintf(stderr, "lego-train: %s is at step %lld already (--steps %d)\n", state_path,
+                (long long)first_step, a.steps);
+        status = 0;
+        goto done;
+    }
+    /* Where the resumed run left the data stream. */
+    int64_t epoch = st.images_seen / count, pos = st.images_seen % count;
+    epoch_order(order, count, a.seed, epoch);
+    catch_stop_signals(); /* before the first line: a caller may signal once it sees it */
+    fprintf(stderr, "lego-train: %lld images %dx%dx%d, %d classes, %lld parameters%s\n",
+            (long long)count, c, h, w, classes, (long long)lego_model_num_params(m),
+            first_step ? ", resumed" : "");
+    if (first_step)
+        fprintf(stderr, "lego-train: from step %lld (%lld images seen) to %d\n",
+                (long long)first_step, (long long)st.images_seen, a.steps);
+    double trained = 0; /* seconds in steps: saving and grids excluded */
+    for (int64_t done_steps = 1;; done_steps++) {
         double t0 = now();
         for (int i = 0; i < a.batch; i++) {
             if (pos == count) {
-                for (int64_t j = 0; j < count; j++) order[j] = j;
-                for (int64_t j = count - 1; j > 0; j--) {
-                    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
-                    int64_t k = (int64_t)(rs % (uint64_t)(j + 1)), tmp = order[j];
-                    order[j] = order[k];
-                    order[k] = tmp;
-                }
+                epoch_order(order, count, a.seed, ++epoch);
                 pos = 0;
             }
             idx[i] = order[pos++];
@@ -371,9 +419,9 @@ int main(int argc, char **argv) {
             goto done;
         }
         trained += now() - t0;
-        double rate = (double)(step + 1) * a.batch / trained;
-        double eta = (a.steps - step - 1) * trained / (step + 1);
-        int last = step + 1 == a.steps;
+        double rate = (double)done_steps * a.batch / trained;
+        double eta = (double)(a.steps - st.step) * trained / (double)done_steps;
+        int last = st.step >= a.steps || stop_signal;
         if (a.minutes > 0) {
             double left = a.minutes * 60 - trained;
             if (left < eta) eta = left > 0 ? left : 0;
@@ -381,22 +429,28 @@ int main(int argc, char **argv) {
         }
         fprintf(stderr, "\rstep %lld  %.1f img/s  loss %.4f  lr %.2e  %s  ETA %.0fs   ",
                 (long long)st.step, rate, st.loss, st.lr, st.skipped ? "(skipped)" : "", eta);
-        if ((step + 1) % a.every == 0 || last) {
+        if (st.step % a.every == 0 || last) {
             snprintf(grid_path, sizeof grid_path, "%s/grid-%06lld.png", a.out, (long long)st.step);
             if (lego_trainer_save_state(t, state_path) != LEGO_OK ||
                 lego_trainer_export_ema(t, ema_path) != LEGO_OK) {
                 fprintf(stderr, "\nlego-train: %s\n", lego_trainer_error(t));
                 goto done;
             }
-            if (!write_grid(ema_path, grid_path, a.threads)) goto done;
-            fprintf(stderr, "\nlego-train: saved %s, %s, %s\n", state_path, ema_path, grid_path);
+            if (a.grid > 0 && !write_grid(ema_path, grid_path, a.grid, a.threads)) goto done;
+            fprintf(stderr, "\nlego-train: saved %s, %s%s%s\n", state_path, ema_path,
+                    a.grid > 0 ? ", " : "", a.grid > 0 ? grid_path : "");
         }
         if (last) {
             fprintf(stderr, "lego-train: %lld steps, %lld images in %.1f s of training (%.1f img/s)\n",
-                    (long long)st.step, (long long)st.images_seen, trained,
-                    (double)(step + 1) * a.batch / trained);
+                    (long long)done_steps, (long long)done_steps * a.batch, trained, rate);
             break;
         }
+    }
+    if (stop_signal) {
+        fprintf(stderr, "lego-train: stopped by signal %d at step %lld; continue with --resume\n",
+                (int)stop_signal, (long long)st.step);
+        status = 128 + stop_signal;
+        goto done;
     }
     fputc('\n', stderr);
     status = 0;

@@ -603,6 +603,12 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *trainer,
                                        const int32_t *labels, int n,
                                        lego_train_stats *stats);
 
+/* Where the trainer stands: the counters (step, images_seen, skipped_total)
+ * and the last step's loss, grad_norm, lr, ema_beta and skipped, which are
+ * 0 before this handle's first step and after lego_trainer_load_state.
+ * What a program resuming from a state file reads to know its step. */
+LEGO_API lego_status lego_trainer_get_stats(lego_trainer *trainer, lego_train_stats *stats);
+
 /* Everything needed to resume bit-exactly (weights, EMA, Adam moments,
  * counters, seed) as safetensors.  Options are not stored: resume with the
  * same ones.  load_state needs a trainer on a model of the same

@@ -419,6 +419,7 @@ LEGO_API lego_status lego_trainer_create(lego_model *m, const lego_train_options
     if (!t) return LEGO_ERR_OUT_OF_MEMORY;
     *out = t;
     lego_train_options_init(&t->opt);
+    lego_train_stats_init(&t->last);
     if (options) lego_copy_options(&t->opt, sizeof t->opt, options, options->size);
     t->opt.size = sizeof t->opt;
     if (!m) return trainer_fail(t, lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "model is NULL"));
@@ -624,7 +625,7 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
      * drawn on the device from the same Philox stream. */
     trainer_draw_batch(t, images, labels, n, t->y, m->cuda ? NULL : t->noise, t->sigma,
                        t->label_vectors);
-    double loss, norm;
+    double loss = 0, norm = 0;
     choose_patches(m, t->cache, t->opt.patch_fraction, t->seed,
                    step_stream(t->step, STREAM_PATCHES));
     if (m->cuda) {
@@ -683,19 +684,23 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
     }
     t->step++;
     t->images_seen += n;
-    if (stats) {
-        lego_train_stats st;
-        lego_train_stats_init(&st);
-        st.step = t->step;
-        st.images_seen = t->images_seen;
-        st.loss = loss;
-        st.grad_norm = norm;
-        st.lr = lr;
-        st.ema_beta = beta;
-        st.skipped = skipped;
-        st.skipped_total = t->skipped;
-        lego_copy_options(stats, stats->size, &st, sizeof st);
-    }
+    lego_train_stats *st = &t->last;
+    st->step = t->step;
+    st->images_seen = t->images_seen;
+    st->loss = loss;
+    st->grad_norm = norm;
+    st->lr = lr;
+    st->ema_beta = beta;
+    st->skipped = skipped;
+    st->skipped_total = t->skipped;
+    if (stats) lego_copy_options(stats, stats->size, st, sizeof *st);
+    return LEGO_OK;
+}
+
+LEGO_API lego_status lego_trainer_get_stats(lego_trainer *t, lego_train_stats *stats) {
+    TRAINER_CHECK(t);
+    if (!stats) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "stats is NULL");
+    lego_copy_options(stats, stats->size, &t->last, sizeof t->last);
     return LEGO_OK;
 }
 
@@ -880,6 +885,10 @@ LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) 
     t->images_seen = (int64_t)v[2];
     t->skipped = (int64_t)v[3];
     t->seed = v[4];
+    lego_train_stats_init(&t->last);
+    t->last.step = t->step;
+    t->last.images_seen = t->images_seen;
+    t->last.skipped_total = t->skipped;
 done:
     if (s != LEGO_OK) lego_err_prefix(&t->err, "%s", path);
     free(fresh);

@@ -26,6 +26,7 @@ struct lego_trainer {
     int64_t images_seen;
     int64_t skipped;
     uint64_t seed;
+    lego_train_stats last;    /* the last step this handle took (zeros after a load) */
 
     /* Activations and batch buffers for `batch_n` images, rebuilt when a
      * step brings another batch size. */

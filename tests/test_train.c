@@ -664,7 +664,8 @@ END_TEST
 
 /* A state file with a damaged value (NaN, or a negative second moment) is
  * refused and the trainer keeps its state; counters at their limit make the
- * next step fail instead of overflowing. */
+ * next step fail instead of overflowing; get_stats reports the counters
+ * after a load and the last step after a step. */
 START_TEST(test_state_damaged) {
     const int n = 2;
     int32_t labels[2] = {0, 1};
@@ -697,6 +698,15 @@ START_TEST(test_state_damaged) {
     ck_assert(lego_trainer_save_state(ta, path) == LEGO_OK);
     ck_assert_msg(lego_trainer_load_state(tb, path) == LEGO_OK, "%s", lego_trainer_error(tb));
     ck_assert(tb->step == 1 && mb->params[at] == ma->params[at]);
+    /* get_stats: counters from the file, no last step yet. */
+    lego_train_stats st;
+    lego_train_stats_init(&st);
+    st.loss = 99;
+    ck_assert(lego_trainer_get_stats(tb, &st) == LEGO_OK);
+    ck_assert(st.step == 1 && st.images_seen == n && st.skipped_total == 0);
+    ck_assert(st.loss == 0 && st.lr == 0 && st.grad_norm == 0 && !st.skipped);
+    ck_assert(lego_trainer_get_stats(tb, NULL) == LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert(lego_trainer_get_stats(NULL, &st) == LEGO_ERR_INVALID_ARGUMENT);
 
     tb->step = INT64_MAX;
     ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_ERR_STATE);
@@ -706,8 +716,19 @@ START_TEST(test_state_damaged) {
     ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_ERR_STATE);
     ck_assert(tb->step == 1 && mb->params[at] == ma->params[at]);
     tb->images_seen = INT64_MAX - n;
-    ck_assert(lego_trainer_step(tb, images, labels, n, NULL) == LEGO_OK);
+    lego_train_stats got;
+    lego_train_stats_init(&got);
+    ck_assert(lego_trainer_step(tb, images, labels, n, &got) == LEGO_OK);
     ck_assert(tb->step == 2 && tb->images_seen == INT64_MAX);
+    /* get_stats repeats the last step's stats. */
+    lego_train_stats_init(&st);
+    ck_assert(lego_trainer_get_stats(tb, &st) == LEGO_OK);
+    ck_assert(st.step == 2 && st.images_seen == INT64_MAX && st.loss == got.loss &&
+              st.lr == got.lr && st.grad_norm == got.grad_norm && st.loss > 0);
+    /* A caller's older, shorter struct gets only the fields it has. */
+    struct { size_t size; int64_t step; } old_stats = {sizeof old_stats, -1};
+    ck_assert(lego_trainer_get_stats(tb, (lego_train_stats *)&old_stats) == LEGO_OK);
+    ck_assert(old_stats.size == sizeof old_stats && old_stats.step == 2);
 
     remove(path);
     free(path);

@@ -336,6 +336,7 @@ PROTOTYPES = {
     "lego_train_loss": (c_int, [c_void_p, P(TrainBatch), P(c_float), P(c_float)]),
     "lego_trainer_create": (c_int, [c_void_p, P(TrainOptions), P(c_void_p)]),
     "lego_trainer_step": (c_int, [c_void_p, P(c_float), P(c_int32), c_int, P(TrainStats)]),
+    "lego_trainer_get_stats": (c_int, [c_void_p, P(TrainStats)]),
     "lego_trainer_save_state": (c_int, [c_void_p, c_char_p]),
     "lego_trainer_load_state": (c_int, [c_void_p, c_char_p]),
     "lego_trainer_export_ema": (c_int, [c_void_p, c_char_p]),

@@ -12,6 +12,11 @@ TrainStats = namedtuple("TrainStats", "step images_seen loss grad_norm lr ema_be
                                       "skipped_total")
 
 
+def _stats(st):
+    return TrainStats(st.step, st.images_seen, st.loss, st.grad_norm, st.lr, st.ema_beta,
+                      bool(st.skipped), st.skipped_total)
+
+
 class Dataset:
     """Training images decoded once into memory: a Fashion-MNIST style idx
     file (plain or .gz, labels found beside it or given), a folder of PNGs
@@ -173,8 +178,16 @@ class Trainer:
         st = _lib.new(_lib.TrainStats)
         self._check(_lib.lib().lego_trainer_step(self._handle(), ib.ptr, lb.ptr if lb else None,
                                                  n, ctypes.byref(st)))
-        return TrainStats(st.step, st.images_seen, st.loss, st.grad_norm, st.lr, st.ema_beta,
-                          bool(st.skipped), st.skipped_total)
+        return _stats(st)
+
+    @property
+    def stats(self):
+        """Where the trainer stands (a TrainStats): the step and image
+        counters, and the last step's loss, grad_norm, lr and ema_beta (0
+        before this trainer's first step and after load_state)."""
+        st = _lib.new(_lib.TrainStats)
+        self._check(_lib.lib().lego_trainer_get_stats(self._handle(), ctypes.byref(st)))
+        return _stats(st)
 
     def save_state(self, path):
         """Everything needed to resume bit-exactly, as safetensors."""

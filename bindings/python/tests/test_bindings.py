@@ -446,7 +446,9 @@ class TrainTest(unittest.TestCase):
             resumed = small_model(seed=99)  # other weights: the state brings them
             t2 = lego.Trainer(resumed, **opts)
             t2.load_state(state)
+            self.assertEqual(t2.stats[:3], (2, 6, 0.0))
             self.assertEqual([t2.step(y, labels).loss for _ in range(2)], losses[2:])
+            self.assertEqual((t2.stats.step, t2.stats.loss), (4, losses[3]))
             np.testing.assert_array_equal(resumed.get_params(), straight.get_params())
             ema = os.path.join(tmp, "ema.safetensors")
             t2.export_ema(ema)
