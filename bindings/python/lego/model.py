@@ -39,26 +39,61 @@ def _choice(table, value, what):
         raise ValueError("%s must be one of %s, got %r" % (what, ", ".join(table), value)) from None
 
 
-def _from_handle(status, handle):
-    """Turn a constructor's result into a Model, or raise with the failed
-    handle's message (and free it)."""
-    lib = _lib.lib()
-    if status != _lib.OK:
-        msg = lib.lego_model_error(handle).decode(errors="replace")
-        lib.lego_model_free(handle)
-        raise LegoError(status, msg)
-    return Model(handle)
+class _Handle:
+    """A liblego handle: freed by close(), at the end of a `with`, or when
+    collected.  A failing call raises LegoError with the handle's message.
+    Subclasses name their C free and error functions and what they are."""
+
+    _free, _error, _what = "lego_model_free", "lego_model_error", "model"
+
+    def __init__(self, status, handle):
+        """Take the handle a constructor made, or raise with the failed
+        handle's message (and free it)."""
+        self._h = None
+        if status != _lib.OK:
+            lib = _lib.lib()
+            msg = getattr(lib, self._error)(handle).decode(errors="replace")
+            getattr(lib, self._free)(handle)
+            raise LegoError(status, msg)
+        self._h = handle
+
+    def close(self):
+        if self._h:
+            getattr(_lib.lib(), self._free)(self._h)
+            self._h = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        if not self._h:
+            raise LegoError(9, "the %s is closed" % self._what)
+        return self._h
+
+    def _check(self, status):
+        if status != _lib.OK:
+            msg = getattr(_lib.lib(), self._error)(self._h).decode(errors="replace")
+            raise LegoError(status, msg)
 
 
-class Model:
+class Model(_Handle):
     """A LEGO network.  Build one with Model.load, Model.create or
     Model.preset.  Not for two threads at once (the model owns its scratch
     memory); separate models are independent.  close() (or `with`) frees it
     at once; otherwise it is freed when collected."""
 
-    def __init__(self, handle):
-        self._h = handle
+    def __init__(self, status, handle):
         self._trainers = weakref.WeakSet()  # closed before the model is
+        super().__init__(status, handle)
 
     # ---- construction ---------------------------------------------------
 
@@ -75,7 +110,7 @@ class Model:
         o.device = device
         o.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
-        return _from_handle(lib.lego_model_load(_encode(path), ctypes.byref(o), ctypes.byref(h)), h)
+        return cls(lib.lego_model_load(_encode(path), ctypes.byref(o), ctypes.byref(h)), h)
 
     @classmethod
     def create(cls, bricks, img_channels=3, img_resolution=32, label_dim=0, hidden_size=384,
@@ -93,7 +128,7 @@ class Model:
         c.backend = _choice(_lib.BACKENDS, backend, "backend")
         c.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
-        model = _from_handle(lib.lego_model_create(ctypes.byref(c), ctypes.byref(h)), h)
+        model = cls(lib.lego_model_create(ctypes.byref(c), ctypes.byref(h)), h)
         for b in bricks:
             bc = _lib.new(_lib.BrickConfig)
             bc.brick_size, bc.patch_size, bc.depth = b
@@ -109,38 +144,14 @@ class Model:
         o = _preset_options(img_channels, img_resolution, label_dim, threads, backend, device)
         o.precision = _choice(_lib.PRECISIONS, precision, "precision")
         h = ctypes.c_void_p()
-        return _from_handle(lib.lego_model_create_preset(_encode(name), ctypes.byref(o),
-                                                          ctypes.byref(h)), h)
+        return cls(lib.lego_model_create_preset(_encode(name), ctypes.byref(o), ctypes.byref(h)),
+                   h)
 
     def close(self):
         """Free the model now, and first any Trainer that borrows it."""
         for t in list(self._trainers):
             t.close()
-        if self._h:
-            _lib.lib().lego_model_free(self._h)
-            self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _check(self, status):
-        if status != _lib.OK:
-            msg = _lib.lib().lego_model_error(self._h).decode(errors="replace")
-            raise LegoError(status, msg)
-
-    def _handle(self):
-        if not self._h:
-            raise LegoError(9, "the model is closed")
-        return self._h
+        super().close()
 
     # ---- weights ----------------------------------------------------------
 

@@ -6,7 +6,7 @@ from collections import namedtuple
 
 from . import _arrays
 from . import _lib
-from .model import LegoError, Model, _choice, _encode
+from .model import Model, _choice, _encode, _Handle
 
 TrainStats = namedtuple("TrainStats", "step images_seen loss grad_norm lr ema_beta skipped "
                                       "skipped_total")
@@ -17,54 +17,24 @@ def _stats(st):
                       bool(st.skipped), st.skipped_total)
 
 
-class Dataset:
+class Dataset(_Handle):
     """Training images decoded once into memory: a Fashion-MNIST style idx
     file (plain or .gz, labels found beside it or given), a folder of PNGs
     or an EDM-style zip (labels from dataset.json).  Images come out as
     float32 C x H x W in [-1, 1], padded to `resolution` when given."""
 
+    _free, _error, _what = "lego_dataset_free", "lego_dataset_error", "dataset"
+
     def __init__(self, path, resolution=0, pad_value=-1.0, max_images=0, max_bytes=None,
                  labels_path=None):
-        lib = _lib.lib()
         o = _lib.new(_lib.DatasetOptions)
         o.resolution, o.pad_value, o.max_images = resolution, pad_value, max_images
         if max_bytes is not None:
             o.max_bytes = max_bytes
-        keep = _encode(labels_path) if labels_path is not None else None
-        o.labels_path = keep
+        o.labels_path = _encode(labels_path) if labels_path is not None else None
         h = ctypes.c_void_p()
-        status = lib.lego_dataset_open(_encode(path), ctypes.byref(o), ctypes.byref(h))
-        if status != _lib.OK:
-            msg = lib.lego_dataset_error(h).decode(errors="replace")
-            lib.lego_dataset_free(h)
-            raise LegoError(status, msg)
-        self._h = h
-
-    def close(self):
-        if self._h:
-            _lib.lib().lego_dataset_free(self._h)
-            self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _handle(self):
-        if not self._h:
-            raise LegoError(9, "the dataset is closed")
-        return self._h
-
-    def _check(self, status):
-        if status != _lib.OK:
-            raise LegoError(status, _lib.lib().lego_dataset_error(self._h).decode(errors="replace"))
+        super().__init__(_lib.lib().lego_dataset_open(_encode(path), ctypes.byref(o),
+                                                      ctypes.byref(h)), h)
 
     def __len__(self):
         return _lib.lib().lego_dataset_count(self._handle())
@@ -100,7 +70,7 @@ class Dataset:
         return out.value, labels.value
 
 
-class Trainer:
+class Trainer(_Handle):
     """Trains a Model in place: the EDM/LEGO loss, Adam or AdamW with
     warm-up and clipping, an EMA of the weights, label dropout and flips,
     all drawn from the seed and the step number so a run resumes exactly
@@ -111,10 +81,11 @@ class Trainer:
     ema_rampup_ratio, p_mean, p_std, label_dropout, hflip, height, width,
     seed, patch_fraction."""
 
+    _free, _error, _what = "lego_trainer_free", "lego_trainer_error", "trainer"
+
     def __init__(self, model, **options):
         if not isinstance(model, Model):
             raise TypeError("Trainer needs a lego.Model")
-        lib = _lib.lib()
         o = _lib.new(_lib.TrainOptions)
         for key, value in options.items():
             if key == "size" or key not in dict(o._fields_):
@@ -123,42 +94,12 @@ class Trainer:
                 value = _choice(_lib.OPTIMIZERS, value, "optimizer")
             setattr(o, key, value)
         h = ctypes.c_void_p()
-        status = lib.lego_trainer_create(model._handle(), ctypes.byref(o), ctypes.byref(h))
-        if status != _lib.OK:
-            msg = lib.lego_trainer_error(h).decode(errors="replace")
-            lib.lego_trainer_free(h)
-            raise LegoError(status, msg)
-        self._h = h
+        super().__init__(_lib.lib().lego_trainer_create(model._handle(), ctypes.byref(o),
+                                                        ctypes.byref(h)), h)
         self.model = model
         res = model.config["img_resolution"]
         self.image_shape = (model.config["img_channels"], o.height or res, o.width or res)
         model._trainers.add(self)
-
-    def close(self):
-        if self._h:
-            _lib.lib().lego_trainer_free(self._h)
-            self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _handle(self):
-        if not self._h:
-            raise LegoError(9, "the trainer is closed")
-        return self._h
-
-    def _check(self, status):
-        if status != _lib.OK:
-            raise LegoError(status, _lib.lib().lego_trainer_error(self._h).decode(errors="replace"))
 
     def step(self, images, labels=None):
         """One optimiser step on n images (n x C x H x W at the trainer's
