@@ -91,6 +91,8 @@ for what in "$@"; do
         # on Fashion-MNIST ($D/data, tools/stage-device.sh data), then 1000 samples (Heun 18,
         # no guidance) for ../shared/eval/fmnist_score.py at home.  The EMA checkpoint comes
         # back in 15 MB parts (the transfer's file limit): cat ema.part.* > model.safetensors.
+        # Should the timeout strike first, its SIGTERM makes lego-train save after the
+        # step under way (exit 143), so the EMA still comes back.
         echo "== train the Fashion-MNIST model, ${MINUTES:-5.5} min"
         timeout 480 "$D/bin/lego-train" --backend cuda --precision bf16 \
             --data "$D/data/train-images-idx3-ubyte.gz" --out /tmp/fmnist --batch ${BATCH:-256} \
