@@ -10,7 +10,7 @@
 #                        (CUDA_HOME=/usr/local/cuda; docs/cuda.md)
 #   make SANITIZE=1      build everything with ASan + UBSan
 #   make tsan            the tests under ThreadSanitizer (clang, in build/tsan/)
-#   make valgrind, fuzz, check-abi, cuda-emu-check: see their rules below
+#   make valgrind, fuzz, check-abi, cuda-emu-check, cuda-emu-quick: see their rules below
 #
 VERSION_MAJOR := 0
 VERSION := 0.1.0
@@ -68,7 +68,7 @@ MANPAGES := $(wildcard docs/man/*.1)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
 .PHONY: all lib examples check check-header check-pkgconfig check-python check-docs valgrind install \
-        uninstall clean deps cuda-emu-check
+        uninstall clean deps cuda-emu-check cuda-emu-quick
 
 all: lib examples
 
@@ -184,6 +184,18 @@ build/emu/lego-%: examples/lego-%.c $(EMU_OBJ)
 
 cuda-emu-check: build/emu/test_cuda
 	ASAN_OPTIONS=detect_stack_use_after_return=0 ./build/emu/test_cuda
+
+# The emulation's quick parts (about a minute once built), which CI runs:
+# training on the device (golden gradients, steps, resume, two trainers),
+# the device sampling loop, Philox, and attention through cuDNN.  The rest
+# (golden and random networks in every precision, samplers) takes tens of
+# minutes: cuda-emu-check.
+EMU_QUICK_CASES := train train-golden devloop philox cudnn
+cuda-emu-quick: build/emu/test_cuda
+	@status=0; for c in $(EMU_QUICK_CASES); do \
+	  echo "== emulated CUDA backend: $$c"; \
+	  CK_RUN_CASE=$$c ASAN_OPTIONS=detect_stack_use_after_return=0 ./build/emu/test_cuda || status=1; \
+	done; exit $$status
 
 # lego.h must compile as C11 and C++17 with every warning an error.
 check-header:
