@@ -684,23 +684,23 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
     }
     t->step++;
     t->images_seen += n;
-    lego_train_stats *st = &t->last;
-    st->step = t->step;
-    st->images_seen = t->images_seen;
-    st->loss = loss;
-    st->grad_norm = norm;
-    st->lr = lr;
-    st->ema_beta = beta;
-    st->skipped = skipped;
-    st->skipped_total = t->skipped;
-    if (stats) lego_copy_options(stats, stats->size, st, sizeof *st);
-    return LEGO_OK;
+    lego_train_stats *last = &t->last;
+    last->loss = loss;
+    last->grad_norm = norm;
+    last->lr = lr;
+    last->ema_beta = beta;
+    last->skipped = skipped;
+    return stats ? lego_trainer_get_stats(t, stats) : LEGO_OK;
 }
 
 LEGO_API lego_status lego_trainer_get_stats(lego_trainer *t, lego_train_stats *stats) {
     TRAINER_CHECK(t);
     if (!stats) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "stats is NULL");
-    lego_copy_options(stats, stats->size, &t->last, sizeof t->last);
+    lego_train_stats st = t->last;
+    st.step = t->step;
+    st.images_seen = t->images_seen;
+    st.skipped_total = t->skipped;
+    lego_copy_options(stats, stats->size, &st, sizeof st);
     return LEGO_OK;
 }
 
@@ -885,10 +885,7 @@ LEGO_API lego_status lego_trainer_load_state(lego_trainer *t, const char *path) 
     t->images_seen = (int64_t)v[2];
     t->skipped = (int64_t)v[3];
     t->seed = v[4];
-    lego_train_stats_init(&t->last);
-    t->last.step = t->step;
-    t->last.images_seen = t->images_seen;
-    t->last.skipped_total = t->skipped;
+    lego_train_stats_init(&t->last); /* no step taken by this handle since */
 done:
     if (s != LEGO_OK) lego_err_prefix(&t->err, "%s", path);
     free(fresh);

@@ -26,7 +26,9 @@ struct lego_trainer {
     int64_t images_seen;
     int64_t skipped;
     uint64_t seed;
-    lego_train_stats last;    /* the last step this handle took (zeros after a load) */
+    /* The last step's loss, grad_norm, lr, ema_beta and skipped (zeros
+     * before a step and after a load); get_stats adds the counters. */
+    lego_train_stats last;
 
     /* Activations and batch buffers for `batch_n` images, rebuilt when a
      * step brings another batch size. */
