@@ -39,6 +39,25 @@ def _choice(table, value, what):
         raise ValueError("%s must be one of %s, got %r" % (what, ", ".join(table), value)) from None
 
 
+def _image_batch(value, what, C, H, W, exact=False):
+    """`value` as contiguous float32 for n images of C x H x W: a 4-D array
+    gives n and (unless `exact`) H and W; anything else is flat in that
+    order.  Returns (Buffer, n, H, W); the library reads n*C*H*W floats,
+    so a size that is not a whole batch is refused here."""
+    buf, shape = _arrays.from_input(value, "f", what)
+    if len(shape) == 4:
+        n, C2, H2, W2 = shape
+        if C2 != C or (exact and (H2, W2) != (H, W)):
+            raise ValueError("%s: %s is not n x %d x %d x %d"
+                             % (what, "x".join(map(str, shape)), C, H, W))
+        H, W = H2, W2
+    else:
+        n = buf.count // (C * H * W)
+        if n < 1 or n * C * H * W != buf.count:
+            raise ValueError("%s: %d values is not n x %d x %d x %d" % (what, buf.count, C, H, W))
+    return buf, n, H, W
+
+
 class _Handle:
     """A liblego handle: freed by close(), at the end of a `with`, or when
     collected.  A failing call raises LegoError with the handle's message.
@@ -284,18 +303,7 @@ class Model(_Handle):
         K x n x C x H x W (bricks not run are zero)."""
         lib = _lib.lib()
         C, H, W = self._size(height, width)
-        if _arrays.have_numpy() and hasattr(x, "shape") and len(x.shape) == 4:
-            n, C2, H, W = x.shape
-            if C2 != C:
-                raise ValueError("x has %d channels, the model %d" % (C2, C))
-            xb, _ = _arrays.from_input(x, "f", "x")
-        else:
-            xb, shape = _arrays.from_input(x, "f", "x")
-            n = xb.count // (C * H * W)
-            if n < 1 or n * C * H * W != xb.count:
-                raise ValueError("x: %d values is not n x %d x %d x %d" % (xb.count, C, H, W))
-            if _arrays.have_numpy():
-                xb, _ = _arrays.from_input(x, "f", "x", (n, C, H, W))
+        xb, n, H, W = _image_batch(x, "x", C, H, W)
         sigmas = [float(sigma)] * n if isinstance(sigma, (int, float)) else sigma
         sb, _ = _arrays.from_input(sigmas, "f", "sigma", (n,))
         r = _lib.new(_lib.DenoiseRequest)
@@ -329,15 +337,7 @@ class Model(_Handle):
         the loss alone with grads=False."""
         lib = _lib.lib()
         C, H, W = self._size(None, None)
-        yb, shape = _arrays.from_input(y, "f", "y")
-        if len(shape) == 4:
-            n, C2, H, W = shape
-            if C2 != C:
-                raise ValueError("y has %d channels, the model %d" % (C2, C))
-        else:
-            n = yb.count // (C * H * W)
-            if n < 1 or n * C * H * W != yb.count:
-                raise ValueError("y: %d values is not n x %d x %d x %d" % (yb.count, C, H, W))
+        yb, n, H, W = _image_batch(y, "y", C, H, W)
         nb, _ = _arrays.from_input(noise, "f", "noise", (n, C, H, W))
         sigmas = [float(sigma)] * n if isinstance(sigma, (int, float)) else sigma
         sb, _ = _arrays.from_input(sigmas, "f", "sigma", (n,))

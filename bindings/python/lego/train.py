@@ -6,7 +6,7 @@ from collections import namedtuple
 
 from . import _arrays
 from . import _lib
-from .model import Model, _choice, _encode, _Handle
+from .model import Model, _choice, _encode, _Handle, _image_batch
 
 TrainStats = namedtuple("TrainStats", "step images_seen loss grad_norm lr ema_beta skipped "
                                       "skipped_total")
@@ -106,13 +106,7 @@ class Trainer(_Handle):
         size, or flat in that order) with n class labels (-1 = null; None =
         all null).  Returns a TrainStats; a non-finite gradient skips the
         update (stats.skipped)."""
-        per = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
-        ib, shape = _arrays.from_input(images, "f", "images")
-        n = ib.count // per
-        wrong_shape = len(shape) == 4 and tuple(shape[1:]) != self.image_shape
-        if n < 1 or n * per != ib.count or wrong_shape:
-            raise ValueError("images: %s is not n x %d x %d x %d"
-                             % (("x".join(map(str, shape)),) + self.image_shape))
+        ib, n, _, _ = _image_batch(images, "images", *self.image_shape, exact=True)
         lb = None
         if labels is not None:
             lb, _ = _arrays.from_input(labels, "i", "labels", (n,))
