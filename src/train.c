@@ -597,6 +597,16 @@ static double ema_update(lego_trainer *t, int n) {
     return beta;
 }
 
+/* The counters where they live, the last step's figures from t->last, into
+ * the caller's version of the struct. */
+static void copy_stats(const lego_trainer *t, lego_train_stats *out) {
+    lego_train_stats st = t->last;
+    st.step = t->step;
+    st.images_seen = t->images_seen;
+    st.skipped_total = t->skipped;
+    lego_copy_options(out, out->size, &st, sizeof st);
+}
+
 LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
                                        const int32_t *labels, int n, lego_train_stats *stats) {
     TRAINER_CHECK(t);
@@ -690,17 +700,14 @@ LEGO_API lego_status lego_trainer_step(lego_trainer *t, const float *images,
     last->lr = lr;
     last->ema_beta = beta;
     last->skipped = skipped;
-    return stats ? lego_trainer_get_stats(t, stats) : LEGO_OK;
+    if (stats) copy_stats(t, stats);
+    return LEGO_OK;
 }
 
 LEGO_API lego_status lego_trainer_get_stats(lego_trainer *t, lego_train_stats *stats) {
     TRAINER_CHECK(t);
     if (!stats) return lego_fail(&t->err, LEGO_ERR_INVALID_ARGUMENT, "stats is NULL");
-    lego_train_stats st = t->last;
-    st.step = t->step;
-    st.images_seen = t->images_seen;
-    st.skipped_total = t->skipped;
-    lego_copy_options(stats, stats->size, &st, sizeof st);
+    copy_stats(t, stats);
     return LEGO_OK;
 }
 
