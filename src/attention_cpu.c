@@ -313,7 +313,8 @@ attend_backward_avx2(const float *qkv, const float *P, const float *dout, int to
         int rows = tile_rows(go0, D, i0, tokens, a);
         float *dsi = ds + (size_t)i0 * t16;
         /* dP = dO V^T straight into dS's rows, then dS in place. */
-        for (size_t j0 = 0; j0 < t16; j0 += 16) tile_avx2(a, 1, head_dim, vt + j0, t16, dsi + j0, t16);
+        for (size_t j0 = 0; j0 < t16; j0 += 16)
+            tile_avx2(a, 1, head_dim, vt + j0, t16, dsi + j0, t16);
         for (int r = 0; r < rows; r++)
             softmax_grad_row(P + (size_t)(i0 + r) * t, dsi + (size_t)r * t16, tokens, scale);
         tile_rows(dsi, t16, 0, rows, a);

@@ -162,9 +162,10 @@ static void trainer_state_seeds(void) {
     char path[512];
     snprintf(path, sizeof path, "%s/.seed.safetensors", outdir);
     const char *names[3] = {"step1", "step3", "ema-checkpoint"};
+    const int more_steps[3] = {1, 2, 0};
     for (int k = 0; k < 3; k++) {
         int32_t label = k == 0 ? 1 : -1;
-        for (int step = 0; step < (k == 0 ? 1 : k == 1 ? 2 : 0); step++)
+        for (int step = 0; step < more_steps[k]; step++)
             if (lego_trainer_step(t, image, &label, 1, NULL) != LEGO_OK) die(lego_trainer_error(t));
         lego_status s = k < 2 ? lego_trainer_save_state(t, path) : lego_trainer_export_ema(t, path);
         if (s != LEGO_OK) die(lego_trainer_error(t));
