@@ -412,7 +412,7 @@ lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float
                       lego_err *err);
 /* How the LayerNorm kernels for dim a multiple of 128 take their rows
  * (CUDA_OPT_LAYERNORM; the same bits either way). */
-enum { LN_TILED = 0, LN_PER_ROW = 1 };
+enum { LN_PER_ROW = 0, LN_TILED = 1 };
 /* (x += pos[r % tokens] when pos) then y = LN(x)*(1+scale)+shift, y of
  * type T.  mode: LN_TILED or LN_PER_ROW. */
 template <class T>

@@ -700,8 +700,8 @@ START_TEST(test_cuda_random_models) {
                   lego_model_error(m));
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, "", &gpu, &cpu, GPU_TOL);
-    /* The LayerNorm kernels one warp per row instead of tiles per image:
-     * the same arithmetic, so the same bits. */
+    /* The LayerNorm kernels in tiles per image instead of one warp per
+     * row: the same arithmetic, so the same bits. */
     {
         denoise_outputs rows;
         ck_assert(cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, 1) == LEGO_OK);
@@ -712,8 +712,8 @@ START_TEST(test_cuda_random_models) {
                           memcmp(rows.cfg, gpu.cfg, img * sizeof(float)) == 0 &&
                           memcmp(rows.bricks, gpu.bricks,
                                  (size_t)rm->num_bricks * img * sizeof(float)) == 0,
-                      "%s: LayerNorm per row differs from tiled", rm->name);
-        printf("cuda %-14s layernorm per row == tiled, bit for bit\n", rm->name);
+                      "%s: LayerNorm in tiles differs from per row", rm->name);
+        printf("cuda %-14s layernorm tiled == per row, bit for bit\n", rm->name);
         free_outputs(&rows);
     }
     free_outputs(&gpu);

@@ -7,7 +7,7 @@
  * --attn sets CUDA_OPT_ATTENTION (0 automatic, 3 the tensor-core kernel
  * with 32 query rows per warp, 4 cuDNN, 5 never cuDNN: src/backend_cuda.h) for an
  * A/B timing; a "cudnn" line says whether cuDNN was loaded and ran.  --ln
- * sets CUDA_OPT_LAYERNORM (0 tiles per image, 1 one warp per row).
+ * sets CUDA_OPT_LAYERNORM (0 one warp per row, 1 tiles per image).
  * Before the profile it times whole evaluations (graphs on, as lego-bench;
  * host copies included): the median of 5 after the warm-ups.
  *
