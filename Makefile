@@ -19,6 +19,7 @@ LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share/liblego
 CUDA ?= 0
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(CUDA_HOME)/bin/nvcc
@@ -65,6 +66,7 @@ STATIC := lib/liblego.a
 EXAMPLES := $(patsubst examples/%.c,bin/%,$(wildcard examples/*.c))
 TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 MANPAGES := $(wildcard docs/man/*.1)
+MODELS := $(wildcard models/*.safetensors)
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lpthread)
 
 .PHONY: all lib examples check check-header check-pkgconfig check-python check-docs valgrind install \
@@ -346,7 +348,7 @@ fuzz-seeds: build/fuzz/make_seeds
 
 install: lib examples
 	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(BINDIR) \
-	  $(DESTDIR)$(MANDIR)/man1
+	  $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(DATADIR)
 	install -m 644 include/lego.h $(DESTDIR)$(INCLUDEDIR)/
 	install -m 755 $(SHARED) $(DESTDIR)$(LIBDIR)/
 	ln -sf liblego.so.$(VERSION) $(DESTDIR)$(LIBDIR)/liblego.so.$(VERSION_MAJOR)
@@ -356,11 +358,14 @@ install: lib examples
 	  pkgconfig/lego.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
 	install -m 755 $(EXAMPLES) $(DESTDIR)$(BINDIR)/
 	install -m 644 $(MANPAGES) $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(MODELS) $(DESTDIR)$(DATADIR)/
 
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/lego.h $(DESTDIR)$(LIBDIR)/liblego.* $(DESTDIR)$(LIBDIR)/pkgconfig/lego.pc
 	rm -f $(patsubst bin/%,$(DESTDIR)$(BINDIR)/%,$(EXAMPLES)) \
 	  $(patsubst docs/man/%,$(DESTDIR)$(MANDIR)/man1/%,$(MANPAGES))
+	rm -f $(patsubst models/%,$(DESTDIR)$(DATADIR)/%,$(MODELS))
+	-rmdir $(DESTDIR)$(DATADIR) 2>/dev/null
 
 # Python: the bindings (bindings/python) and tools/lego-convert, with the
 # library just built.  Debian's python3 has numpy; the tests also run the
@@ -412,7 +417,9 @@ else
 	  $$($$pc --static --libs lego | sed 's/-llego//') && \
 	$$tmp/hello_static && \
 	test -f $$tmp/share/man/man1/lego-sample.1 && test -x $$tmp/bin/lego-sample && \
-	$$tmp/bin/lego-sample --help >/dev/null && echo "check-pkgconfig: ok"
+	$$tmp/bin/lego-sample --help >/dev/null && \
+	(cd $$tmp && bin/lego-sample --seeds 0 --steps 1 --quiet --threads 1 --npz one.npz) && \
+	test -s $$tmp/one.npz && echo "check-pkgconfig: ok (lego-sample found the installed model)"
 endif
 
 # Debian packages for building (first line), testing (second line), and

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
-model=${2:-../shared/models/fmnist_lego_pg32.safetensors}
+model=${2:-models/lego_fmnist_pg32.safetensors}
 out=${OUT:-out/quality}
 mkdir -p "$out"
 make -s examples

@@ -12,8 +12,9 @@
  * lego_denoise call after warm-up, images per second, the model FLOPs of
  * one evaluation counted analytically, and the FLOP rate that implies.
  *
- * Without --model or --preset it times ../shared/models/fmnist_lego_pg32
- * when that file exists, else the small random "tiny" model.  --preset
+ * Without --model or --preset it times the bundled Fashion-MNIST model
+ * (models/lego_fmnist_pg32) when run from the source tree, else the small
+ * random "tiny" model.  --preset
  * takes a library preset (lego_S_PG_64, dit_XL2_32, ...; --list shows them
  * with their sizes) or one of the short aliases (S-PG-64, DiT-S-64, ...),
  * built with random weights (lego_model_init_weights); the paper-sized ones
@@ -59,7 +60,7 @@
 
 #include "lego.h"
 
-#define DEFAULT_MODEL "../shared/models/fmnist_lego_pg32.safetensors"
+#define DEFAULT_MODEL "models/lego_fmnist_pg32.safetensors"
 #define MAX_BATCHES 32
 
 /* ---- presets -------------------------------------------------------------

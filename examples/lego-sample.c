@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "lego.h"
 
@@ -23,10 +24,30 @@
  * application's to make.  Weak: absent when liblego uses another BLAS. */
 extern void openblas_set_num_threads(int) __attribute__((weak));
 
-static const char *default_models[] = {
-    "models/lego_fmnist_pg32.safetensors",
-    "../shared/models/fmnist_lego_pg32.safetensors",
-};
+/* The bundled Fashion-MNIST model (trained by lego-train, models/): where
+ * the source tree keeps it, relative to the working directory or to this
+ * program in the tree's bin/, then where `make install` puts it, relative
+ * to this program in PREFIX/bin. */
+#define DEFAULT_MODEL "lego_fmnist_pg32.safetensors"
+static const char *default_model_dirs[] = {"../models/", "../share/liblego/"};
+
+/* The first default model that exists, into buf; NULL if none. */
+static const char *find_default_model(char *buf, size_t size) {
+    struct stat sb;
+    if (stat("models/" DEFAULT_MODEL, &sb) == 0) return "models/" DEFAULT_MODEL;
+    char exe[4096];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) return NULL;
+    exe[len] = '\0';
+    char *slash = strrchr(exe, '/');
+    if (!slash) return NULL;
+    slash[1] = '\0';
+    for (size_t i = 0; i < sizeof default_model_dirs / sizeof *default_model_dirs; i++) {
+        int w = snprintf(buf, size, "%s%s%s", exe, default_model_dirs[i], DEFAULT_MODEL);
+        if (w > 0 && (size_t)w < size && stat(buf, &sb) == 0) return buf;
+    }
+    return NULL;
+}
 
 static void usage(FILE *fp) {
     fprintf(fp,
@@ -248,12 +269,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "lego-sample: bad --seeds '%s' (use e.g. 0-63 or 1,5,9-12)\n", a.seeds);
         return 2;
     }
+    char default_path[4200];
     if (!a.model) {
-        struct stat sb;
-        for (size_t i = 0; i < sizeof default_models / sizeof *default_models && !a.model; i++)
-            if (stat(default_models[i], &sb) == 0) a.model = default_models[i];
+        a.model = find_default_model(default_path, sizeof default_path);
         if (!a.model) {
-            fprintf(stderr, "lego-sample: no --model given and no default model found\n");
+            fprintf(stderr, "lego-sample: no --model given and the bundled model "
+                            "(models/" DEFAULT_MODEL ") was not found\n");
             free(seeds);
             return 2;
         }

@@ -11,8 +11,10 @@
  *   config    brick lists, defaults, options applied, the size contract
  *   errors    unknown names (the message lists the presets), bad options,
  *             NULL pointers, a backend that is not built in
- *   fmnist    fmnist_lego_pg32 is the architecture of the shared model
- *             (skipped when ../shared is absent)
+ *   fmnist    fmnist_lego_pg32 is the architecture of the bundled model
+ *             (models/) and of the shared one (skipped when ../shared is
+ *             absent); both are trained: D(x) at sigma 20 has about
+ *             each class's mean pixel
  */
 #define _POSIX_C_SOURCE 200809L
 #include "testutil.h"
@@ -340,9 +342,17 @@ START_TEST(test_errors) {
 }
 END_TEST
 
-START_TEST(test_fmnist_architecture) {
-    const char *path = "../shared/models/fmnist_lego_pg32.safetensors";
-    if (!path_exists(path)) return; /* reference material absent */
+/* Per-class mean pixel of Debian's Fashion-MNIST training set, scaled to
+ * [-1, 1] and padded with -1 to 32 x 32 as lego_dataset does. */
+static const double fmnist_class_mean[10] = {-0.501, -0.659, -0.423, -0.604, -0.410,
+                                             -0.791, -0.492, -0.743, -0.459, -0.539};
+
+/* The model at `path` has the fmnist_lego_pg32 architecture (so its
+ * weights load into the preset), and is trained: at sigma 20 the input is
+ * mostly noise, so D(x) is near the class's mean image; its mean pixel must
+ * be near the class's, and follow the classes' order (an untrained model's
+ * D is about 0 everywhere). */
+static void check_fmnist_model(const char *path) {
     lego_load_options lo;
     lego_load_options_init(&lo);
     lo.num_threads = 2;
@@ -359,11 +369,63 @@ START_TEST(test_fmnist_architecture) {
     ck_assert_int_eq(a.label_dim, b.label_dim);
     ck_assert_int_eq(a.hidden_size, b.hidden_size);
     ck_assert_int_eq(a.num_heads, b.num_heads);
+    ck_assert_int_eq(lego_model_num_bricks(loaded), lego_model_num_bricks(made));
+    for (int k = 0; k < lego_model_num_bricks(made); k++) {
+        lego_brick_config x, y;
+        lego_brick_config_init(&x);
+        lego_brick_config_init(&y);
+        ck_assert_int_eq(lego_model_get_brick(loaded, k, &x), LEGO_OK);
+        ck_assert_int_eq(lego_model_get_brick(made, k, &y), LEGO_OK);
+        ck_assert_int_eq(x.brick_size, y.brick_size);
+        ck_assert_int_eq(x.patch_size, y.patch_size);
+        ck_assert_int_eq(x.depth, y.depth);
+    }
     ck_assert_int_eq(lego_model_num_params(loaded), lego_model_num_params(made));
-    /* Same architecture, so the weights load into the preset model. */
     ck_assert_msg(lego_model_load_weights(made, path) == LEGO_OK, "%s", lego_model_error(made));
+
+    enum { N = 10, PIXELS = 32 * 32 };
+    rng_seed(80);
+    float *x = normal_floats((size_t)N * PIXELS), out[N * PIXELS], sigma[N];
+    int32_t labels[N];
+    for (int i = 0; i < N; i++) sigma[i] = 20.0f, labels[i] = i;
+    for (int i = 0; i < N * PIXELS; i++) x[i] *= 20.0f;
+    lego_denoise_request r;
+    lego_denoise_request_init(&r);
+    r.n = N, r.height = 32, r.width = 32, r.x = x, r.sigma = sigma, r.labels = labels, r.out = out;
+    ck_assert_msg(lego_denoise(loaded, &r) == LEGO_OK, "%s", lego_model_error(loaded));
+    double mean[N], sum_got = 0, sum_want = 0;
+    for (int i = 0; i < N; i++) {
+        mean[i] = 0;
+        for (int p = 0; p < PIXELS; p++) mean[i] += out[i * PIXELS + p];
+        mean[i] /= PIXELS;
+        ck_assert_msg(fabs(mean[i] - fmnist_class_mean[i]) < 0.12,
+                      "%s: class %d's mean pixel at sigma 20 is %.3f, the data's %.3f", path, i,
+                      mean[i], fmnist_class_mean[i]);
+        sum_got += mean[i], sum_want += fmnist_class_mean[i];
+    }
+    double cov = 0, var_got = 0, var_want = 0;
+    for (int i = 0; i < N; i++) {
+        double g = mean[i] - sum_got / N, w = fmnist_class_mean[i] - sum_want / N;
+        cov += g * w, var_got += g * g, var_want += w * w;
+    }
+    double corr = cov / sqrt(var_got * var_want);
+    ck_assert_msg(corr > 0.8, "%s: class means correlate %.3f with the data's", path, corr);
+    free(x);
     lego_model_free(loaded);
     lego_model_free(made);
+}
+
+/* The reference model in ../shared. */
+START_TEST(test_fmnist_reference) {
+    const char *path = "../shared/models/fmnist_lego_pg32.safetensors";
+    if (!path_exists(path)) return; /* reference material absent */
+    check_fmnist_model(path);
+}
+END_TEST
+
+/* The model liblego ships (trained by lego-train; the default of lego-sample). */
+START_TEST(test_fmnist_bundled) {
+    check_fmnist_model("models/lego_fmnist_pg32.safetensors");
 }
 END_TEST
 
@@ -387,7 +449,8 @@ int main(void) {
     suite_add_tcase(s, models);
     TCase *fmnist = tcase_create("fmnist");
     tcase_set_timeout(fmnist, 120);
-    tcase_add_test(fmnist, test_fmnist_architecture);
+    tcase_add_test(fmnist, test_fmnist_reference);
+    tcase_add_test(fmnist, test_fmnist_bundled);
     suite_add_tcase(s, fmnist);
     return run_suite(s);
 }
