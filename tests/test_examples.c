@@ -7,6 +7,9 @@
  * data order both follow from the step); SIGTERM stops a run after its
  * step with the state saved and status 128 + 15; a run whose state is
  * past --steps does nothing.
+ *
+ * lego-sample: without --model it finds the bundled model from the
+ * project root and from any other directory.
  */
 #define _GNU_SOURCE
 #include "testutil.h"
@@ -215,6 +218,29 @@ START_TEST(test_train_stops_on_sigterm) {
 }
 END_TEST
 
+/* Without --model, lego-sample draws from the bundled model: found in the
+ * working directory's models/, and from any other directory beside the
+ * program (bin/../models in the source tree). */
+START_TEST(test_sample_default_model) {
+    char root[4096], cmd[8400];
+    ck_assert(getcwd(root, sizeof root));
+    char *dir = make_temp_dir();
+    const char *where[] = {root, dir};
+    for (int i = 0; i < 2; i++) {
+        snprintf(cmd, sizeof cmd,
+                 "cd '%s' && '%s/bin/lego-sample' --seeds 3 --steps 1 --threads 1 --quiet "
+                 "--npz '%s/one.npz' 2>/dev/null",
+                 where[i], root, dir);
+        ck_assert_msg(system(cmd) == 0, "lego-sample without --model failed in %s", where[i]);
+        snprintf(cmd, sizeof cmd, "%s/one.npz", dir);
+        ck_assert_msg(path_exists(cmd), "no samples from lego-sample run in %s", where[i]);
+        ck_assert(unlink(cmd) == 0);
+    }
+    remove_tree(dir);
+    free(dir);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("examples");
     TCase *t = tcase_create("lego-train");
@@ -222,5 +248,9 @@ int main(void) {
     tcase_add_test(t, test_train_resume_equals_straight);
     tcase_add_test(t, test_train_stops_on_sigterm);
     suite_add_tcase(s, t);
+    TCase *sample = tcase_create("lego-sample");
+    tcase_set_timeout(sample, 120);
+    tcase_add_test(sample, test_sample_default_model);
+    suite_add_tcase(s, sample);
     return run_suite(s);
 }
