@@ -216,7 +216,7 @@ VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-l
 VALGRIND_TESTS := $(filter-out build/tests/test_sample,$(TESTS))
 valgrind: $(TESTS)
 	@status=0; for t in $(VALGRIND_TESTS); do \
-	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 $(VALGRIND) ./$$t || status=1; \
+	  echo "== valgrind $$t"; CK_FORK=no CK_VERBOSITY=minimal OMP_NUM_THREADS=2 LEGO_TEST_UNDER_VALGRIND=1 $(VALGRIND) ./$$t || status=1; \
 	done; exit $$status
 
 # ThreadSanitizer: the test programs built with clang and LLVM's OpenMP

@@ -31,6 +31,13 @@ static inline const char *golden_dir(void) {
     return d && *d ? d : "../shared/golden";
 }
 
+/* Set by `make valgrind`: a test may leave out arithmetic-heavy checks that
+ * the plain and sanitizer runs already make (valgrind looks for memory
+ * errors and runs floating point some 50 times slower). */
+static inline int under_valgrind(void) {
+    return getenv("LEGO_TEST_UNDER_VALGRIND") != NULL;
+}
+
 static inline int path_exists(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0;
