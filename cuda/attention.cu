@@ -43,6 +43,7 @@
 #include <string.h>
 
 #include "cuda_internal.h"
+#include "mma_tile.h"
 
 #define SHORT_MAX_TOKENS ATTN_SHORT_MAX_TOKENS
 /* Shared memory one block of the short kernel may use without opting in. */
@@ -280,32 +281,10 @@ __global__ void __launch_bounds__(32 * TINY_WARPS)
 #define MMA_WARPS 8
 #define MMA_QB (16 * MMA_WARPS) /* queries per block: 16 per warp */
 #define MMA_KB 64               /* keys per tile                 */
-#define MMA_MAX_HEAD_DIM 128
-#define MMA_PAD 8               /* row padding (elements): ldmatrix rows spread over the banks */
 
 /* Q [QB][HDP+PAD], K and V [2][KB][HDP+PAD] (two stages), 2-byte elements. */
 static size_t mma_bytes(int hdp) {
     return (size_t)(MMA_QB + 4 * MMA_KB) * (hdp + MMA_PAD) * 2;
-}
-
-template <class TT> __device__ __forceinline__ uint32_t word_at(const TT *p) {
-    return *(const uint32_t *)p;
-}
-
-/* Rows [t0, t0+rows) of one head's Q, K or V (column offset `col` in the
- * qkv row) into shared memory, [rows][HDP] at row stride `ld`, zero past T
- * and past hd, with cp.async (16 bytes each: hd and the strides are
- * multiples of 8 elements), so the copies run while the block computes. */
-template <class TT, int HDP>
-__device__ __forceinline__ void mma_load_tile_async(const TT *base, size_t stride, int col,
-                                                    int t0, int rows, int T, int hd, TT *dst,
-                                                    int ld) {
-    const int chunks = HDP / 8;
-    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
-        int r = idx / chunks, c = (idx % chunks) * 8, t = t0 + r;
-        bool in = t < T && c < hd;
-        cp_async16(dst + (size_t)r * ld + c, in ? base + (size_t)t * stride + col + c : base, in);
-    }
 }
 
 /* Two blocks (16 warps) per multiprocessor where the registers allow it
@@ -315,8 +294,9 @@ __device__ __forceinline__ void mma_load_tile_async(const TT *base, size_t strid
 
 template <class TT, int HDP>
 __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
-    attention_mma_kernel(const TT *__restrict__ qkv, TT *__restrict__ out, int T, int heads,
-                         int hd, int qblocks, float scale_log2) {
+    attention_mma_kernel(const TT *__restrict__ qkv, TT *__restrict__ out,
+                         float *__restrict__ lse, int T, int heads, int hd, int qblocks,
+                         float scale_log2) {
     DYNAMIC_SMEM(float, smem);
     const int LD = HDP + MMA_PAD;
     TT *qs = (TT *)smem;              /* [MMA_QB][LD]    */
@@ -464,6 +444,13 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
     l_hi += __shfl_xor_sync(FULL_MASK, l_hi, 2);
     const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
     const int t_lo = q0 + warp * 16 + g, t_hi = t_lo + 8;
+    if (lse && q4 == 0) { /* training: ln sum_j exp(scale q.k_j), per (row, head) */
+        const float ln2 = 0.6931471805599453f;
+        if (t_lo < T) lse[(seq * (size_t)T + (size_t)t_lo) * heads + (size_t)head] =
+            (m_lo + log2f(l_lo)) * ln2;
+        if (t_hi < T) lse[(seq * (size_t)T + (size_t)t_hi) * heads + (size_t)head] =
+            (m_hi + log2f(l_hi)) * ln2;
+    }
     TT *o_lo = out + (seq * (size_t)T + (size_t)t_lo) * D + (size_t)head * hd;
     TT *o_hi = o_lo + 8 * (size_t)D;
 #pragma unroll
@@ -711,20 +698,25 @@ __global__ void __launch_bounds__(32 * MMA2_WARPS, MMA2_MIN_BLOCKS(HDP))
 
 template <class TT, int HDP>
 static lego_status launch_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads,
-                              int hd, TT *out, bool rows32, lego_err *err) {
+                              int hd, TT *out, float *lse, bool rows32, lego_err *err) {
     const size_t smem = mma_bytes(HDP); /* the same block of queries and tiles in both */
-    /* One name: LAUNCH is a macro. */
-    auto kernel = rows32 ? attention_mma2_kernel<TT, HDP> : attention_mma_kernel<TT, HDP>;
-    if (smem > DEFAULT_SMEM_LIMIT)
-        CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem));
+    if (smem > DEFAULT_SMEM_LIMIT && rows32)
+        CU_TRY(cudaFuncSetAttribute(attention_mma2_kernel<TT, HDP>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    else if (smem > DEFAULT_SMEM_LIMIT)
+        CU_TRY(cudaFuncSetAttribute(attention_mma_kernel<TT, HDP>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     const size_t qblocks = ((size_t)T + MMA_QB - 1) / MMA_QB;
     const size_t blocks = seqs * (size_t)heads * qblocks;
     if (blocks > (size_t)INT_MAX)
         return lego_fail(err, LEGO_ERR_UNSUPPORTED, "attention: %zu sequences are too many", seqs);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
-    LAUNCH(kernel, (unsigned)blocks, 32 * (rows32 ? MMA2_WARPS : MMA_WARPS), smem, s)(
-        qkv, out, T, heads, hd, (int)qblocks, scale_log2);
+    if (rows32)
+        LAUNCH((attention_mma2_kernel<TT, HDP>), (unsigned)blocks, 32 * MMA2_WARPS, smem, s)(
+            qkv, out, T, heads, hd, (int)qblocks, scale_log2);
+    else
+        LAUNCH((attention_mma_kernel<TT, HDP>), (unsigned)blocks, 32 * MMA_WARPS, smem, s)(
+            qkv, out, lse, T, heads, hd, (int)qblocks, scale_log2);
     LAUNCH_CHECK(rows32 ? "attention_mma2" : "attention_mma");
     return LEGO_OK;
 }
@@ -733,25 +725,50 @@ static lego_status launch_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T,
  * rows32: attention_mma2_kernel (32 query rows per warp). */
 template <class TT>
 static int try_mma(cudaStream_t s, const TT *qkv, size_t seqs, int T, int heads, int hd, TT *out,
-                   bool rows32, lego_status *st, lego_err *err) {
+                   float *lse, bool rows32, lego_status *st, lego_err *err) {
     if (hd % 8 != 0 || hd > MMA_MAX_HEAD_DIM) return 0;
+#define MMA_CASE(n)                                                                           \
+    case n / 16:                                                                              \
+        *st = launch_mma<TT, n>(s, qkv, seqs, T, heads, hd, out, lse, rows32, err);           \
+        return 1
     switch ((hd + 15) / 16) {
-    case 1: *st = launch_mma<TT, 16>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 2: *st = launch_mma<TT, 32>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 3: *st = launch_mma<TT, 48>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 4: *st = launch_mma<TT, 64>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 5: *st = launch_mma<TT, 80>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 6: *st = launch_mma<TT, 96>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 7: *st = launch_mma<TT, 112>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
-    case 8: *st = launch_mma<TT, 128>(s, qkv, seqs, T, heads, hd, out, rows32, err); return 1;
+        MMA_CASE(16);
+        MMA_CASE(32);
+        MMA_CASE(48);
+        MMA_CASE(64);
+        MMA_CASE(80);
+        MMA_CASE(96);
+        MMA_CASE(112);
+        MMA_CASE(128);
     }
+#undef MMA_CASE
     return 0;
 }
 template <>
-int try_mma<float>(cudaStream_t, const float *, size_t, int, int, int, float *, bool,
+int try_mma<float>(cudaStream_t, const float *, size_t, int, int, int, float *, float *, bool,
                    lego_status *, lego_err *) {
     return 0; /* fp32 stays on the CUDA cores: no TF32 */
 }
+
+/* Training's forward (train.cu): the 16-row tensor-core kernel, which also
+ * writes each row's log-sum-exp for attention_bwd.cu. */
+template <class TT>
+lego_status k_attention_lse(cudaStream_t s, const TT *qkv, size_t seqs, int tokens, int heads,
+                            int head_dim, TT *out, float *lse, lego_err *err) {
+    lego_status st = LEGO_OK;
+    if (!try_mma<TT>(s, qkv, seqs, tokens, heads, head_dim, out, lse, false, &st, err))
+        return lego_fail(err, LEGO_ERR_UNSUPPORTED,
+                         "attention: no tensor-core kernel for head_dim %d at this precision",
+                         head_dim);
+    return st;
+}
+
+template lego_status k_attention_lse<float>(cudaStream_t, const float *, size_t, int, int, int,
+                                            float *, float *, lego_err *);
+template lego_status k_attention_lse<bf16>(cudaStream_t, const bf16 *, size_t, int, int, int,
+                                           bf16 *, float *, lego_err *);
+template lego_status k_attention_lse<f16>(cudaStream_t, const f16 *, size_t, int, int, int, f16 *,
+                                          float *, lego_err *);
 
 /* ---- dispatch ------------------------------------------------------------------ */
 
@@ -787,7 +804,7 @@ static lego_status launch_attention(cudaStream_t s, const TT *qkv, size_t seqs, 
     }
     lego_status st = LEGO_OK;
     if (mode != ATTN_NO_MMA &&
-        try_mma<TT>(s, qkv, seqs, T, heads, hd, out, mode == ATTN_MMA32, &st, err))
+        try_mma<TT>(s, qkv, seqs, T, heads, hd, out, NULL, mode == ATTN_MMA32, &st, err))
         return st;
     const size_t smem = flash_bytes(hd);
     auto kernel = attention_flash_kernel<TT, E>;

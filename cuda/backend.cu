@@ -462,7 +462,7 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         h->ln_mode = value;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
-        if (value < 0 || value > 2)
+        if (value < 0 || value > 4)
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT,
                              "unknown training attention mode %d", value);
         h->train_attn = value;

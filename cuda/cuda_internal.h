@@ -464,6 +464,21 @@ lego_status k_attention(cudaStream_t s, const T *qkv, size_t seqs, int tokens, i
 
 /* ---- attention through cuDNN (cudnn_attention.cu) --------------------------- */
 
+/* Training's attention on the tensor cores (bf16/fp16, head_dim a multiple
+ * of 8 up to 128; LEGO_ERR_UNSUPPORTED otherwise, fp32 included).
+ * k_attention_lse is k_attention's tensor-core kernel that also writes
+ * lse[row * heads + head] = ln sum_j exp(scale q.k_j); k_attention_bwd
+ * (attention_bwd.cu) writes every element of dqkv ([rows][3D], the layout
+ * of qkv) from dO (the output's gradient, type T), lse and
+ * delta[row * heads + head] = dO . O over the head. */
+template <class T>
+lego_status k_attention_lse(cudaStream_t s, const T *qkv, size_t seqs, int tokens, int heads,
+                            int head_dim, T *out, float *lse, lego_err *err);
+template <class T>
+lego_status k_attention_bwd(cudaStream_t s, const T *qkv, const T *dO, const float *lse,
+                            const float *delta, size_t seqs, int tokens, int heads, int head_dim,
+                            T *dqkv, lego_err *err);
+
 /* One attention call's shape, as k_attention takes it. */
 typedef struct attn_shape {
     size_t seqs;

@@ -45,10 +45,11 @@
  * probabilities: the backward pass recomputes P = exp(q.k scale - lse),
  * which costs one more q.k per pair but keeps the memory O(rows x heads)
  * for any sequence length (the probabilities of a 1024-token brick would
- * be 4 KiB per row and head).  Sequences of ATTN_GEMM_MIN_TOKENS or more
- * run as cuBLASLt strided-batch GEMMs per head (attn_fwd_gemm,
- * attn_bwd_gemm: tensor cores in bf16) with S, dP and P in a bounded
- * scratch; shorter ones (a 4-token brick's) as CUDA-core kernels.
+ * be 4 KiB per row and head).  Sequences of ATTN_LONG_TOKENS or more run,
+ * in bf16, on the tensor-core flash kernels (k_attention_lse,
+ * k_attention_bwd), else as cuBLASLt strided-batch GEMMs per head
+ * (attn_fwd_gemm, attn_bwd_gemm) with S, dP and P in a bounded scratch;
+ * shorter ones (a 4-token brick's) as CUDA-core kernels (attn_path).
  *
  * Determinism: GEMMs use the heuristic's first algorithm (no timing, so no
  * choice that depends on the run), reductions have a fixed order (see
@@ -289,15 +290,34 @@ static void *carve(carver *cv, size_t n1, size_t n2, size_t elem) {
     return cv->base ? cv->base + start : NULL;
 }
 
-/* Attention through batched GEMMs (cuBLASLt on the tensor cores) needs a
- * head's columns 16-byte aligned, and pays off from this many tokens. */
-#define ATTN_GEMM_MIN_TOKENS 32
+/* How a brick's attention is trained (CUDA_OPT_TRAIN_ATTENTION chooses
+ * among what applies):
+ *  - ATT_FLASH: the tensor-core kernels (attention.cu's forward with its
+ *    log-sum-exp, attention_bwd.cu): bf16 operands, head_dim a multiple of
+ *    8 up to 128; nothing tokens x tokens in memory;
+ *  - ATT_GEMM: cuBLASLt batched GEMMs with S, P and dP in a scratch; a
+ *    head's columns must be 16-byte aligned;
+ *  - ATT_KERNELS: the CUDA-core kernels of train_kernels.cu, any shape.
+ * The default takes the kernels below ATTN_LONG_TOKENS tokens (the
+ * 4-token bricks) and above it the first of FLASH, GEMM that applies. */
+enum { ATT_KERNELS, ATT_GEMM, ATT_FLASH };
+#define ATTN_LONG_TOKENS 32
 /* The most bytes of S, dP and P one chunk of sequences takes. */
 #define ATTN_SCRATCH_BYTES ((size_t)256 << 20)
 
-static int attn_by_gemm(int mode, int tokens, int head_dim, size_t es) {
-    if (mode == 1 || (size_t)head_dim * es % 16 != 0) return 0;
-    return mode == 2 || tokens >= ATTN_GEMM_MIN_TOKENS;
+static int attn_path(int mode, int tokens, int head_dim, size_t es) {
+    int flash = es == 2 && head_dim % 8 == 0 && head_dim <= 128;
+    int gemm = (size_t)head_dim * es % 16 == 0;
+    switch (mode) {
+    case 1: return ATT_KERNELS;
+    case 2: return gemm ? ATT_GEMM : ATT_KERNELS;
+    case 3:
+        if (flash) return ATT_FLASH;
+        break;
+    case 4: return tokens >= ATTN_LONG_TOKENS && gemm ? ATT_GEMM : ATT_KERNELS;
+    }
+    if (tokens < ATTN_LONG_TOKENS) return ATT_KERNELS;
+    return flash ? ATT_FLASH : gemm ? ATT_GEMM : ATT_KERNELS;
 }
 
 /* Sequences per GEMM batch: as many as fit the scratch, at least one. */
@@ -375,7 +395,8 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
         bd->dF = L->douts ? L->douts + (size_t)k * img : NULL;
         if (R > rmax) rmax = R;
         if (model_widest_activation(m, b) > wmax) wmax = model_widest_activation(m, b);
-        if (attn_by_gemm(attn_mode, b->tokens, m->cfg.hidden_size / m->cfg.num_heads, es)) {
+        if (attn_path(attn_mode, b->tokens, m->cfg.hidden_size / m->cfg.num_heads, es) ==
+            ATT_GEMM) {
             size_t seqs = R / (size_t)b->tokens, sq;
             if (!size_mul(attn_chunk(seqs, b->tokens, es), (size_t)b->tokens * b->tokens, &sq))
                 cv->overflow = 1;
@@ -586,6 +607,7 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, hd = D / heads;
     size_t d = (size_t)D, ms = 6 * d, depth = (size_t)b->cfg.depth, N = (size_t)n;
     size_t R = bd->g.rows, rpi = bd->g.rows_per_image, hm = (size_t)m->mlp_hidden;
+    const int path = attn_path(c->ts->attn_mode, b->tokens, hd, sizeof(T));
 
     for (size_t j = 0; j < depth; j++)
         LEGO_TRY(lin_fwd(c, &b->blocks[j].ada, L->silu_c, f32, N, bd->mods + j * N * ms, f32));
@@ -602,27 +624,44 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
         block_dev *A = &bd->blocks[j];
         const dit_block *blk = &b->blocks[j];
         const float *mod = bd->mods + j * N * ms;
-        TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, A->x, j == 0 ? pos : NULL, b->tokens, R, D, rpi, mod, ms,
-                                        A->mean1, A->rstd1, (T *)A->h1, err));
+        /* Later blocks' first LayerNorm came with the residual before them. */
+        if (j == 0)
+            TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, A->x, pos, b->tokens, R, D, rpi, mod, ms, A->mean1,
+                                            A->rstd1, (T *)A->h1, err));
         LEGO_TRY(lin_fwd(c, &blk->qkv, A->h1, tt, R, A->qkv, tt));
-        if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T)))
+        if (path == ATT_FLASH)
+            TP(CUDA_TPROF_ATTENTION,
+               k_attention_lse<T>(s, (const T *)A->qkv, R / (size_t)b->tokens, b->tokens, heads, hd,
+                                  (T *)A->att, A->lse, err));
+        else if (path == ATT_GEMM)
             TP(CUDA_TPROF_ATTENTION, attn_fwd_gemm<T>(c, (const T *)A->qkv, R / (size_t)b->tokens,
                                                       b->tokens, heads, hd, (T *)A->att, A->lse));
         else
             TP(CUDA_TPROF_ATTENTION, t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens,
                                                    b->tokens, heads, hd, (T *)A->att, A->lse, err));
         LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, f32));
-        TP(CUDA_TPROF_ROWS, t_gated_add(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2, err));
-        TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, A->x2, NULL, b->tokens, R, D, rpi, mod + 3 * d, ms,
-                                        A->mean2, A->rstd2, (T *)A->h2, err));
+        TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2,
+                                              mod + 3 * d, ms, A->mean2, A->rstd2, (T *)A->h2,
+                                              err));
         LEGO_TRY(lin_fwd(c, &blk->fc1, A->h2, tt, R, A->u, tt));
         TP(CUDA_TPROF_ROWS, t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
         LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, f32));
-        float *next = j + 1 < depth ? bd->blocks[j + 1].x : bd->xf;
-        TP(CUDA_TPROF_ROWS, t_gated_add(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms, next, err));
+        /* x' = x2 + gate2 f, and the next LayerNorm of x': the next
+         * block's first or the final layer's. */
+        if (j + 1 < depth) {
+            block_dev *B = &bd->blocks[j + 1];
+            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms, B->x,
+                                                  mod + N * ms, ms, B->mean1, B->rstd1,
+                                                  (T *)B->h1, err));
+        } else {
+            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms,
+                                                  bd->xf, final_mod, 2 * d, bd->meanf, bd->rstdf,
+                                                  (T *)bd->hf, err));
+        }
     }
-    TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, bd->xf, depth ? NULL : pos, b->tokens, R, D, rpi, final_mod,
-                                    2 * d, bd->meanf, bd->rstdf, (T *)bd->hf, err));
+    if (depth == 0)
+        TP(CUDA_TPROF_ROWS, t_ln_fwd<T>(s, bd->xf, pos, b->tokens, R, D, rpi, final_mod, 2 * d,
+                                        bd->meanf, bd->rstdf, (T *)bd->hf, err));
     LEGO_TRY(lin_fwd(c, &b->final_out, bd->hf, tt, R, L->wideF, f32));
     /* Pixels outside the sampled patches keep the fill: the context the
      * brick above reads there (eq. 12). */
@@ -649,6 +688,7 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     size_t R = bd->g.rows, rpi = bd->g.rows_per_image, hm = (size_t)m->mlp_hidden;
     double *part = L->partial;
     T *dtT = (T *)L->dtT, *wideT = (T *)L->wideT;
+    const int path = attn_path(c->ts->attn_mode, b->tokens, hd, sizeof(T));
 
     TP(CUDA_TPROF_ROWS, t_zero(s, L->dmods, N * (depth * ms + 2 * d), err));
     const float *final_mod = bd->mods + depth * N * ms;
@@ -657,9 +697,14 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     /* Final layer: F = unpatchify(LN(xf)(1+scale)+shift) Wo^T + bo */
     TP(CUDA_TPROF_ROWS, t_image_to_rows<T>(s, &bd->g, table, bd->dF, wideT, err));
     LEGO_TRY(lin_bwd<T>(c, &b->final_out, (const T *)bd->hf, wideT, R, L->dh, 0.0f));
-    TP(CUDA_TPROF_ROWS, t_zero(s, L->dx, R * d, err));
-    TP(CUDA_TPROF_ROWS,
-       t_ln_bwd(s, bd->xf, bd->meanf, bd->rstdf, L->dh, R, D, rpi, final_mod, 2 * d, L->dx, err));
+    /* Each LayerNorm backward finishes dx for the layer below it and writes
+     * what that layer's backward reads first: dx times the gate of the
+     * block's residual branch (dtT), or below the first block, dx in the
+     * operand type (bf16; fp32 reads dx itself). */
+    T *below_dx = sizeof(T) != sizeof(float) ? dtT : NULL;
+    const float *gate = depth ? bd->mods + (depth - 1) * N * ms + 5 * d : NULL;
+    TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, bd->xf, bd->meanf, bd->rstdf, L->dh, R, D, rpi, final_mod,
+                                    2 * d, L->dx, 1, gate, ms, depth ? dtT : below_dx, err));
     TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, bd->xf, bd->meanf, bd->rstdf, R, rpi,
                                         D, dfinal, dfinal + d, 2 * d, part, err));
 
@@ -668,8 +713,7 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         const dit_block *blk = &b->blocks[j];
         const float *mod = bd->mods + (size_t)j * N * ms;
         float *dmod = L->dmods + (size_t)j * N * ms;
-        /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))) */
-        TP(CUDA_TPROF_ROWS, t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 5 * d, ms, dtT, err));
+        /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))); dtT = dx gate2. */
         TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->f, NULL, NULL, R, rpi, D,
                                             dmod + 5 * d, NULL, ms, part, err));
         /* dL/dg straight into the operand type (half the bytes in bf16), then
@@ -677,16 +721,16 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value));
         TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(s, (const T *)A->u, wideT, R * hm, wideT, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc1, (const T *)A->h2, wideT, R, L->dh, 0.0f));
-        TP(CUDA_TPROF_ROWS,
-           t_ln_bwd(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi, mod + 3 * d, ms, L->dx, err));
+        TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi,
+                                        mod + 3 * d, ms, L->dx, 0, mod + 2 * d, ms, dtT, err));
         TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x2, A->mean2, A->rstd2, R, rpi,
                                             D, dmod + 3 * d, dmod + 4 * d, ms, part, err));
-        /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))) */
-        TP(CUDA_TPROF_ROWS, t_gated_bwd<T>(s, L->dx, R, D, rpi, mod + 2 * d, ms, dtT, err));
+        /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))); dtT =
+         * dx gate1. */
         TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->a, NULL, NULL, R, rpi, D,
                                             dmod + 2 * d, NULL, ms, part, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
-        if (attn_by_gemm(c->ts->attn_mode, b->tokens, hd, sizeof(T))) {
+        if (path != ATT_KERNELS) {
             /* dO as a GEMM operand (dtT is free again after proj's backward). */
             const T *dO = (const T *)L->dh;
             if (sizeof(T) != sizeof(float)) {
@@ -695,26 +739,29 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
             }
             TP(CUDA_TPROF_ATTENTION,
                t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, err));
-            TP(CUDA_TPROF_ATTENTION, attn_bwd_gemm<T>(c, (const T *)A->qkv, dO, A->lse, L->delta,
-                                      R / (size_t)b->tokens, b->tokens, heads, hd, wideT));
+            if (path == ATT_FLASH)
+                TP(CUDA_TPROF_ATTENTION,
+                   k_attention_bwd<T>(s, (const T *)A->qkv, dO, A->lse, L->delta,
+                                      R / (size_t)b->tokens, b->tokens, heads, hd, wideT, err));
+            else
+                TP(CUDA_TPROF_ATTENTION,
+                   attn_bwd_gemm<T>(c, (const T *)A->qkv, dO, A->lse, L->delta,
+                                    R / (size_t)b->tokens, b->tokens, heads, hd, wideT));
         } else {
             TP(CUDA_TPROF_ATTENTION,
                t_attn_bwd<T>(s, (const T *)A->qkv, (const T *)A->att, A->lse, L->dh,
                              R / (size_t)b->tokens, b->tokens, heads, hd, L->delta, wideT, err));
         }
         LEGO_TRY(lin_bwd<T>(c, &blk->qkv, (const T *)A->h1, wideT, R, L->dh, 0.0f));
-        TP(CUDA_TPROF_ROWS,
-           t_ln_bwd(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms, L->dx, err));
+        gate = j > 0 ? mod - N * ms + 5 * d : NULL;
+        TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms,
+                                        L->dx, 0, gate, ms, j > 0 ? dtT : below_dx, err));
         TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x, A->mean1, A->rstd1, R, rpi,
                                             D, dmod, dmod + d, ms, part, err));
     }
 
     /* Patch embedding (the position embedding is fixed). */
-    const T *dxT = (const T *)L->dx;
-    if (sizeof(T) != sizeof(float)) {
-        TP(CUDA_TPROF_ROWS, t_to_type<T>(s, L->dx, R * d, dtT, err));
-        dxT = dtT;
-    }
+    const T *dxT = below_dx ? below_dx : (const T *)L->dx;
     LEGO_TRY(lin_bwd<T>(c, &b->embed, (const T *)bd->patches, dxT, R, dbelow ? L->wideF : NULL,
                         0.0f));
     if (dbelow) TP(CUDA_TPROF_ROWS, t_below_grad(s, &bd->g, table, L->wideF, dbelow, err));

@@ -16,8 +16,11 @@
 #define TRAIN_LN_EPS 1e-6f
 /* Per-image values uploaded each step: c_in, c_skip, c_out, dscale. */
 #define TRAIN_COEF 4
-/* Rows per chunk of the deterministic column sums. */
+/* Rows per chunk of the deterministic column sums, and chunks per sum of
+ * each later pass (so that no thread adds more than this many in a row:
+ * a bias over 65536 rows would leave 1024 chunks to one thread). */
 #define TRAIN_SUM_CHUNK 64
+#define TRAIN_SUM_FAN 32
 /* Blocks of the gradient-norm reduction (a fixed count: a fixed order). */
 #define TRAIN_NORM_BLOCKS 512
 
@@ -45,11 +48,6 @@ lego_status t_silu_bwd(cudaStream_t s, const float *z, const float *dy, size_t n
 template <class T> lego_status t_gelu(cudaStream_t s, const T *u, size_t n, T *g, lego_err *err);
 template <class T>
 lego_status t_gelu_bwd(cudaStream_t s, const T *u, const T *dg, size_t n, T *du, lego_err *err);
-lego_status t_gated_add(cudaStream_t s, const float *x, const float *y, size_t rows, int D,
-                        size_t rpi, const float *gate, size_t stride, float *out, lego_err *err);
-template <class T>
-lego_status t_gated_bwd(cudaStream_t s, const float *dout, size_t rows, int D, size_t rpi,
-                        const float *gate, size_t stride, T *dy, lego_err *err);
 
 /* Tokens: `table` NULL = every patch of every image in order; else m
  * patch indices per image (rows_per_image = m * tokens); the gather is
@@ -66,9 +64,21 @@ template <class T>
 lego_status t_ln_fwd(cudaStream_t s, float *x, const float *pos, int tokens, size_t rows, int D,
                      size_t rpi, const float *mod, size_t stride, float *mean, float *rstd, T *y,
                      lego_err *err);
+/* out = x + gate*y (gate of image i at gate + i*gstride), then t_ln_fwd of out (no
+ * position embedding), in one pass. */
+template <class T>
+lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const float *yb, size_t rows, int D,
+                           size_t rpi, const float *gate, size_t gstride, float *out,
+                           const float *mod, size_t stride, float *mean, float *rstd, T *y,
+                           lego_err *err);
+/* dx += (or, with assign, =) the LayerNorm's input gradient; with dg
+ * (else NULL), also dg = dx * gate per image (gate NULL: dx) as type T,
+ * the operand that the next layer's backward reads. */
+template <class T>
 lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const float *rstd,
                      const float *dy, size_t rows, int D, size_t rpi, const float *mod,
-                     size_t stride, float *dx, lego_err *err);
+                     size_t stride, float *dx, int assign, const float *gate, size_t gstride,
+                     T *dg, lego_err *err);
 
 /* Column sums per group of rpi rows (see train_kernels.cu); `partial`
  * holds t_colsum_doubles(rows, rpi, D) doubles. */

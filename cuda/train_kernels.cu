@@ -9,8 +9,8 @@
  * and src/train.c.  No floating-point atomics anywhere: every reduction
  * has a fixed assignment of elements to threads and a fixed order (column
  * sums over rows in chunks of TRAIN_SUM_CHUNK rows, then the chunks in
- * order; block sums by a fixed tree), so one GPU gives the same bits on
- * every run.
+ * order, TRAIN_SUM_FAN at a time; block sums by a fixed tree), so one GPU
+ * gives the same bits on every run.
  */
 #include <math.h>
 
@@ -135,46 +135,6 @@ lego_status t_gelu_bwd(cudaStream_t s, const T *u, const T *dg, size_t n, T *du,
     return LEGO_OK;
 }
 
-/* out = x + gate*y per image (gate of image i at gate + i*stride). */
-__global__ void gated_add_kernel(const float *x, const float *y, size_t rows, int D, size_t rpi,
-                                 const float *gate, size_t stride, float *out) {
-    size_t total = rows * (size_t)D;
-    FOR_EACH(i, total) {
-        size_t r = i / (size_t)D;
-        int c = (int)(i % (size_t)D);
-        out[i] = x[i] + gate[(r / rpi) * stride + (size_t)c] * y[i];
-    }
-}
-
-lego_status t_gated_add(cudaStream_t s, const float *x, const float *y, size_t rows, int D,
-                        size_t rpi, const float *gate, size_t stride, float *out, lego_err *err) {
-    LAUNCH(gated_add_kernel, ew_blocks(rows * (size_t)D), EW_THREADS, 0, s)(x, y, rows, D, rpi,
-                                                                           gate, stride, out);
-    LAUNCH_CHECK("gated_add");
-    return LEGO_OK;
-}
-
-/* dy = dout * gate (of type T: a GEMM operand). */
-template <class T>
-__global__ void gated_bwd_kernel(const float *dout, size_t rows, int D, size_t rpi,
-                                 const float *gate, size_t stride, T *dy) {
-    size_t total = rows * (size_t)D;
-    FOR_EACH(i, total) {
-        size_t r = i / (size_t)D;
-        int c = (int)(i % (size_t)D);
-        dy[i] = from_float<T>(dout[i] * gate[(r / rpi) * stride + (size_t)c]);
-    }
-}
-
-template <class T>
-lego_status t_gated_bwd(cudaStream_t s, const float *dout, size_t rows, int D, size_t rpi,
-                        const float *gate, size_t stride, T *dy, lego_err *err) {
-    LAUNCH(gated_bwd_kernel<T>, ew_blocks(rows * (size_t)D), EW_THREADS, 0, s)(dout, rows, D, rpi,
-                                                                              gate, stride, dy);
-    LAUNCH_CHECK("gated_bwd");
-    return LEGO_OK;
-}
-
 /* ---- tokens and images ---------------------------------------------------- */
 
 /* The final layer's rows [rows][p p C] (y, x, channel) to the image
@@ -244,6 +204,29 @@ lego_status t_below_grad(cudaStream_t s, const tok_geom *g, const int32_t *table
 
 #define ROWS_PER_BLOCK 8 /* one warp per row */
 
+/* Row r of y = LN(x)(1 + scale) + shift for one warp, x's row in xr
+ * (global memory, read three times: the CPU's two-pass statistics), and
+ * its mean and 1/std. */
+template <class T>
+__device__ __forceinline__ void ln_fwd_row(const float *xr, size_t r, int D, size_t rpi,
+                                           const float *mod, size_t stride, float *mean,
+                                           float *rstd, T *y) {
+    int lane = threadIdx.x % 32;
+    float sum = 0;
+    for (int i = lane; i < D; i += 32) sum += xr[i];
+    float mu = warp_sum(sum) / (float)D, var = 0;
+    for (int i = lane; i < D; i += 32) var += (xr[i] - mu) * (xr[i] - mu);
+    float rs = 1.0f / sqrtf(warp_sum(var) / (float)D + TRAIN_LN_EPS);
+    if (lane == 0) {
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+    const float *shift = mod + (r / rpi) * stride, *scale = shift + D;
+    T *yr = y + r * (size_t)D;
+    for (int i = lane; i < D; i += 32)
+        yr[i] = from_float<T>((xr[i] - mu) * rs * (1.0f + scale[i]) + shift[i]);
+}
+
 /* (x += pos[r % tokens] when pos) then mean, 1/std and
  * y = LN(x) (1 + scale) + shift, the CPU's two-pass statistics. */
 template <class T>
@@ -258,19 +241,7 @@ __global__ void ln_fwd_kernel(float *x, const float *pos, int tokens, size_t row
             const float *pr = pos + (r % (size_t)tokens) * (size_t)D;
             for (int i = lane; i < D; i += 32) xr[i] += pr[i];
         }
-        float sum = 0;
-        for (int i = lane; i < D; i += 32) sum += xr[i];
-        float mu = warp_sum(sum) / (float)D, var = 0;
-        for (int i = lane; i < D; i += 32) var += (xr[i] - mu) * (xr[i] - mu);
-        float rs = 1.0f / sqrtf(warp_sum(var) / (float)D + TRAIN_LN_EPS);
-        if (lane == 0) {
-            mean[r] = mu;
-            rstd[r] = rs;
-        }
-        const float *shift = mod + (r / rpi) * stride, *scale = shift + D;
-        T *yr = y + r * (size_t)D;
-        for (int i = lane; i < D; i += 32)
-            yr[i] = from_float<T>((xr[i] - mu) * rs * (1.0f + scale[i]) + shift[i]);
+        ln_fwd_row<T>(xr, r, D, rpi, mod, stride, mean, rstd, y);
     }
 }
 
@@ -284,11 +255,46 @@ lego_status t_ln_fwd(cudaStream_t s, float *x, const float *pos, int tokens, siz
     return LEGO_OK;
 }
 
-/* dx += dL/dx of y = LN(x)(1+scale)+shift given dy (backward_cpu.c's
- * ln_mod_bwd, the row part). */
+/* out = x + gate*y (the gate of image i at gate + i*gstride), then the
+ * LayerNorm of out (t_ln_fwd), one warp per row: out is read back from L1
+ * instead of from memory by a second kernel. */
+template <class T>
+__global__ void gated_ln_fwd_kernel(const float *x, const float *yb, size_t rows, int D,
+                                    size_t rpi, const float *gate, size_t gstride, float *out,
+                                    const float *mod, size_t stride, float *mean, float *rstd,
+                                    T *y) {
+    int lane = threadIdx.x % 32;
+    size_t r = blockIdx.x * (size_t)ROWS_PER_BLOCK + threadIdx.x / 32;
+    for (; r < rows; r += (size_t)gridDim.x * ROWS_PER_BLOCK) {
+        const float *xr = x + r * (size_t)D, *br = yb + r * (size_t)D;
+        const float *g = gate + (r / rpi) * gstride;
+        float *orow = out + r * (size_t)D;
+        for (int i = lane; i < D; i += 32) orow[i] = xr[i] + g[i] * br[i];
+        ln_fwd_row<T>(orow, r, D, rpi, mod, stride, mean, rstd, y);
+    }
+}
+
+template <class T>
+lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const float *yb, size_t rows, int D,
+                           size_t rpi, const float *gate, size_t gstride, float *out,
+                           const float *mod, size_t stride, float *mean, float *rstd, T *y,
+                           lego_err *err) {
+    LAUNCH(gated_ln_fwd_kernel<T>, blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, s)(
+        x, yb, rows, D, rpi, gate, gstride, out, mod, stride, mean, rstd, y);
+    LAUNCH_CHECK("gated_ln_fwd");
+    return LEGO_OK;
+}
+
+/* dx (+)= dL/dx of y = LN(x)(1+scale)+shift given dy (backward_cpu.c's
+ * ln_mod_bwd, the row part): added to dx, or stored with `assign` (the
+ * first gradient of a row).  With dg, the kernel that would read the new
+ * dx next is folded in: dg = dx * gate (the gate of image i at gate +
+ * i*gstride; gate NULL: dg = dx) in the operand type. */
+template <class T>
 __global__ void ln_bwd_kernel(const float *x, const float *mean, const float *rstd,
                               const float *dy, size_t rows, int D, size_t rpi, const float *mod,
-                              size_t stride, float *dx) {
+                              size_t stride, float *dx, int assign, const float *gate,
+                              size_t gstride, T *dg) {
     int lane = threadIdx.x % 32;
     size_t r = blockIdx.x * (size_t)ROWS_PER_BLOCK + threadIdx.x / 32;
     for (; r < rows; r += (size_t)gridDim.x * ROWS_PER_BLOCK) {
@@ -303,18 +309,25 @@ __global__ void ln_bwd_kernel(const float *x, const float *mean, const float *rs
         s1 = warp_sum(s1) / (float)D;
         s2 = warp_sum(s2) / (float)D;
         float *dxr = dx + r * (size_t)D;
+        const float *g = gate ? gate + (r / rpi) * gstride : NULL;
+        T *dgr = dg ? dg + r * (size_t)D : NULL;
         for (int i = lane; i < D; i += 32) {
             float dxh = dyr[i] * (1.0f + scale[i]);
-            dxr[i] += rs * (dxh - s1 - (xr[i] - mu) * rs * s2);
+            float v = rs * (dxh - s1 - (xr[i] - mu) * rs * s2);
+            v = assign ? v : dxr[i] + v;
+            dxr[i] = v;
+            if (dgr) dgr[i] = from_float<T>(g ? v * g[i] : v);
         }
     }
 }
 
+template <class T>
 lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const float *rstd,
                      const float *dy, size_t rows, int D, size_t rpi, const float *mod,
-                     size_t stride, float *dx, lego_err *err) {
-    LAUNCH(ln_bwd_kernel, blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, s)(
-        x, mean, rstd, dy, rows, D, rpi, mod, stride, dx);
+                     size_t stride, float *dx, int assign, const float *gate, size_t gstride,
+                     T *dg, lego_err *err) {
+    LAUNCH(ln_bwd_kernel<T>, blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, 0, s)(
+        x, mean, rstd, dy, rows, D, rpi, mod, stride, dx, assign, gate, gstride, dg);
     LAUNCH_CHECK("ln_bwd");
     return LEGO_OK;
 }
@@ -327,8 +340,13 @@ lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const fl
  *   COLSUM_LN:    out0 += sum a, out1 += sum a*(b - mean)*rstd
  * in double, as the CPU.  Pass 1: one thread per (group, chunk of
  * TRAIN_SUM_CHUNK rows, column) sums its chunk in row order into
- * `partial`; pass 2: one thread per (group, column) adds the chunks in
- * order and adds the total (rounded to float once) to out. */
+ * `partial`; while a group has more than TRAIN_SUM_FAN chunks, a fold
+ * pass adds them TRAIN_SUM_FAN at a time, in order, into the other half
+ * of `partial`; the last pass, one thread per (group, column), adds what
+ * is left in order and adds the total (rounded to float once) to out.
+ * A thread's chain of dependent loads stays short: with one thread per
+ * column over 1024 chunks (a bias of a 65536-row batch) the last pass
+ * alone took a good part of a millisecond on a few multiprocessors. */
 template <class TA>
 __global__ void colsum_partial_kernel(int mode, const TA *a, const float *b, const float *mean,
                                       const float *rstd, size_t groups, size_t rpi, int D,
@@ -357,6 +375,24 @@ __global__ void colsum_partial_kernel(int mode, const TA *a, const float *b, con
     }
 }
 
+__global__ void colsum_fold_kernel(const double *in, size_t groups, size_t chunks, int D,
+                                   size_t folded, double *out) {
+    size_t total = groups * folded * (size_t)D;
+    FOR_EACH(idx, total) {
+        int c = (int)(idx % (size_t)D);
+        size_t gf = idx / (size_t)D, grp = gf / folded, f = gf % folded;
+        size_t ch1 = (f + 1) * TRAIN_SUM_FAN < chunks ? (f + 1) * TRAIN_SUM_FAN : chunks;
+        double s0 = 0, s1 = 0;
+        for (size_t ch = f * TRAIN_SUM_FAN; ch < ch1; ch++) {
+            size_t k = (grp * chunks + ch) * (size_t)D + (size_t)c;
+            s0 += in[2 * k];
+            s1 += in[2 * k + 1];
+        }
+        out[2 * idx] = s0;
+        out[2 * idx + 1] = s1;
+    }
+}
+
 __global__ void colsum_finish_kernel(int mode, const double *partial, size_t groups, int D,
                                      size_t chunks, float *out0, float *out1, size_t stride) {
     size_t total = groups * (size_t)D;
@@ -382,15 +418,30 @@ lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const float *b, cons
     LAUNCH(colsum_partial_kernel<TA>, ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0, s)(
         mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
     LAUNCH_CHECK("colsum_partial");
+    /* Ping-pong between the first-pass half and the rest of `partial`. */
+    double *cur = partial, *spare = partial + 2 * groups * chunks * (size_t)D;
+    while (chunks > TRAIN_SUM_FAN) {
+        size_t folded = (chunks + TRAIN_SUM_FAN - 1) / TRAIN_SUM_FAN;
+        LAUNCH(colsum_fold_kernel, ew_blocks(groups * folded * (size_t)D), EW_THREADS, 0, s)(
+            cur, groups, chunks, D, folded, spare);
+        LAUNCH_CHECK("colsum_fold");
+        double *t = cur;
+        cur = spare;
+        spare = t;
+        chunks = folded;
+    }
     LAUNCH(colsum_finish_kernel, ew_blocks(groups * (size_t)D), EW_THREADS, 0, s)(
-        mode, partial, groups, D, chunks, out0, out1, stride);
+        mode, cur, groups, D, chunks, out0, out1, stride);
     LAUNCH_CHECK("colsum_finish");
     return LEGO_OK;
 }
 
+/* The first pass's partial sums, then room for the second's (the later
+ * ones fit in the first's room again). */
 size_t t_colsum_doubles(size_t rows, size_t rpi, int D) {
     size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
-    return 2 * groups * chunks * (size_t)D;
+    size_t folded = chunks > TRAIN_SUM_FAN ? (chunks + TRAIN_SUM_FAN - 1) / TRAIN_SUM_FAN : 0;
+    return 2 * groups * (chunks + folded) * (size_t)D;
 }
 
 /* ---- attention ----------------------------------------------------------------- */
@@ -873,13 +924,18 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
     template lego_status t_gelu<T>(cudaStream_t, const T *, size_t, T *, lego_err *);         \
     template lego_status t_gelu_bwd<T>(cudaStream_t, const T *, const T *, size_t, T *,       \
                                        lego_err *);                                           \
-    template lego_status t_gated_bwd<T>(cudaStream_t, const float *, size_t, int, size_t,     \
-                                        const float *, size_t, T *, lego_err *);              \
     template lego_status t_image_to_rows<T>(cudaStream_t, const tok_geom *, const int32_t *,  \
                                             const float *, T *, lego_err *);                  \
     template lego_status t_ln_fwd<T>(cudaStream_t, float *, const float *, int, size_t, int,  \
                                      size_t, const float *, size_t, float *, float *, T *,    \
                                      lego_err *);                                             \
+    template lego_status t_ln_bwd<T>(cudaStream_t, const float *, const float *, const float *, \
+                                     const float *, size_t, int, size_t, const float *, size_t, \
+                                     float *, int, const float *, size_t, T *, lego_err *);     \
+    template lego_status t_gated_ln_fwd<T>(cudaStream_t, const float *, const float *, size_t,  \
+                                           int, size_t, const float *, size_t, float *,         \
+                                           const float *, size_t, float *, float *, T *,        \
+                                           lego_err *);                                         \
     template lego_status t_colsum<T>(cudaStream_t, int, const T *, const float *,             \
                                      const float *, const float *, size_t, size_t, int,       \
                                      float *, float *, size_t, double *, lego_err *);         \

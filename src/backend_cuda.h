@@ -109,10 +109,14 @@ typedef enum cuda_option {
      * (cuda_backend_sample); 0: the host drives it, one evaluation at a
      * time through cuda_backend_denoise (as lego_step does). */
     CUDA_OPT_DEVICE_LOOP = 7,
-    /* Attention in training (cuda/train.cu): 0 (the default) cuBLASLt
-     * batched GEMMs for sequences of at least 32 tokens (when a head's
-     * columns are 16-byte aligned), the CUDA-core kernels below that; 1 the
-     * kernels always; 2 the GEMMs whenever aligned, short sequences too. */
+    /* Attention in training (cuda/train.cu, attn_path): 0 (the default)
+     * for sequences of at least 32 tokens the tensor-core flash kernels in
+     * bf16 (head_dim a multiple of 8, <= 128), else cuBLASLt batched GEMMs
+     * (a head's columns 16-byte aligned), the CUDA-core kernels below 32
+     * tokens; 1 the kernels always; 2 the GEMMs whenever aligned, short
+     * sequences too; 3 the flash kernels wherever they apply, short
+     * sequences too; 4 the default before the flash kernels (GEMMs from 32
+     * tokens), for timing. */
     CUDA_OPT_TRAIN_ATTENTION = 8,
     /* LayerNorm kernels for widths that are a multiple of 128: 0 (the
      * default) one warp per row, the adaLN vectors read from global memory

@@ -1388,6 +1388,9 @@ static const rand_model train_models[] = {
     {"tr-long", 64, 1, 1, 2, 4.0, 16, 16, 2, 1, {{16, 2, 1}}},
     /* Three bricks, patch 1, a 1-token brick, head_dim 8, MLP width 80. */
     {"tr-odd", 32, 4, 1, 5, 2.5, 8, 8, 2, 3, {{2, 1, 1}, {2, 2, 1}, {8, 1, 1}}},
+    /* 144 tokens (the flash kernels' tiles of 64: a partial third one),
+     * head_dim 72 (padded to 80: an odd number of k-steps). */
+    {"tr-144", 144, 2, 1, 0, 2.0, 24, 24, 2, 1, {{24, 2, 1}}},
 };
 #define NUM_TRAIN_MODELS (sizeof train_models / sizeof train_models[0])
 
@@ -1506,7 +1509,17 @@ START_TEST(test_cuda_train_random) {
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 3) == LEGO_ERR_INVALID_ARGUMENT);
+    /* The tensor-core flash kernels for every length (4 and 16 tokens:
+     * mostly masked tiles), twice: the same bits (no atomics). */
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 3) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [bf16 flash]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads(rm->name, " [bf16 flash]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(lego_train_loss(m, &io.b, &l2, again) == LEGO_OK && l2 == lg);
+    ck_assert_msg(memcmp(again, gpu, np * sizeof *gpu) == 0, "%s: flash differs on a second run",
+                  rm->name);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 5) == LEGO_ERR_INVALID_ARGUMENT);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 0) == LEGO_OK);
     /* fp16 precision trains in fp32. */
     ck_assert(lego_model_set_precision(m, LEGO_PRECISION_FP16) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
@@ -1519,9 +1532,37 @@ START_TEST(test_cuda_train_random) {
 }
 END_TEST
 
+/* 2116 one-token rows per image: the column sums fold their 64-row chunks
+ * (67 for a bias, 34 per image) TRAIN_SUM_FAN at a time before the last
+ * pass.  fp32 and bf16 against the CPU (attention is trivial here). */
+START_TEST(test_cuda_train_rows) {
+    const rand_model rm = {"tr-rows", 32, 2, 1, 3, 2.0, 46, 46, 2, 1, {{1, 1, 1}}};
+    lego_model *m = build_rand(&rm);
+    randomize(m, 5, 0.1f);
+    train_io io;
+    train_inputs(&rm, 6, &io);
+    size_t np = m->params_size;
+    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
+    ck_assert(cpu && gpu);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm.name, "train.loss", &lg, &lc, 1, GPU_TOL);
+    compare_grads(rm.name, "", m, gpu, cpu, GPU_TOL);
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm.name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    free(cpu);
+    free(gpu);
+    free_train_inputs(&io);
+    lego_model_free(m);
+}
+END_TEST
+
 /* The Fashion-MNIST architecture itself (256-token bricks with head_dim 64
- * through the GEMM attention, 4-token ones through the kernels, depth 4),
- * random weights, two images: GPU against CPU in fp32 and bf16. */
+ * through the GEMM attention in fp32 and the flash kernels in bf16, 4-token
+ * ones through the CUDA-core kernels, depth 4), random weights, two
+ * images: GPU against CPU in fp32 and bf16, bf16 with the GEMMs too. */
 START_TEST(test_cuda_train_fmnist) {
     lego_preset_options po;
     lego_preset_options_init(&po);
@@ -1547,6 +1588,10 @@ START_TEST(test_cuda_train_fmnist) {
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close("fmnist", "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
     compare_grads("fmnist", " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 4) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close("fmnist", "train.loss [bf16 gemm]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads("fmnist", " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
     free(cpu);
     free(gpu);
     free_train_inputs(&io);
@@ -2272,6 +2317,7 @@ int main(void) {
         tcase_add_test(add_case(s, "sample"), test_cuda_sample_philox);
         TCase *tr = add_case(s, "train");
         tcase_add_loop_test(tr, test_cuda_train_random, 0, (int)NUM_TRAIN_MODELS);
+        tcase_add_test(tr, test_cuda_train_rows);
         tcase_add_test(tr, test_cuda_train_steps);
         tcase_add_test(tr, test_cuda_train_resume);
         tcase_add_test(tr, test_cuda_train_nonfinite);
