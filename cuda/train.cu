@@ -731,14 +731,12 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
                                             dmod + 2 * d, NULL, ms, part, err));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
         if (path != ATT_KERNELS) {
-            /* dO as a GEMM operand (dtT is free again after proj's backward). */
-            const T *dO = (const T *)L->dh;
-            if (sizeof(T) != sizeof(float)) {
-                TP(CUDA_TPROF_ROWS, t_to_type<T>(s, L->dh, R * d, dtT, err));
-                dO = dtT;
-            }
+            /* dO as an operand, converted by the delta kernel (dtT is free
+             * again after proj's backward). */
+            T *dO_t = sizeof(T) != sizeof(float) ? dtT : NULL;
+            const T *dO = dO_t ? dO_t : (const T *)L->dh;
             TP(CUDA_TPROF_ATTENTION,
-               t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, err));
+               t_attn_delta<T>(s, L->dh, (const T *)A->att, R, heads, hd, L->delta, dO_t, err));
             if (path == ATT_FLASH)
                 TP(CUDA_TPROF_ATTENTION,
                    k_attention_bwd<T>(s, (const T *)A->qkv, dO, A->lse, L->delta,

@@ -37,8 +37,6 @@ typedef struct train_adam {
 } train_adam;
 
 lego_status t_zero(cudaStream_t s, float *x, size_t n, lego_err *err);
-template <class T>
-lego_status t_to_type(cudaStream_t s, const float *x, size_t n, T *y, lego_err *err);
 lego_status t_noisy_input(cudaStream_t s, const float *y, const float *noise, const float *coef,
                           const float *sigma, int n, size_t chw, float *x, float *xin,
                           lego_err *err);
@@ -118,9 +116,11 @@ template <class T>
 lego_status t_attn_probs(cudaStream_t s, const float *S, const float *dP, size_t rows, int Tn,
                          int heads, int head, size_t row0, const float *lse, const float *delta,
                          float scale, T *out, lego_err *err);
+/* delta = rowsum(dout o out) per (row, head); with dout_t (else NULL),
+ * dout converted to T on the way. */
 template <class T>
 lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
-                         int hd, float *delta, lego_err *err);
+                         int hd, float *delta, T *dout_t, lego_err *err);
 
 /* The loss: dF [K][n][chw] and sums [K][n] (double) from x, y and the brick
  * outputs F [K][n][chw]; coef [n][TRAIN_COEF]; images C x ? x w. */

@@ -42,17 +42,6 @@ lego_status t_zero(cudaStream_t s, float *x, size_t n, lego_err *err) {
     return LEGO_OK;
 }
 
-template <class T> __global__ void to_type_kernel(const float *x, size_t n, T *y) {
-    FOR_EACH(i, n) y[i] = from_float<T>(x[i]);
-}
-
-template <class T>
-lego_status t_to_type(cudaStream_t s, const float *x, size_t n, T *y, lego_err *err) {
-    LAUNCH(to_type_kernel<T>, ew_blocks(n), EW_THREADS, 0, s)(x, n, y);
-    LAUNCH_CHECK("to_type");
-    return LEGO_OK;
-}
-
 /* x = y + sigma noise (rounded as the CPU's float code), xin = c_in x. */
 __global__ void noisy_input_kernel(const float *y, const float *noise, const float *coef,
                                    const float *sigma, size_t chw, size_t total, float *x,
@@ -540,10 +529,11 @@ __global__ void attn_fwd_kernel(const T *qkv, size_t items, int Tn, int heads, i
     }
 }
 
-/* delta[row][head] = dout . out over the head's elements. */
+/* delta[row][head] = dout . out over the head's elements; with dout_t,
+ * dout in the operand type too (the flash and GEMM backward read it so). */
 template <class T, int G>
 __global__ void attn_delta_kernel(const float *dout, const T *out, size_t items, int heads, int hd,
-                                  float *delta) {
+                                  float *delta, T *dout_t) {
     int sub = threadIdx.x % G;
     size_t D = (size_t)heads * hd;
     for (size_t batch = attn_first<G>(); batch < items; batch += attn_stride<G>()) {
@@ -552,8 +542,12 @@ __global__ void attn_delta_kernel(const float *dout, const T *out, size_t items,
         size_t row = w / (size_t)heads, head = w % (size_t)heads;
         const float *g = dout + row * D + head * (size_t)hd;
         const T *o = out + row * D + head * (size_t)hd;
+        T *gt = dout_t && valid ? dout_t + row * D + head * (size_t)hd : NULL;
         float s = 0.0f;
-        for (int e = sub; e < hd; e += G) s += g[e] * to_float<T>(o[e]);
+        for (int e = sub; e < hd; e += G) {
+            s += g[e] * to_float<T>(o[e]);
+            if (gt) gt[e] = from_float<T>(g[e]);
+        }
         s = group_sum<G>(s);
         if (valid && sub == 0) delta[w] = s;
     }
@@ -698,7 +692,7 @@ lego_status t_attn_probs(cudaStream_t s, const float *S, const float *dP, size_t
 
 template <class T>
 lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
-                         int hd, float *delta, lego_err *err);
+                         int hd, float *delta, T *dout_t, lego_err *err);
 
 #define ATTN_WARPS 4 /* warps per block */
 
@@ -740,9 +734,9 @@ lego_status t_attn_fwd(cudaStream_t s, const T *qkv, size_t seqs, int tokens, in
 
 template <class T>
 lego_status t_attn_delta(cudaStream_t s, const float *dout, const T *out, size_t rows, int heads,
-                         int hd, float *delta, lego_err *err) {
+                         int hd, float *delta, T *dout_t, lego_err *err) {
     size_t items = rows * (size_t)heads;
-    ATTN_DISPATCH(attn_delta_kernel, T, hd, items, dout, out, items, heads, hd, delta);
+    ATTN_DISPATCH(attn_delta_kernel, T, hd, items, dout, out, items, heads, hd, delta, dout_t);
     LAUNCH_CHECK("attn_delta");
     return LEGO_OK;
 }
@@ -753,7 +747,7 @@ lego_status t_attn_bwd(cudaStream_t s, const T *qkv, const T *out, const float *
                        float *delta, T *dqkv, lego_err *err) {
     size_t rows = seqs * (size_t)tokens, items = rows * (size_t)heads;
     float scale = 1.0f / sqrtf((float)hd);
-    LEGO_TRY(t_attn_delta<T>(s, dout, out, rows, heads, hd, delta, err));
+    LEGO_TRY(t_attn_delta<T>(s, dout, out, rows, heads, hd, delta, (T *)NULL, err));
     for (int queries = 1; queries >= 0; queries--) {
         ATTN_DISPATCH(attn_bwd_kernel, T, hd, items, qkv, dout, lse, delta, items, tokens, heads,
                       hd, scale, queries, dqkv);
@@ -920,7 +914,6 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
 /* ---- instantiations ------------------------------------------------------------------ */
 
 #define TRAIN_INSTANTIATE(T)                                                                  \
-    template lego_status t_to_type<T>(cudaStream_t, const float *, size_t, T *, lego_err *);  \
     template lego_status t_gelu<T>(cudaStream_t, const T *, size_t, T *, lego_err *);         \
     template lego_status t_gelu_bwd<T>(cudaStream_t, const T *, const T *, size_t, T *,       \
                                        lego_err *);                                           \
@@ -945,7 +938,7 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
                                        const float *, size_t, int, int, int, float *, T *,    \
                                        lego_err *);                                           \
     template lego_status t_attn_delta<T>(cudaStream_t, const float *, const T *, size_t, int, \
-                                         int, float *, lego_err *);                           \
+                                         int, float *, T *, lego_err *);                           \
     template lego_status t_softmax_rows<T>(cudaStream_t, const float *, size_t, int, int, int,\
                                            size_t, T *, float *, lego_err *);                 \
     template lego_status t_attn_probs<T>(cudaStream_t, const float *, const float *, size_t,  \
