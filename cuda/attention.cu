@@ -329,9 +329,6 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
         qa[kk][3] = word_at(q_hi + kk * 16 + 8 + 2 * q4);
     }
 
-    /* ldmatrix row addresses: lane L gives row L%8 of matrix L/8. */
-    const int lm = lane / 8, lr = lane % 8;
-
     /* Rows g and g+8 of the warp's 16: running max (log2 units), this
      * thread's part of the running sum, and the output accumulators. */
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
@@ -356,27 +353,9 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
         }
         __syncthreads(); /* every thread's copies of this tile are visible */
 
-        /* S = Q K^T: K's rows are the B fragments as ldmatrix reads them;
-         * one x4 serves two k-steps of one 8-key tile. */
+        /* S = Q K^T */
         float sc[MMA_KB / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < MMA_KB / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const TT *krow = ks + (nt * 8 + lr) * LD + lm * 8;
-#pragma unroll
-            for (int kk = 0; kk + 1 < HDP / 16; kk += 2) {
-                uint32_t b[4];
-                ldmatrix_x4(b, krow + kk * 16);
-                mma_16816<TT>(sc[nt], qa[kk], b);
-                mma_16816<TT>(sc[nt], qa[kk + 1], b + 2);
-            }
-            if ((HDP / 16) % 2) {
-                const int kk = HDP / 16 - 1;
-                uint32_t b[2];
-                ldmatrix_x2(b, ks + (nt * 8 + lr) * LD + (lm % 2) * 8 + kk * 16);
-                mma_16816<TT>(sc[nt], qa[kk], b);
-            }
-        }
+        mma_rows<TT, HDP, MMA_KB>(sc, qa, ks, LD);
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         const bool full = k0 + MMA_KB <= T; /* no key to mask in this tile */
 #pragma unroll
@@ -417,24 +396,8 @@ __global__ void __launch_bounds__(32 * MMA_WARPS, MMA_MIN_BLOCKS(HDP))
             o[dt][2] *= corr_hi;
             o[dt][3] *= corr_hi;
         }
-        /* O += P V: the score accumulators of key tiles 2ks and 2ks+1 are
-         * exactly the A fragments of P's k-step ks; V's B fragments come
-         * from ldmatrix.trans, one x4 for two 8-column tiles. */
-#pragma unroll
-        for (int ks16 = 0; ks16 < MMA_KB / 16; ks16++) {
-            uint32_t pa[4] = {pack2<TT>(sc[2 * ks16][0], sc[2 * ks16][1]),
-                              pack2<TT>(sc[2 * ks16][2], sc[2 * ks16][3]),
-                              pack2<TT>(sc[2 * ks16 + 1][0], sc[2 * ks16 + 1][1]),
-                              pack2<TT>(sc[2 * ks16 + 1][2], sc[2 * ks16 + 1][3])};
-            const TT *vrow = vs + (ks16 * 16 + (lm % 2) * 8 + lr) * LD + (lm / 2) * 8;
-#pragma unroll
-            for (int dt = 0; dt < HDP / 8; dt += 2) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, vrow + dt * 8);
-                mma_16816<TT>(o[dt], pa, b);
-                mma_16816<TT>(o[dt + 1], pa, b + 2);
-            }
-        }
+        /* O += P V (the probabilities never leave the registers). */
+        mma_acc_rows<TT, HDP, MMA_KB>(o, sc, vs, LD);
         __syncthreads(); /* the stage is used up before it is refilled */
     }
 

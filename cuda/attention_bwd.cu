@@ -46,58 +46,6 @@ static size_t bwd_bytes(int hdp) {
     return (size_t)(2 * BW_ROWS + 4 * BW_TILE) * (hdp + MMA_PAD) * 2 + 2 * BW_TILE * sizeof(float);
 }
 
-/* acc[nt] (16 x 8 tiles, nt < BW_TILE/8) = A B^T for the warp's 16 rows:
- * A's fragments `fa` (16 x HDP), B's rows (8 per tile, HDP wide) in shared
- * memory at `rows` with stride LD, read by ldmatrix as the B operand (a
- * row of B is a column of the product's right factor). */
-template <class TT, int HDP>
-__device__ __forceinline__ void mma_rows(float acc[BW_TILE / 8][4], const uint32_t fa[HDP / 16][4],
-                                         const TT *rows, int LD) {
-    const int lane = threadIdx.x % 32, lm = lane / 8, lr = lane % 8;
-#pragma unroll
-    for (int nt = 0; nt < BW_TILE / 8; nt++) {
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-        const TT *r = rows + (nt * 8 + lr) * LD;
-#pragma unroll
-        for (int kk = 0; kk + 1 < HDP / 16; kk += 2) {
-            uint32_t b[4];
-            ldmatrix_x4(b, r + lm * 8 + kk * 16);
-            mma_16816<TT>(acc[nt], fa[kk], b);
-            mma_16816<TT>(acc[nt], fa[kk + 1], b + 2);
-        }
-        if ((HDP / 16) % 2) {
-            const int kk = HDP / 16 - 1;
-            uint32_t b[2];
-            ldmatrix_x2(b, r + (lm % 2) * 8 + kk * 16);
-            mma_16816<TT>(acc[nt], fa[kk], b);
-        }
-    }
-}
-
-/* out[dt] (16 x HDP) += X M: X the warp's 16 x BW_TILE values in
- * accumulator layout (rounded to TT and re-packed as A fragments), M's
- * BW_TILE rows of HDP in shared memory (ldmatrix.trans: B operand). */
-template <class TT, int HDP>
-__device__ __forceinline__ void mma_acc_rows(float out[HDP / 8][4], const float x[BW_TILE / 8][4],
-                                             const TT *rows, int LD) {
-    const int lane = threadIdx.x % 32, lm = lane / 8, lr = lane % 8;
-#pragma unroll
-    for (int ks = 0; ks < BW_TILE / 16; ks++) {
-        uint32_t pa[4] = {pack2<TT>(x[2 * ks][0], x[2 * ks][1]),
-                          pack2<TT>(x[2 * ks][2], x[2 * ks][3]),
-                          pack2<TT>(x[2 * ks + 1][0], x[2 * ks + 1][1]),
-                          pack2<TT>(x[2 * ks + 1][2], x[2 * ks + 1][3])};
-        const TT *r = rows + (ks * 16 + (lm % 2) * 8 + lr) * LD + (lm / 2) * 8;
-#pragma unroll
-        for (int dt = 0; dt < HDP / 8; dt += 2) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, r + dt * 8);
-            mma_16816<TT>(out[dt], pa, b);
-            mma_16816<TT>(out[dt + 1], pa, b + 2);
-        }
-    }
-}
-
 /* The warp's 16 rows of a [rows][LD] tile as A fragments. */
 template <class TT, int HDP>
 __device__ __forceinline__ void load_a(uint32_t fa[HDP / 16][4], const TT *rows, int LD) {
@@ -126,6 +74,31 @@ __device__ __forceinline__ void store_rows(const float acc[HDP / 8][4], float mu
     }
 }
 
+/* A block's (sequence, head) and its own BW_ROWS rows: blocks run
+ * sequence-major, then head, then row block. */
+template <class TT> struct bwd_job {
+    size_t row0;   /* the sequence's first row         */
+    size_t stride; /* qkv's row stride, 3D             */
+    int head, D;
+    int r0;        /* the block's first own row (key or query) */
+    const TT *base, *gbase; /* the head's columns of qkv and of dO at row0 */
+};
+
+template <class TT>
+__device__ __forceinline__ bwd_job<TT> bwd_job_of(const TT *qkv, const TT *dO, int T, int heads,
+                                                  int hd, int rblocks) {
+    bwd_job<TT> j;
+    const size_t job = blockIdx.x / (unsigned)rblocks, seq = job / (size_t)heads;
+    j.r0 = (int)(blockIdx.x % (unsigned)rblocks) * BW_ROWS;
+    j.head = (int)(job % (size_t)heads);
+    j.D = heads * hd;
+    j.stride = 3 * (size_t)j.D;
+    j.row0 = seq * (size_t)T;
+    j.base = qkv + j.row0 * j.stride + (size_t)j.head * hd;
+    j.gbase = dO + j.row0 * (size_t)j.D + (size_t)j.head * hd;
+    return j;
+}
+
 /* Block: BW_ROWS keys [k0, k0 + BW_ROWS) of job (sequence, head); dK and dV
  * of those keys. */
 template <class TT, int HDP>
@@ -139,13 +112,10 @@ __global__ void __launch_bounds__(32 * BW_WARPS, 2)
     TT *stream = vs + BW_ROWS * LD;               /* [stage][Q | dO][BW_TILE][LD] */
     float *lse_s = (float *)(stream + 4 * BW_TILE * LD), *delta_s = lse_s + BW_TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q4 = lane % 4;
-    const size_t job = blockIdx.x / (unsigned)kblocks;
-    const int k0 = (int)(blockIdx.x % (unsigned)kblocks) * BW_ROWS;
-    const size_t seq = job / (size_t)heads;
-    const int head = (int)(job % (size_t)heads), D = heads * hd;
-    const size_t stride = 3 * (size_t)D, row0 = seq * (size_t)T;
-    const TT *base = qkv + row0 * stride + (size_t)head * hd;
-    const TT *gbase = dO + row0 * (size_t)D + (size_t)head * hd;
+    const bwd_job<TT> jb = bwd_job_of(qkv, dO, T, heads, hd, kblocks);
+    const int k0 = jb.r0, head = jb.head, D = jb.D;
+    const size_t stride = jb.stride, row0 = jb.row0;
+    const TT *base = jb.base, *gbase = jb.gbase;
 
     mma_load_tile_async<TT, HDP>(base, stride, D, k0, BW_ROWS, T, hd, ks, LD);
     mma_load_tile_async<TT, HDP>(base, stride, 2 * D, k0, BW_ROWS, T, hd, vs, LD);
@@ -185,21 +155,21 @@ __global__ void __launch_bounds__(32 * BW_WARPS, 2)
         uint32_t fa[HDP / 16][4];
         float pt[BW_TILE / 8][4], dpt[BW_TILE / 8][4];
         load_a<TT, HDP>(fa, ks + warp * 16 * LD, LD);
-        mma_rows<TT, HDP>(pt, fa, qs, LD); /* S^T: keys x queries */
+        mma_rows<TT, HDP, BW_TILE>(pt, fa, qs, LD); /* S^T: keys x queries */
 #pragma unroll
         for (int nt = 0; nt < BW_TILE / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 pt[nt][e] = exp2f(pt[nt][e] * sl2 - lse_s[nt * 8 + 2 * q4 + (e & 1)]);
-        mma_acc_rows<TT, HDP>(dv, pt, gs, LD); /* dV += P^T dO */
+        mma_acc_rows<TT, HDP, BW_TILE>(dv, pt, gs, LD); /* dV += P^T dO */
         load_a<TT, HDP>(fa, vs + warp * 16 * LD, LD);
-        mma_rows<TT, HDP>(dpt, fa, gs, LD); /* dP^T = V dO^T */
+        mma_rows<TT, HDP, BW_TILE>(dpt, fa, gs, LD); /* dP^T = V dO^T */
 #pragma unroll
         for (int nt = 0; nt < BW_TILE / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - delta_s[nt * 8 + 2 * q4 + (e & 1)]);
-        mma_acc_rows<TT, HDP>(dk, dpt, qs, LD); /* dK += dS^T Q */
+        mma_acc_rows<TT, HDP, BW_TILE>(dk, dpt, qs, LD); /* dK += dS^T Q */
         __syncthreads(); /* the stage and lse_s are used up before they are refilled */
     }
 
@@ -221,13 +191,10 @@ __global__ void __launch_bounds__(32 * BW_WARPS, 2)
     TT *qs = (TT *)smem, *gs = qs + BW_ROWS * LD; /* the block's queries and dO rows */
     TT *stream = gs + BW_ROWS * LD;               /* [stage][K | V][BW_TILE][LD] */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q4 = lane % 4;
-    const size_t job = blockIdx.x / (unsigned)qblocks;
-    const int q0 = (int)(blockIdx.x % (unsigned)qblocks) * BW_ROWS;
-    const size_t seq = job / (size_t)heads;
-    const int head = (int)(job % (size_t)heads), D = heads * hd;
-    const size_t stride = 3 * (size_t)D, row0 = seq * (size_t)T;
-    const TT *base = qkv + row0 * stride + (size_t)head * hd;
-    const TT *gbase = dO + row0 * (size_t)D + (size_t)head * hd;
+    const bwd_job<TT> jb = bwd_job_of(qkv, dO, T, heads, hd, qblocks);
+    const int q0 = jb.r0, head = jb.head, D = jb.D;
+    const size_t stride = jb.stride, row0 = jb.row0;
+    const TT *base = jb.base, *gbase = jb.gbase;
 
     mma_load_tile_async<TT, HDP>(base, stride, 0, q0, BW_ROWS, T, hd, qs, LD);
     mma_load_tile_async<TT, HDP>(gbase, D, 0, q0, BW_ROWS, T, hd, gs, LD);
@@ -269,7 +236,7 @@ __global__ void __launch_bounds__(32 * BW_WARPS, 2)
         uint32_t fa[HDP / 16][4];
         float p[BW_TILE / 8][4], dp[BW_TILE / 8][4];
         load_a<TT, HDP>(fa, qs + warp * 16 * LD, LD);
-        mma_rows<TT, HDP>(p, fa, kt, LD); /* S = Q K^T */
+        mma_rows<TT, HDP, BW_TILE>(p, fa, kt, LD); /* S = Q K^T */
         /* Keys past T are zero rows: their P is set to 0 here. */
 #pragma unroll
         for (int nt = 0; nt < BW_TILE / 8; nt++)
@@ -279,12 +246,12 @@ __global__ void __launch_bounds__(32 * BW_WARPS, 2)
                                ? exp2f(p[nt][e] * sl2 - l2[e / 2])
                                : 0.0f;
         load_a<TT, HDP>(fa, gs + warp * 16 * LD, LD);
-        mma_rows<TT, HDP>(dp, fa, vt, LD); /* dP = dO V^T */
+        mma_rows<TT, HDP, BW_TILE>(dp, fa, vt, LD); /* dP = dO V^T */
 #pragma unroll
         for (int nt = 0; nt < BW_TILE / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[nt][e] = p[nt][e] * (dp[nt][e] - dl[e / 2]);
-        mma_acc_rows<TT, HDP>(dq, dp, kt, LD); /* dQ += dS K */
+        mma_acc_rows<TT, HDP, BW_TILE>(dq, dp, kt, LD); /* dQ += dS K */
         __syncthreads(); /* the stage is used up before it is refilled */
     }
 

@@ -61,7 +61,7 @@ typedef struct graph_key {
     int n, nb, hgt, wid, guided, label_rows;
     uint32_t brick_mask;
     float guidance;
-    int precision, attn_mode, gelu_epilogue, ln_mode;
+    int precision, attn_mode, gelu_epilogue, ln_mode, residual;
     const void *ws, *params, *lp, *freq;
     int lp_type;
 } graph_key;
@@ -88,6 +88,7 @@ typedef struct cuda_handle {
     int gemm_ready;
     int attn_mode; /* attn_mode */
     int ln_mode;   /* LN_TILED or LN_PER_ROW (CUDA_OPT_LAYERNORM) */
+    int residual;  /* CUDA_OPT_RESIDUAL: 1 the stream in the operand type */
     int precision; /* cuda_precision */
     int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
 
@@ -419,6 +420,7 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     sampler_graph_counts(h->sampler, &out->step_graph_captures, &out->step_graph_launches);
     out->device_loop = h->device_loop;
     out->ln_mode = h->ln_mode;
+    out->residual = h->residual;
     cudnn_attn_info ci;
     cudnn_attn_get_info(h->cudnn, &ci);
     out->cudnn_available = ci.available;
@@ -460,6 +462,12 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown LayerNorm mode %d",
                              value);
         h->ln_mode = value;
+        return LEGO_OK;
+    case CUDA_OPT_RESIDUAL:
+        if (value != 0 && value != 1)
+            return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown residual mode %d",
+                             value);
+        h->residual = value;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
         if (value < 0 || value > 4)
@@ -507,7 +515,7 @@ typedef struct ws_layout {
     float *out;     /* n x chw, D(x; sigma)        */
     float *mods;    /* adaLN vectors, slots below  */
     size_t mod_slot;/* floats per (block or final layer) slot, aligned */
-    float *tx;      /* rows x D: the residual stream (fp32)         */
+    float *tx;      /* rows x D: the residual stream (fp32, or T)   */
     float *th;      /* rows x D: LayerNorm / attention output (T)   */
     float *ty;      /* rows x D: proj and fc2 outputs (T)           */
     float *wide;    /* rows x widest: GEMM inputs and outputs (T or fp32) */
@@ -716,9 +724,10 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
 
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
  * chunk.  T is the type of the GEMM inputs and outputs inside the blocks
- * and of the attention operands (as under the reference's autocast); the
- * residual stream, LayerNorm statistics and adaLN vectors are fp32. */
-template <class T>
+ * and of the attention operands (as under the reference's autocast); R
+ * the residual stream's (fp32, or T with CUDA_OPT_RESIDUAL); LayerNorm
+ * statistics and adaLN vectors are fp32. */
+template <class T, class R>
 static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb, int hgt, int wid,
                              const ws_layout *l, const float *below, float *out, lego_err *err) {
     const cudaDataType tt = lt_type<T>::value, f32 = CUDA_R_32F;
@@ -745,11 +754,13 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
      * LayerNorm, which reads the row anyway. */
     T *th = (T *)l->th, *ty = (T *)l->ty, *wide = (T *)l->wide;
     LEGO_TRY(k_gather<T>(s, &g, NULL, l->xin, below, wide, err));
-    LEGO_TRY(linear_fwd(h, m, &b->embed, wide, tt, rows, l->tx, f32, GEMM_ACT_NONE, err));
+    R *tx = (R *)l->tx;
+    LEGO_TRY(linear_fwd(h, m, &b->embed, wide, tt, rows, tx, lt_type<R>::value, GEMM_ACT_NONE,
+                        err));
     mark(h, CUDA_PROF_GATHER);
     const float *pos = dev_param(h, m, b->pos_embed);
     if (!pos) return lego_fail(err, LEGO_ERR_BACKEND, "internal: pos_embed not on the device");
-    LEGO_TRY(k_layernorm_modulate<T>(s, l->tx, pos, b->tokens, rows, D, rpi, l->mods,
+    LEGO_TRY((k_layernorm_modulate<T, R>)(s, tx, pos, b->tokens, rows, D, rpi, l->mods,
                                      l->mods + d, ms, th, h->ln_mode, err));
     mark(h, CUDA_PROF_LAYERNORM);
 
@@ -763,7 +774,7 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         mark(h, CUDA_PROF_ATTENTION);
         LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, ty, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_PROJ);
-        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 2 * d, ms,
+        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 2 * d, ms,
                                                mod + 3 * d, mod + 4 * d, ms, th, h->ln_mode,
                                                err));
         mark(h, CUDA_PROF_LAYERNORM);
@@ -774,7 +785,7 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         /* The LayerNorm that follows: the next block's first, or the final one. */
         const float *next = j + 1 < depth ? l->mods + (j + 1) * l->mod_slot : final_mod;
         size_t next_stride = j + 1 < depth ? ms : 2 * d;
-        LEGO_TRY(k_gated_residual_layernorm<T>(s, l->tx, ty, rows, D, rpi, mod + 5 * d, ms,
+        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 5 * d, ms,
                                                next, next + d, next_stride, th, h->ln_mode,
                                                err));
         mark(h, CUDA_PROF_LAYERNORM);
@@ -789,10 +800,15 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
 static lego_status brick_forward(cuda_handle *h, const lego_model *m, int k, int nb, int hgt,
                                  int wid, const ws_layout *l, const float *below, float *out,
                                  lego_err *err) {
+    const int low = h->residual; /* the stream in the operand type */
     switch (h->precision) {
-    case CUDA_PRECISION_BF16: return brick_fwd<bf16>(h, m, k, nb, hgt, wid, l, below, out, err);
-    case CUDA_PRECISION_FP16: return brick_fwd<f16>(h, m, k, nb, hgt, wid, l, below, out, err);
-    default: return brick_fwd<float>(h, m, k, nb, hgt, wid, l, below, out, err);
+    case CUDA_PRECISION_BF16:
+        return low ? brick_fwd<bf16, bf16>(h, m, k, nb, hgt, wid, l, below, out, err)
+                   : brick_fwd<bf16, float>(h, m, k, nb, hgt, wid, l, below, out, err);
+    case CUDA_PRECISION_FP16:
+        return low ? brick_fwd<f16, f16>(h, m, k, nb, hgt, wid, l, below, out, err)
+                   : brick_fwd<f16, float>(h, m, k, nb, hgt, wid, l, below, out, err);
+    default: return brick_fwd<float, float>(h, m, k, nb, hgt, wid, l, below, out, err);
     }
 }
 
@@ -892,6 +908,7 @@ static graph_key key_for(const cuda_handle *h, const denoise_args *a, const requ
     k.attn_mode = h->attn_mode;
     k.gelu_epilogue = h->gemm.gelu_epilogue;
     k.ln_mode = h->ln_mode;
+    k.residual = h->residual;
     k.ws = h->ws;
     k.params = h->params;
     k.lp = h->lp;

@@ -414,16 +414,18 @@ lego_status k_scatter(cudaStream_t s, const tok_geom *g, const float *src, float
  * (CUDA_OPT_LAYERNORM; the same bits either way). */
 enum { LN_PER_ROW = 0, LN_TILED = 1 };
 /* (x += pos[r % tokens] when pos) then y = LN(x)*(1+scale)+shift, y of
- * type T.  mode: LN_TILED or LN_PER_ROW. */
-template <class T>
-lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
+ * type T, the residual stream x of type R (fp32, or T: CUDA_OPT_RESIDUAL),
+ * the arithmetic fp32.  mode: LN_TILED or LN_PER_ROW. */
+template <class T, class R>
+lego_status k_layernorm_modulate(cudaStream_t s, R *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
                                  const float *scale, size_t mod_stride, T *y, int mode,
                                  lego_err *err);
 /* x += gate*y, out = LN(x)*(1+scale)+shift; y (a GEMM output) and out of
- * type T, x fp32; out must not overlap y. */
-template <class T>
-lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, size_t rows,
+ * type T, x of type R (the sum in fp32, rounded to R once, and the
+ * statistics of the rounded row); out must not overlap y. */
+template <class T, class R>
+lego_status k_gated_residual_layernorm(cudaStream_t s, R *x, const T *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
                                        const float *scale, size_t mod_stride, T *out, int mode,

@@ -227,36 +227,41 @@ static unsigned ln_blocks(size_t rows) {
     return b > 65535u * 16u ? 65535u * 16u : (unsigned)b;
 }
 
-template <class T>
-__device__ __forceinline__ void modulate_row(const float *xr, int dim, float mean, int lane,
+/* v as the residual stream of type R stores it (identity for fp32). */
+template <class R> __device__ __forceinline__ float residual_round(float v) {
+    return to_float<R>(from_float<R>(v));
+}
+
+template <class T, class R>
+__device__ __forceinline__ void modulate_row(const R *xr, int dim, float mean, int lane,
                                              const float *shift, const float *scale, T *yr) {
     float var = 0.0f;
     for (int i = lane; i < dim; i += 32) {
-        float d = xr[i] - mean;
+        float d = to_float<R>(xr[i]) - mean;
         var += d * d;
     }
     var = warp_sum(var);
     float rstd = 1.0f / sqrtf(var / (float)dim + 1e-6f);
     for (int i = lane; i < dim; i += 32)
-        yr[i] = from_float<T>((xr[i] - mean) * rstd * (1.0f + scale[i]) + shift[i]);
+        yr[i] = from_float<T>((to_float<R>(xr[i]) - mean) * rstd * (1.0f + scale[i]) + shift[i]);
 }
 
-template <class T>
-__global__ void layernorm_modulate_kernel(float *x, const float *pos, int tokens, size_t rows,
+template <class T, class R>
+__global__ void layernorm_modulate_kernel(R *x, const float *pos, int tokens, size_t rows,
                                           int dim, size_t rows_per_image, const float *shift,
                                           const float *scale, size_t mod_stride, T *y) {
     int lane = threadIdx.x % 32;
     /* r is the same for the whole warp, so the shuffles see every lane. */
     for (size_t r = (size_t)blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32; r < rows;
          r += (size_t)gridDim.x * LN_ROWS_PER_BLOCK) {
-        float *xr = x + r * (size_t)dim;
+        R *xr = x + r * (size_t)dim;
         const float *pe = pos ? pos + (r % (size_t)tokens) * (size_t)dim : NULL;
         float sum = 0.0f;
         for (int i = lane; i < dim; i += 32) {
-            float v = xr[i];
+            float v = to_float<R>(xr[i]);
             if (pe) {
-                v += pe[i];
-                xr[i] = v;
+                v = residual_round<R>(v + pe[i]);
+                xr[i] = from_float<R>(v);
             }
             sum += v;
         }
@@ -399,8 +404,15 @@ __device__ __forceinline__ void ln_stage(float *staged, const float *const *src,
     __syncthreads();
 }
 
-template <class T, bool TILED, int MAXV>
-__global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int tokens, size_t rows,
+/* Four values as the residual stream of type R stores them. */
+template <class R> __device__ __forceinline__ float4 residual_round4(float4 a) {
+    return make_float4(residual_round<R>(a.x), residual_round<R>(a.y), residual_round<R>(a.z),
+                       residual_round<R>(a.w));
+}
+template <> __device__ __forceinline__ float4 residual_round4<float>(float4 a) { return a; }
+
+template <class T, class R, bool TILED, int MAXV>
+__global__ void layernorm_modulate_vec_kernel(R *x, const float *pos, int tokens, size_t rows,
                                               int dim, size_t rows_per_image, const float *shift,
                                               const float *scale, size_t mod_stride, T *y) {
     DYNAMIC_SMEM(float, staged); /* tiled: [shift | scale] of the block's image */
@@ -411,7 +423,7 @@ __global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int to
         ln_stage(staged, src, 2, dim);
     }
     for (size_t r = w.first; r < w.end; r += w.step) {
-        float *xr = x + r * (size_t)dim;
+        R *xr = x + r * (size_t)dim;
         const float *pe = pos ? pos + (r % (size_t)tokens) * (size_t)dim : NULL;
         float4 v[MAXV];
         float sum = 0.0f;
@@ -419,11 +431,12 @@ __global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int to
         for (int j = 0; j < MAXV; j++) {
             if (j >= nv) break;
             int i = (lane + 32 * j) * 4;
-            float4 a = ld4(xr + i);
+            float4 a = load4<R>(xr + i);
             if (pe) {
                 float4 p = ld4(pe + i);
                 a.x += p.x, a.y += p.y, a.z += p.z, a.w += p.w;
-                st4(xr + i, a);
+                a = residual_round4<R>(a);
+                store4<R>(xr + i, a.x, a.y, a.z, a.w);
             }
             v[j] = a;
             sum += a.x + a.y + a.z + a.w;
@@ -434,8 +447,8 @@ __global__ void layernorm_modulate_vec_kernel(float *x, const float *pos, int to
     }
 }
 
-template <class T, bool TILED, int MAXV>
-__global__ void gated_residual_layernorm_vec_kernel(float *x, const T *y, size_t rows, int dim,
+template <class T, class R, bool TILED, int MAXV>
+__global__ void gated_residual_layernorm_vec_kernel(R *x, const T *y, size_t rows, int dim,
                                                     size_t rows_per_image, const float *gate,
                                                     size_t gate_stride, const float *shift,
                                                     const float *scale, size_t mod_stride,
@@ -452,16 +465,17 @@ __global__ void gated_residual_layernorm_vec_kernel(float *x, const T *y, size_t
         size_t img = r / rows_per_image;
         const float *g = TILED ? staged : gate + img * gate_stride;
         const T *yr = y + r * (size_t)dim;
-        float *xr = x + r * (size_t)dim;
+        R *xr = x + r * (size_t)dim;
         float4 v[MAXV];
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < MAXV; j++) {
             if (j >= nv) break;
             int i = (lane + 32 * j) * 4;
-            float4 a = ld4(xr + i), b = load4<T>(yr + i), gg = ld4(g + i);
+            float4 a = load4<R>(xr + i), b = load4<T>(yr + i), gg = ld4(g + i);
             a.x += gg.x * b.x, a.y += gg.y * b.y, a.z += gg.z * b.z, a.w += gg.w * b.w;
-            st4(xr + i, a);
+            a = residual_round4<R>(a);
+            store4<R>(xr + i, a.x, a.y, a.z, a.w);
             v[j] = a;
             sum += a.x + a.y + a.z + a.w;
         }
@@ -498,12 +512,12 @@ typedef struct ln_launch {
     int vectors;
 } ln_launch;
 
-template <class T, int MAXV>
-static void launch_ln_vec(const ln_launch &L, float *x, const float *pos, int tokens,
+template <class T, class R, int MAXV>
+static void launch_ln_vec(const ln_launch &L, R *x, const float *pos, int tokens,
                           const float *shift, const float *scale, size_t mod_stride, T *y) {
     /* One name each: LAUNCH is a macro. */
-    auto tiled_kernel = layernorm_modulate_vec_kernel<T, true, MAXV>;
-    auto row_kernel = layernorm_modulate_vec_kernel<T, false, MAXV>;
+    auto tiled_kernel = layernorm_modulate_vec_kernel<T, R, true, MAXV>;
+    auto row_kernel = layernorm_modulate_vec_kernel<T, R, false, MAXV>;
     if (L.tiled)
         LAUNCH(tiled_kernel, L.tiled, 32 * LN_ROWS_PER_BLOCK,
                (size_t)L.vectors * L.dim * sizeof(float), L.s)(
@@ -513,12 +527,12 @@ static void launch_ln_vec(const ln_launch &L, float *x, const float *pos, int to
             x, pos, tokens, L.rows, L.dim, L.rows_per_image, shift, scale, mod_stride, y);
 }
 
-template <class T, int MAXV>
-static void launch_gated_vec(const ln_launch &L, float *x, const T *y, const float *gate,
+template <class T, class R, int MAXV>
+static void launch_gated_vec(const ln_launch &L, R *x, const T *y, const float *gate,
                              size_t gate_stride, const float *shift, const float *scale,
                              size_t mod_stride, T *out) {
-    auto tiled_kernel = gated_residual_layernorm_vec_kernel<T, true, MAXV>;
-    auto row_kernel = gated_residual_layernorm_vec_kernel<T, false, MAXV>;
+    auto tiled_kernel = gated_residual_layernorm_vec_kernel<T, R, true, MAXV>;
+    auto row_kernel = gated_residual_layernorm_vec_kernel<T, R, false, MAXV>;
     if (L.tiled)
         LAUNCH(tiled_kernel, L.tiled, 32 * LN_ROWS_PER_BLOCK,
                (size_t)L.vectors * L.dim * sizeof(float), L.s)(
@@ -530,8 +544,8 @@ static void launch_gated_vec(const ln_launch &L, float *x, const T *y, const flo
             out);
 }
 
-template <class T>
-lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int tokens,
+template <class T, class R>
+lego_status k_layernorm_modulate(cudaStream_t s, R *x, const float *pos, int tokens,
                                  size_t rows, int dim, size_t rows_per_image, const float *shift,
                                  const float *scale, size_t mod_stride, T *y, int mode,
                                  lego_err *err) {
@@ -540,18 +554,18 @@ lego_status k_layernorm_modulate(cudaStream_t s, float *x, const float *pos, int
     if (vec) {
         const ln_launch L = {s, tiled, rows, dim, rows_per_image, 2};
         with_ln_bound(dim / 128, [&](auto bound) {
-            launch_ln_vec<T, decltype(bound)::value>(L, x, pos, tokens, shift, scale, mod_stride,
-                                                     y);
+            launch_ln_vec<T, R, decltype(bound)::value>(L, x, pos, tokens, shift, scale,
+                                                        mod_stride, y);
         });
     } else
-        LAUNCH(layernorm_modulate_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+        LAUNCH((layernorm_modulate_kernel<T, R>), ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
             x, pos, tokens, rows, dim, rows_per_image, shift, scale, mod_stride, y);
     LAUNCH_CHECK("layernorm_modulate");
     return LEGO_OK;
 }
 
-template <class T>
-__global__ void gated_residual_layernorm_kernel(float *x, const T *y, size_t rows, int dim,
+template <class T, class R>
+__global__ void gated_residual_layernorm_kernel(R *x, const T *y, size_t rows, int dim,
                                                 size_t rows_per_image, const float *gate,
                                                 size_t gate_stride, const float *shift,
                                                 const float *scale, size_t mod_stride, T *out) {
@@ -561,11 +575,11 @@ __global__ void gated_residual_layernorm_kernel(float *x, const T *y, size_t row
         size_t img = r / rows_per_image;
         const float *g = gate + img * gate_stride;
         const T *yr = y + r * (size_t)dim;
-        float *xr = x + r * (size_t)dim;
+        R *xr = x + r * (size_t)dim;
         float sum = 0.0f;
         for (int i = lane; i < dim; i += 32) {
-            float v = xr[i] + g[i] * to_float<T>(yr[i]);
-            xr[i] = v;
+            float v = residual_round<R>(to_float<R>(xr[i]) + g[i] * to_float<T>(yr[i]));
+            xr[i] = from_float<R>(v);
             sum += v;
         }
         float mean = warp_sum(sum) / (float)dim;
@@ -574,8 +588,8 @@ __global__ void gated_residual_layernorm_kernel(float *x, const T *y, size_t row
     }
 }
 
-template <class T>
-lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, size_t rows,
+template <class T, class R>
+lego_status k_gated_residual_layernorm(cudaStream_t s, R *x, const T *y, size_t rows,
                                        int dim, size_t rows_per_image, const float *gate,
                                        size_t gate_stride, const float *shift,
                                        const float *scale, size_t mod_stride, T *out,
@@ -585,27 +599,30 @@ lego_status k_gated_residual_layernorm(cudaStream_t s, float *x, const T *y, siz
     if (vec) {
         const ln_launch L = {s, tiled, rows, dim, rows_per_image, 3};
         with_ln_bound(dim / 128, [&](auto bound) {
-            launch_gated_vec<T, decltype(bound)::value>(L, x, y, gate, gate_stride, shift, scale,
-                                                        mod_stride, out);
+            launch_gated_vec<T, R, decltype(bound)::value>(L, x, y, gate, gate_stride, shift,
+                                                           scale, mod_stride, out);
         });
     } else
-        LAUNCH(gated_residual_layernorm_kernel<T>, ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0, s)(
+        LAUNCH((gated_residual_layernorm_kernel<T, R>), ln_blocks(rows), 32 * LN_ROWS_PER_BLOCK, 0,
+               s)(
             x, y, rows, dim, rows_per_image, gate, gate_stride, shift, scale, mod_stride, out);
     LAUNCH_CHECK("gated_residual_layernorm");
     return LEGO_OK;
 }
 
-#define LN_INSTANTIATE(T)                                                                 \
-    template lego_status k_layernorm_modulate<T>(cudaStream_t, float *, const float *, int, \
-                                                 size_t, int, size_t, const float *,       \
-                                                 const float *, size_t, T *, int,          \
-                                                 lego_err *);                              \
-    template lego_status k_gated_residual_layernorm<T>(                                    \
-        cudaStream_t, float *, const T *, size_t, int, size_t, const float *, size_t,      \
+#define LN_INSTANTIATE(T, R)                                                                 \
+    template lego_status k_layernorm_modulate<T, R>(cudaStream_t, R *, const float *, int,  \
+                                                    size_t, int, size_t, const float *,     \
+                                                    const float *, size_t, T *, int,        \
+                                                    lego_err *);                            \
+    template lego_status k_gated_residual_layernorm<T, R>(                                  \
+        cudaStream_t, R *, const T *, size_t, int, size_t, const float *, size_t,           \
         const float *, const float *, size_t, T *, int, lego_err *);
-LN_INSTANTIATE(float)
-LN_INSTANTIATE(bf16)
-LN_INSTANTIATE(f16)
+LN_INSTANTIATE(float, float)
+LN_INSTANTIATE(bf16, float)
+LN_INSTANTIATE(f16, float)
+LN_INSTANTIATE(bf16, bf16)
+LN_INSTANTIATE(f16, f16)
 
 /* ---- guidance and EDM ------------------------------------------------------- */
 

@@ -69,6 +69,7 @@ typedef struct cuda_stats {
     uint64_t attn_decided, attn_timed, attn_cudnn_shapes;
     int cudnn_last_graph;
     char cudnn_note[200];
+    int residual; /* CUDA_OPT_RESIDUAL's value */
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -125,7 +126,14 @@ typedef enum cuda_option {
      * no faster at batch 64 on an H200 (L-PG-64 9.23 against 9.21 ms of
      * LayerNorm, XL-U-32 6.52 against 5.99) and leave most of the GPU idle
      * at batch 1 (16 blocks for 1024 tokens), so they are for timing only. */
-    CUDA_OPT_LAYERNORM = 9
+    CUDA_OPT_LAYERNORM = 9,
+    /* The residual stream of an evaluation in bf16/fp16 precision: 0 (the
+     * default) fp32; 1 the operand type, as under the reference's autocast,
+     * where every Linear's output and so the stream is bf16: the LayerNorm
+     * kernels, which read and write it once per block each, move 8 bytes
+     * per value instead of 12.  The sums and statistics stay fp32.  For
+     * timing until a GPU has measured what it saves. */
+    CUDA_OPT_RESIDUAL = 10
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */

@@ -365,13 +365,14 @@ static const struct {
     int attn_mode;
     const char *name;
     int twin; /* >= 0: the random models also compare with that variant */
+    int residual; /* CUDA_OPT_RESIDUAL */
 } low_variants[] = {
     /* Mode 5: the automatic choice among our kernels, never cuDNN (whose
      * use under mode 0 depends on a timing; the cuDNN rows are below). */
-    {LEGO_PRECISION_BF16, 5, " [bf16]", -1},
-    {LEGO_PRECISION_BF16, 1, " [bf16 flash only]", -1},
-    {LEGO_PRECISION_BF16, 2, " [bf16 no mma]", -1},
-    {LEGO_PRECISION_FP16, 5, " [fp16]", -1},
+    {LEGO_PRECISION_BF16, 5, " [bf16]", -1, 0},
+    {LEGO_PRECISION_BF16, 1, " [bf16 flash only]", -1, 0},
+    {LEGO_PRECISION_BF16, 2, " [bf16 no mma]", -1, 0},
+    {LEGO_PRECISION_FP16, 5, " [fp16]", -1, 0},
     /* The tensor-core kernel with 32 query rows per warp (mode 3): the
      * same arithmetic per row as mode 0's kernel but for the softmax's
      * fused scale, so also within a twin tolerance of mode 0, tighter than
@@ -381,12 +382,15 @@ static const struct {
      * 2^-11 in fp16), and the flips add up over a row: the 1024-wide model
      * moved by 1.3e-3 (bf16) and 4.2e-4 (fp16), about sqrt(8) apart as
      * random flips would.  Hence BF16_TWIN_TOL and MMA_TWIN_TOL. */
-    {LEGO_PRECISION_BF16, 3, " [bf16 mma32]", 0},
-    {LEGO_PRECISION_FP16, 3, " [fp16 mma32]", 3},
+    {LEGO_PRECISION_BF16, 3, " [bf16 mma32]", 0, 0},
+    {LEGO_PRECISION_FP16, 3, " [fp16 mma32]", 3, 0},
     /* cuDNN's fused attention where it takes the shape (mode 4; our
      * kernels where it does not, or where the library is absent). */
-    {LEGO_PRECISION_BF16, 4, " [bf16 cudnn]", -1},
-    {LEGO_PRECISION_FP16, 4, " [fp16 cudnn]", -1},
+    {LEGO_PRECISION_BF16, 4, " [bf16 cudnn]", -1, 0},
+    {LEGO_PRECISION_FP16, 4, " [fp16 cudnn]", -1, 0},
+    /* The residual stream in the operand type (CUDA_OPT_RESIDUAL 1). */
+    {LEGO_PRECISION_BF16, 5, " [bf16 residual]", -1, 1},
+    {LEGO_PRECISION_FP16, 5, " [fp16 residual]", -1, 1},
 };
 #define MMA_TWIN_TOL 1e-3
 #define BF16_TWIN_TOL 5e-3
@@ -397,11 +401,13 @@ static void set_low_variant(lego_model *m, size_t v) {
                   lego_model_error(m));
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, low_variants[v].attn_mode) ==
               LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_RESIDUAL, low_variants[v].residual) == LEGO_OK);
 }
 
 static void reset_fp32(lego_model *m) {
     ck_assert(lego_model_set_precision(m, LEGO_PRECISION_FP32) == LEGO_OK);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_ATTENTION, 0) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_RESIDUAL, 0) == LEGO_OK);
 }
 
 START_TEST(test_cuda_golden_denoiser) {
@@ -707,6 +713,8 @@ START_TEST(test_cuda_random_models) {
         ck_assert(cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, 1) == LEGO_OK);
         run_rand(rm, m, &io, &rows);
         ck_assert(cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, 0) == LEGO_OK);
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, 2) == LEGO_ERR_INVALID_ARGUMENT);
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_RESIDUAL, 2) == LEGO_ERR_INVALID_ARGUMENT);
         size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
         ck_assert_msg(memcmp(rows.out, gpu.out, img * sizeof(float)) == 0 &&
                           memcmp(rows.cfg, gpu.cfg, img * sizeof(float)) == 0 &&
@@ -1532,6 +1540,34 @@ START_TEST(test_cuda_train_random) {
 }
 END_TEST
 
+/* One batch's loss and gradient of m (on the CPU) against the GPU's in
+ * fp32 and bf16, and in bf16 with the attention GEMMs when gemm_too. */
+static void train_gpu_vs_cpu(lego_model *m, const rand_model *rm, uint64_t seed, int gemm_too) {
+    train_io io;
+    train_inputs(rm, seed, &io);
+    size_t np = m->params_size;
+    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
+    ck_assert(cpu && gpu);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
+    compare_grads(rm->name, "", m, gpu, cpu, GPU_TOL);
+    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
+    compare_grads(rm->name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    if (gemm_too) {
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 4) == LEGO_OK);
+        ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+        expect_close(rm->name, "train.loss [bf16 gemm]", &lg, &lc, 1, TRAIN_LOW_TOL);
+        compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
+    }
+    free(cpu);
+    free(gpu);
+    free_train_inputs(&io);
+}
+
 /* 2116 one-token rows per image: the column sums fold their 64-row chunks
  * (67 for a bias, 34 per image) TRAIN_SUM_FAN at a time before the last
  * pass.  fp32 and bf16 against the CPU (attention is trivial here). */
@@ -1539,22 +1575,7 @@ START_TEST(test_cuda_train_rows) {
     const rand_model rm = {"tr-rows", 32, 2, 1, 3, 2.0, 46, 46, 2, 1, {{1, 1, 1}}};
     lego_model *m = build_rand(&rm);
     randomize(m, 5, 0.1f);
-    train_io io;
-    train_inputs(&rm, 6, &io);
-    size_t np = m->params_size;
-    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
-    ck_assert(cpu && gpu);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
-    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
-    expect_close(rm.name, "train.loss", &lg, &lc, 1, GPU_TOL);
-    compare_grads(rm.name, "", m, gpu, cpu, GPU_TOL);
-    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
-    compare_grads(rm.name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
-    free(cpu);
-    free(gpu);
-    free_train_inputs(&io);
+    train_gpu_vs_cpu(m, &rm, 6, 0);
     lego_model_free(m);
 }
 END_TEST
@@ -1574,27 +1595,7 @@ START_TEST(test_cuda_train_fmnist) {
     randomize(m, 21, 0.03f);
     const rand_model rm = {"fmnist", 256, 4,  1, 10, 4.0, 32, 32, 2, 3,
                            {{4, 2, 2}, {16, 8, 2}, {32, 2, 4}}};
-    train_io io;
-    train_inputs(&rm, 8, &io);
-    size_t np = m->params_size;
-    float *cpu = malloc(np * sizeof *cpu), *gpu = malloc(np * sizeof *gpu), lc = 0, lg = 0;
-    ck_assert(cpu && gpu);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lc, cpu) == LEGO_OK, "%s", lego_model_error(m));
-    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
-    expect_close("fmnist", "train.loss", &lg, &lc, 1, GPU_TOL);
-    compare_grads("fmnist", "", m, gpu, cpu, GPU_TOL);
-    ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
-    expect_close("fmnist", "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
-    compare_grads("fmnist", " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 4) == LEGO_OK);
-    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
-    expect_close("fmnist", "train.loss [bf16 gemm]", &lg, &lc, 1, TRAIN_LOW_TOL);
-    compare_grads("fmnist", " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
-    free(cpu);
-    free(gpu);
-    free_train_inputs(&io);
+    train_gpu_vs_cpu(m, &rm, 8, 1);
     lego_model_free(m);
 }
 END_TEST

@@ -3,11 +3,13 @@
  * GPU, part by part (GEMMs by layer, attention, LayerNorm, ...).
  *
  *   build/tools/cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] [--attn MODE] [--ln MODE]
+ *                            [--residual MODE]
  *
  * --attn sets CUDA_OPT_ATTENTION (0 automatic, 3 the tensor-core kernel
  * with 32 query rows per warp, 4 cuDNN, 5 never cuDNN: src/backend_cuda.h) for an
  * A/B timing; a "cudnn" line says whether cuDNN was loaded and ran.  --ln
- * sets CUDA_OPT_LAYERNORM (0 one warp per row, 1 tiles per image).
+ * sets CUDA_OPT_LAYERNORM (0 one warp per row, 1 tiles per image), --residual
+ * CUDA_OPT_RESIDUAL (0 an fp32 residual stream, 1 the operand type's).
  * Before the profile it times whole evaluations (graphs on, as lego-bench;
  * host copies included): the median of 5 after the warm-ups.
  *
@@ -44,10 +46,10 @@ static int cmp_double(const void *a, const void *b) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: cuda_profile PRESET BATCH [fp32|bf16|fp16] [--skip-top] "
-                        "[--attn MODE] [--ln MODE]\n");
+                        "[--attn MODE] [--ln MODE] [--residual MODE]\n");
         return 2;
     }
-    int n = atoi(argv[2]), skip_top = 0, attn = -1, ln = 0;
+    int n = atoi(argv[2]), skip_top = 0, attn = -1, ln = 0, residual = 0;
     const char *prec = "fp32";
     for (int i = 3; i < argc; i++) {
         if (strcmp(argv[i], "--skip-top") == 0)
@@ -56,6 +58,8 @@ int main(int argc, char **argv) {
             attn = atoi(argv[++i]);
         else if (strcmp(argv[i], "--ln") == 0 && i + 1 < argc)
             ln = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--residual") == 0 && i + 1 < argc)
+            residual = atoi(argv[++i]);
         else if (i == 3)
             prec = argv[i];
         else {
@@ -73,7 +77,8 @@ int main(int argc, char **argv) {
     if (lego_model_create_preset(argv[1], &o, &m) != LEGO_OK ||
         lego_model_init_weights(m, 1) != LEGO_OK ||
         (attn >= 0 && cuda_backend_set_option(m, CUDA_OPT_ATTENTION, attn) != LEGO_OK) ||
-        cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, ln) != LEGO_OK) {
+        cuda_backend_set_option(m, CUDA_OPT_LAYERNORM, ln) != LEGO_OK ||
+        cuda_backend_set_option(m, CUDA_OPT_RESIDUAL, residual) != LEGO_OK) {
         fprintf(stderr, "cuda_profile: %s\n", lego_model_error(m));
         lego_model_free(m);
         return 1;

@@ -6,8 +6,8 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [sample-loop] [attn-ab] [ln-ab] [train-test] [train-bench] [train-profile]
-#                       [train-fmnist] [train-compare]
+#                       [sample-loop] [attn-ab] [ln-ab] [residual-ab] [train-test] [train-bench]
+#                       [train-profile] [train-fmnist] [train-compare]
 set -u
 D=${D:-.dev}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -179,6 +179,15 @@ for what in "$@"; do
         for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16"; do
             for ln in 0 1 0 1; do
                 timeout 120 "$D/tests/cuda_profile" $args --ln $ln 2>&1 | grep -E "^(eval|profile)|layernorm"
+            done
+        done
+        ;;
+    residual-ab)
+        # The residual stream fp32 (0, the default) against bf16 (1, CUDA_OPT_RESIDUAL).
+        echo "== residual A/B: CUDA_OPT_RESIDUAL 0 vs 1"
+        for args in "lego_L_PG_64 64 bf16" "lego_XL_U_32 64 bf16" "lego_S_PG_64 1 bf16"; do
+            for r in 0 1 0 1; do
+                timeout 120 "$D/tests/cuda_profile" $args --residual $r 2>&1 | grep -E "^(eval|profile)|layernorm"
             done
         done
         ;;
