@@ -65,8 +65,8 @@
 
 /* Buffers of one brick. */
 typedef struct block_dev {
-    float *x, *mean1, *rstd1, *lse, *a, *x2, *mean2, *rstd2, *f;
-    void *h1, *qkv, *att, *h2, *u, *g; /* of type T */
+    float *x, *mean1, *rstd1, *lse, *x2, *mean2, *rstd2;
+    void *h1, *qkv, *att, *a, *h2, *u, *g, *f; /* of type T (a, f: proj's and fc2's outputs) */
 } block_dev;
 
 typedef struct brick_dev {
@@ -258,7 +258,8 @@ static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, si
         return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
     TP(CUDA_TPROF_GEMM, tg(c, 0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, l->in, dy, l->out,
                            1.0f, gw, l->in, t, CUDA_R_32F, NULL));
-    TP(CUDA_TPROF_SUMS, t_colsum<T>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows, rows, l->out,
+    const float *none = NULL;
+    TP(CUDA_TPROF_SUMS, t_colsum<T>(c->s, COLSUM_PLAIN, dy, none, NULL, NULL, rows, rows, l->out,
                                     gb, NULL, 0, c->ts->L.partial, c->err));
     if (dx)
         TP(CUDA_TPROF_GEMM, tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy,
@@ -378,14 +379,14 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
             A->qkv = carve(cv, R, 3 * d, es);
             A->att = carve(cv, R, d, es);
             A->lse = (float *)carve(cv, R, heads, sizeof(float));
-            A->a = (float *)carve(cv, R, d, sizeof(float));
+            A->a = carve(cv, R, d, es);
             A->x2 = (float *)carve(cv, R, d, sizeof(float));
             A->mean2 = (float *)carve(cv, R, 1, sizeof(float));
             A->rstd2 = (float *)carve(cv, R, 1, sizeof(float));
             A->h2 = carve(cv, R, d, es);
             A->u = carve(cv, R, hm, es);
             A->g = carve(cv, R, hm, es);
-            A->f = (float *)carve(cv, R, d, sizeof(float));
+            A->f = carve(cv, R, d, es);
         }
         bd->xf = (float *)carve(cv, R, d, sizeof(float));
         bd->meanf = (float *)carve(cv, R, 1, sizeof(float));
@@ -639,22 +640,25 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
         else
             TP(CUDA_TPROF_ATTENTION, t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens,
                                                    b->tokens, heads, hd, (T *)A->att, A->lse, err));
-        LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, f32));
-        TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x, A->a, R, D, rpi, mod + 2 * d, ms, A->x2,
+        LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, tt));
+        TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x, (const T *)A->a, R, D, rpi, mod + 2 * d, ms,
+                                              A->x2,
                                               mod + 3 * d, ms, A->mean2, A->rstd2, (T *)A->h2,
                                               err));
         LEGO_TRY(lin_fwd(c, &blk->fc1, A->h2, tt, R, A->u, tt));
         TP(CUDA_TPROF_ROWS, t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
-        LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, f32));
+        LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, tt));
         /* x' = x2 + gate2 f, and the next LayerNorm of x': the next
          * block's first or the final layer's. */
         if (j + 1 < depth) {
             block_dev *B = &bd->blocks[j + 1];
-            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms, B->x,
+            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d,
+                                                  ms, B->x,
                                                   mod + N * ms, ms, B->mean1, B->rstd1,
                                                   (T *)B->h1, err));
         } else {
-            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, A->f, R, D, rpi, mod + 5 * d, ms,
+            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d,
+                                                  ms,
                                                   bd->xf, final_mod, 2 * d, bd->meanf, bd->rstdf,
                                                   (T *)bd->hf, err));
         }
@@ -714,8 +718,8 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         const float *mod = bd->mods + (size_t)j * N * ms;
         float *dmod = L->dmods + (size_t)j * N * ms;
         /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))); dtT = dx gate2. */
-        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->f, NULL, NULL, R, rpi, D,
-                                            dmod + 5 * d, NULL, ms, part, err));
+        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->f, NULL, NULL, R,
+                                                 rpi, D, dmod + 5 * d, NULL, ms, part, err)));
         /* dL/dg straight into the operand type (half the bytes in bf16), then
          * times GELU'(u) in place. */
         LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value));
@@ -727,8 +731,8 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
                                             D, dmod + 3 * d, dmod + 4 * d, ms, part, err));
         /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))); dtT =
          * dx gate1. */
-        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_PROD, L->dx, A->a, NULL, NULL, R, rpi, D,
-                                            dmod + 2 * d, NULL, ms, part, err));
+        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->a, NULL, NULL, R,
+                                                 rpi, D, dmod + 2 * d, NULL, ms, part, err)));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
         if (path != ATT_KERNELS) {
             /* dO as an operand, converted by the delta kernel (dtT is free

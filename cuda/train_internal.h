@@ -62,10 +62,11 @@ template <class T>
 lego_status t_ln_fwd(cudaStream_t s, float *x, const float *pos, int tokens, size_t rows, int D,
                      size_t rpi, const float *mod, size_t stride, float *mean, float *rstd, T *y,
                      lego_err *err);
-/* out = x + gate*y (gate of image i at gate + i*gstride), then t_ln_fwd of out (no
- * position embedding), in one pass. */
+/* out = x + gate*y (y a GEMM output of type T, the gate of image i at
+ * gate + i*gstride), then t_ln_fwd of out (no position embedding), in one
+ * pass. */
 template <class T>
-lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const float *yb, size_t rows, int D,
+lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const T *yb, size_t rows, int D,
                            size_t rpi, const float *gate, size_t gstride, float *out,
                            const float *mod, size_t stride, float *mean, float *rstd, T *y,
                            lego_err *err);
@@ -80,8 +81,8 @@ lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const fl
 
 /* Column sums per group of rpi rows (see train_kernels.cu); `partial`
  * holds t_colsum_doubles(rows, rpi, D) doubles. */
-template <class TA>
-lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const float *b, const float *mean,
+template <class TA, class TB = float>
+lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const float *mean,
                      const float *rstd, size_t rows, size_t rpi, int D, float *out0, float *out1,
                      size_t stride, double *partial, lego_err *err);
 size_t t_colsum_doubles(size_t rows, size_t rpi, int D);

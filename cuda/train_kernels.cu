@@ -248,23 +248,23 @@ lego_status t_ln_fwd(cudaStream_t s, float *x, const float *pos, int tokens, siz
  * LayerNorm of out (t_ln_fwd), one warp per row: out is read back from L1
  * instead of from memory by a second kernel. */
 template <class T>
-__global__ void gated_ln_fwd_kernel(const float *x, const float *yb, size_t rows, int D,
+__global__ void gated_ln_fwd_kernel(const float *x, const T *yb, size_t rows, int D,
                                     size_t rpi, const float *gate, size_t gstride, float *out,
                                     const float *mod, size_t stride, float *mean, float *rstd,
                                     T *y) {
     int lane = threadIdx.x % 32;
     size_t r = blockIdx.x * (size_t)ROWS_PER_BLOCK + threadIdx.x / 32;
     for (; r < rows; r += (size_t)gridDim.x * ROWS_PER_BLOCK) {
-        const float *xr = x + r * (size_t)D, *br = yb + r * (size_t)D;
-        const float *g = gate + (r / rpi) * gstride;
+        const float *xr = x + r * (size_t)D, *g = gate + (r / rpi) * gstride;
+        const T *br = yb + r * (size_t)D;
         float *orow = out + r * (size_t)D;
-        for (int i = lane; i < D; i += 32) orow[i] = xr[i] + g[i] * br[i];
+        for (int i = lane; i < D; i += 32) orow[i] = xr[i] + g[i] * to_float<T>(br[i]);
         ln_fwd_row<T>(orow, r, D, rpi, mod, stride, mean, rstd, y);
     }
 }
 
 template <class T>
-lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const float *yb, size_t rows, int D,
+lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const T *yb, size_t rows, int D,
                            size_t rpi, const float *gate, size_t gstride, float *out,
                            const float *mod, size_t stride, float *mean, float *rstd, T *y,
                            lego_err *err) {
@@ -336,8 +336,8 @@ lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const fl
  * A thread's chain of dependent loads stays short: with one thread per
  * column over 1024 chunks (a bias of a 65536-row batch) the last pass
  * alone took a good part of a millisecond on a few multiprocessors. */
-template <class TA>
-__global__ void colsum_partial_kernel(int mode, const TA *a, const float *b, const float *mean,
+template <class TA, class TB>
+__global__ void colsum_partial_kernel(int mode, const TA *a, const TB *b, const float *mean,
                                       const float *rstd, size_t groups, size_t rpi, int D,
                                       size_t chunks, double *partial) {
     size_t total = groups * chunks * (size_t)D;
@@ -353,10 +353,10 @@ __global__ void colsum_partial_kernel(int mode, const TA *a, const float *b, con
             if (mode == COLSUM_PLAIN) {
                 s0 += av;
             } else if (mode == COLSUM_PROD) {
-                s0 += av * b[k];
+                s0 += av * (double)to_float<TB>(b[k]);
             } else {
                 s0 += av;
-                s1 += av * (double)((b[k] - mean[r]) * rstd[r]);
+                s1 += av * (double)((to_float<TB>(b[k]) - mean[r]) * rstd[r]);
             }
         }
         partial[2 * idx] = s0;
@@ -399,12 +399,12 @@ __global__ void colsum_finish_kernel(int mode, const double *partial, size_t gro
     }
 }
 
-template <class TA>
-lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const float *b, const float *mean,
+template <class TA, class TB>
+lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const float *mean,
                      const float *rstd, size_t rows, size_t rpi, int D, float *out0, float *out1,
                      size_t stride, double *partial, lego_err *err) {
     size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
-    LAUNCH(colsum_partial_kernel<TA>, ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0, s)(
+    LAUNCH((colsum_partial_kernel<TA, TB>), ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0, s)(
         mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
     LAUNCH_CHECK("colsum_partial");
     /* Ping-pong between the first-pass half and the rest of `partial`. */
@@ -925,13 +925,13 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
     template lego_status t_ln_bwd<T>(cudaStream_t, const float *, const float *, const float *, \
                                      const float *, size_t, int, size_t, const float *, size_t, \
                                      float *, int, const float *, size_t, T *, lego_err *);     \
-    template lego_status t_gated_ln_fwd<T>(cudaStream_t, const float *, const float *, size_t,  \
+    template lego_status t_gated_ln_fwd<T>(cudaStream_t, const float *, const T *, size_t,      \
                                            int, size_t, const float *, size_t, float *,         \
                                            const float *, size_t, float *, float *, T *,        \
                                            lego_err *);                                         \
-    template lego_status t_colsum<T>(cudaStream_t, int, const T *, const float *,             \
-                                     const float *, const float *, size_t, size_t, int,       \
-                                     float *, float *, size_t, double *, lego_err *);         \
+    template lego_status t_colsum<T, float>(cudaStream_t, int, const T *, const float *,      \
+                                            const float *, const float *, size_t, size_t, int, \
+                                            float *, float *, size_t, double *, lego_err *);   \
     template lego_status t_attn_fwd<T>(cudaStream_t, const T *, size_t, int, int, int, T *,   \
                                        float *, lego_err *);                                  \
     template lego_status t_attn_bwd<T>(cudaStream_t, const T *, const T *, const float *,     \
@@ -947,3 +947,7 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
 
 TRAIN_INSTANTIATE(float)
 TRAIN_INSTANTIATE(bf16)
+/* Sums of dx times a bf16 branch output (the gates' gradients). */
+template lego_status t_colsum<float, bf16>(cudaStream_t, int, const float *, const bf16 *,
+                                           const float *, const float *, size_t, size_t, int,
+                                           float *, float *, size_t, double *, lego_err *);
