@@ -91,6 +91,7 @@ typedef struct cuda_handle {
     int residual;  /* CUDA_OPT_RESIDUAL: 1 the stream in the operand type */
     int precision; /* cuda_precision */
     int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
+    int train_tune; /* CUDA_OPT_TRAIN_AUTOTUNE */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -468,6 +469,9 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
             return lego_fail(&m->err, LEGO_ERR_INVALID_ARGUMENT, "unknown residual mode %d",
                              value);
         h->residual = value;
+        return LEGO_OK;
+    case CUDA_OPT_TRAIN_AUTOTUNE:
+        h->train_tune = value != 0;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
         if (value < 0 || value > 4)
@@ -1091,6 +1095,7 @@ lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err) {
     v->gemm = &h->gemm;
     v->precision = h->precision;
     v->train_attn = h->train_attn;
+    v->train_tune = h->train_tune;
     v->params = h->params;
     v->lp = h->lp_type == precision_type(h->precision) ? h->lp : NULL;
     v->doff = h->doff;

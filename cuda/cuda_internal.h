@@ -536,6 +536,7 @@ typedef struct backend_view {
     gemm_ctx *gemm;
     int precision;       /* cuda_precision */
     int train_attn;      /* CUDA_OPT_TRAIN_ATTENTION */
+    int train_tune;      /* CUDA_OPT_TRAIN_AUTOTUNE  */
     float *params;       /* fp32 weights: table entry i at params + doff[i] */
     void *lp;            /* their bf16/fp16 copy at the same offsets, NULL if none */
     const size_t *doff;

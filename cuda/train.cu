@@ -190,10 +190,12 @@ static void tmark(tctx *c, int part) {
         tmark(c, part);                                                                       \
     } while (0)
 
-/* The trainer's GEMMs, on the handle's cache; every call is built with
- * `deterministic` set (see the top). */
+/* The trainer's GEMMs, on the handle's cache: `deterministic` (see the
+ * top) unless CUDA_OPT_TRAIN_AUTOTUNE lets the cache time the shape. */
 static lego_status tg_run(tctx *c, const gemm_call *call) {
-    return gemm_run(c->v.gemm, call, c->err);
+    gemm_call k = *call;
+    k.deterministic = !c->v.train_tune;
+    return gemm_run(c->v.gemm, &k, c->err);
 }
 
 /* The plain (unbatched, 256-byte aligned) GEMMs of the linear layers. */

@@ -133,7 +133,13 @@ typedef enum cuda_option {
      * kernels, which read and write it once per block each, move 8 bytes
      * per value instead of 12.  The sums and statistics stay fp32.  For
      * timing until a GPU has measured what it saves. */
-    CUDA_OPT_RESIDUAL = 10
+    CUDA_OPT_RESIDUAL = 10,
+    /* 1: training's GEMMs may be timed like the evaluations' (the fastest of
+     * the heuristic's candidates per shape, chosen once per handle): the
+     * same bits within a process, not across processes, so a resumed run
+     * is no longer bit-identical.  0 (the default): the heuristic's first
+     * choice.  For timing what the choice costs. */
+    CUDA_OPT_TRAIN_AUTOTUNE = 11
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */

@@ -1509,6 +1509,14 @@ START_TEST(test_cuda_train_random) {
         compare_grads(rm->name, attn[v].name, m, gpu, cpu, GPU_TOL);
     }
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 0) == LEGO_OK);
+    /* GEMM algorithms timed (where the library offers several): the same
+     * gradients within tolerance. */
+    if (_i == 0) {
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_AUTOTUNE, 1) == LEGO_OK);
+        ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+        compare_grads(rm->name, " [tuned]", m, gpu, cpu, GPU_TOL);
+        ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_AUTOTUNE, 0) == LEGO_OK);
+    }
 
     ck_assert(lego_model_set_precision(m, LEGO_PRECISION_BF16) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));

@@ -3,10 +3,11 @@
  * goes (uploads and loss, GEMMs, attention, row kernels, column sums,
  * optimiser), for the Fashion-MNIST architecture on random images.
  *
- *   build/tools/train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION]
+ *   build/tools/train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION] [TUNE]
  *
  * ATTENTION sets CUDA_OPT_TRAIN_ATTENTION (src/backend_cuda.h: 0 the
- * default, 3 the flash kernels everywhere, 4 the GEMMs as before them).
+ * default, 3 the flash kernels everywhere, 4 the GEMMs as before them),
+ * TUNE CUDA_OPT_TRAIN_AUTOTUNE (1: the GEMMs' algorithms timed).
  * Built by `make CUDA=1 build/tools/train_profile` against the static
  * library (it reads the training profile, src/backend_cuda.h).  First
  * 3 warm-up steps and 10 timed steps as lego-train --bench runs them, then
@@ -44,10 +45,10 @@ int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 256;
     int bf16 = argc > 2 && strcmp(argv[2], "bf16") == 0;
     double fraction = argc > 3 ? atof(argv[3]) : 0;
-    int attention = argc > 4 ? atoi(argv[4]) : 0;
+    int attention = argc > 4 ? atoi(argv[4]) : 0, tune = argc > 5 ? atoi(argv[5]) : 0;
     if (n < 1) {
         fprintf(stderr,
-                "usage: train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION]\n");
+                "usage: train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION] [TUNE]\n");
         return 2;
     }
     lego_preset_options o;
@@ -69,7 +70,8 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++) labels[i] = i % 10;
     if (lego_model_create_preset("fmnist_lego_pg32", &o, &m) != LEGO_OK ||
         lego_model_init_weights(m, 0) != LEGO_OK ||
-        cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, attention) != LEGO_OK) {
+        cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, attention) != LEGO_OK ||
+        cuda_backend_set_option(m, CUDA_OPT_TRAIN_AUTOTUNE, tune) != LEGO_OK) {
         fprintf(stderr, "train_profile: %s\n", lego_model_error(m));
         goto done;
     }
@@ -86,9 +88,9 @@ int main(int argc, char **argv) {
     double start = now_ms();
     if (!steps(t, images, labels, n, timed)) goto done;
     double ms = (now_ms() - start) / timed;
-    printf("train_profile fmnist_lego_pg32 %s batch %d patch-fraction %g attention %d: "
+    printf("train_profile fmnist_lego_pg32 %s batch %d patch-fraction %g attention %d tune %d: "
            "%.2f ms/step, %.0f images/s, %.0f MiB on the device\n",
-           bf16 ? "bf16" : "fp32", n, fraction, attention, ms, 1e3 * n / ms,
+           bf16 ? "bf16" : "fp32", n, fraction, attention, tune, ms, 1e3 * n / ms,
            (double)lego_model_device_memory_usage(m) / (1 << 20));
     double parts[CUDA_TPROF_PARTS] = {0};
     if (cuda_train_profile(m, 1, NULL) != LEGO_OK) {
