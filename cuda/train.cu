@@ -643,10 +643,9 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
             TP(CUDA_TPROF_ATTENTION, t_attn_fwd<T>(s, (const T *)A->qkv, R / (size_t)b->tokens,
                                                    b->tokens, heads, hd, (T *)A->att, A->lse, err));
         LEGO_TRY(lin_fwd(c, &blk->proj, A->att, tt, R, A->a, tt));
-        TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x, (const T *)A->a, R, D, rpi, mod + 2 * d, ms,
-                                              A->x2,
-                                              mod + 3 * d, ms, A->mean2, A->rstd2, (T *)A->h2,
-                                              err));
+        TP(CUDA_TPROF_ROWS,
+           t_gated_ln_fwd<T>(s, A->x, (const T *)A->a, R, D, rpi, mod + 2 * d, ms, A->x2,
+                             mod + 3 * d, ms, A->mean2, A->rstd2, (T *)A->h2, err));
         LEGO_TRY(lin_fwd(c, &blk->fc1, A->h2, tt, R, A->u, tt));
         TP(CUDA_TPROF_ROWS, t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
         LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, tt));
@@ -654,15 +653,13 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
          * block's first or the final layer's. */
         if (j + 1 < depth) {
             block_dev *B = &bd->blocks[j + 1];
-            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d,
-                                                  ms, B->x,
-                                                  mod + N * ms, ms, B->mean1, B->rstd1,
-                                                  (T *)B->h1, err));
+            TP(CUDA_TPROF_ROWS,
+               t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d, ms, B->x,
+                                 mod + N * ms, ms, B->mean1, B->rstd1, (T *)B->h1, err));
         } else {
-            TP(CUDA_TPROF_ROWS, t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d,
-                                                  ms,
-                                                  bd->xf, final_mod, 2 * d, bd->meanf, bd->rstdf,
-                                                  (T *)bd->hf, err));
+            TP(CUDA_TPROF_ROWS,
+               t_gated_ln_fwd<T>(s, A->x2, (const T *)A->f, R, D, rpi, mod + 5 * d, ms, bd->xf,
+                                 final_mod, 2 * d, bd->meanf, bd->rstdf, (T *)bd->hf, err));
         }
     }
     if (depth == 0)
@@ -720,8 +717,9 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         const float *mod = bd->mods + (size_t)j * N * ms;
         float *dmod = L->dmods + (size_t)j * N * ms;
         /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))); dtT = dx gate2. */
-        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->f, NULL, NULL, R,
-                                                 rpi, D, dmod + 5 * d, NULL, ms, part, err)));
+        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->f, NULL,
+                                                 NULL, R, rpi, D, dmod + 5 * d, NULL, ms, part,
+                                                 err)));
         /* dL/dg straight into the operand type (half the bytes in bf16), then
          * times GELU'(u) in place. */
         LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value));
@@ -733,8 +731,9 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
                                             D, dmod + 3 * d, dmod + 4 * d, ms, part, err));
         /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))); dtT =
          * dx gate1. */
-        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->a, NULL, NULL, R,
-                                                 rpi, D, dmod + 2 * d, NULL, ms, part, err)));
+        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->a, NULL,
+                                                 NULL, R, rpi, D, dmod + 2 * d, NULL, ms, part,
+                                                 err)));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
         if (path != ATT_KERNELS) {
             /* dO as an operand, converted by the delta kernel (dtT is free

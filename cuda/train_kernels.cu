@@ -404,8 +404,8 @@ lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const f
                      const float *rstd, size_t rows, size_t rpi, int D, float *out0, float *out1,
                      size_t stride, double *partial, lego_err *err) {
     size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
-    LAUNCH((colsum_partial_kernel<TA, TB>), ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0, s)(
-        mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
+    LAUNCH((colsum_partial_kernel<TA, TB>), ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0,
+           s)(mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
     LAUNCH_CHECK("colsum_partial");
     /* Ping-pong between the first-pass half and the rest of `partial`. */
     double *cur = partial, *spare = partial + 2 * groups * chunks * (size_t)D;
