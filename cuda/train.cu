@@ -260,9 +260,8 @@ static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, si
         return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
     TP(CUDA_TPROF_GEMM, tg(c, 0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, l->in, dy, l->out,
                            1.0f, gw, l->in, t, CUDA_R_32F, NULL));
-    const float *none = NULL;
-    TP(CUDA_TPROF_SUMS, t_colsum<T>(c->s, COLSUM_PLAIN, dy, none, NULL, NULL, rows, rows, l->out,
-                                    gb, NULL, 0, c->ts->L.partial, c->err));
+    TP(CUDA_TPROF_SUMS, (t_colsum<T, float>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows, rows,
+                                            l->out, gb, NULL, 0, c->ts->L.partial, c->err)));
     if (dx)
         TP(CUDA_TPROF_GEMM, tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy,
                                l->out, beta, dx, l->in, t, dx_t, NULL));
