@@ -92,6 +92,7 @@ typedef struct cuda_handle {
     int precision; /* cuda_precision */
     int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
     int train_tune; /* CUDA_OPT_TRAIN_AUTOTUNE */
+    int train_epi;  /* CUDA_OPT_TRAIN_EPILOGUES */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -379,6 +380,7 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     int is_tanh = 0;
     if (s == LEGO_OK) s = gemm_probe_gelu(&h->gemm, &is_tanh, err);
     h->gemm.gelu_epilogue = is_tanh;
+    h->train_epi = 1;
     if (s == LEGO_OK) s = sync_weights(h, m, err);
     if (s != LEGO_OK) {
         if (h->stream) cudaStreamSynchronize(h->stream);
@@ -422,6 +424,8 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->device_loop = h->device_loop;
     out->ln_mode = h->ln_mode;
     out->residual = h->residual;
+    out->fused_runs = h->gemm.fused_runs;
+    out->fused_refused = h->gemm.fused_refused;
     cudnn_attn_info ci;
     cudnn_attn_get_info(h->cudnn, &ci);
     out->cudnn_available = ci.available;
@@ -472,6 +476,9 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_TRAIN_AUTOTUNE:
         h->train_tune = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_TRAIN_EPILOGUES:
+        h->train_epi = value != 0;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
         if (value < 0 || value > 4)
@@ -1096,6 +1103,7 @@ lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err) {
     v->precision = h->precision;
     v->train_attn = h->train_attn;
     v->train_tune = h->train_tune;
+    v->train_epi = h->train_epi;
     v->params = h->params;
     v->lp = h->lp_type == precision_type(h->precision) ? h->lp : NULL;
     v->doff = h->doff;

@@ -220,7 +220,18 @@ __device__ __forceinline__ float warp_max(float v) {
 
 /* ---- GEMM (gemm.cu) ------------------------------------------------------ */
 
-typedef enum gemm_act { GEMM_ACT_NONE = 0, GEMM_ACT_GELU = 1 } gemm_act;
+/* What follows the product.  GELU: GELU(C + bias), by the GELU_BIAS
+ * epilogue or a kernel.  The training fusions, only through
+ * gemm_run_fused: GELU_AUX, GELU(C + bias) with C + bias also stored in
+ * aux (fc1's forward: GELU's input, which the backward pass reads);
+ * DGELU, C times GELU'(aux) (fc2's input gradient becoming fc1's output
+ * gradient). */
+typedef enum gemm_act {
+    GEMM_ACT_NONE = 0,
+    GEMM_ACT_GELU = 1,
+    GEMM_ACT_GELU_AUX = 2,
+    GEMM_ACT_DGELU = 3
+} gemm_act;
 
 /* Algorithms the heuristic is asked for per shape; the first call of a
  * large enough shape outside graph capture times them and keeps the
@@ -249,6 +260,13 @@ typedef struct gemm_call {
     /* The heuristic's first algorithm, never a timed choice: the same bits
      * on every run (training, so that a resumed run continues exactly). */
     int deterministic;
+    /* gemm_run_fused only.  aux: GELU_AUX's output or DGELU's input, of
+     * type dt, M x N with leading dimension ldaux.  bgrad (fp32 C only,
+     * act NONE): the column sums of op(B) over K, i.e. the bias gradient
+     * of a weight-gradient GEMM dW = x^T dy, written (not added) there. */
+    void *aux;
+    int64_t ldaux;
+    float *bgrad;
 } gemm_call;
 
 /* One prepared call shape: descriptors and the chosen algorithm, keyed by
@@ -267,6 +285,7 @@ typedef struct gemm_entry {
     int tuned;                   /* the candidates were timed (or need not be) */
     cublasLtEpilogue_t epilogue; /* what the GEMM applies itself        */
     int post_bias, post_gelu;    /* what kernels must apply afterwards */
+    int unavailable;             /* a fusion the heuristic does not offer */
 } gemm_entry;
 
 /* Inference uses a few tens of shapes, a training step about a hundred. */
@@ -280,6 +299,7 @@ typedef struct gemm_ctx {
     int gelu_epilogue; /* fc1's GELU inside the GEMM (see gemm_probe_gelu) */
     int autotune;      /* time the candidates of large shapes (default 1) */
     uint64_t tuned_shapes;
+    uint64_t fused_runs, fused_refused; /* gemm_run_fused's outcomes */
     gemm_entry cache[GEMM_CACHE];
     int next_evict;
 } gemm_ctx;
@@ -301,6 +321,12 @@ lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int o
  * DEVICE_ALIGN.  A bias or GELU the chosen algorithm does not apply itself
  * is applied by a kernel afterwards, which needs ldc == M and batch 1. */
 lego_status gemm_run(gemm_ctx *g, const gemm_call *call, lego_err *err);
+
+/* A call with a training fusion (act GELU_AUX or DGELU, or bgrad), all in
+ * the GEMM's epilogue: *done = 1.  Where cuBLASLt offers no algorithm for
+ * it (remembered per shape), nothing runs and *done = 0: the caller does
+ * the plain GEMM and the kernels instead. */
+lego_status gemm_run_fused(gemm_ctx *g, const gemm_call *call, int *done, lego_err *err);
 
 /* Whether cuBLASLt's GELU_BIAS epilogue computes the tanh-approximated GELU
  * of the reference (to 1e-5 relative): runs it on a ramp of inputs and
@@ -537,6 +563,7 @@ typedef struct backend_view {
     int precision;       /* cuda_precision */
     int train_attn;      /* CUDA_OPT_TRAIN_ATTENTION */
     int train_tune;      /* CUDA_OPT_TRAIN_AUTOTUNE  */
+    int train_epi;       /* CUDA_OPT_TRAIN_EPILOGUES */
     float *params;       /* fp32 weights: table entry i at params + doff[i] */
     void *lp;            /* their bf16/fp16 copy at the same offsets, NULL if none */
     const size_t *doff;

@@ -60,7 +60,20 @@ void gemm_destroy(gemm_ctx *g) {
 }
 
 static int has_bias(cublasLtEpilogue_t e) {
-    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS;
+    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS ||
+           e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+}
+
+/* What CUBLASLT_MATMUL_DESC_BIAS_POINTER holds under epilogue e: the bias
+ * read, the bias gradient written, or nothing. */
+static const void *bias_pointer(cublasLtEpilogue_t e, const gemm_call *k) {
+    if (has_bias(e)) return k->bias;
+    return e == CUBLASLT_EPILOGUE_BGRADB ? k->bgrad : NULL;
+}
+
+/* Whether k asks for one of gemm_run_fused's fusions. */
+static int is_fused(const gemm_call *k) {
+    return k->act == GEMM_ACT_GELU_AUX || k->act == GEMM_ACT_DGELU || k->bgrad != NULL;
 }
 
 /* The alignment (a power of two, at most DEVICE_ALIGN) that a pointer and
@@ -138,17 +151,42 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, const gemm_call *k,
     cublasStatus_t st = make_preference(g, align, &pref);
     if (st != CUBLAS_STATUS_SUCCESS) return lt_status(st, err, "cuBLASLt GEMM preference");
 
+    /* A fusion has its one epilogue (no bias with DGELU or BGRADB: a
+     * weight gradient's GEMM reads none); the rest go from the most fused
+     * down to what kernels can complete. */
     cublasLtEpilogue_t tries[3];
     int ntries = 0;
-    if (k->bias && k->act == GEMM_ACT_GELU && gelu_allowed)
-        tries[ntries++] = CUBLASLT_EPILOGUE_GELU_BIAS;
-    if (k->bias) tries[ntries++] = CUBLASLT_EPILOGUE_BIAS;
-    tries[ntries++] = CUBLASLT_EPILOGUE_DEFAULT;
+    if (k->act == GEMM_ACT_GELU_AUX && k->bias && k->aux) {
+        tries[ntries++] = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    } else if (k->act == GEMM_ACT_DGELU && k->aux && !k->bias && !k->bgrad) {
+        tries[ntries++] = CUBLASLT_EPILOGUE_DGELU;
+    } else if (k->bgrad && k->act == GEMM_ACT_NONE && !k->bias && k->dt == CUDA_R_32F) {
+        tries[ntries++] = CUBLASLT_EPILOGUE_BGRADB;
+    } else if (is_fused(k)) {
+        cublasLtMatmulPreferenceDestroy(pref);
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a GEMM fusion of no known form");
+    } else {
+        if (k->bias && k->act == GEMM_ACT_GELU && gelu_allowed)
+            tries[ntries++] = CUBLASLT_EPILOGUE_GELU_BIAS;
+        if (k->bias) tries[ntries++] = CUBLASLT_EPILOGUE_BIAS;
+        tries[ntries++] = CUBLASLT_EPILOGUE_DEFAULT;
+    }
+    if (k->aux) {
+        st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                            &k->aux, sizeof k->aux);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                &k->ldaux, sizeof k->ldaux);
+        if (st != CUBLAS_STATUS_SUCCESS) {
+            cublasLtMatmulPreferenceDestroy(pref);
+            return lt_status(st, err, "cublasLtMatmulDescSetAttribute (aux)");
+        }
+    }
     cublasStatus_t last = CUBLAS_STATUS_NOT_SUPPORTED;
     int found = 0;
     for (int i = 0; i < ntries && !found; i++) {
         cublasLtEpilogue_t epi = tries[i];
-        const void *bp = has_bias(epi) ? k->bias : NULL;
+        const void *bp = bias_pointer(epi, k);
         st = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                             sizeof epi);
         if (st == CUBLAS_STATUS_SUCCESS)
@@ -178,6 +216,10 @@ static lego_status entry_prepare(gemm_ctx *g, gemm_entry *e, const gemm_call *k,
         }
     }
     cublasLtMatmulPreferenceDestroy(pref);
+    if (!found && is_fused(k)) {
+        e->unavailable = 1;
+        return LEGO_OK;
+    }
     if (!found)
         return lego_fail(err, LEGO_ERR_BACKEND,
                          "cuBLASLt offers no algorithm for a %llu x %llu x %llu GEMM (ops %d%d, "
@@ -197,7 +239,8 @@ static int same_shape(const gemm_call *x, const gemm_call *y) {
            x->lda == y->lda && x->ldb == y->ldb && x->ldc == y->ldc && x->ab == y->ab &&
            x->dt == y->dt && (x->bias != NULL) == (y->bias != NULL) && x->act == y->act &&
            x->batch == y->batch && x->sa == y->sa && x->sb == y->sb && x->sc == y->sc &&
-           x->deterministic == y->deterministic;
+           x->deterministic == y->deterministic && (x->aux != NULL) == (y->aux != NULL) &&
+           x->ldaux == y->ldaux && (x->bgrad != NULL) == (y->bgrad != NULL);
 }
 
 /* The cached entry for a call, preparing it (and evicting another) if new. */
@@ -208,8 +251,10 @@ static lego_status entry_for(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
     align[1] = alignment(k->B, k->batch, k->sb, dtype_bytes(k->ab));
     align[2] = alignment(k->C, k->batch, k->sc, dtype_bytes(k->dt));
     align[3] = k->bias ? alignment(k->bias, 1, 0, dtype_bytes(k->dt)) : DEVICE_ALIGN;
-    if (align[3] < DEVICE_ALIGN)
-        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a GEMM bias is not %d-byte aligned",
+    if (align[3] < DEVICE_ALIGN || alignment(k->aux, 1, 0, 1) < DEVICE_ALIGN ||
+        alignment(k->bgrad, 1, 0, 1) < DEVICE_ALIGN)
+        return lego_fail(err, LEGO_ERR_BACKEND,
+                         "internal: a GEMM bias or epilogue buffer is not %d-byte aligned",
                          DEVICE_ALIGN);
     int beta_one = k->beta != 0.0f;
     for (int i = 0; i < GEMM_CACHE; i++) {
@@ -275,13 +320,16 @@ static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const gemm_call *k, le
 
 /* gemm_run with the GELU epilogue allowed or not; *used (may be NULL)
  * receives the epilogue the GEMM itself applied. */
-static lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
-                               cublasLtEpilogue_t *used, lego_err *err) {
-    gemm_entry *e = NULL;
-    LEGO_TRY(entry_for(g, k, gelu_allowed, &e, err));
-    if (has_bias(e->epilogue))
-        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                              &k->bias, sizeof k->bias));
+/* Run call k on its prepared entry e: this call's epilogue pointers, the
+ * first call's timing where it applies, the matmul. */
+static lego_status entry_run(gemm_ctx *g, gemm_entry *e, const gemm_call *k, lego_err *err) {
+    const void *bp = bias_pointer(e->epilogue, k);
+    if (bp)
+        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
+                                              sizeof bp));
+    if (k->aux)
+        LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                              &k->aux, sizeof k->aux));
     if (!e->tuned) {
         /* Not while a graph is being captured: nothing runs then. */
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
@@ -298,6 +346,16 @@ static lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed
     }
     LT_TRY(cublasLtMatmul(g->lt, e->desc, &k->alpha, k->A, e->a, k->B, e->b, &k->beta, k->C, e->c,
                           k->C, e->c, &e->algo, g->workspace, g->workspace_bytes, g->stream));
+    return LEGO_OK;
+}
+
+static lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
+                               cublasLtEpilogue_t *used, lego_err *err) {
+    if (is_fused(k))
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: a GEMM fusion outside gemm_run_fused");
+    gemm_entry *e = NULL;
+    LEGO_TRY(entry_for(g, k, gelu_allowed, &e, err));
+    LEGO_TRY(entry_run(g, e, k, err));
     if (e->post_bias)
         LEGO_TRY(k_add_bias(g->stream, k->C, k->bias, k->dt, k->N, (int)k->M, err));
     if (e->post_gelu) LEGO_TRY(k_gelu(g->stream, k->C, k->dt, k->N * k->M, err));
@@ -309,13 +367,28 @@ lego_status gemm_run(gemm_ctx *g, const gemm_call *k, lego_err *err) {
     return gemm_run_ex(g, k, k->act == GEMM_ACT_GELU ? g->gelu_epilogue : 0, NULL, err);
 }
 
+lego_status gemm_run_fused(gemm_ctx *g, const gemm_call *k, int *done, lego_err *err) {
+    *done = 0;
+    if (!is_fused(k)) return lego_fail(err, LEGO_ERR_BACKEND, "internal: no GEMM fusion asked");
+    gemm_entry *e = NULL;
+    LEGO_TRY(entry_for(g, k, 0, &e, err));
+    if (e->unavailable) {
+        g->fused_refused++;
+        return LEGO_OK;
+    }
+    LEGO_TRY(entry_run(g, e, k, err));
+    g->fused_runs++;
+    *done = 1;
+    return LEGO_OK;
+}
+
 /* y[rows][out] = x W^T + b as a column-major out x rows C = W^T x. */
 static gemm_call linear_call(const void *w, const void *b, int in, int out, const void *x,
                              size_t rows, void *y, cudaDataType ab_type, cudaDataType d_type,
                              gemm_act act) {
     /* Fields in gemm_call's order. */
     gemm_call k = {1, 0, (uint64_t)out, (uint64_t)rows, (uint64_t)in, w, x, y, in, in, out,
-                   ab_type, d_type, 1.0f, 0.0f, b, act, 1, 0, 0, 0, 0};
+                   ab_type, d_type, 1.0f, 0.0f, b, act, 1, 0, 0, 0, 0, NULL, 0, NULL};
     return k;
 }
 

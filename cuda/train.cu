@@ -51,6 +51,12 @@
  * (attn_fwd_gemm, attn_bwd_gemm) with S, dP and P in a bounded scratch;
  * shorter ones (a 4-token brick's) as CUDA-core kernels (attn_path).
  *
+ * cuBLASLt's epilogues do what they can of the MLP and the bias gradients
+ * (CUDA_OPT_TRAIN_EPILOGUES): fc1's GELU with GELU's input kept for the
+ * backward pass, GELU' applied to fc2's input gradient, every bias
+ * gradient in its weight gradient's GEMM; each falls back to a kernel of
+ * train_kernels.cu where the heuristic offers no algorithm.
+ *
  * Determinism: GEMMs use the heuristic's first algorithm (no timing, so no
  * choice that depends on the run), reductions have a fixed order (see
  * train_kernels.cu), no atomics.  A given GPU and library version give the
@@ -204,8 +210,19 @@ static lego_status tg(tctx *c, int ta, int tb, uint64_t M, uint64_t N, uint64_t 
                       cudaDataType ab, cudaDataType dt, const void *bias) {
     /* Fields in gemm_call's order. */
     gemm_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, ab, dt, 1.0f, beta, bias,
-                      GEMM_ACT_NONE, 1, 0, 0, 0, 1};
+                      GEMM_ACT_NONE, 1, 0, 0, 0, 1, NULL, 0, NULL};
     return tg_run(c, &call);
+}
+
+/* A call with one of cuBLASLt's training fusions (gemm_run_fused); *done
+ * = 0 when CUDA_OPT_TRAIN_EPILOGUES is off or the heuristic offers none
+ * for the shape, and the caller takes the plain GEMM and the kernels. */
+static lego_status tg_fused(tctx *c, const gemm_call *call, int *done) {
+    *done = 0;
+    if (!c->v.train_epi) return LEGO_OK;
+    gemm_call k = *call;
+    k.deterministic = !c->v.train_tune;
+    return gemm_run_fused(c->v.gemm, &k, done, c->err);
 }
 
 /* ---- weights and gradients by their host views ----------------------------------- */
@@ -247,24 +264,76 @@ static lego_status lin_fwd(tctx *c, const linear *l, const void *x, cudaDataType
     return LEGO_OK;
 }
 
-/* Backward of y = x W^T + b over rows: dW += dy^T x, db += column sums of
- * dy, and dx = dy W (+ dx when beta is 1) when dx is not NULL.  x and dy
- * of type T; dx fp32, or of type T with dx_t (a GEMM operand next). */
+/* fc1's forward: u = x W^T + b and g = GELU(u), both of type T, in one
+ * GEMM (GELU_AUX_BIAS) where the GELU epilogue is the reference's. */
+template <class T>
+static lego_status lin_fwd_gelu(tctx *c, const linear *l, const T *x, size_t rows, T *u, T *g) {
+    const cudaDataType t = lt_type<T>::value;
+    int done = 0;
+    if (c->v.gemm->gelu_epilogue) {
+        const void *w = dev_w(c, l->w, t), *b = dev_w(c, l->b, t);
+        if (!w || !b)
+            return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
+        gemm_call call = {1, 0, (uint64_t)l->out, rows, (uint64_t)l->in, w, x, g, l->in, l->in,
+                          l->out, t, t, 1.0f, 0.0f, b, GEMM_ACT_GELU_AUX, 1, 0, 0, 0, 1, u,
+                          l->out, NULL};
+        TP(CUDA_TPROF_GEMM, tg_fused(c, &call, &done));
+    }
+    if (done) return LEGO_OK;
+    LEGO_TRY(lin_fwd(c, l, x, t, rows, u, t));
+    TP(CUDA_TPROF_ROWS, t_gelu<T>(c->s, u, rows * (size_t)l->out, g, c->err));
+    return LEGO_OK;
+}
+
+/* Backward of y = x W^T + b over rows: dW += dy^T x, db = column sums of
+ * dy (written: every layer runs once per gradient, on zeros), and dx = dy
+ * W (+ dx when beta is 1) when dx is not NULL.  x and dy of type T; dx
+ * fp32, or of type T with dx_t (a GEMM operand next).  With gelu_in (x =
+ * GELU(gelu_in), dx of type T): dx = (dy W) GELU'(gelu_in), the gradient
+ * of the layer that made gelu_in. */
 template <class T>
 static lego_status lin_bwd(tctx *c, const linear *l, const T *x, const T *dy, size_t rows,
-                           void *dx, float beta, cudaDataType dx_t = CUDA_R_32F) {
+                           void *dx, float beta, cudaDataType dx_t = CUDA_R_32F,
+                           const T *gelu_in = NULL) {
     const cudaDataType t = lt_type<T>::value;
     float *gw = dev_g(c, l->w), *gb = dev_g(c, l->b);
     const void *w = dev_w(c, l->w, t);
     if (!gw || !gb || !w)
         return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: a weight is not on the device");
-    TP(CUDA_TPROF_GEMM, tg(c, 0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, l->in, dy, l->out,
-                           1.0f, gw, l->in, t, CUDA_R_32F, NULL));
-    TP(CUDA_TPROF_SUMS, (t_colsum<T, float>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows, rows,
-                                            l->out, gb, NULL, 0, c->ts->L.partial, c->err)));
-    if (dx)
-        TP(CUDA_TPROF_GEMM, tg(c, 0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, l->in, dy,
-                               l->out, beta, dx, l->in, t, dx_t, NULL));
+    gemm_call dw = {0, 1, (uint64_t)l->in, (uint64_t)l->out, rows, x, dy, gw, l->in, l->out,
+                    l->in, t, CUDA_R_32F, 1.0f, 1.0f, NULL, GEMM_ACT_NONE, 1, 0, 0, 0, 1,
+                    NULL, 0, gb};
+    int done = 0;
+    TP(CUDA_TPROF_GEMM, tg_fused(c, &dw, &done));
+    if (!done) {
+        dw.bgrad = NULL;
+        TP(CUDA_TPROF_GEMM, tg_run(c, &dw));
+        TP(CUDA_TPROF_SUMS, (t_colsum<T, float>(c->s, COLSUM_PLAIN, dy, NULL, NULL, NULL, rows,
+                                                rows, l->out, gb, NULL, 0, c->ts->L.partial,
+                                                c->err)));
+        /* colsum adds: the gradient holds zeros before the backward pass. */
+    }
+    if (!dx) return LEGO_OK;
+    gemm_call dxc = {0, 0, (uint64_t)l->in, rows, (uint64_t)l->out, w, dy, dx, l->in, l->out,
+                     l->in, t, dx_t, 1.0f, beta, NULL, GEMM_ACT_NONE, 1, 0, 0, 0, 1, NULL, 0,
+                     NULL};
+    done = 0;
+    if (gelu_in) {
+        if (dx_t != t || beta != 0.0f)
+            return lego_fail(c->err, LEGO_ERR_BACKEND, "internal: GELU' on a mixed-type dx");
+        if (c->v.gemm->gelu_epilogue) {
+            gemm_call fused = dxc;
+            fused.act = GEMM_ACT_DGELU;
+            fused.aux = (void *)gelu_in;
+            fused.ldaux = l->in;
+            TP(CUDA_TPROF_GEMM, tg_fused(c, &fused, &done));
+        }
+    }
+    if (done) return LEGO_OK;
+    TP(CUDA_TPROF_GEMM, tg_run(c, &dxc));
+    if (gelu_in)
+        TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(c->s, gelu_in, (const T *)dx, rows * (size_t)l->in,
+                                          (T *)dx, c->err));
     return LEGO_OK;
 }
 
@@ -516,7 +585,7 @@ static gemm_call attn_call(const attn_geom *a, int ta, int tb, uint64_t M, uint6
                            cudaDataType dt, float alpha, size_t batch) {
     /* Fields in gemm_call's order. */
     gemm_call call = {ta, tb, M, N, K, A, B, C, lda, ldb, ldc, a->tt, dt, alpha, 0.0f, NULL,
-                      GEMM_ACT_NONE, (int)batch, sa, sb, sc, 1};
+                      GEMM_ACT_NONE, (int)batch, sa, sb, sc, 1, NULL, 0, NULL};
     return call;
 }
 
@@ -608,7 +677,7 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
     const cudaDataType tt = lt_type<T>::value, f32 = CUDA_R_32F;
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, hd = D / heads;
     size_t d = (size_t)D, ms = 6 * d, depth = (size_t)b->cfg.depth, N = (size_t)n;
-    size_t R = bd->g.rows, rpi = bd->g.rows_per_image, hm = (size_t)m->mlp_hidden;
+    size_t R = bd->g.rows, rpi = bd->g.rows_per_image;
     const int path = attn_path(c->ts->attn_mode, b->tokens, hd, sizeof(T));
 
     for (size_t j = 0; j < depth; j++)
@@ -645,8 +714,7 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
         TP(CUDA_TPROF_ROWS,
            t_gated_ln_fwd<T>(s, A->x, (const T *)A->a, R, D, rpi, mod + 2 * d, ms, A->x2,
                              mod + 3 * d, ms, A->mean2, A->rstd2, (T *)A->h2, err));
-        LEGO_TRY(lin_fwd(c, &blk->fc1, A->h2, tt, R, A->u, tt));
-        TP(CUDA_TPROF_ROWS, t_gelu<T>(s, (const T *)A->u, R * hm, (T *)A->g, err));
+        LEGO_TRY(lin_fwd_gelu<T>(c, &blk->fc1, (const T *)A->h2, R, (T *)A->u, (T *)A->g));
         LEGO_TRY(lin_fwd(c, &blk->fc2, A->g, tt, R, A->f, tt));
         /* x' = x2 + gate2 f, and the next LayerNorm of x': the next
          * block's first or the final layer's. */
@@ -687,7 +755,7 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     cudaStream_t s = c->s;
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, hd = D / heads;
     size_t d = (size_t)D, ms = 6 * d, depth = (size_t)b->cfg.depth, N = (size_t)n;
-    size_t R = bd->g.rows, rpi = bd->g.rows_per_image, hm = (size_t)m->mlp_hidden;
+    size_t R = bd->g.rows, rpi = bd->g.rows_per_image;
     double *part = L->partial;
     T *dtT = (T *)L->dtT, *wideT = (T *)L->wideT;
     const int path = attn_path(c->ts->attn_mode, b->tokens, hd, sizeof(T));
@@ -719,10 +787,10 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->f, NULL,
                                                  NULL, R, rpi, D, dmod + 5 * d, NULL, ms, part,
                                                  err)));
-        /* dL/dg straight into the operand type (half the bytes in bf16), then
-         * times GELU'(u) in place. */
-        LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value));
-        TP(CUDA_TPROF_ROWS, t_gelu_bwd<T>(s, (const T *)A->u, wideT, R * hm, wideT, err));
+        /* dL/du = (dL/dg) GELU'(u) in the operand type (half the bytes in
+         * bf16), in fc2's input-gradient GEMM where cuBLASLt can. */
+        LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value,
+                            (const T *)A->u));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc1, (const T *)A->h2, wideT, R, L->dh, 0.0f));
         TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi,
                                         mod + 3 * d, ms, L->dx, 0, mod + 2 * d, ms, dtT, err));

@@ -70,6 +70,10 @@ typedef struct cuda_stats {
     int cudnn_last_graph;
     char cudnn_note[200];
     int residual; /* CUDA_OPT_RESIDUAL's value */
+    /* Training's GEMMs that asked for a cuBLASLt epilogue fusion
+     * (CUDA_OPT_TRAIN_EPILOGUES): run fused, and run as plain GEMMs and
+     * kernels because the heuristic offered no algorithm for it. */
+    uint64_t fused_runs, fused_refused;
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */
@@ -139,7 +143,15 @@ typedef enum cuda_option {
      * same bits within a process, not across processes, so a resumed run
      * is no longer bit-identical.  0 (the default): the heuristic's first
      * choice.  For timing what the choice costs. */
-    CUDA_OPT_TRAIN_AUTOTUNE = 11
+    CUDA_OPT_TRAIN_AUTOTUNE = 11,
+    /* 1 (the default): training's GEMMs take what cuBLASLt's epilogues can
+     * do for them where the heuristic offers it: fc1's GELU with its input
+     * kept (GELU_AUX_BIAS), GELU's derivative on fc2's input gradient
+     * (DGELU), every bias gradient inside its weight gradient's GEMM
+     * (BGRADB); the GELU ones only while CUDA_OPT_GELU_EPILOGUE is on (the
+     * probe found the tanh approximation).  0: the kernels of
+     * train_kernels.cu do those parts. */
+    CUDA_OPT_TRAIN_EPILOGUES = 12
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */

@@ -1460,6 +1460,21 @@ static void compare_grads(const char *who, const char *variant, const lego_model
     fflush(stdout);
 }
 
+/* How many of training's GEMMs ran cuBLASLt's epilogue fusions so far, and
+ * how many fell back because the heuristic offered none; the emulation
+ * offers them all. */
+static void report_fusions(lego_model *m, const char *who) {
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    printf("cuda train %-10s epilogue fusions: %llu run, %llu refused (GELU epilogue %s)\n", who,
+           (unsigned long long)st.fused_runs, (unsigned long long)st.fused_refused,
+           st.gelu_epilogue ? "on" : "off");
+#ifdef LEGO_TEST_EMULATION
+    if (!getenv("LEGO_EMU_NO_TRAIN_EPILOGUES"))
+        ck_assert_msg(st.fused_runs > 0 && st.fused_refused == 0, "%s: fusions not used", who);
+#endif
+}
+
 START_TEST(test_cuda_train_random) {
     const rand_model *rm = &train_models[_i];
     const char *only = getenv("LEGO_TEST_TRAIN_MODEL");
@@ -1485,6 +1500,14 @@ START_TEST(test_cuda_train_random) {
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
     compare_grads(rm->name, "", m, gpu, cpu, GPU_TOL);
+    report_fusions(m, rm->name);
+    /* The same without cuBLASLt's epilogue fusions: the kernels instead. */
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    expect_close(rm->name, "train.loss [no fusions]", &lg, &lc, 1, GPU_TOL);
+    compare_grads(rm->name, " [unfused]", m, gpu, cpu, GPU_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 1) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     /* The loss alone, and again: the same bits. */
     float l2 = 0, *again = malloc(np * sizeof *again);
     ck_assert(again);
@@ -1522,6 +1545,10 @@ START_TEST(test_cuda_train_random) {
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close(rm->name, "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
     compare_grads(rm->name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 0) == LEGO_OK);
+    ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
+    compare_grads(rm->name, " [bf16 unfused]", m, gpu, cpu, TRAIN_LOW_TOL);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 1) == LEGO_OK);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
@@ -1584,7 +1611,22 @@ START_TEST(test_cuda_train_rows) {
     lego_model *m = build_rand(&rm);
     randomize(m, 5, 0.1f);
     train_gpu_vs_cpu(m, &rm, 6, 0);
+    report_fusions(m, rm.name);
     lego_model_free(m);
+#ifdef LEGO_TEST_EMULATION
+    /* A cuBLASLt that offers none of training's epilogue fusions: every
+     * GEMM falls back to the kernels, with the same gradients. */
+    setenv("LEGO_EMU_NO_TRAIN_EPILOGUES", "1", 1);
+    m = build_rand(&rm);
+    randomize(m, 5, 0.1f);
+    train_gpu_vs_cpu(m, &rm, 6, 0);
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    ck_assert_msg(st.fused_runs == 0 && st.fused_refused > 0, "refused fusions: %llu run",
+                  (unsigned long long)st.fused_runs);
+    lego_model_free(m);
+    unsetenv("LEGO_EMU_NO_TRAIN_EPILOGUES");
+#endif
 }
 END_TEST
 

@@ -3,7 +3,9 @@
  * with a reference fp32 matmul behind them that checks the descriptors'
  * consistency.  LEGO_EMU_GELU=erf makes the GELU epilogue erf-based (the
  * backend's probe must then refuse it); LEGO_EMU_NO_GELU_EPILOGUE and
- * LEGO_EMU_NO_BIAS_EPILOGUE make the heuristic refuse those epilogues.
+ * LEGO_EMU_NO_BIAS_EPILOGUE make the heuristic refuse those epilogues,
+ * LEGO_EMU_NO_TRAIN_EPILOGUES the training ones (GELU_AUX_BIAS, DGELU,
+ * BGRADB).
  */
 #ifndef LEGO_EMU_CUBLASLT_H
 #define LEGO_EMU_CUBLASLT_H
@@ -23,13 +25,18 @@ typedef enum {
     CUBLASLT_EPILOGUE_DEFAULT = 1,
     CUBLASLT_EPILOGUE_BIAS = 4,
     CUBLASLT_EPILOGUE_GELU = 32,
-    CUBLASLT_EPILOGUE_GELU_BIAS = 36
+    CUBLASLT_EPILOGUE_GELU_BIAS = 36,
+    CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 164,
+    CUBLASLT_EPILOGUE_DGELU = 192,
+    CUBLASLT_EPILOGUE_BGRADB = 512
 } cublasLtEpilogue_t;
 typedef enum {
     CUBLASLT_MATMUL_DESC_TRANSA = 3,
     CUBLASLT_MATMUL_DESC_TRANSB = 4,
     CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
-    CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8
+    CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+    CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 11,
+    CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD = 12
 } cublasLtMatmulDescAttributes_t;
 typedef enum {
     CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,

@@ -206,12 +206,14 @@ inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) { emu_ldmatrix(r, 
 /* Launches: every block in turn, its threads as user-level contexts. */
 void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_t smem,
              const void *kernel);
+void emu_count_launch(void);
 template <class K> struct emu_launch {
     K kernel;
     size_t grid, block, smem;
     cudaStream_t stream;
     template <class... A> void operator()(A... args) {
         emu_check_stream_device(stream, "kernel launch");
+        emu_count_launch();
         K k = kernel;
         size_t g = grid, b = block, sm = smem;
         std::function<void()> body = [=] { k(args...); };

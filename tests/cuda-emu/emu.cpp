@@ -17,7 +17,7 @@
  *
  * cuBLASLt: descriptors are checked for consistency (op(A) is m x k, op(B)
  * k x n, D m x n) and the matmul is a double-accumulated reference with the
- * bias and GELU epilogues.  The runtime is synchronous: streams are
+ * bias and GELU epilogues and training's GELU_AUX_BIAS, DGELU and BGRADB.  The runtime is synchronous: streams are
  * nothing, copies are memcpy with range checks against the allocations.
  *
  * x86-64 System V only (the context switch is a few lines of assembly).
@@ -27,9 +27,26 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <vector>
+
+/* LEGO_EMU_COUNT: at exit, how many kernels and GEMMs the process launched
+ * (what a GPU would pay launch overhead for, e.g. per training step). */
+static std::atomic<long> emu_launches{0}, emu_gemms{0};
+
+static void emu_report_counts(void) {
+    if (getenv("LEGO_EMU_COUNT"))
+        fprintf(stderr, "emu: %ld kernel launches, %ld GEMMs\n", emu_launches.load(),
+                emu_gemms.load());
+}
+
+void emu_count_launch(void) {
+    if (emu_launches++ == 0) atexit(emu_report_counts);
+}
+
+static void emu_count_gemm(void) { emu_gemms++; }
 
 #include "cublasLt.h"
 #include "emu_internal.h"
@@ -618,7 +635,9 @@ struct emu_lt {
 struct emu_desc {
     int32_t transa = CUBLAS_OP_N, transb = CUBLAS_OP_N;
     uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    const void *bias = nullptr;
+    const void *bias = nullptr; /* BGRADB: the gradient written */
+    const void *aux = nullptr;  /* GELU_AUX_BIAS: written; DGELU: read */
+    int64_t aux_ld = 0;
 };
 struct emu_layout {
     int type;
@@ -728,6 +747,14 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
         if (bytes != sizeof d->bias) return CUBLAS_STATUS_INVALID_VALUE;
         memcpy(&d->bias, buf, bytes);
         return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER:
+        if (bytes != sizeof d->aux) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->aux, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD:
+        if (bytes != sizeof d->aux_ld) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->aux_ld, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
     }
     return CUBLAS_STATUS_INVALID_VALUE;
 }
@@ -767,7 +794,22 @@ static bool consistent(const emu_desc *d, const emu_layout *a, const emu_layout 
 }
 
 static bool has_bias(uint32_t e) {
-    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS;
+    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS ||
+           e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+}
+
+static bool has_aux(uint32_t e) {
+    return e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || e == CUBLASLT_EPILOGUE_DGELU;
+}
+
+static double gelu_tanh(double v) {
+    return 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+}
+
+static double gelu_tanh_grad(double v) {
+    double t = tanh(0.7978845608028654 * (v + 0.044715 * v * v * v));
+    return 0.5 * (1 + t) +
+           0.5 * v * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * v * v);
 }
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t d,
@@ -779,12 +821,23 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
     *returned = 0;
     if (requested < 1 || !consistent(d, a, b, dl) || c->rows != dl->rows || c->cols != dl->cols)
         return CUBLAS_STATUS_INVALID_VALUE;
+    bool training = has_aux(d->epilogue) || d->epilogue == CUBLASLT_EPILOGUE_BGRADB;
     if ((getenv("LEGO_EMU_NO_GELU_EPILOGUE") && d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS) ||
-        (getenv("LEGO_EMU_NO_BIAS_EPILOGUE") && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT))
+        (getenv("LEGO_EMU_NO_BIAS_EPILOGUE") && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT) ||
+        (getenv("LEGO_EMU_NO_TRAIN_EPILOGUES") && training))
         return CUBLAS_STATUS_NOT_SUPPORTED;
-    /* The heuristic reads the bias pointer's alignment: 256 by default. */
-    if (has_bias(d->epilogue) && (!d->bias || (uintptr_t)d->bias % 256 != 0))
+    /* The heuristic reads the bias pointer's alignment: 256 by default;
+     * likewise the aux pointer's, whose leading dimension must be a
+     * multiple of 8 and cover D's rows. */
+    bool bias_used = has_bias(d->epilogue) || d->epilogue == CUBLASLT_EPILOGUE_BGRADB;
+    if (bias_used && (!d->bias || (uintptr_t)d->bias % 256 != 0))
         return CUBLAS_STATUS_INVALID_VALUE;
+    if (has_aux(d->epilogue) && (!d->aux || (uintptr_t)d->aux % 256 != 0 || d->aux_ld % 8 ||
+                                 d->aux_ld < (int64_t)dl->rows || dl->batch > 1))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    /* The bias gradient has D's type (fp32 here: a weight gradient). */
+    if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB && (dl->type != CUDA_R_32F || dl->batch > 1))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
     /* Two candidates, so that the backend's tuning has a choice to make. */
     int count = requested < 2 ? requested : 2;
     for (int i = 0; i < count; i++) {
@@ -811,6 +864,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const vo
                               cublasLtMatrixLayout_t cl, void *dst, cublasLtMatrixLayout_t dl,
                               const cublasLtMatmulAlgo_t *algo, void *workspace,
                               size_t workspace_bytes, cudaStream_t stream) {
+    emu_count_gemm();
     if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
         return CUBLAS_STATUS_INVALID_VALUE;
     /* Operands (and every matrix of a batch) aligned as the algorithm was
@@ -860,8 +914,13 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
                        workspace_bytes);
         return;
     }
-    /* The bias has the type of D (no CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE). */
+    /* The bias has the type of D (no CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE),
+     * as has aux; a bias gradient is as long as D's columns. */
     if (has_bias(d->epilogue)) check_device_range(d->bias, dl->rows * db, "matmul bias");
+    if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)
+        check_device_range(d->bias, dl->cols * db, "matmul bias gradient");
+    if (has_aux(d->epilogue))
+        check_device_range(d->aux, ((dl->cols - 1) * d->aux_ld + dl->rows) * db, "matmul aux");
     uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
     const char *gelu = getenv("LEGO_EMU_GELU");
     bool erf_gelu = gelu && strcmp(gelu, "erf") == 0;
@@ -876,11 +935,24 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
             }
             double v = alf * acc + (bet != 0 ? bet * load_elem(c, cl->type, i + j * cl->ld) : 0.0);
             if (has_bias(d->epilogue)) v += load_elem(d->bias, dl->type, i);
-            if (d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS)
-                v = erf_gelu ? 0.5 * v * (1 + erf(v / sqrt(2.0)))
-                             : 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+            if (d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
+                store_elem((void *)d->aux, dl->type, i + j * (uint64_t)d->aux_ld, v);
+            if (d->epilogue == CUBLASLT_EPILOGUE_DGELU)
+                v *= gelu_tanh_grad(load_elem(d->aux, dl->type, i + j * (uint64_t)d->aux_ld));
+            if (d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS ||
+                d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
+                v = erf_gelu ? 0.5 * v * (1 + erf(v / sqrt(2.0))) : gelu_tanh(v);
             out[i + j * m] = v;
+        }
+    if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)
+        for (uint64_t j = 0; j < n; j++) {
+            double sum = 0;
+            for (uint64_t q = 0; q < k; q++)
+                sum += load_elem(b, bl->type, d->transb ? j + q * bl->ld : q + j * bl->ld);
+            store_elem((void *)d->bias, CUDA_R_32F, j, sum);
         }
     for (uint64_t j = 0; j < n; j++)
         for (uint64_t i = 0; i < m; i++) store_elem(dst, dl->type, i + j * dl->ld, out[i + j * m]);
 }
+
+
