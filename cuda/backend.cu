@@ -93,6 +93,7 @@ typedef struct cuda_handle {
     int train_attn; /* CUDA_OPT_TRAIN_ATTENTION */
     int train_tune; /* CUDA_OPT_TRAIN_AUTOTUNE */
     int train_epi;  /* CUDA_OPT_TRAIN_EPILOGUES */
+    int train_ln_sums; /* CUDA_OPT_TRAIN_LN_SUMS */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -381,6 +382,7 @@ extern "C" lego_status cuda_backend_create(const lego_model *m, int device, void
     if (s == LEGO_OK) s = gemm_probe_gelu(&h->gemm, &is_tanh, err);
     h->gemm.gelu_epilogue = is_tanh;
     h->train_epi = 1;
+    h->train_ln_sums = 1;
     if (s == LEGO_OK) s = sync_weights(h, m, err);
     if (s != LEGO_OK) {
         if (h->stream) cudaStreamSynchronize(h->stream);
@@ -479,6 +481,9 @@ extern "C" lego_status cuda_backend_set_option(lego_model *m, cuda_option option
         return LEGO_OK;
     case CUDA_OPT_TRAIN_EPILOGUES:
         h->train_epi = value != 0;
+        return LEGO_OK;
+    case CUDA_OPT_TRAIN_LN_SUMS:
+        h->train_ln_sums = value != 0;
         return LEGO_OK;
     case CUDA_OPT_TRAIN_ATTENTION:
         if (value < 0 || value > 4)
@@ -1104,6 +1109,7 @@ lego_status backend_view_peek(lego_model *m, backend_view *v, lego_err *err) {
     v->train_attn = h->train_attn;
     v->train_tune = h->train_tune;
     v->train_epi = h->train_epi;
+    v->train_ln_sums = h->train_ln_sums;
     v->params = h->params;
     v->lp = h->lp_type == precision_type(h->precision) ? h->lp : NULL;
     v->doff = h->doff;

@@ -564,6 +564,7 @@ typedef struct backend_view {
     int train_attn;      /* CUDA_OPT_TRAIN_ATTENTION */
     int train_tune;      /* CUDA_OPT_TRAIN_AUTOTUNE  */
     int train_epi;       /* CUDA_OPT_TRAIN_EPILOGUES */
+    int train_ln_sums;   /* CUDA_OPT_TRAIN_LN_SUMS   */
     float *params;       /* fp32 weights: table entry i at params + doff[i] */
     void *lp;            /* their bf16/fp16 copy at the same offsets, NULL if none */
     const size_t *doff;

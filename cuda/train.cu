@@ -105,7 +105,7 @@ typedef struct train_layout {
      * S and dP fp32, P (or dS) of type T, each [chunk][T][T]. */
     float *att_s, *att_dp;
     void *att_p;
-    double *partial, *sums, *norm_partial, *norm;
+    double *partial, *partial2, *sums, *norm_partial, *norm;
     size_t bytes;
 } train_layout;
 
@@ -429,7 +429,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
     L->norm_partial = (double *)carve(cv, TRAIN_NORM_BLOCKS, 1, sizeof(double));
     L->norm = (double *)carve(cv, 1, 1, sizeof(double));
 
-    size_t rmax = 0, wmax = 0, mmax = 0, pmax = 0, smax = 0;
+    size_t rmax = 0, wmax = 0, mmax = 0, pmax = 0, p2max = 0, smax = 0;
     for (int k = 0; k < m->num_bricks && !cv->overflow; k++) {
         const brick *b = &m->bricks[k];
         brick_dev *bd = &L->bricks[k];
@@ -479,6 +479,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
         if (pc > pmax) pmax = pc;
         pc = t_colsum_doubles(R, bd->g.rows_per_image, (int)d);
         if (pc > pmax) pmax = pc;
+        if (pc > p2max) p2max = pc;
     }
     size_t pn = t_colsum_doubles(N, N, (int)(6 * d > d ? 6 * d : d));
     if (pn > pmax) pmax = pn;
@@ -490,6 +491,7 @@ static void layout(const lego_model *m, int n, int h, int w, size_t es, int attn
     L->dmods = (float *)carve(cv, N, mmax, sizeof(float));
     L->delta = (float *)carve(cv, rmax, heads, sizeof(float));
     L->partial = (double *)carve(cv, pmax, 1, sizeof(double));
+    L->partial2 = (double *)carve(cv, p2max, 1, sizeof(double)); /* t_ln_bwd_sums' gate */
     L->att_s = smax ? (float *)carve(cv, smax, 1, sizeof(float)) : NULL;
     L->att_dp = smax ? (float *)carve(cv, smax, 1, sizeof(float)) : NULL;
     L->att_p = smax ? carve(cv, smax, 1, es) : NULL;
@@ -744,6 +746,40 @@ static lego_status brick_fwd(tctx *c, int k, int n, const float *below) {
 
 /* ---- backward ------------------------------------------------------------------------------ */
 
+/* The backward of a LayerNorm with adaLN modulation at the rows of a
+ * brick, its gradient dy in L->dh: L->dx (+)= its input gradient (assign:
+ * =), dg = dx * gate in the operand type (see t_ln_bwd), the modulation's
+ * gradients (dmod: shift, dmod + D: scale, per image at stride dstride),
+ * and with branch, the gradient of `gate`, which scaled branch into the
+ * residual stream that dx is the gradient of: dgate = sum dx * branch
+ * (a block's adaLN vector like gate: stride 6D).
+ * One kernel that sums what it reads where the width allows
+ * (t_ln_bwd_sums), else the row kernel and column-sum passes. */
+template <class T>
+static lego_status ln_backward(tctx *c, const tok_geom *g, const float *x, const float *mean,
+                               const float *rstd, const float *mod, size_t stride, int assign,
+                               const float *gate, T *dg, float *dmod, size_t dstride,
+                               const T *branch, float *dgate) {
+    train_layout *L = &c->ts->L;
+    int D = c->m->cfg.hidden_size;
+    size_t R = g->rows, rpi = g->rows_per_image, ms = 6 * (size_t)D;
+    if (c->v.train_ln_sums && D <= LN_SUM_MAX_D) {
+        TP(CUDA_TPROF_ROWS, t_ln_bwd_sums<T>(c->s, x, mean, rstd, L->dh, R, D, rpi, mod, stride,
+                                             L->dx, assign, gate, ms, dg, dmod, dmod + D,
+                                             dstride, branch, dgate, L->partial, L->partial2,
+                                             c->err));
+        return LEGO_OK;
+    }
+    TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(c->s, x, mean, rstd, L->dh, R, D, rpi, mod, stride, L->dx,
+                                    assign, gate, ms, dg, c->err));
+    TP(CUDA_TPROF_SUMS, t_colsum<float>(c->s, COLSUM_LN, L->dh, x, mean, rstd, R, rpi, D, dmod,
+                                        dmod + D, dstride, L->partial, c->err));
+    if (branch)
+        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(c->s, COLSUM_PROD, L->dx, branch, NULL, NULL, R,
+                                                 rpi, D, dgate, NULL, ms, L->partial, c->err)));
+    return LEGO_OK;
+}
+
 template <class T>
 static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     const lego_model *m = c->m;
@@ -755,8 +791,7 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
     cudaStream_t s = c->s;
     int D = m->cfg.hidden_size, heads = m->cfg.num_heads, hd = D / heads;
     size_t d = (size_t)D, ms = 6 * d, depth = (size_t)b->cfg.depth, N = (size_t)n;
-    size_t R = bd->g.rows, rpi = bd->g.rows_per_image;
-    double *part = L->partial;
+    size_t R = bd->g.rows;
     T *dtT = (T *)L->dtT, *wideT = (T *)L->wideT;
     const int path = attn_path(c->ts->attn_mode, b->tokens, hd, sizeof(T));
 
@@ -771,36 +806,33 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
      * what that layer's backward reads first: dx times the gate of the
      * block's residual branch (dtT), or below the first block, dx in the
      * operand type (bf16; fp32 reads dx itself). */
+    /* Each LayerNorm's backward also gives the gradient of the gate of
+     * the residual branch above it (gate2 of the block below, or gate1 of
+     * its own block), whose dx it has just finished. */
     T *below_dx = sizeof(T) != sizeof(float) ? dtT : NULL;
     const float *gate = depth ? bd->mods + (depth - 1) * N * ms + 5 * d : NULL;
-    TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, bd->xf, bd->meanf, bd->rstdf, L->dh, R, D, rpi, final_mod,
-                                    2 * d, L->dx, 1, gate, ms, depth ? dtT : below_dx, err));
-    TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, bd->xf, bd->meanf, bd->rstdf, R, rpi,
-                                        D, dfinal, dfinal + d, 2 * d, part, err));
+    const T *branch = depth ? (const T *)bd->blocks[depth - 1].f : NULL;
+    float *dgate = depth ? L->dmods + (depth - 1) * N * ms + 5 * d : NULL;
+    LEGO_TRY(ln_backward<T>(c, &bd->g, bd->xf, bd->meanf, bd->rstdf, final_mod, 2 * d, 1, gate,
+                            depth ? dtT : below_dx, dfinal, 2 * d, branch, dgate));
 
     for (int j = (int)depth - 1; j >= 0; j--) {
         const block_dev *A = &bd->blocks[j];
         const dit_block *blk = &b->blocks[j];
         const float *mod = bd->mods + (size_t)j * N * ms;
         float *dmod = L->dmods + (size_t)j * N * ms;
-        /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))); dtT = dx gate2. */
-        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->f, NULL,
-                                                 NULL, R, rpi, D, dmod + 5 * d, NULL, ms, part,
-                                                 err)));
+        /* MLP branch: x' = x2 + gate2 fc2(GELU(fc1(h2))); dtT = dx gate2
+         * (gate2's gradient came with dx). */
         /* dL/du = (dL/dg) GELU'(u) in the operand type (half the bytes in
          * bf16), in fc2's input-gradient GEMM where cuBLASLt can. */
         LEGO_TRY(lin_bwd<T>(c, &blk->fc2, (const T *)A->g, dtT, R, wideT, 0.0f, lt_type<T>::value,
                             (const T *)A->u));
         LEGO_TRY(lin_bwd<T>(c, &blk->fc1, (const T *)A->h2, wideT, R, L->dh, 0.0f));
-        TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, A->x2, A->mean2, A->rstd2, L->dh, R, D, rpi,
-                                        mod + 3 * d, ms, L->dx, 0, mod + 2 * d, ms, dtT, err));
-        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x2, A->mean2, A->rstd2, R, rpi,
-                                            D, dmod + 3 * d, dmod + 4 * d, ms, part, err));
+        LEGO_TRY(ln_backward<T>(c, &bd->g, A->x2, A->mean2, A->rstd2, mod + 3 * d, ms, 0,
+                                mod + 2 * d, dtT, dmod + 3 * d, ms, (const T *)A->a,
+                                dmod + 2 * d));
         /* Attention branch: x2 = x + gate1 proj(attention(qkv(h1))); dtT =
          * dx gate1. */
-        TP(CUDA_TPROF_SUMS, (t_colsum<float, T>(s, COLSUM_PROD, L->dx, (const T *)A->a, NULL,
-                                                 NULL, R, rpi, D, dmod + 2 * d, NULL, ms, part,
-                                                 err)));
         LEGO_TRY(lin_bwd<T>(c, &blk->proj, (const T *)A->att, dtT, R, L->dh, 0.0f));
         if (path != ATT_KERNELS) {
             /* dO as an operand, converted by the delta kernel (dtT is free
@@ -824,10 +856,10 @@ static lego_status brick_bwd(tctx *c, int k, int n, float *dbelow) {
         }
         LEGO_TRY(lin_bwd<T>(c, &blk->qkv, (const T *)A->h1, wideT, R, L->dh, 0.0f));
         gate = j > 0 ? mod - N * ms + 5 * d : NULL;
-        TP(CUDA_TPROF_ROWS, t_ln_bwd<T>(s, A->x, A->mean1, A->rstd1, L->dh, R, D, rpi, mod, ms,
-                                        L->dx, 0, gate, ms, j > 0 ? dtT : below_dx, err));
-        TP(CUDA_TPROF_SUMS, t_colsum<float>(s, COLSUM_LN, L->dh, A->x, A->mean1, A->rstd1, R, rpi,
-                                            D, dmod, dmod + d, ms, part, err));
+        branch = j > 0 ? (const T *)bd->blocks[j - 1].f : NULL;
+        dgate = j > 0 ? dmod - N * ms + 5 * d : NULL;
+        LEGO_TRY(ln_backward<T>(c, &bd->g, A->x, A->mean1, A->rstd1, mod, ms, 0, gate,
+                                j > 0 ? dtT : below_dx, dmod, ms, branch, dgate));
     }
 
     /* Patch embedding (the position embedding is fixed). */

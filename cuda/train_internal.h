@@ -78,6 +78,22 @@ lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const fl
                      const float *dy, size_t rows, int D, size_t rpi, const float *mod,
                      size_t stride, float *dx, int assign, const float *gate, size_t gstride,
                      T *dg, lego_err *err);
+/* t_ln_bwd and, from the same reads, the LayerNorm's modulation gradients
+ * (dshift += sum dy, dscale += sum dy*xhat per image, at stride dstride
+ * between images) and, with branch (the output of the residual branch
+ * that `gate` scales), the gate's gradient dgate += sum dx*branch (laid
+ * out as gate, at stride gstride): the
+ * t_colsum passes COLSUM_LN and COLSUM_PROD over these rows, without
+ * reading them again.  D <= LN_SUM_MAX_D; partial and partial2 each hold
+ * t_colsum_doubles(rows, rpi, D) doubles. */
+#define LN_SUM_MAX_D 512
+template <class T>
+lego_status t_ln_bwd_sums(cudaStream_t s, const float *x, const float *mean, const float *rstd,
+                          const float *dy, size_t rows, int D, size_t rpi, const float *mod,
+                          size_t stride, float *dx, int assign, const float *gate,
+                          size_t gstride, T *dg, float *dshift, float *dscale, size_t dstride,
+                          const T *branch, float *dgate, double *partial, double *partial2,
+                          lego_err *err);
 
 /* Column sums per group of rpi rows (see train_kernels.cu); `partial`
  * holds t_colsum_doubles(rows, rpi, D) doubles. */

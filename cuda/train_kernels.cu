@@ -321,6 +321,136 @@ lego_status t_ln_bwd(cudaStream_t s, const float *x, const float *mean, const fl
     return LEGO_OK;
 }
 
+/* t_ln_bwd with the column sums of the rows it reads folded in (see
+ * t_ln_bwd_sums): one block of LN_SUM_WARPS warps per chunk of
+ * TRAIN_SUM_CHUNK rows of one image, LN_SUM_ROWS consecutive rows per
+ * warp.  A lane keeps its columns' sums over its warp's rows in registers
+ * (float: eight terms), then the warps' sums are added in warp order, in
+ * double, slice by slice through shared memory, into the chunk's entry of
+ * the partial sums, which colsum_reduce finishes as t_colsum's. */
+#define LN_SUM_WARPS 8
+#define LN_SUM_ROWS (TRAIN_SUM_CHUNK / LN_SUM_WARPS)
+#define LN_SUM_SLICE 128              /* columns per pass through shared memory */
+#define LN_SUM_SMEM (LN_SUM_WARPS * LN_SUM_SLICE * 3 * sizeof(float))
+
+static lego_status colsum_reduce(cudaStream_t s, int mode, double *partial, size_t groups,
+                                 size_t chunks, int D, float *out0, float *out1, size_t stride,
+                                 lego_err *err);
+
+template <class T, int NC> /* NC: columns per lane, a multiple of 4 */
+__global__ void __launch_bounds__(32 * LN_SUM_WARPS)
+    ln_bwd_sums_kernel(const float *x, const float *mean, const float *rstd, const float *dy,
+                       size_t rpi, size_t chunks, int D, const float *mod, size_t stride,
+                       float *dx, int assign, const float *gate, size_t gstride, T *dg,
+                       const T *branch, double *part_ln, double *part_gate) {
+    DYNAMIC_SMEM(float, slice); /* [warp][column of the slice][sum] */
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    size_t grp = blockIdx.x / chunks, ch = blockIdx.x % chunks;
+    size_t first = grp * rpi + ch * TRAIN_SUM_CHUNK, end = first + TRAIN_SUM_CHUNK;
+    if (end > (grp + 1) * rpi) end = (grp + 1) * rpi;
+    size_t r0 = first + (size_t)warp * LN_SUM_ROWS, r1 = r0 + LN_SUM_ROWS;
+    if (r1 > end) r1 = end;
+    const float *scale = mod + grp * stride + D;
+    const float *g = gate ? gate + grp * gstride : NULL;
+    float a0[NC], a1[NC], a2[NC];
+#pragma unroll
+    for (int k = 0; k < NC; k++) a0[k] = a1[k] = a2[k] = 0.0f;
+    for (size_t r = r0; r < r1; r++) {
+        const float *xr = x + r * (size_t)D, *dyr = dy + r * (size_t)D;
+        float mu = mean[r], rs = rstd[r], s1 = 0, s2 = 0;
+#pragma unroll
+        for (int k = 0; k < NC; k++) {
+            int i = lane + 32 * k;
+            if (i < D) {
+                float dxh = dyr[i] * (1.0f + scale[i]);
+                s1 += dxh;
+                s2 += dxh * (xr[i] - mu) * rs;
+            }
+        }
+        s1 = warp_sum(s1) / (float)D;
+        s2 = warp_sum(s2) / (float)D;
+        float *dxr = dx + r * (size_t)D;
+        T *dgr = dg ? dg + r * (size_t)D : NULL;
+        const T *br = branch ? branch + r * (size_t)D : NULL;
+#pragma unroll
+        for (int k = 0; k < NC; k++) {
+            int i = lane + 32 * k;
+            if (i < D) {
+                float xh = (xr[i] - mu) * rs, dxh = dyr[i] * (1.0f + scale[i]);
+                float v = rs * (dxh - s1 - xh * s2);
+                v = assign ? v : dxr[i] + v;
+                dxr[i] = v;
+                if (dgr) dgr[i] = from_float<T>(g ? v * g[i] : v);
+                a0[k] += dyr[i];
+                a1[k] += dyr[i] * xh;
+                if (br) a2[k] += v * to_float<T>(br[i]);
+            }
+        }
+    }
+    size_t base = (grp * chunks + ch) * (size_t)D;
+#pragma unroll
+    for (int sl = 0; sl < NC / 4; sl++) {
+        if (sl * LN_SUM_SLICE >= D) break; /* the same for the whole block */
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            int k = 4 * sl + kk, c = lane + 32 * kk;
+            float *at = slice + 3 * (warp * LN_SUM_SLICE + c);
+            at[0] = a0[k];
+            at[1] = a1[k];
+            at[2] = a2[k];
+        }
+        __syncthreads();
+        for (int t = threadIdx.x; t < 3 * LN_SUM_SLICE; t += blockDim.x) {
+            int c = t / 3, q = t % 3, col = sl * LN_SUM_SLICE + c;
+            if (col >= D || (q == 2 && !part_gate)) continue;
+            double sum = 0;
+            for (int w = 0; w < LN_SUM_WARPS; w++) sum += slice[3 * (w * LN_SUM_SLICE + c) + q];
+            size_t at = 2 * (base + (size_t)col);
+            if (q < 2) {
+                part_ln[at + (size_t)q] = sum;
+            } else {
+                part_gate[at] = sum;
+                part_gate[at + 1] = 0.0;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <class T>
+lego_status t_ln_bwd_sums(cudaStream_t s, const float *x, const float *mean, const float *rstd,
+                          const float *dy, size_t rows, int D, size_t rpi, const float *mod,
+                          size_t stride, float *dx, int assign, const float *gate,
+                          size_t gstride, T *dg, float *dshift, float *dscale, size_t dstride,
+                          const T *branch, float *dgate, double *partial, double *partial2,
+                          lego_err *err) {
+    if (D > LN_SUM_MAX_D || (branch && (!gate || !dgate)))
+        return lego_fail(err, LEGO_ERR_BACKEND, "internal: t_ln_bwd_sums of width %d", D);
+    size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
+    /* Registers for the columns the width needs: 108 at 16 per lane. */
+    double *part_gate = branch ? partial2 : NULL;
+    unsigned grid = (unsigned)(groups * chunks), block = 32 * LN_SUM_WARPS;
+    if (D <= 128)
+        LAUNCH((ln_bwd_sums_kernel<T, 4>), grid, block, LN_SUM_SMEM, s)(
+            x, mean, rstd, dy, rpi, chunks, D, mod, stride, dx, assign, gate, gstride, dg, branch,
+            partial, part_gate);
+    else if (D <= 256)
+        LAUNCH((ln_bwd_sums_kernel<T, 8>), grid, block, LN_SUM_SMEM, s)(
+            x, mean, rstd, dy, rpi, chunks, D, mod, stride, dx, assign, gate, gstride, dg, branch,
+            partial, part_gate);
+    else
+        LAUNCH((ln_bwd_sums_kernel<T, LN_SUM_MAX_D / 32>), grid, block, LN_SUM_SMEM, s)(
+            x, mean, rstd, dy, rpi, chunks, D, mod, stride, dx, assign, gate, gstride, dg, branch,
+            partial, part_gate);
+    LAUNCH_CHECK("ln_bwd_sums");
+    LEGO_TRY(colsum_reduce(s, COLSUM_LN, partial, groups, chunks, D, dshift, dscale, dstride,
+                           err));
+    if (branch)
+        LEGO_TRY(colsum_reduce(s, COLSUM_PROD, partial2, groups, chunks, D, dgate, NULL,
+                               gstride, err));
+    return LEGO_OK;
+}
+
 /* ---- deterministic column sums ------------------------------------------------ */
 
 /* Per group of `rpi` rows (an image, or all rows), per column c:
@@ -399,14 +529,11 @@ __global__ void colsum_finish_kernel(int mode, const double *partial, size_t gro
     }
 }
 
-template <class TA, class TB>
-lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const float *mean,
-                     const float *rstd, size_t rows, size_t rpi, int D, float *out0, float *out1,
-                     size_t stride, double *partial, lego_err *err) {
-    size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
-    LAUNCH((colsum_partial_kernel<TA, TB>), ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0,
-           s)(mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
-    LAUNCH_CHECK("colsum_partial");
+/* The passes after the first: the chunk sums in `partial` (pairs, [group]
+ * [chunk][column]) folded and added to out0 (and out1 for COLSUM_LN). */
+static lego_status colsum_reduce(cudaStream_t s, int mode, double *partial, size_t groups,
+                                 size_t chunks, int D, float *out0, float *out1, size_t stride,
+                                 lego_err *err) {
     /* Ping-pong between the first-pass half and the rest of `partial`. */
     double *cur = partial, *spare = partial + 2 * groups * chunks * (size_t)D;
     while (chunks > TRAIN_SUM_FAN) {
@@ -423,6 +550,17 @@ lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const f
         mode, cur, groups, D, chunks, out0, out1, stride);
     LAUNCH_CHECK("colsum_finish");
     return LEGO_OK;
+}
+
+template <class TA, class TB>
+lego_status t_colsum(cudaStream_t s, int mode, const TA *a, const TB *b, const float *mean,
+                     const float *rstd, size_t rows, size_t rpi, int D, float *out0, float *out1,
+                     size_t stride, double *partial, lego_err *err) {
+    size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
+    LAUNCH((colsum_partial_kernel<TA, TB>), ew_blocks(groups * chunks * (size_t)D), EW_THREADS, 0,
+           s)(mode, a, b, mean, rstd, groups, rpi, D, chunks, partial);
+    LAUNCH_CHECK("colsum_partial");
+    return colsum_reduce(s, mode, partial, groups, chunks, D, out0, out1, stride, err);
 }
 
 /* The first pass's partial sums, then room for the second's (the later
@@ -925,6 +1063,11 @@ lego_status t_adam(cudaStream_t s, float *w, const float *g, float *mm, float *v
     template lego_status t_ln_bwd<T>(cudaStream_t, const float *, const float *, const float *, \
                                      const float *, size_t, int, size_t, const float *, size_t, \
                                      float *, int, const float *, size_t, T *, lego_err *);     \
+    template lego_status t_ln_bwd_sums<T>(cudaStream_t, const float *, const float *,         \
+                                          const float *, const float *, size_t, int, size_t,  \
+                                          const float *, size_t, float *, int, const float *, \
+                                          size_t, T *, float *, float *, size_t, const T *,   \
+                                          float *, double *, double *, lego_err *);           \
     template lego_status t_gated_ln_fwd<T>(cudaStream_t, const float *, const T *, size_t,      \
                                            int, size_t, const float *, size_t, float *,         \
                                            const float *, size_t, float *, float *, T *,        \

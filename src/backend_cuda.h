@@ -151,7 +151,13 @@ typedef enum cuda_option {
      * (BGRADB); the GELU ones only while CUDA_OPT_GELU_EPILOGUE is on (the
      * probe found the tanh approximation).  0: the kernels of
      * train_kernels.cu do those parts. */
-    CUDA_OPT_TRAIN_EPILOGUES = 12
+    CUDA_OPT_TRAIN_EPILOGUES = 12,
+    /* 1 (the default): each LayerNorm backward of training also makes the
+     * column sums of the rows it reads (the modulation's gradients and
+     * the gradient of the gate above it) in the same kernel, for widths
+     * up to 512 (cuda/train_kernels.cu, t_ln_bwd_sums); 0: separate
+     * column-sum passes that read the rows again. */
+    CUDA_OPT_TRAIN_LN_SUMS = 13
 } cuda_option;
 
 /* The parts of an evaluation that CUDA_OPT_PROFILE times. */
@@ -209,9 +215,10 @@ typedef enum cuda_train_part {
     CUDA_TPROF_INPUT = 0, /* uploads, noise, fill, conditioning, the loss    */
     CUDA_TPROF_GEMM,      /* linear layers: forward, dW and dx GEMMs         */
     CUDA_TPROF_ATTENTION, /* attention forward and backward                  */
-    CUDA_TPROF_ROWS,      /* LayerNorm, gated residuals, GELU, gather/scatter,
-                             type conversions                               */
-    CUDA_TPROF_SUMS,      /* the deterministic column sums                  */
+    CUDA_TPROF_ROWS,      /* LayerNorm (with its column sums when fused),
+                             gated residuals, GELU, gather/scatter          */
+    CUDA_TPROF_SUMS,      /* column-sum passes of their own (the fusions
+                             leave none for widths up to 512)               */
     CUDA_TPROF_OPTIMIZER, /* gradient norm, Adam, EMA                       */
     CUDA_TPROF_PARTS
 } cuda_train_part;

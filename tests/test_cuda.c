@@ -1452,12 +1452,23 @@ static void compare_grads(const char *who, const char *variant, const lego_model
             worst = e;
             worst_name = p->name;
         }
-        ck_assert_msg(e <= tol, "%s%s %s: scaled error %g exceeds %g", who, variant, p->name, e,
-                      tol);
     }
+    /* LEGO_DEBUG_GRADS=1: the failing tensor's differing values, whose
+     * positions usually name the culprit (which adaLN chunk, which row). */
+    if (getenv("LEGO_DEBUG_GRADS") && worst > tol)
+        for (int i = 0; i < m->num_params; i++)
+            if (!strcmp(m->table[i].name, worst_name))
+                for (size_t j = 0; j < m->table[i].numel; j++)
+                    if (fabs(gpu[m->table[i].offset + j] - cpu[m->table[i].offset + j]) > 1e-4)
+                        printf("  [%zu] gpu %g cpu %g\n", j, gpu[m->table[i].offset + j],
+                               cpu[m->table[i].offset + j]);
+    /* Printed first: a failed check ends the test (no fork) before the
+     * summary would show its message. */
     printf("cuda train %-10s grads%-8s worst scaled error %.2e (%s; tolerance %.0e)\n", who,
            variant, worst, worst_name, tol);
     fflush(stdout);
+    ck_assert_msg(worst <= tol, "%s%s %s: scaled error %g exceeds %g", who, variant, worst_name,
+                  worst, tol);
 }
 
 /* How many of training's GEMMs ran cuBLASLt's epilogue fusions so far, and
@@ -1473,6 +1484,13 @@ static void report_fusions(lego_model *m, const char *who) {
     if (!getenv("LEGO_EMU_NO_TRAIN_EPILOGUES"))
         ck_assert_msg(st.fused_runs > 0 && st.fused_refused == 0, "%s: fusions not used", who);
 #endif
+}
+
+/* Training's fusions on or off: cuBLASLt's epilogues and the LayerNorm
+ * backward's column sums. */
+static void set_train_fusions(lego_model *m, int on) {
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, on) == LEGO_OK);
+    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_LN_SUMS, on) == LEGO_OK);
 }
 
 START_TEST(test_cuda_train_random) {
@@ -1501,12 +1519,13 @@ START_TEST(test_cuda_train_random) {
     expect_close(rm->name, "train.loss", &lg, &lc, 1, GPU_TOL);
     compare_grads(rm->name, "", m, gpu, cpu, GPU_TOL);
     report_fusions(m, rm->name);
-    /* The same without cuBLASLt's epilogue fusions: the kernels instead. */
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 0) == LEGO_OK);
+    /* The same without cuBLASLt's epilogue fusions and with the
+     * LayerNorms' column sums as passes of their own: the kernels instead. */
+    set_train_fusions(m, 0);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close(rm->name, "train.loss [no fusions]", &lg, &lc, 1, GPU_TOL);
     compare_grads(rm->name, " [unfused]", m, gpu, cpu, GPU_TOL);
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 1) == LEGO_OK);
+    set_train_fusions(m, 1);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     /* The loss alone, and again: the same bits. */
     float l2 = 0, *again = malloc(np * sizeof *again);
@@ -1545,10 +1564,10 @@ START_TEST(test_cuda_train_random) {
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     expect_close(rm->name, "train.loss [bf16]", &lg, &lc, 1, TRAIN_LOW_TOL);
     compare_grads(rm->name, " [bf16]", m, gpu, cpu, TRAIN_LOW_TOL);
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 0) == LEGO_OK);
+    set_train_fusions(m, 0);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     compare_grads(rm->name, " [bf16 unfused]", m, gpu, cpu, TRAIN_LOW_TOL);
-    ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, 1) == LEGO_OK);
+    set_train_fusions(m, 1);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, 2) == LEGO_OK);
     ck_assert_msg(lego_train_loss(m, &io.b, &lg, gpu) == LEGO_OK, "%s", lego_model_error(m));
     compare_grads(rm->name, " [bf16 gemm]", m, gpu, cpu, TRAIN_LOW_TOL);
@@ -1605,13 +1624,21 @@ static void train_gpu_vs_cpu(lego_model *m, const rand_model *rm, uint64_t seed,
 
 /* 2116 one-token rows per image: the column sums fold their 64-row chunks
  * (67 for a bias, 34 per image) TRAIN_SUM_FAN at a time before the last
- * pass.  fp32 and bf16 against the CPU (attention is trivial here). */
+ * pass.  fp32 and bf16 against the CPU (attention is trivial here).  Then
+ * a wide model, and (emulation) a cuBLASLt without training's fusions. */
 START_TEST(test_cuda_train_rows) {
     const rand_model rm = {"tr-rows", 32, 2, 1, 3, 2.0, 46, 46, 2, 1, {{1, 1, 1}}};
     lego_model *m = build_rand(&rm);
     randomize(m, 5, 0.1f);
     train_gpu_vs_cpu(m, &rm, 6, 0);
     report_fusions(m, rm.name);
+    lego_model_free(m);
+    /* Width 288: the LayerNorm backward with 16 columns per lane (three
+     * slices through shared memory, the last one partial). */
+    const rand_model wide = {"tr-wide", 288, 4, 1, 0, 2.0, 8, 8, 2, 1, {{8, 2, 1}}};
+    m = build_rand(&wide);
+    randomize(m, 8, 0.1f);
+    train_gpu_vs_cpu(m, &wide, 9, 0);
     lego_model_free(m);
 #ifdef LEGO_TEST_EMULATION
     /* A cuBLASLt that offers none of training's epilogue fusions: every
@@ -1881,7 +1908,11 @@ START_TEST(test_cuda_train_two_trainers) {
     }
     double parts[CUDA_TPROF_PARTS];
     ck_assert(cuda_train_profile(mg, 0, parts) == LEGO_OK);
-    for (int i = 0; i < CUDA_TPROF_PARTS; i++) ck_assert(parts[i] > 0);
+    /* Every part took time, but the column sums: the fusions leave none
+     * of their own passes (bias gradients in the GEMMs, the rest in the
+     * LayerNorm backward kernels). */
+    for (int i = 0; i < CUDA_TPROF_PARTS; i++)
+        ck_assert(i == CUDA_TPROF_SUMS ? parts[i] >= 0 : parts[i] > 0);
     ck_assert(ga->cuda_attached == 1 && gb->cuda_attached == 0);
     float *pc = params_of(mc), *pg = params_of(mg);
     expect_close(rm->name, "two trainers: weights", pg, pc, mc->params_size, GPU_TOL);

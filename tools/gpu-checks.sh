@@ -124,9 +124,11 @@ for what in "$@"; do
         # Where a training step's time goes (tools/train_profile.c).
         # "256 bf16 0 4": attention through the GEMMs, the default before the flash kernels;
         # "256 bf16 0 0 1": the GEMMs' algorithms timed (CUDA_OPT_TRAIN_AUTOTUNE);
-        # "256 bf16 0 0 0 0": without cuBLASLt's epilogue fusions (CUDA_OPT_TRAIN_EPILOGUES).
-        for args in "256 bf16" "256 bf16 0 4" "256 bf16 0 0 1" "256 bf16 0 0 0 0" "256 fp32" \
-            "256 bf16 0.5"; do
+        # "256 bf16 0 0 0 0": without cuBLASLt's epilogue fusions (CUDA_OPT_TRAIN_EPILOGUES);
+        # "256 bf16 0 0 0 1 0": the LayerNorms' column sums as passes of their own
+        # (CUDA_OPT_TRAIN_LN_SUMS).
+        for args in "256 bf16" "256 bf16 0 4" "256 bf16 0 0 1" "256 bf16 0 0 0 0" \
+            "256 bf16 0 0 0 1 0" "256 fp32" "256 bf16 0.5"; do
             timeout 120 "$D/tests/train_profile" $args 2>&1
         done
         ;;

@@ -4,13 +4,15 @@
  * optimiser), for the Fashion-MNIST architecture on random images.
  *
  *   build/tools/train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION] [TUNE]
- *                             [EPILOGUES]
+ *                             [EPILOGUES] [LN_SUMS]
  *
  * ATTENTION sets CUDA_OPT_TRAIN_ATTENTION (src/backend_cuda.h: 0 the
  * default, 3 the flash kernels everywhere, 4 the GEMMs as before them),
  * TUNE CUDA_OPT_TRAIN_AUTOTUNE (1: the GEMMs' algorithms timed), EPILOGUES
  * CUDA_OPT_TRAIN_EPILOGUES (1, the default: cuBLASLt's GELU and bias-gradient
- * fusions where offered; 0: the kernels).
+ * fusions where offered; 0: the kernels), LN_SUMS CUDA_OPT_TRAIN_LN_SUMS (1, the
+ * default: the LayerNorm backward kernels make their column sums; 0: passes
+ * of their own).
  * Built by `make CUDA=1 build/tools/train_profile` against the static
  * library (it reads the training profile, src/backend_cuda.h).  First
  * 3 warm-up steps and 10 timed steps as lego-train --bench runs them, then
@@ -49,11 +51,11 @@ int main(int argc, char **argv) {
     int bf16 = argc > 2 && strcmp(argv[2], "bf16") == 0;
     double fraction = argc > 3 ? atof(argv[3]) : 0;
     int attention = argc > 4 ? atoi(argv[4]) : 0, tune = argc > 5 ? atoi(argv[5]) : 0;
-    int epilogues = argc > 6 ? atoi(argv[6]) : 1;
+    int epilogues = argc > 6 ? atoi(argv[6]) : 1, ln_sums = argc > 7 ? atoi(argv[7]) : 1;
     if (n < 1) {
         fprintf(stderr,
                 "usage: train_profile [BATCH] [fp32|bf16] [PATCH_FRACTION] [ATTENTION] [TUNE] "
-                "[EPILOGUES]\n");
+                "[EPILOGUES] [LN_SUMS]\n");
         return 2;
     }
     lego_preset_options o;
@@ -77,7 +79,8 @@ int main(int argc, char **argv) {
         lego_model_init_weights(m, 0) != LEGO_OK ||
         cuda_backend_set_option(m, CUDA_OPT_TRAIN_ATTENTION, attention) != LEGO_OK ||
         cuda_backend_set_option(m, CUDA_OPT_TRAIN_AUTOTUNE, tune) != LEGO_OK ||
-        cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, epilogues) != LEGO_OK) {
+        cuda_backend_set_option(m, CUDA_OPT_TRAIN_EPILOGUES, epilogues) != LEGO_OK ||
+        cuda_backend_set_option(m, CUDA_OPT_TRAIN_LN_SUMS, ln_sums) != LEGO_OK) {
         fprintf(stderr, "train_profile: %s\n", lego_model_error(m));
         goto done;
     }
@@ -98,10 +101,10 @@ int main(int argc, char **argv) {
     memset(&st, 0, sizeof st);
     cuda_backend_stats(m, &st);
     printf("train_profile fmnist_lego_pg32 %s batch %d patch-fraction %g attention %d tune %d "
-           "epilogues %d: %.2f ms/step, %.0f images/s, %.0f MiB on the device (GEMM epilogue "
-           "fusions %llu run, %llu refused)\n",
-           bf16 ? "bf16" : "fp32", n, fraction, attention, tune, epilogues, ms, 1e3 * n / ms,
-           (double)lego_model_device_memory_usage(m) / (1 << 20),
+           "epilogues %d ln-sums %d: %.2f ms/step, %.0f images/s, %.0f MiB on the device "
+           "(GEMM epilogue fusions %llu run, %llu refused)\n",
+           bf16 ? "bf16" : "fp32", n, fraction, attention, tune, epilogues, ln_sums, ms,
+           1e3 * n / ms, (double)lego_model_device_memory_usage(m) / (1 << 20),
            (unsigned long long)st.fused_runs, (unsigned long long)st.fused_refused);
     double parts[CUDA_TPROF_PARTS] = {0};
     if (cuda_train_profile(m, 1, NULL) != LEGO_OK) {
