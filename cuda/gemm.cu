@@ -22,7 +22,10 @@
  * whatever the chosen algorithm does not do (bias, GELU) is left to a
  * kernel after it.  gemm_run is the general form (transposes, leading
  * dimensions, strided batches, beta): the trainer's GEMMs and its attention
- * go through it too, with `deterministic` set.
+ * go through it too, with `deterministic` set.  gemm_run_fused is the
+ * trainer's way to the epilogues that do more than finish the product
+ * (GELU_AUX_BIAS, DGELU, BGRADB): all of it in the GEMM, or nothing and
+ * the caller's kernels, never a half that a kernel completes.
  */
 #include <math.h>
 #include <stdlib.h>
