@@ -274,6 +274,21 @@ lego_status t_gated_ln_fwd(cudaStream_t s, const float *x, const T *yb, size_t r
     return LEGO_OK;
 }
 
+/* The two row means of the LayerNorm backward (backward_cpu.c's
+ * ln_mod_bwd), one warp per row: of dxh = dy (1 + scale) and of dxh xhat. */
+__device__ __forceinline__ void ln_bwd_row_means(const float *xr, const float *dyr,
+                                                 const float *scale, float mu, float rs, int D,
+                                                 float *m1, float *m2) {
+    float s1 = 0, s2 = 0;
+    for (int i = threadIdx.x % 32; i < D; i += 32) {
+        float dxh = dyr[i] * (1.0f + scale[i]);
+        s1 += dxh;
+        s2 += dxh * (xr[i] - mu) * rs;
+    }
+    *m1 = warp_sum(s1) / (float)D;
+    *m2 = warp_sum(s2) / (float)D;
+}
+
 /* dx (+)= dL/dx of y = LN(x)(1+scale)+shift given dy (backward_cpu.c's
  * ln_mod_bwd, the row part): added to dx, or stored with `assign` (the
  * first gradient of a row).  With dg, the kernel that would read the new
@@ -289,14 +304,8 @@ __global__ void ln_bwd_kernel(const float *x, const float *mean, const float *rs
     for (; r < rows; r += (size_t)gridDim.x * ROWS_PER_BLOCK) {
         const float *xr = x + r * (size_t)D, *dyr = dy + r * (size_t)D;
         const float *scale = mod + (r / rpi) * stride + D;
-        float mu = mean[r], rs = rstd[r], s1 = 0, s2 = 0;
-        for (int i = lane; i < D; i += 32) {
-            float dxh = dyr[i] * (1.0f + scale[i]);
-            s1 += dxh;
-            s2 += dxh * (xr[i] - mu) * rs;
-        }
-        s1 = warp_sum(s1) / (float)D;
-        s2 = warp_sum(s2) / (float)D;
+        float mu = mean[r], rs = rstd[r], s1, s2;
+        ln_bwd_row_means(xr, dyr, scale, mu, rs, D, &s1, &s2);
         float *dxr = dx + r * (size_t)D;
         const float *g = gate ? gate + (r / rpi) * gstride : NULL;
         T *dgr = dg ? dg + r * (size_t)D : NULL;
@@ -357,18 +366,8 @@ __global__ void __launch_bounds__(32 * LN_SUM_WARPS)
     for (int k = 0; k < NC; k++) a0[k] = a1[k] = a2[k] = 0.0f;
     for (size_t r = r0; r < r1; r++) {
         const float *xr = x + r * (size_t)D, *dyr = dy + r * (size_t)D;
-        float mu = mean[r], rs = rstd[r], s1 = 0, s2 = 0;
-#pragma unroll
-        for (int k = 0; k < NC; k++) {
-            int i = lane + 32 * k;
-            if (i < D) {
-                float dxh = dyr[i] * (1.0f + scale[i]);
-                s1 += dxh;
-                s2 += dxh * (xr[i] - mu) * rs;
-            }
-        }
-        s1 = warp_sum(s1) / (float)D;
-        s2 = warp_sum(s2) / (float)D;
+        float mu = mean[r], rs = rstd[r], s1, s2;
+        ln_bwd_row_means(xr, dyr, scale, mu, rs, D, &s1, &s2);
         float *dxr = dx + r * (size_t)D;
         T *dgr = dg ? dg + r * (size_t)D : NULL;
         const T *br = branch ? branch + r * (size_t)D : NULL;
@@ -427,7 +426,7 @@ lego_status t_ln_bwd_sums(cudaStream_t s, const float *x, const float *mean, con
     if (D > LN_SUM_MAX_D || (branch && (!gate || !dgate)))
         return lego_fail(err, LEGO_ERR_BACKEND, "internal: t_ln_bwd_sums of width %d", D);
     size_t groups = rows / rpi, chunks = (rpi + TRAIN_SUM_CHUNK - 1) / TRAIN_SUM_CHUNK;
-    /* Registers for the columns the width needs: 108 at 16 per lane. */
+    /* Registers for the columns the width needs: 100 at 16 per lane. */
     double *part_gate = branch ? partial2 : NULL;
     unsigned grid = (unsigned)(groups * chunks), block = 32 * LN_SUM_WARPS;
     if (D <= 128)

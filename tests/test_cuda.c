@@ -1906,7 +1906,7 @@ START_TEST(test_cuda_train_two_trainers) {
         run_steps(cpu[i], rm, images, labels, 1);
         run_steps(gpu[i], rm, images, labels, 1);
     }
-    double parts[CUDA_TPROF_PARTS];
+    double parts[CUDA_TPROF_PARTS] = {0};
     ck_assert(cuda_train_profile(mg, 0, parts) == LEGO_OK);
     /* Every part took time, but the column sums: the fusions leave none
      * of their own passes (bias gradients in the GEMMs, the rest in the
