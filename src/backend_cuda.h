@@ -132,11 +132,12 @@ typedef enum cuda_option {
      * at batch 1 (16 blocks for 1024 tokens), so they are for timing only. */
     CUDA_OPT_LAYERNORM = 9,
     /* The residual stream of an evaluation in bf16/fp16 precision: 0 (the
-     * default) fp32; 1 the operand type, as under the reference's autocast,
-     * where every Linear's output and so the stream is bf16: the LayerNorm
-     * kernels, which read and write it once per block each, move 8 bytes
-     * per value instead of 12.  The sums and statistics stay fp32.  For
-     * timing until a GPU has measured what it saves. */
+     * default) fp32; 1 the operand type: the LayerNorm kernels, which read
+     * and write it once per block each, move 8 bytes per value instead of
+     * 12.  The sums and statistics stay fp32.  A step beyond the
+     * reference's autocast, whose stream most likely stays fp32 (the fp32
+     * position embedding enters it, and bf16 + fp32 promotes to fp32).
+     * For timing until a GPU has measured what it saves. */
     CUDA_OPT_RESIDUAL = 10,
     /* 1: training's GEMMs may be timed like the evaluations' (the fastest of
      * the heuristic's candidates per shape, chosen once per handle): the
