@@ -94,6 +94,7 @@ typedef struct cuda_handle {
     int train_tune; /* CUDA_OPT_TRAIN_AUTOTUNE */
     int train_epi;  /* CUDA_OPT_TRAIN_EPILOGUES */
     int train_ln_sums; /* CUDA_OPT_TRAIN_LN_SUMS */
+    uint64_t ada_stacked; /* brick evaluations with one adaLN GEMM */
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -258,6 +259,53 @@ static lego_status sync_low_precision(cuda_handle *h, const lego_model *m, lego_
 
 /* Copy the parameter array to the device if it changed since the last
  * upload: every tensor on its own aligned offset. */
+/* The table entry whose values start at host pointer p (a view into
+ * m->params), or -1. */
+static int param_slot(const lego_model *m, const float *p) {
+    size_t off = (size_t)(p - m->params);
+    int lo = 0, hi = m->num_params - 1;
+    while (lo <= hi) { /* the table is in increasing offset order */
+        int mid = lo + (hi - lo) / 2;
+        if (m->table[mid].offset == off) return mid;
+        if (m->table[mid].offset < off) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
+/* Device offsets (h->doff) in multiples of `step` elements; returns the
+ * total.  Each brick's adaLN linears come first, their weights back to
+ * back and then their biases back to back (blocks in order, the final
+ * layer's last), so that where no tensor needs padding one GEMM makes all
+ * of the brick's modulation vectors (ada_stacked); then every other
+ * tensor in table order. */
+static size_t place_params(cuda_handle *h, const lego_model *m, size_t step,
+                           unsigned char *placed) {
+    size_t total = 0;
+    auto place = [&](const float *p) {
+        int i = param_slot(m, p);
+        if (i < 0 || placed[i]) return;
+        placed[i] = 1;
+        h->doff[i] = total;
+        total += (m->table[i].numel + step - 1) / step * step;
+    };
+    for (int k = 0; k < m->num_bricks; k++) {
+        const brick *b = &m->bricks[k];
+        for (int bias = 0; bias < 2; bias++) {
+            for (int j = 0; j < b->cfg.depth; j++)
+                place(bias ? b->blocks[j].ada.b : b->blocks[j].ada.w);
+            place(bias ? b->final_ada.b : b->final_ada.w);
+        }
+    }
+    for (int i = 0; i < m->num_params; i++)
+        if (!placed[i]) {
+            placed[i] = 1;
+            h->doff[i] = total;
+            total += (m->table[i].numel + step - 1) / step * step;
+        }
+    return total;
+}
+
 static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *err) {
     if (h->have_weights && h->weights_gen == m->weights_gen && h->doff_count == m->num_params)
         return sync_low_precision(h, m, err);
@@ -271,11 +319,10 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
     /* Offsets in multiples of DEVICE_ALIGN / 2 elements: DEVICE_ALIGN bytes
      * apart in the 2-byte copy, twice that in the fp32 one. */
     const size_t step = DEVICE_ALIGN / 2;
-    size_t total = 0;
-    for (int i = 0; i < m->num_params; i++) {
-        h->doff[i] = total;
-        total += (m->table[i].numel + step - 1) / step * step;
-    }
+    unsigned char *placed = (unsigned char *)calloc((size_t)(m->num_params ? m->num_params : 1), 1);
+    if (!placed) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
+    size_t total = place_params(h, m, step, placed);
+    free(placed);
     if (total == 0) total = step;
     h->have_weights = 0;
     h->lp_type = CUDA_R_32F;
@@ -308,18 +355,10 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
  * the start of a table entry) names. */
 static const void *dev_param_as(const cuda_handle *h, const lego_model *m, const float *p,
                                 cudaDataType type) {
-    size_t off = (size_t)(p - m->params);
-    int lo = 0, hi = m->num_params - 1;
-    while (lo <= hi) { /* the table is in increasing offset order */
-        int mid = lo + (hi - lo) / 2;
-        if (m->table[mid].offset == off) {
-            if (type == CUDA_R_32F) return h->params + h->doff[mid];
-            return type == h->lp_type ? (const char *)h->lp + h->doff[mid] * 2 : NULL;
-        }
-        if (m->table[mid].offset < off) lo = mid + 1;
-        else hi = mid - 1;
-    }
-    return NULL;
+    int i = param_slot(m, p);
+    if (i < 0) return NULL;
+    if (type == CUDA_R_32F) return h->params + h->doff[i];
+    return type == h->lp_type ? (const char *)h->lp + h->doff[i] * 2 : NULL;
 }
 
 static const float *dev_param(const cuda_handle *h, const lego_model *m, const float *p) {
@@ -428,6 +467,7 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->residual = h->residual;
     out->fused_runs = h->gemm.fused_runs;
     out->fused_refused = h->gemm.fused_refused;
+    out->ada_stacked = h->ada_stacked;
     cudnn_attn_info ci;
     cudnn_attn_get_info(h->cudnn, &ci);
     out->cudnn_available = ci.available;
@@ -738,6 +778,25 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
     return k_attention<T>(h->stream, qkv, seqs, tokens, heads, head_dim, out, mode, err);
 }
 
+/* Whether brick b's adaLN linears lie back to back on the device
+ * (place_params; no tensor padded): then their weights are one
+ * [depth 6D + 2D][D] matrix at *w and their biases one vector at *bias. */
+static int ada_stacked(const cuda_handle *h, const lego_model *m, const brick *b,
+                       const float **w, const float **bias) {
+    size_t D = (size_t)m->cfg.hidden_size, ms = 6 * D;
+    const float *w0 = dev_param(h, m, b->blocks[0].ada.w), *b0 = dev_param(h, m, b->blocks[0].ada.b);
+    if (!w0 || !b0) return 0;
+    for (int j = 1; j <= b->cfg.depth; j++) {
+        const linear *l = j < b->cfg.depth ? &b->blocks[j].ada : &b->final_ada;
+        if (dev_param(h, m, l->w) != w0 + (size_t)j * ms * D ||
+            dev_param(h, m, l->b) != b0 + (size_t)j * ms)
+            return 0;
+    }
+    *w = w0;
+    *bias = b0;
+    return 1;
+}
+
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
  * chunk.  T is the type of the GEMM inputs and outputs inside the blocks
  * and of the attention operands (as under the reference's autocast); R
@@ -755,15 +814,28 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     tok_geom g = brick_geometry(m, k, nb, hgt, wid);
     size_t rows = g.rows, rpi = g.rows_per_image;
 
-    /* adaLN vectors per image: block j in slot j ([nb][6D]: shift_msa
-     * scale_msa gate_msa shift_mlp scale_mlp gate_mlp), the final layer's
-     * ([nb][2D]: shift scale) in slot depth. */
+    /* adaLN vectors per image, block j's 6D (shift_msa scale_msa gate_msa
+     * shift_mlp scale_mlp gate_mlp) at mod_at(j), the final layer's 2D
+     * (shift scale) at final_mod, image i's mstride (fstride) floats
+     * further: one GEMM for them all where the weights lie back to back
+     * ([nb][depth 6D + 2D]), else a GEMM per linear into slots. */
     mark(h, -1);
-    for (size_t j = 0; j < depth; j++)
-        LEGO_TRY(linear_f32(h, m, &b->blocks[j].ada, l->silu_c, (size_t)nb,
-                            l->mods + j * l->mod_slot, err));
-    float *final_mod = l->mods + depth * l->mod_slot;
-    LEGO_TRY(linear_f32(h, m, &b->final_ada, l->silu_c, (size_t)nb, final_mod, err));
+    const float *ada_w = NULL, *ada_b = NULL;
+    size_t mstride = ms, fstride = 2 * d, slot = l->mod_slot;
+    if (depth > 0 && ada_stacked(h, m, b, &ada_w, &ada_b)) {
+        mstride = fstride = depth * ms + 2 * d;
+        slot = ms;
+        LEGO_TRY(gemm_linear(&h->gemm, ada_w, ada_b, D, (int)mstride, l->silu_c, (size_t)nb,
+                             l->mods, f32, f32, GEMM_ACT_NONE, err));
+        h->ada_stacked++;
+    } else {
+        for (size_t j = 0; j < depth; j++)
+            LEGO_TRY(linear_f32(h, m, &b->blocks[j].ada, l->silu_c, (size_t)nb,
+                                l->mods + j * slot, err));
+        LEGO_TRY(linear_f32(h, m, &b->final_ada, l->silu_c, (size_t)nb, l->mods + depth * slot,
+                            err));
+    }
+    float *final_mod = l->mods + depth * slot;
     mark(h, CUDA_PROF_ADALN);
 
     /* Patch embedding; the position embedding is added by the first
@@ -777,12 +849,12 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     const float *pos = dev_param(h, m, b->pos_embed);
     if (!pos) return lego_fail(err, LEGO_ERR_BACKEND, "internal: pos_embed not on the device");
     LEGO_TRY((k_layernorm_modulate<T, R>)(s, tx, pos, b->tokens, rows, D, rpi, l->mods,
-                                     l->mods + d, ms, th, h->ln_mode, err));
+                                     l->mods + d, mstride, th, h->ln_mode, err));
     mark(h, CUDA_PROF_LAYERNORM);
 
     for (size_t j = 0; j < depth; j++) {
         const dit_block *blk = &b->blocks[j];
-        const float *mod = l->mods + j * l->mod_slot;
+        const float *mod = l->mods + j * slot;
         LEGO_TRY(linear_fwd(h, m, &blk->qkv, th, tt, rows, wide, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_QKV);
         LEGO_TRY(run_attention<T>(h, m, wide, rows / (size_t)b->tokens, b->tokens, heads,
@@ -790,20 +862,20 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
         mark(h, CUDA_PROF_ATTENTION);
         LEGO_TRY(linear_fwd(h, m, &blk->proj, th, tt, rows, ty, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_PROJ);
-        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 2 * d, ms,
-                                               mod + 3 * d, mod + 4 * d, ms, th, h->ln_mode,
-                                               err));
+        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 2 * d,
+                                               mstride, mod + 3 * d, mod + 4 * d, mstride, th,
+                                               h->ln_mode, err));
         mark(h, CUDA_PROF_LAYERNORM);
         LEGO_TRY(linear_fwd(h, m, &blk->fc1, th, tt, rows, wide, tt, GEMM_ACT_GELU, err));
         mark(h, CUDA_PROF_FC1);
         LEGO_TRY(linear_fwd(h, m, &blk->fc2, wide, tt, rows, ty, tt, GEMM_ACT_NONE, err));
         mark(h, CUDA_PROF_FC2);
         /* The LayerNorm that follows: the next block's first, or the final one. */
-        const float *next = j + 1 < depth ? l->mods + (j + 1) * l->mod_slot : final_mod;
-        size_t next_stride = j + 1 < depth ? ms : 2 * d;
-        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 5 * d, ms,
-                                               next, next + d, next_stride, th, h->ln_mode,
-                                               err));
+        const float *next = j + 1 < depth ? mod + slot : final_mod;
+        size_t next_stride = j + 1 < depth ? mstride : fstride;
+        LEGO_TRY((k_gated_residual_layernorm<T, R>)(s, tx, ty, rows, D, rpi, mod + 5 * d,
+                                               mstride, next, next + d, next_stride, th,
+                                               h->ln_mode, err));
         mark(h, CUDA_PROF_LAYERNORM);
     }
 

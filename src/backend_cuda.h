@@ -74,6 +74,9 @@ typedef struct cuda_stats {
      * (CUDA_OPT_TRAIN_EPILOGUES): run fused, and run as plain GEMMs and
      * kernels because the heuristic offered no algorithm for it. */
     uint64_t fused_runs, fused_refused;
+    /* Bricks evaluated with one GEMM for all their adaLN vectors (their
+     * weights back to back on the device) rather than one per linear. */
+    uint64_t ada_stacked;
 } cuda_stats;
 
 /* Per-handle settings, for tests and experiments. */

@@ -728,6 +728,11 @@ START_TEST(test_cuda_random_models) {
 
     cuda_stats st;
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    /* A brick's adaLN vectors come from one GEMM when its weights need no
+     * padding on the device (width a multiple of 64), else one per linear;
+     * both paths are checked above, by the models of either kind. */
+    ck_assert_msg((st.ada_stacked > 0) == (rm->hidden % 64 == 0), "%s: %llu stacked adaLN GEMMs",
+                  rm->name, (unsigned long long)st.ada_stacked);
     ck_assert(cuda_backend_set_option(m, CUDA_OPT_GELU_EPILOGUE, !st.gelu_epilogue) == LEGO_OK);
     run_rand(rm, m, &io, &gpu);
     compare_rand(rm, st.gelu_epilogue ? " [gelu kernel]" : " [gelu epilogue]", &gpu, &cpu,
