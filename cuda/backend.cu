@@ -257,8 +257,6 @@ static lego_status sync_low_precision(cuda_handle *h, const lego_model *m, lego_
     return LEGO_OK;
 }
 
-/* Copy the parameter array to the device if it changed since the last
- * upload: every tensor on its own aligned offset. */
 /* The table entry whose values start at host pointer p (a view into
  * m->params), or -1. */
 static int param_slot(const lego_model *m, const float *p) {
@@ -282,8 +280,7 @@ static int param_slot(const lego_model *m, const float *p) {
 static size_t place_params(cuda_handle *h, const lego_model *m, size_t step,
                            unsigned char *placed) {
     size_t total = 0;
-    auto place = [&](const float *p) {
-        int i = param_slot(m, p);
+    auto place = [&](int i) {
         if (i < 0 || placed[i]) return;
         placed[i] = 1;
         h->doff[i] = total;
@@ -293,19 +290,16 @@ static size_t place_params(cuda_handle *h, const lego_model *m, size_t step,
         const brick *b = &m->bricks[k];
         for (int bias = 0; bias < 2; bias++) {
             for (int j = 0; j < b->cfg.depth; j++)
-                place(bias ? b->blocks[j].ada.b : b->blocks[j].ada.w);
-            place(bias ? b->final_ada.b : b->final_ada.w);
+                place(param_slot(m, bias ? b->blocks[j].ada.b : b->blocks[j].ada.w));
+            place(param_slot(m, bias ? b->final_ada.b : b->final_ada.w));
         }
     }
-    for (int i = 0; i < m->num_params; i++)
-        if (!placed[i]) {
-            placed[i] = 1;
-            h->doff[i] = total;
-            total += (m->table[i].numel + step - 1) / step * step;
-        }
+    for (int i = 0; i < m->num_params; i++) place(i);
     return total;
 }
 
+/* Copy the parameter array to the device if it changed since the last
+ * upload: every tensor on its own aligned offset. */
 static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *err) {
     if (h->have_weights && h->weights_gen == m->weights_gen && h->doff_count == m->num_params)
         return sync_low_precision(h, m, err);
@@ -319,7 +313,8 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
     /* Offsets in multiples of DEVICE_ALIGN / 2 elements: DEVICE_ALIGN bytes
      * apart in the 2-byte copy, twice that in the fp32 one. */
     const size_t step = DEVICE_ALIGN / 2;
-    unsigned char *placed = (unsigned char *)calloc((size_t)(m->num_params ? m->num_params : 1), 1);
+    size_t count = (size_t)(m->num_params ? m->num_params : 1);
+    unsigned char *placed = (unsigned char *)calloc(count, 1);
     if (!placed) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     size_t total = place_params(h, m, step, placed);
     free(placed);
@@ -784,7 +779,8 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
 static int ada_stacked(const cuda_handle *h, const lego_model *m, const brick *b,
                        const float **w, const float **bias) {
     size_t D = (size_t)m->cfg.hidden_size, ms = 6 * D;
-    const float *w0 = dev_param(h, m, b->blocks[0].ada.w), *b0 = dev_param(h, m, b->blocks[0].ada.b);
+    const float *w0 = dev_param(h, m, b->blocks[0].ada.w);
+    const float *b0 = dev_param(h, m, b->blocks[0].ada.b);
     if (!w0 || !b0) return 0;
     for (int j = 1; j <= b->cfg.depth; j++) {
         const linear *l = j < b->cfg.depth ? &b->blocks[j].ada : &b->final_ada;
