@@ -289,6 +289,20 @@ __device__ __forceinline__ void ln_bwd_row_means(const float *xr, const float *d
     *m2 = warp_sum(s2) / (float)D;
 }
 
+/* Element i of a row's LayerNorm input gradient from the row means m1, m2
+ * (xh the element's normalised input): added to dxr[i] (assign: stored
+ * there), and dgr[i] = dx * gate (g NULL: dx) when dgr.  Returns dx. */
+template <class T>
+__device__ __forceinline__ float ln_bwd_elem(int i, float dy, float xh, float scale, float rs,
+                                             float m1, float m2, int assign, float *dxr,
+                                             const float *g, T *dgr) {
+    float v = rs * (dy * (1.0f + scale) - m1 - xh * m2);
+    v = assign ? v : dxr[i] + v;
+    dxr[i] = v;
+    if (dgr) dgr[i] = from_float<T>(g ? v * g[i] : v);
+    return v;
+}
+
 /* dx (+)= dL/dx of y = LN(x)(1+scale)+shift given dy (backward_cpu.c's
  * ln_mod_bwd, the row part): added to dx, or stored with `assign` (the
  * first gradient of a row).  With dg, the kernel that would read the new
@@ -309,13 +323,9 @@ __global__ void ln_bwd_kernel(const float *x, const float *mean, const float *rs
         float *dxr = dx + r * (size_t)D;
         const float *g = gate ? gate + (r / rpi) * gstride : NULL;
         T *dgr = dg ? dg + r * (size_t)D : NULL;
-        for (int i = lane; i < D; i += 32) {
-            float dxh = dyr[i] * (1.0f + scale[i]);
-            float v = rs * (dxh - s1 - (xr[i] - mu) * rs * s2);
-            v = assign ? v : dxr[i] + v;
-            dxr[i] = v;
-            if (dgr) dgr[i] = from_float<T>(g ? v * g[i] : v);
-        }
+        for (int i = lane; i < D; i += 32)
+            ln_bwd_elem<T>(i, dyr[i], (xr[i] - mu) * rs, scale[i], rs, s1, s2, assign, dxr, g,
+                           dgr);
     }
 }
 
@@ -375,11 +385,8 @@ __global__ void __launch_bounds__(32 * LN_SUM_WARPS)
         for (int k = 0; k < NC; k++) {
             int i = lane + 32 * k;
             if (i < D) {
-                float xh = (xr[i] - mu) * rs, dxh = dyr[i] * (1.0f + scale[i]);
-                float v = rs * (dxh - s1 - xh * s2);
-                v = assign ? v : dxr[i] + v;
-                dxr[i] = v;
-                if (dgr) dgr[i] = from_float<T>(g ? v * g[i] : v);
+                float xh = (xr[i] - mu) * rs;
+                float v = ln_bwd_elem<T>(i, dyr[i], xh, scale[i], rs, s1, s2, assign, dxr, g, dgr);
                 a0[k] += dyr[i];
                 a1[k] += dyr[i] * xh;
                 if (br) a2[k] += v * to_float<T>(br[i]);
