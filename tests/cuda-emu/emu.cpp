@@ -924,16 +924,41 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
     uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
     const char *gelu = getenv("LEGO_EMU_GELU");
     bool erf_gelu = gelu && strcmp(gelu, "erf") == 0;
+    /* op(A) as m rows and op(B) as n columns of k doubles each, so that
+     * every product below reads two contiguous runs; eight columns at a
+     * time keep eight independent sums going.  Each sum still adds its
+     * products in q order, so the result does not depend on the blocking. */
+    std::vector<double> ap(m * k), bp(n * k);
+    for (uint64_t i = 0; i < m; i++)
+        for (uint64_t q = 0; q < k; q++)
+            ap[i * k + q] = load_elem(a, al->type, d->transa ? q + i * al->ld : i + q * al->ld);
+    for (uint64_t j = 0; j < n; j++)
+        for (uint64_t q = 0; q < k; q++)
+            bp[j * k + q] = load_elem(b, bl->type, d->transb ? j + q * bl->ld : q + j * bl->ld);
+    constexpr uint64_t COLS = 8;
     std::vector<double> out(m * n); /* D may alias C */
+    for (uint64_t j0 = 0; j0 < n; j0 += COLS) {
+        const uint64_t nc = n - j0 < COLS ? n - j0 : COLS;
+        for (uint64_t i = 0; i < m; i++) {
+            const double *ar = &ap[i * k];
+            double acc[COLS] = {0};
+            if (nc == COLS) {
+                const double *bc = &bp[j0 * k];
+                for (uint64_t q = 0; q < k; q++) {
+                    const double x = ar[q];
+                    for (uint64_t c = 0; c < COLS; c++) acc[c] += x * bc[c * k + q];
+                }
+            } else {
+                for (uint64_t c = 0; c < nc; c++)
+                    for (uint64_t q = 0; q < k; q++) acc[c] += ar[q] * bp[(j0 + c) * k + q];
+            }
+            for (uint64_t c = 0; c < nc; c++) out[i + (j0 + c) * m] = acc[c];
+        }
+    }
     for (uint64_t j = 0; j < n; j++)
         for (uint64_t i = 0; i < m; i++) {
-            double acc = 0;
-            for (uint64_t q = 0; q < k; q++) {
-                double av = load_elem(a, al->type, d->transa ? q + i * al->ld : i + q * al->ld);
-                double bv = load_elem(b, bl->type, d->transb ? j + q * bl->ld : q + j * bl->ld);
-                acc += av * bv;
-            }
-            double v = alf * acc + (bet != 0 ? bet * load_elem(c, cl->type, i + j * cl->ld) : 0.0);
+            double v = alf * out[i + j * m] +
+                       (bet != 0 ? bet * load_elem(c, cl->type, i + j * cl->ld) : 0.0);
             if (has_bias(d->epilogue)) v += load_elem(d->bias, dl->type, i);
             if (d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
                 store_elem((void *)d->aux, dl->type, i + j * (uint64_t)d->aux_ld, v);
@@ -947,8 +972,7 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
     if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)
         for (uint64_t j = 0; j < n; j++) {
             double sum = 0;
-            for (uint64_t q = 0; q < k; q++)
-                sum += load_elem(b, bl->type, d->transb ? j + q * bl->ld : q + j * bl->ld);
+            for (uint64_t q = 0; q < k; q++) sum += bp[j * k + q];
             store_elem((void *)d->bias, CUDA_R_32F, j, sum);
         }
     for (uint64_t j = 0; j < n; j++)
