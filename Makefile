@@ -147,6 +147,12 @@ build/tools/cuda_sample_loop: tools/cuda_sample_loop.c $(STATIC)
 	mkdir -p build/tools
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
 
+# A checkpoint's samples under the backend's internal options, as .npz
+# (tools/cuda_samples.c; CUDA=1): the quality side of an A/B.
+build/tools/cuda_samples: tools/cuda_samples.c $(STATIC)
+	mkdir -p build/tools
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(LDLIBS)
+
 # The CUDA backend without a GPU: cuda/*.cu compiled as host C++ against the
 # emulated runtime and cuBLASLt of tests/cuda-emu/, with the library's C sources,
 # into build/emu/test_cuda (ASan + UBSan by default).  Slow: run one part
@@ -182,6 +188,11 @@ build/emu/test_cuda: tests/test_cuda.c tests/testutil.h $(EMU_OBJ)
 # The example programs on the emulated backend, for dry runs of the GPU
 # scripts' command lines (e.g. build/emu/lego-train --backend cuda).
 build/emu/lego-%: examples/lego-%.c $(EMU_OBJ)
+	$(CC) $(EMU_CFLAGS) $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(BASE_LDLIBS)
+
+# The GPU tools on the emulated backend (e.g. build/emu/tools/cuda_samples).
+build/emu/tools/%: tools/%.c $(EMU_OBJ)
+	mkdir -p build/emu/tools
 	$(CC) $(EMU_CFLAGS) $< -o $@ $(EMU_OBJ) $(EMU_SAN) -lstdc++ $(BASE_LDLIBS)
 
 cuda-emu-check: build/emu/test_cuda

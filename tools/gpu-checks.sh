@@ -6,7 +6,8 @@
 # shared/ = golden cases and the model); see docs/cuda.md.
 #
 #   tools/gpu-checks.sh [test] [sample] [guided] [bench] [bench-bf16] [profile] [profile-one]
-#                       [sample-loop] [attn-ab] [ln-ab] [residual-ab] [train-test] [train-bench]
+#                       [sample-loop] [attn-ab] [ln-ab] [residual-ab]
+#                       [residual-quality] [train-test] [train-bench]
 #                       [train-profile] [train-fmnist] [train-compare]
 set -u
 D=${D:-.dev}
@@ -194,6 +195,17 @@ for what in "$@"; do
             for r in 0 1 0 1; do
                 timeout 120 "$D/tests/cuda_profile" $args --residual $r 2>&1 | grep -E "^(eval|profile)|layernorm"
             done
+        done
+        ;;
+    residual-quality)
+        # The quality side of residual-ab: the default model's 1000 samples in bf16 with the
+        # residual stream fp32 (0) and bf16 (1), each against the fp32 stream's images, as
+        # .npz for ../shared/eval/fmnist_score.py at home.
+        echo "== residual quality: 1000 samples, bf16, CUDA_OPT_RESIDUAL 0 vs 1"
+        for r in 0 1; do
+            timeout 100 "$D/tests/cuda_samples" models/lego_fmnist_pg32.safetensors bf16 1000 \
+                "$OUT/fmnist_bf16_res$r.npz" --residual $r \
+                $([ $r = 1 ] && echo "--compare $OUT/fmnist_bf16_res0.npz") 2>&1
         done
         ;;
     bench)

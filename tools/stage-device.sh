@@ -2,8 +2,8 @@
 # Assemble the folder tools/gpu-checks.sh runs from on a lent GPU machine
 # (which has the CUDA runtime, cuBLASLt, libpng and zlib, but no cJSON, no
 # Check and no registry): a CUDA=1 build of the library, the example
-# programs, test_cuda, cuda_profile and cuda_sample_loop, the two shared libraries the device
-# lacks, the golden cases, and on request
+# programs, test_cuda, cuda_profile, cuda_sample_loop and cuda_samples, the
+# two shared libraries the device lacks, the golden cases, and on request
 #   model  the Fashion-MNIST reference model, as fp16 (the transfer's 64 MiB
 #          would not hold the fp32 file beside the rest)
 #   data   Debian's Fashion-MNIST training set, for lego-train there
@@ -23,11 +23,11 @@ SHARED=${SHARED:-../shared}
 rm -rf "$D"
 mkdir -p "$D/bin" "$D/lib" "$D/tests" "$D/deps" "$D/shared"
 make CUDA=1 -j2 lib examples build/tests/test_cuda build/tools/cuda_profile \
-    build/tools/cuda_sample_loop build/tools/train_profile >/dev/null
+    build/tools/cuda_sample_loop build/tools/train_profile build/tools/cuda_samples >/dev/null
 cp -a lib/liblego.so* "$D/lib/"
 cp bin/lego-* "$D/bin/"
 cp build/tests/test_cuda build/tools/cuda_profile build/tools/train_profile build/tools/cuda_sample_loop \
-    "$D/tests/"
+    build/tools/cuda_samples "$D/tests/"
 strip "$D"/bin/* "$D"/tests/* "$D"/lib/liblego.so.*.*.*
 for lib in libcjson.so.1 libsubunit.so.0; do
     cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$D/deps/"
