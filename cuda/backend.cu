@@ -95,6 +95,9 @@ typedef struct cuda_handle {
     int train_epi;  /* CUDA_OPT_TRAIN_EPILOGUES */
     int train_ln_sums; /* CUDA_OPT_TRAIN_LN_SUMS */
     uint64_t ada_stacked; /* brick evaluations with one adaLN GEMM */
+    /* Brick k's adaLN weights back to back on the device (ada_back_to_back),
+     * decided where the weights are placed. */
+    unsigned char ada_flat[LEGO_MAX_BRICKS];
 
     /* Weights: tensor i of the model's table at params + doff[i], and in
      * bf16/fp16 precision also at lp + doff[i] (2-byte elements; doff is
@@ -275,7 +278,7 @@ static int param_slot(const lego_model *m, const float *p) {
  * total.  Each brick's adaLN linears come first, their weights back to
  * back and then their biases back to back (blocks in order, the final
  * layer's last), so that where no tensor needs padding one GEMM makes all
- * of the brick's modulation vectors (ada_stacked); then every other
+ * of the brick's modulation vectors (ada_back_to_back); then every other
  * tensor in table order. */
 static size_t place_params(cuda_handle *h, const lego_model *m, size_t step,
                            unsigned char *placed) {
@@ -298,6 +301,24 @@ static size_t place_params(cuda_handle *h, const lego_model *m, size_t step,
     return total;
 }
 
+/* Whether brick b's adaLN linears lie back to back after place_params (no
+ * tensor padded): then their weights are one [depth 6D + 2D][D] matrix
+ * starting at block 0's, and their biases one vector starting at its. */
+static int ada_back_to_back(const cuda_handle *h, const lego_model *m, const brick *b) {
+    const size_t D = (size_t)m->cfg.hidden_size, ms = 6 * D;
+    if (b->cfg.depth < 1) return 0;
+    int w0 = param_slot(m, b->blocks[0].ada.w), b0 = param_slot(m, b->blocks[0].ada.b);
+    if (w0 < 0 || b0 < 0) return 0;
+    for (int j = 1; j <= b->cfg.depth; j++) {
+        const linear *l = j < b->cfg.depth ? &b->blocks[j].ada : &b->final_ada;
+        int wj = param_slot(m, l->w), bj = param_slot(m, l->b);
+        if (wj < 0 || bj < 0 || h->doff[wj] != h->doff[w0] + (size_t)j * ms * D ||
+            h->doff[bj] != h->doff[b0] + (size_t)j * ms)
+            return 0;
+    }
+    return 1;
+}
+
 /* Copy the parameter array to the device if it changed since the last
  * upload: every tensor on its own aligned offset. */
 static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *err) {
@@ -318,6 +339,8 @@ static lego_status sync_weights(cuda_handle *h, const lego_model *m, lego_err *e
     if (!placed) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
     size_t total = place_params(h, m, step, placed);
     free(placed);
+    for (int k = 0; k < m->num_bricks; k++)
+        h->ada_flat[k] = (unsigned char)ada_back_to_back(h, m, &m->bricks[k]);
     if (total == 0) total = step;
     h->have_weights = 0;
     h->lp_type = CUDA_R_32F;
@@ -773,26 +796,6 @@ static lego_status run_attention(cuda_handle *h, const lego_model *m, const T *q
     return k_attention<T>(h->stream, qkv, seqs, tokens, heads, head_dim, out, mode, err);
 }
 
-/* Whether brick b's adaLN linears lie back to back on the device
- * (place_params; no tensor padded): then their weights are one
- * [depth 6D + 2D][D] matrix at *w and their biases one vector at *bias. */
-static int ada_stacked(const cuda_handle *h, const lego_model *m, const brick *b,
-                       const float **w, const float **bias) {
-    size_t D = (size_t)m->cfg.hidden_size, ms = 6 * D;
-    const float *w0 = dev_param(h, m, b->blocks[0].ada.w);
-    const float *b0 = dev_param(h, m, b->blocks[0].ada.b);
-    if (!w0 || !b0) return 0;
-    for (int j = 1; j <= b->cfg.depth; j++) {
-        const linear *l = j < b->cfg.depth ? &b->blocks[j].ada : &b->final_ada;
-        if (dev_param(h, m, l->w) != w0 + (size_t)j * ms * D ||
-            dev_param(h, m, l->b) != b0 + (size_t)j * ms)
-            return 0;
-    }
-    *w = w0;
-    *bias = b0;
-    return 1;
-}
-
 /* F_k for nb images: brick.c's brick_forward with the whole batch as one
  * chunk.  T is the type of the GEMM inputs and outputs inside the blocks
  * and of the attention operands (as under the reference's autocast); R
@@ -811,14 +814,17 @@ static lego_status brick_fwd(cuda_handle *h, const lego_model *m, int k, int nb,
     size_t rows = g.rows, rpi = g.rows_per_image;
 
     /* adaLN vectors per image, block j's 6D (shift_msa scale_msa gate_msa
-     * shift_mlp scale_mlp gate_mlp) at mod_at(j), the final layer's 2D
-     * (shift scale) at final_mod, image i's mstride (fstride) floats
+     * shift_mlp scale_mlp gate_mlp) at mods + j * slot, the final layer's
+     * 2D (shift scale) at final_mod, image i's mstride (fstride) floats
      * further: one GEMM for them all where the weights lie back to back
      * ([nb][depth 6D + 2D]), else a GEMM per linear into slots. */
     mark(h, -1);
-    const float *ada_w = NULL, *ada_b = NULL;
     size_t mstride = ms, fstride = 2 * d, slot = l->mod_slot;
-    if (depth > 0 && ada_stacked(h, m, b, &ada_w, &ada_b)) {
+    if (h->ada_flat[k]) {
+        const float *ada_w = dev_param(h, m, b->blocks[0].ada.w);
+        const float *ada_b = dev_param(h, m, b->blocks[0].ada.b);
+        if (!ada_w || !ada_b)
+            return lego_fail(err, LEGO_ERR_BACKEND, "internal: adaLN weights not on the device");
         mstride = fstride = depth * ms + 2 * d;
         slot = ms;
         LEGO_TRY(gemm_linear(&h->gemm, ada_w, ada_b, D, (int)mstride, l->silu_c, (size_t)nb,
