@@ -300,6 +300,14 @@ typedef struct gemm_ctx {
     int autotune;      /* time the candidates of large shapes (default 1) */
     uint64_t tuned_shapes;
     uint64_t fused_runs, fused_refused; /* gemm_run_fused's outcomes */
+    /* Training's fusions checked per operand type (fp32, bf16, fp16) by
+     * gemm_check_fusions at the first fused call: checked, and the
+     * GEMM_FUSION_* bits that disagreed (those calls then decline, counted
+     * in fused_rejected); the first disagreement in words. */
+    unsigned char fusion_checked[3], fusion_bad[3];
+    int fusion_checking;
+    uint64_t fused_rejected;
+    char fusion_note[200];
     gemm_entry cache[GEMM_CACHE];
     int next_evict;
 } gemm_ctx;
@@ -324,15 +332,35 @@ lego_status gemm_run(gemm_ctx *g, const gemm_call *call, lego_err *err);
 
 /* A call with a training fusion (act GELU_AUX or DGELU, or bgrad), all in
  * the GEMM's epilogue: *done = 1.  Where cuBLASLt offers no algorithm for
- * it (remembered per shape), nothing runs and *done = 0: the caller does
- * the plain GEMM and the kernels instead. */
+ * it (remembered per shape), or the fusion failed its check (the first
+ * fused call of an operand type runs gemm_check_fusions), nothing runs and
+ * *done = 0: the caller does the plain GEMM and the kernels instead. */
 lego_status gemm_run_fused(gemm_ctx *g, const gemm_call *call, int *done, lego_err *err);
+
+/* gemm_run with the GELU epilogue allowed or not; *used (may be NULL)
+ * receives the epilogue the GEMM itself applied. */
+lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *call, int gelu_allowed,
+                        cublasLtEpilogue_t *used, lego_err *err);
+
+/* ---- what the epilogues compute (gemm_check.cu) --------------------------- */
 
 /* Whether cuBLASLt's GELU_BIAS epilogue computes the tanh-approximated GELU
  * of the reference (to 1e-5 relative): runs it on a ramp of inputs and
  * compares with the formula.  *is_tanh = 0 also when the epilogue is not
  * available.  Uses (and frees) a small device buffer of its own. */
 lego_status gemm_probe_gelu(gemm_ctx *g, int *is_tanh, lego_err *err);
+
+/* Training's fusions, one bit each. */
+#define GEMM_FUSION_GELU_AUX 1u /* GELU_AUX_BIAS: fc1's forward          */
+#define GEMM_FUSION_DGELU 2u    /* DGELU: fc2's input gradient            */
+#define GEMM_FUSION_BGRADB 4u   /* BGRADB: a weight gradient's bias sums  */
+
+/* Runs each of training's fusions with operands of type t (as the trainer
+ * calls them) on small operands whose results the host computes exactly,
+ * and sets in *bad the bits of those that disagree or that the heuristic
+ * does not offer there; the first disagreement goes into g->fusion_note.
+ * Synchronises g's stream; uses (and frees) a small device buffer. */
+lego_status gemm_check_fusions(gemm_ctx *g, cudaDataType t, unsigned *bad, lego_err *err);
 
 /* ---- kernels (kernels.cu) ------------------------------------------------ */
 

@@ -321,8 +321,6 @@ static lego_status tune_entry(gemm_ctx *g, gemm_entry *e, const gemm_call *k, le
     return s;
 }
 
-/* gemm_run with the GELU epilogue allowed or not; *used (may be NULL)
- * receives the epilogue the GEMM itself applied. */
 /* Run call k on its prepared entry e: this call's epilogue pointers, the
  * first call's timing where it applies, the matmul. */
 static lego_status entry_run(gemm_ctx *g, gemm_entry *e, const gemm_call *k, lego_err *err) {
@@ -352,8 +350,8 @@ static lego_status entry_run(gemm_ctx *g, gemm_entry *e, const gemm_call *k, leg
     return LEGO_OK;
 }
 
-static lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
-                               cublasLtEpilogue_t *used, lego_err *err) {
+lego_status gemm_run_ex(gemm_ctx *g, const gemm_call *k, int gelu_allowed,
+                        cublasLtEpilogue_t *used, lego_err *err) {
     if (is_fused(k))
         return lego_fail(err, LEGO_ERR_BACKEND, "internal: a GEMM fusion outside gemm_run_fused");
     gemm_entry *e = NULL;
@@ -370,9 +368,39 @@ lego_status gemm_run(gemm_ctx *g, const gemm_call *k, lego_err *err) {
     return gemm_run_ex(g, k, k->act == GEMM_ACT_GELU ? g->gelu_epilogue : 0, NULL, err);
 }
 
+/* Which of training's fusions k asks for (GEMM_FUSION_*). */
+static unsigned fusion_of(const gemm_call *k) {
+    if (k->act == GEMM_ACT_GELU_AUX) return GEMM_FUSION_GELU_AUX;
+    return k->act == GEMM_ACT_DGELU ? GEMM_FUSION_DGELU : GEMM_FUSION_BGRADB;
+}
+
 lego_status gemm_run_fused(gemm_ctx *g, const gemm_call *k, int *done, lego_err *err) {
     *done = 0;
     if (!is_fused(k)) return lego_fail(err, LEGO_ERR_BACKEND, "internal: no GEMM fusion asked");
+    /* The first fused call of an operand type checks the fusions on known
+     * operands (gemm_check.cu), unless this is that check's own call. */
+    const int ti = k->ab == CUDA_R_32F ? 0 : k->ab == CUDA_R_16BF ? 1 : 2;
+    if (!g->fusion_checked[ti] && !g->fusion_checking) {
+        /* A check synchronises: none inside a graph capture; until one has
+         * run, the kernels do the work. */
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        CU_TRY(cudaStreamIsCapturing(g->stream, &cs));
+        if (cs != cudaStreamCaptureStatusNone) {
+            g->fused_rejected++;
+            return LEGO_OK;
+        }
+        unsigned bad = 0;
+        g->fusion_checking = 1;
+        lego_status s = gemm_check_fusions(g, k->ab, &bad, err);
+        g->fusion_checking = 0;
+        LEGO_TRY(s);
+        g->fusion_bad[ti] = (unsigned char)bad;
+        g->fusion_checked[ti] = 1;
+    }
+    if (!g->fusion_checking && (g->fusion_bad[ti] & fusion_of(k))) {
+        g->fused_rejected++;
+        return LEGO_OK;
+    }
     gemm_entry *e = NULL;
     LEGO_TRY(entry_for(g, k, 0, &e, err));
     if (e->unavailable) {
@@ -407,61 +435,4 @@ lego_status gemm_linear(gemm_ctx *g, const void *w, const void *b, int in, int o
                          "internal: a GEMM operand is not %d-byte aligned", DEVICE_ALIGN);
     gemm_call k = linear_call(w, b, in, out, x, rows, y, ab_type, d_type, act);
     return gemm_run(g, &k, err);
-}
-
-/* ---- does GELU_BIAS compute the tanh approximation? ---------------------- */
-
-#define PROBE_OUT 256 /* GELU inputs: a ramp over [-8, 8) */
-#define PROBE_IN 8
-#define PROBE_ROWS 4
-
-static double gelu_tanh_ref(double x) {
-    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
-}
-
-lego_status gemm_probe_gelu(gemm_ctx *g, int *is_tanh, lego_err *err) {
-    *is_tanh = 0;
-    /* W [OUT][IN] with column 0 the ramp, x [ROWS][IN] with column 0 = 1, so
-     * y[r][o] = GELU(ramp[o] + bias[o]) with bias 0. */
-    static const size_t w_n = PROBE_OUT * PROBE_IN, x_n = PROBE_ROWS * PROBE_IN;
-    size_t w_off = 0, x_off = round_up_floats(w_n), b_off = x_off + round_up_floats(x_n);
-    size_t y_off = b_off + round_up_floats(PROBE_OUT), total = y_off + PROBE_OUT * PROBE_ROWS;
-    float *host = (float *)calloc(total, sizeof(float));
-    if (!host) return lego_fail(err, LEGO_ERR_OUT_OF_MEMORY, "out of memory");
-    for (int o = 0; o < PROBE_OUT; o++)
-        host[w_off + (size_t)o * PROBE_IN] = -8.0f + 16.0f * (float)o / PROBE_OUT;
-    for (int r = 0; r < PROBE_ROWS; r++) host[x_off + (size_t)r * PROBE_IN] = 1.0f;
-
-    float *dev = NULL;
-    cublasLtEpilogue_t used = CUBLASLT_EPILOGUE_DEFAULT;
-    lego_status s = cu_status(cudaMalloc(&dev, total * sizeof(float)), err, "cudaMalloc (probe)");
-    if (s == LEGO_OK)
-        s = cu_status(cudaMemcpyAsync(dev, host, total * sizeof(float), cudaMemcpyHostToDevice,
-                                      g->stream),
-                      err, "cudaMemcpyAsync (probe)");
-    if (s == LEGO_OK)
-    {
-        gemm_call k = linear_call(dev + w_off, dev + b_off, PROBE_IN, PROBE_OUT, dev + x_off,
-                                  PROBE_ROWS, dev + y_off, CUDA_R_32F, CUDA_R_32F, GEMM_ACT_GELU);
-        s = gemm_run_ex(g, &k, 1, &used, err);
-    }
-    if (s == LEGO_OK)
-        s = cu_status(cudaMemcpyAsync(host + y_off, dev + y_off,
-                                      PROBE_OUT * PROBE_ROWS * sizeof(float),
-                                      cudaMemcpyDeviceToHost, g->stream),
-                      err, "cudaMemcpyAsync (probe)");
-    if (s == LEGO_OK) s = cu_status(cudaStreamSynchronize(g->stream), err, "probe GEMM");
-    if (s == LEGO_OK && used == CUBLASLT_EPILOGUE_GELU_BIAS) {
-        int ok = 1;
-        for (int r = 0; r < PROBE_ROWS && ok; r++)
-            for (int o = 0; o < PROBE_OUT && ok; o++) {
-                double x = host[w_off + (size_t)o * PROBE_IN];
-                double want = gelu_tanh_ref(x), got = host[y_off + (size_t)r * PROBE_OUT + o];
-                ok = fabs(got - want) <= 1e-5 * fmax(1.0, fabs(want));
-            }
-        *is_tanh = ok;
-    }
-    if (dev) cudaFree(dev);
-    free(host);
-    return s;
 }

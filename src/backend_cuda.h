@@ -74,6 +74,11 @@ typedef struct cuda_stats {
      * (CUDA_OPT_TRAIN_EPILOGUES): run fused, and run as plain GEMMs and
      * kernels because the heuristic offered no algorithm for it. */
     uint64_t fused_runs, fused_refused;
+    /* Calls that declined because their fusion disagreed with the host in
+     * the handle's check of it (cuda/gemm_check.cu), and the first
+     * disagreement in words ("" when every checked fusion agreed). */
+    uint64_t fused_rejected;
+    char fusion_note[200];
     /* Bricks evaluated with one GEMM for all their adaLN vectors (their
      * weights back to back on the device) rather than one per linear. */
     uint64_t ada_stacked;

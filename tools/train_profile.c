@@ -102,10 +102,12 @@ int main(int argc, char **argv) {
     cuda_backend_stats(m, &st);
     printf("train_profile fmnist_lego_pg32 %s batch %d patch-fraction %g attention %d tune %d "
            "epilogues %d ln-sums %d: %.2f ms/step, %.0f images/s, %.0f MiB on the device "
-           "(GEMM epilogue fusions %llu run, %llu refused)\n",
+           "(GEMM epilogue fusions %llu run, %llu refused, %llu rejected by their check%s%s)\n",
            bf16 ? "bf16" : "fp32", n, fraction, attention, tune, epilogues, ln_sums, ms,
            1e3 * n / ms, (double)lego_model_device_memory_usage(m) / (1 << 20),
-           (unsigned long long)st.fused_runs, (unsigned long long)st.fused_refused);
+           (unsigned long long)st.fused_runs, (unsigned long long)st.fused_refused,
+           (unsigned long long)st.fused_rejected, st.fusion_note[0] ? ": " : "",
+           st.fusion_note);
     double parts[CUDA_TPROF_PARTS] = {0};
     if (cuda_train_profile(m, 1, NULL) != LEGO_OK) {
         fprintf(stderr, "train_profile: %s\n", lego_model_error(m));

@@ -924,6 +924,13 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
     uint64_t m = dl->rows, n = dl->cols, k = d->transa ? al->rows : al->cols;
     const char *gelu = getenv("LEGO_EMU_GELU");
     bool erf_gelu = gelu && strcmp(gelu, "erf") == 0;
+    /* A misread epilogue, for the backend's check of them: GELU_AUX_BIAS
+     * storing GELU's output as aux, DGELU multiplying by GELU instead of
+     * GELU', BGRADB summing op(A) (BGRADA's reading). */
+    const char *bad = getenv("LEGO_EMU_BAD_EPILOGUE");
+    bool bad_aux = bad && strcmp(bad, "gelu_aux") == 0;
+    bool bad_dgelu = bad && strcmp(bad, "dgelu") == 0;
+    bool bad_bgrad = bad && strcmp(bad, "bgradb") == 0;
     /* op(A) as m rows and op(B) as n columns of k doubles each, so that
      * every product below reads two contiguous runs; eight columns at a
      * time keep eight independent sums going.  Each sum still adds its
@@ -961,9 +968,12 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
                        (bet != 0 ? bet * load_elem(c, cl->type, i + j * cl->ld) : 0.0);
             if (has_bias(d->epilogue)) v += load_elem(d->bias, dl->type, i);
             if (d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
-                store_elem((void *)d->aux, dl->type, i + j * (uint64_t)d->aux_ld, v);
-            if (d->epilogue == CUBLASLT_EPILOGUE_DGELU)
-                v *= gelu_tanh_grad(load_elem(d->aux, dl->type, i + j * (uint64_t)d->aux_ld));
+                store_elem((void *)d->aux, dl->type, i + j * (uint64_t)d->aux_ld,
+                           bad_aux ? gelu_tanh(v) : v);
+            if (d->epilogue == CUBLASLT_EPILOGUE_DGELU) {
+                double a = load_elem(d->aux, dl->type, i + j * (uint64_t)d->aux_ld);
+                v *= bad_dgelu ? gelu_tanh(a) : gelu_tanh_grad(a);
+            }
             if (d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS ||
                 d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
                 v = erf_gelu ? 0.5 * v * (1 + erf(v / sqrt(2.0))) : gelu_tanh(v);
@@ -972,7 +982,10 @@ static void matmul_now(const emu_desc *d, double alf, const void *a, const emu_l
     if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)
         for (uint64_t j = 0; j < n; j++) {
             double sum = 0;
-            for (uint64_t q = 0; q < k; q++) sum += bp[j * k + q];
+            if (!bad_bgrad)
+                for (uint64_t q = 0; q < k; q++) sum += bp[j * k + q];
+            else if (j < m)
+                for (uint64_t q = 0; q < k; q++) sum += ap[j * k + q];
             store_elem((void *)d->bias, CUDA_R_32F, j, sum);
         }
     for (uint64_t j = 0; j < n; j++)
