@@ -200,10 +200,10 @@ cuda-emu-check: build/emu/test_cuda
 
 # The emulation's quick parts (about a minute once built), which CI runs:
 # training on the device (golden gradients, steps, resume, two trainers),
-# the device sampling loop, Philox, and attention through cuDNN.  The rest
-# (golden and random networks in every precision, samplers) takes tens of
-# minutes: cuda-emu-check.
-EMU_QUICK_CASES := train train-golden devloop philox cudnn
+# the device sampling loop, Philox, attention through cuDNN, and the GELU
+# epilogue's probe.  The rest (golden and random networks in every
+# precision, samplers) takes tens of minutes: cuda-emu-check.
+EMU_QUICK_CASES := train train-golden devloop philox cudnn gemm
 cuda-emu-quick: build/emu/test_cuda
 	@status=0; for c in $(EMU_QUICK_CASES); do \
 	  echo "== emulated CUDA backend: $$c"; \

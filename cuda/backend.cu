@@ -487,6 +487,7 @@ extern "C" lego_status cuda_backend_stats(const lego_model *m, cuda_stats *out) 
     out->fused_refused = h->gemm.fused_refused;
     out->fused_rejected = h->gemm.fused_rejected;
     memcpy(out->fusion_note, h->gemm.fusion_note, sizeof out->fusion_note);
+    memcpy(out->gelu_note, h->gemm.gelu_note, sizeof out->gelu_note);
     out->ada_stacked = h->ada_stacked;
     cudnn_attn_info ci;
     cudnn_attn_get_info(h->cudnn, &ci);

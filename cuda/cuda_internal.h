@@ -297,6 +297,7 @@ typedef struct gemm_ctx {
     void *workspace; /* cuBLASLt's workspace, allocated once */
     size_t workspace_bytes;
     int gelu_epilogue; /* fc1's GELU inside the GEMM (see gemm_probe_gelu) */
+    char gelu_note[120]; /* what gemm_probe_gelu measured and decided      */
     int autotune;      /* time the candidates of large shapes (default 1) */
     uint64_t tuned_shapes;
     uint64_t fused_runs, fused_refused; /* gemm_run_fused's outcomes */

@@ -79,6 +79,9 @@ typedef struct cuda_stats {
      * disagreement in words ("" when every checked fusion agreed). */
     uint64_t fused_rejected;
     char fusion_note[200];
+    /* How far cuBLASLt's GELU_BIAS epilogue was from the tanh and the erf
+     * forms of GELU in the handle's probe, and what the handle decided. */
+    char gelu_note[120];
     /* Bricks evaluated with one GEMM for all their adaLN vectors (their
      * weights back to back on the device) rather than one per linear. */
     uint64_t ada_stacked;

@@ -426,8 +426,9 @@ START_TEST(test_cuda_golden_denoiser) {
     run_case(&g, cpu, &want);
     cuda_stats st;
     ck_assert(cuda_backend_stats(gpu, &st) == LEGO_OK);
-    printf("cuda %-14s device %d, GELU in the GEMM epilogue: %s\n", g.name, st.device,
-           st.gelu_epilogue ? "yes (probe says tanh)" : "no (separate kernel)");
+    printf("cuda %-14s device %d, GELU in the GEMM epilogue: %s (%s)\n", g.name, st.device,
+           st.gelu_epilogue ? "yes (probe says tanh)" : "no (separate kernel)", st.gelu_note);
+    ck_assert_msg(strstr(st.gelu_note, "GELU_BIAS") != NULL, "probe note: %s", st.gelu_note);
     int fused = st.gelu_epilogue;
 
     run_case(&g, gpu, &got);
@@ -952,6 +953,44 @@ END_TEST
 /* Workspace reuse and weight updates                                       */
 /* ------------------------------------------------------------------------ */
 
+
+/* The GELU probe's decision and what it measured.  In the emulation: an
+ * erf-based epilogue is refused (a separate kernel computes the tanh form),
+ * and the evaluation still matches the CPU. */
+START_TEST(test_cuda_gelu_probe) {
+    const rand_model *rm = &rand_models[0];
+    lego_model *m = build_rand(rm);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    printf("cuda gelu probe: %s\n", st.gelu_note);
+    ck_assert_msg(strstr(st.gelu_note, st.gelu_epilogue ? ": used" : "a separate kernel") != NULL,
+                  "%d: %s", st.gelu_epilogue, st.gelu_note);
+    lego_model_free(m);
+#ifdef LEGO_TEST_EMULATION
+    ck_assert_msg(st.gelu_epilogue, "the emulated epilogue is the tanh form: %s", st.gelu_note);
+    setenv("LEGO_EMU_GELU", "erf", 1);
+    m = build_rand(rm);
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *cpu = malloc(img * sizeof *cpu), *gpu = malloc(img * sizeof *gpu);
+    ck_assert(cpu && gpu);
+    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
+    ck_assert(lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0) == LEGO_OK);
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    printf("cuda gelu probe, erf epilogue: %s\n", st.gelu_note);
+    ck_assert_msg(!st.gelu_epilogue && strstr(st.gelu_note, "a separate kernel"), "%s",
+                  st.gelu_note);
+    denoise_n(m, rm, &io, rm->n, 1.0f, gpu);
+    expect_close(rm->name, "denoised [erf epilogue refused]", gpu, cpu, img, GPU_TOL);
+    unsetenv("LEGO_EMU_GELU");
+    free(cpu);
+    free(gpu);
+    free_inputs(&io);
+    lego_model_free(m);
+#endif
+}
+END_TEST
 
 START_TEST(test_cuda_no_realloc) {
     const rand_model *rm = &rand_models[0];
@@ -2423,6 +2462,7 @@ int main(void) {
         tcase_add_loop_test(add_case(s, "random"), test_cuda_random_models, 0,
                             (int)NUM_RAND_MODELS);
         tcase_add_test(add_case(s, "cudnn"), test_cuda_cudnn_attention);
+        tcase_add_test(add_case(s, "gemm"), test_cuda_gelu_probe);
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);

@@ -135,6 +135,7 @@ int main(int argc, char **argv) {
            (unsigned long long)st.cudnn_runs, st.cudnn_last_graph,
            (unsigned long long)st.attn_decided, (unsigned long long)st.attn_cudnn_shapes,
            (unsigned long long)st.attn_timed, st.cudnn_note[0] ? " -- " : "", st.cudnn_note);
+    printf("fc1's GELU: %s\n", st.gelu_note);
     free(x), free(out), free(sigma);
     lego_model_free(m);
     return 0;
