@@ -200,10 +200,11 @@ cuda-emu-check: build/emu/test_cuda
 
 # The emulation's quick parts (about a minute once built), which CI runs:
 # training on the device (golden gradients, steps, resume, two trainers),
-# the device sampling loop, Philox, attention through cuDNN, and the GELU
-# epilogue's probe.  The rest (golden and random networks in every
-# precision, samplers) takes tens of minutes: cuda-emu-check.
-EMU_QUICK_CASES := train train-golden devloop philox cudnn gemm
+# the device sampling loop, Philox, attention through cuDNN, the GELU
+# epilogue's probe, and the sweep of injected CUDA failures.  The rest
+# (golden and random networks in every precision, samplers) takes tens of
+# minutes: cuda-emu-check.
+EMU_QUICK_CASES := train train-golden devloop philox cudnn gemm faults
 cuda-emu-quick: build/emu/test_cuda
 	@status=0; for c in $(EMU_QUICK_CASES); do \
 	  echo "== emulated CUDA backend: $$c"; \

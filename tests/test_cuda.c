@@ -2436,6 +2436,137 @@ START_TEST(test_cuda_golden_generate) {
 }
 END_TEST
 
+#ifdef LEGO_TEST_EMULATION
+/* ------------------------------------------------------------------------ */
+/* Injected failures (the emulation only)                                   */
+/* ------------------------------------------------------------------------ */
+
+/* tests/cuda-emu/emu.cpp: the n-th call of a kind fails once. */
+enum { EMU_FAIL_SETUP = 0, EMU_FAIL_WORK = 1 };
+void emu_fail_nth(int kind, long n);
+long emu_failable_calls(int kind);
+
+typedef struct fault_out {
+    float *den, *den16, *smp, *grads, loss;
+} fault_out;
+
+static void fault_out_alloc(fault_out *o, size_t img, size_t np) {
+    o->den = malloc(img * sizeof(float));
+    o->den16 = malloc(img * sizeof(float));
+    o->smp = malloc(img * sizeof(float));
+    o->grads = malloc(np * sizeof(float));
+    ck_assert(o->den && o->den16 && o->smp && o->grads);
+}
+
+static void fault_out_free(fault_out *o) {
+    free(o->den), free(o->den16), free(o->smp), free(o->grads);
+}
+
+/* What a GPU model goes through: the move to the device (handle, probes,
+ * weights), an evaluation eagerly and again from its graph, a two-step
+ * sampling loop on the device, the training loss with its gradients, and a
+ * bf16 evaluation.  Stops at the first failure. */
+static lego_status fault_workload(lego_model *m, const train_io *io, fault_out *o) {
+    static const uint64_t seeds[2] = {11, 12};
+    lego_status s = lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0);
+    if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_FP32);
+    lego_denoise_request dr;
+    lego_denoise_request_init(&dr);
+    dr.n = io->b.n;
+    dr.height = io->b.height;
+    dr.width = io->b.width;
+    dr.x = io->noise;
+    dr.sigma = io->sigma;
+    dr.labels = io->b.labels;
+    dr.out = o->den;
+    for (int i = 0; i < 2 && s == LEGO_OK; i++) s = lego_denoise(m, &dr);
+    lego_sample_request r;
+    lego_sample_options so;
+    loop_request(&r, seeds);
+    r.out = o->smp;
+    lego_sample_options_init(&so);
+    so.steps = 2;
+    if (s == LEGO_OK) s = lego_sample(m, &r, &so, NULL);
+    if (s == LEGO_OK) s = lego_train_loss(m, &io->b, &o->loss, o->grads);
+    if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_BF16);
+    dr.out = o->den16;
+    if (s == LEGO_OK) s = lego_denoise(m, &dr);
+    return s;
+}
+
+/* got against the clean run: fp32 results within 1e-5 scaled (a failure
+ * may have sent a GEMM to another epilogue and a kernel), bf16 within
+ * LOW_TOL. */
+static void fault_compare(const fault_out *got, const fault_out *want, size_t img, size_t np,
+                          int kind, long n, const char *when) {
+    const double e[5] = {scaled_error(got->den, want->den, img),
+                         scaled_error(got->smp, want->smp, img),
+                         scaled_error(got->grads, want->grads, np),
+                         scaled_error(&got->loss, &want->loss, 1),
+                         scaled_error(got->den16, want->den16, img)};
+    ck_assert_msg(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5 && e[3] <= 1e-5 && e[4] <= LOW_TOL,
+                  "failure %d/%ld, %s: errors %g %g %g %g %g", kind, n, when, e[0], e[1], e[2],
+                  e[3], e[4]);
+}
+
+/* Every error path of the backend that a failing CUDA or cuBLASLt call can
+ * take: for each call the workload makes (each setup call; every k-th
+ * launch or matmul, all of them with LEGO_TEST_FAULT_ALL=1), a fresh model
+ * runs the workload with that call failing.  The failure is reported as an
+ * error with a message, or absorbed with correct results (a graph that is
+ * not captured, a fusion left to the kernels); either way the same model
+ * then runs the whole workload again, now without failures, and gets the
+ * clean run's results: no state is left half made.  ASan checks that
+ * nothing leaks and nothing is touched after it is freed. */
+START_TEST(test_cuda_fault_sweep) {
+    lego_model *m = build_rand(&loop_model);
+    train_io io;
+    train_inputs(&loop_model, 21, &io);
+    size_t img = (size_t)loop_model.n * loop_model.channels * loop_model.h * loop_model.w;
+    size_t np = m->params_size;
+    fault_out want, got;
+    fault_out_alloc(&want, img, np);
+    fault_out_alloc(&got, img, np);
+    emu_fail_nth(EMU_FAIL_SETUP, 0);
+    ck_assert_msg(fault_workload(m, &io, &want) == LEGO_OK, "%s", lego_model_error(m));
+    const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
+    lego_model_free(m);
+    const int all = getenv("LEGO_TEST_FAULT_ALL") != NULL;
+    for (int kind = 0; kind < 2; kind++) {
+        const long stride = all || kind == EMU_FAIL_SETUP ? 1 : (calls[kind] + 39) / 40;
+        int runs = 0, reported = 0;
+        for (long n = 1; n <= calls[kind]; n += stride) {
+            m = build_rand(&loop_model);
+            emu_fail_nth(kind, n);
+            lego_status s = fault_workload(m, &io, &got);
+            emu_fail_nth(kind, 0);
+            runs++;
+            if (s != LEGO_OK) {
+                reported++;
+                ck_assert_msg(lego_model_error(m)[0] != '\0', "failure %d/%ld: no message", kind,
+                              n);
+            } else {
+                fault_compare(&got, &want, img, np, kind, n, "absorbed");
+            }
+            s = fault_workload(m, &io, &got);
+            ck_assert_msg(s == LEGO_OK, "failure %d/%ld: the run after it failed: %s", kind, n,
+                          lego_model_error(m));
+            fault_compare(&got, &want, img, np, kind, n, "the run after it");
+            lego_model_free(m);
+        }
+        printf("cuda fault sweep: %ld %s calls, %d failed one at a time: %d reported as errors, "
+               "%d absorbed; every model recovered\n",
+               calls[kind], kind == EMU_FAIL_SETUP ? "setup" : "launch/matmul", runs, reported,
+               runs - reported);
+        fflush(stdout);
+    }
+    fault_out_free(&want);
+    fault_out_free(&got);
+    free_train_inputs(&io);
+}
+END_TEST
+#endif
+
 /* Named parts, so that one can be run alone: CK_RUN_CASE=golden. */
 static TCase *add_case(Suite *s, const char *name) {
     TCase *tc = tcase_create(name);
@@ -2463,6 +2594,9 @@ int main(void) {
                             (int)NUM_RAND_MODELS);
         tcase_add_test(add_case(s, "cudnn"), test_cuda_cudnn_attention);
         tcase_add_test(add_case(s, "gemm"), test_cuda_gelu_probe);
+#ifdef LEGO_TEST_EMULATION
+        tcase_add_test(add_case(s, "faults"), test_cuda_fault_sweep);
+#endif
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);
         tcase_add_test(ws, test_cuda_weights_follow);

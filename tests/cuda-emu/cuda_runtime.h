@@ -40,7 +40,8 @@ typedef enum cudaError {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorNoDevice = 100,
-    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorUnknown = 999
 } cudaError_t;
 typedef struct emu_stream *cudaStream_t;
 /* Graphs: a capture records the stream's work as closures; a launch runs

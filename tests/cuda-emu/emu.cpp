@@ -410,6 +410,39 @@ void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_
     }
 }
 
+/* ---- injected failures ------------------------------------------------------------ */
+
+enum { EMU_FAIL_SETUP = 0, EMU_FAIL_WORK = 1 }; /* test_cuda.c has the same numbers */
+
+/* test_cuda's fault sweep: emu_fail_nth(kind, n) makes the n-th call of
+ * that kind from now on fail, once, as a GPU could (an allocation that
+ * finds no memory, a launch or copy that reports an error).  Kinds:
+ * EMU_FAIL_SETUP, the calls that allocate or create something or change a
+ * stream's state (memory, streams, events, graphs, cuBLASLt objects and
+ * heuristics), copies and synchronisations; EMU_FAIL_WORK, kernel launches
+ * (seen at cudaGetLastError) and matmuls.  emu_failable_calls(kind) counts
+ * the calls of a kind since the last emu_fail_nth. */
+static std::atomic<long> fail_countdown[2], failable[2];
+
+extern "C" void emu_fail_nth(int kind, long n) {
+    for (int k = 0; k < 2; k++) {
+        fail_countdown[k] = k == kind ? n : 0;
+        failable[k] = 0;
+    }
+}
+
+extern "C" long emu_failable_calls(int kind) { return failable[kind]; }
+
+static bool inject(int kind) {
+    failable[kind]++;
+    long left = fail_countdown[kind].load();
+    while (left > 0 && !fail_countdown[kind].compare_exchange_weak(left, left - 1)) {
+    }
+    return left == 1;
+}
+
+static bool inject_setup() { return inject(EMU_FAIL_SETUP); }
+
 /* ---- runtime ------------------------------------------------------------------ */
 
 const char *cudaGetErrorString(cudaError_t e) {
@@ -423,6 +456,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorUnknown: return "cudaErrorUnknown";
     }
     return "cudaError";
 }
@@ -451,11 +485,14 @@ cudaError_t cudaSetDevice(int device) {
 cudaError_t cudaGetLastError(void) {
     cudaError_t e = last_error;
     last_error = cudaSuccess;
+    if (e == cudaSuccess && inject(EMU_FAIL_WORK)) e = cudaErrorUnknown;
     return e;
 }
 
 cudaError_t emu_malloc(void **p, size_t bytes) {
     EMU_API;
+    *p = nullptr;
+    if (inject_setup()) return cudaErrorMemoryAllocation;
     *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
     if (!*p) return cudaErrorMemoryAllocation;
     memset(*p, 0xff, bytes);
@@ -500,11 +537,17 @@ void check_current_device(const void *p, const char *what) {
     }
 }
 
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+/* The copy itself, as enqueued work runs it. */
+static void copy_now(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
     EMU_API;
     if (kind == cudaMemcpyHostToDevice) check_device_range(dst, bytes, "cudaMemcpy destination");
     else check_device_range(src, bytes, "cudaMemcpy source");
     memcpy(dst, src, bytes);
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (inject_setup()) return cudaErrorUnknown;
+    copy_now(dst, src, bytes, kind);
     return cudaSuccess;
 }
 
@@ -533,8 +576,9 @@ void emu_check_stream_device(cudaStream_t stream, const char *what) {
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
                             cudaStream_t stream) {
+    if (inject_setup()) return cudaErrorUnknown;
     /* The range checks happen when the copy runs. */
-    emu_enqueue(stream, [=] { cudaMemcpy(dst, src, bytes, kind); });
+    emu_enqueue(stream, [=] { copy_now(dst, src, bytes, kind); });
     return cudaSuccess;
 }
 
@@ -549,6 +593,7 @@ struct emu_event {
 };
 
 cudaError_t cudaEventCreate(cudaEvent_t *event) {
+    if (inject_setup()) return cudaErrorMemoryAllocation;
     *event = new emu_event{0.0};
     return cudaSuccess;
 }
@@ -576,6 +621,7 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop)
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
     if (!stream || stream->capture) return cudaErrorInvalidValue;
+    if (inject_setup()) return cudaErrorUnknown;
     stream->capture = new emu_graph();
     return cudaSuccess;
 }
@@ -584,10 +630,17 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
     if (!stream || !stream->capture) return cudaErrorInvalidValue;
     *graph = stream->capture;
     stream->capture = nullptr;
+    if (inject_setup()) { /* the capture ends all the same, without a graph */
+        delete *graph;
+        *graph = nullptr;
+        return cudaErrorUnknown;
+    }
     return cudaSuccess;
 }
 
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
+    *exec = nullptr;
+    if (inject_setup()) return cudaErrorMemoryAllocation;
     *exec = new emu_graph(*graph);
     return cudaSuccess;
 }
@@ -595,6 +648,7 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
     EMU_API;
     if (stream && stream->capture) return cudaErrorStreamCaptureUnsupported;
+    if (inject(EMU_FAIL_WORK)) return cudaErrorUnknown;
     emu_check_stream_device(stream, "cudaGraphLaunch");
     for (auto &w : exec->work) w();
     return cudaSuccess;
@@ -611,6 +665,8 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
+    *stream = nullptr;
+    if (inject_setup()) return cudaErrorMemoryAllocation;
     *stream = new emu_stream();
     (*stream)->device = current_device;
     return cudaSuccess;
@@ -624,7 +680,9 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 
 /* As on a GPU, a capturing stream cannot be waited for. */
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-    return stream && stream->capture ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+    if (stream && stream->capture) return cudaErrorStreamCaptureUnsupported;
+    /* An error of earlier work, reported here. */
+    return inject_setup() ? cudaErrorUnknown : cudaSuccess;
 }
 
 /* ---- cuBLASLt ----------------------------------------------------------------- */
@@ -667,6 +725,8 @@ struct emu_pref {
 };
 
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    *h = nullptr;
+    if (inject_setup()) return CUBLAS_STATUS_ALLOC_FAILED;
     *h = new emu_lt();
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -689,6 +749,7 @@ cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataTyp
     if ((type != CUDA_R_32F && type != CUDA_R_16BF && type != CUDA_R_16F) || rows == 0 ||
         cols == 0 || ld < (int64_t)rows)
         return CUBLAS_STATUS_INVALID_VALUE;
+    if (inject_setup()) return CUBLAS_STATUS_ALLOC_FAILED;
     *l = new emu_layout{type, rows, cols, ld, 1, 0};
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -718,6 +779,7 @@ cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
 cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
                                         cudaDataType_t scale) {
     if (compute != CUBLAS_COMPUTE_32F || scale != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
+    if (inject_setup()) return CUBLAS_STATUS_ALLOC_FAILED;
     *d = new emu_desc();
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -760,6 +822,7 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
 }
 
 cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    if (inject_setup()) return CUBLAS_STATUS_ALLOC_FAILED;
     *p = new emu_pref();
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -821,6 +884,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
     *returned = 0;
     if (requested < 1 || !consistent(d, a, b, dl) || c->rows != dl->rows || c->cols != dl->cols)
         return CUBLAS_STATUS_INVALID_VALUE;
+    if (inject_setup()) return CUBLAS_STATUS_ALLOC_FAILED;
     bool training = has_aux(d->epilogue) || d->epilogue == CUBLASLT_EPILOGUE_BGRADB;
     if ((getenv("LEGO_EMU_NO_GELU_EPILOGUE") && d->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS) ||
         (getenv("LEGO_EMU_NO_BIAS_EPILOGUE") && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT) ||
@@ -867,6 +931,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const vo
     emu_count_gemm();
     if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
         return CUBLAS_STATUS_INVALID_VALUE;
+    if (inject(EMU_FAIL_WORK)) return CUBLAS_STATUS_EXECUTION_FAILED;
     /* Operands (and every matrix of a batch) aligned as the algorithm was
      * chosen for. */
     const void *ptrs[4] = {a, b, c, dst};
