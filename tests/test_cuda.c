@@ -2446,8 +2446,16 @@ enum { EMU_FAIL_SETUP = 0, EMU_FAIL_WORK = 1 };
 void emu_fail_nth(int kind, long n);
 long emu_failable_calls(int kind);
 
+/* Every how many calls of a kind a sweep fails one: about `runs` runs over
+ * `calls` calls, or every call with LEGO_TEST_FAULT_ALL=1 (tens of minutes
+ * in the emulation). */
+static long fault_stride(long calls, long runs) {
+    if (getenv("LEGO_TEST_FAULT_ALL")) return 1;
+    return calls > runs ? (calls + runs - 1) / runs : 1;
+}
+
 typedef struct fault_out {
-    float *den, *den16, *smp, *grads, loss;
+    float *den, *den16, *smp, *grads, *trained, *ema, loss;
 } fault_out;
 
 static void fault_out_alloc(fault_out *o, size_t img, size_t np) {
@@ -2455,19 +2463,43 @@ static void fault_out_alloc(fault_out *o, size_t img, size_t np) {
     o->den16 = malloc(img * sizeof(float));
     o->smp = malloc(img * sizeof(float));
     o->grads = malloc(np * sizeof(float));
-    ck_assert(o->den && o->den16 && o->smp && o->grads);
+    o->trained = malloc(np * sizeof(float));
+    o->ema = malloc(np * sizeof(float));
+    ck_assert(o->den && o->den16 && o->smp && o->grads && o->trained && o->ema);
 }
 
 static void fault_out_free(fault_out *o) {
-    free(o->den), free(o->den16), free(o->smp), free(o->grads);
+    free(o->den), free(o->den16), free(o->smp), free(o->grads), free(o->trained), free(o->ema);
+}
+
+/* Two optimiser steps of a new trainer on the device, then the weights and
+ * the EMA copied back (lego_model_get_params, lego_trainer_save_state), and
+ * the weights put back as they were, so that every run starts alike. */
+static lego_status fault_train(lego_model *m, const train_io *io, const float *initial,
+                               fault_out *o, char *msg, size_t msg_size) {
+    lego_train_options to = train_opts();
+    lego_trainer *t = NULL;
+    lego_status s = lego_trainer_create(m, &to, &t);
+    for (int i = 0; i < 2 && s == LEGO_OK; i++)
+        s = lego_trainer_step(t, io->y, io->b.labels, io->b.n, NULL);
+    if (s == LEGO_OK) s = lego_trainer_save_state(t, "/tmp/lego_test_cuda_faults.st");
+    if (s != LEGO_OK && t) snprintf(msg, msg_size, "%s", lego_trainer_error(t));
+    if (s == LEGO_OK) memcpy(o->ema, t->ema, m->params_size * sizeof(float));
+    if (s == LEGO_OK) s = lego_model_get_params(m, o->trained, (int64_t)m->params_size);
+    lego_trainer_free(t);
+    lego_status r = lego_model_set_params(m, initial, (int64_t)m->params_size);
+    return s != LEGO_OK ? s : r;
 }
 
 /* What a GPU model goes through: the move to the device (handle, probes,
  * weights), an evaluation eagerly and again from its graph, a two-step
- * sampling loop on the device, the training loss with its gradients, and a
- * bf16 evaluation.  Stops at the first failure. */
-static lego_status fault_workload(lego_model *m, const train_io *io, fault_out *o) {
+ * sampling loop on the device, the training loss with its gradients, two
+ * trainer steps, and a bf16 evaluation.  Stops at the first failure; its
+ * message goes to msg. */
+static lego_status fault_workload(lego_model *m, const train_io *io, const float *initial,
+                                  fault_out *o, char *msg, size_t msg_size) {
     static const uint64_t seeds[2] = {11, 12};
+    msg[0] = '\0';
     lego_status s = lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0);
     if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_FP32);
     lego_denoise_request dr;
@@ -2488,9 +2520,15 @@ static lego_status fault_workload(lego_model *m, const train_io *io, fault_out *
     so.steps = 2;
     if (s == LEGO_OK) s = lego_sample(m, &r, &so, NULL);
     if (s == LEGO_OK) s = lego_train_loss(m, &io->b, &o->loss, o->grads);
+    if (s != LEGO_OK) {
+        snprintf(msg, msg_size, "%s", lego_model_error(m));
+        return s;
+    }
+    s = fault_train(m, io, initial, o, msg, msg_size);
     if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_BF16);
     dr.out = o->den16;
     if (s == LEGO_OK) s = lego_denoise(m, &dr);
+    if (s != LEGO_OK && !msg[0]) snprintf(msg, msg_size, "%s", lego_model_error(m));
     return s;
 }
 
@@ -2499,19 +2537,23 @@ static lego_status fault_workload(lego_model *m, const train_io *io, fault_out *
  * LOW_TOL. */
 static void fault_compare(const fault_out *got, const fault_out *want, size_t img, size_t np,
                           int kind, long n, const char *when) {
-    const double e[5] = {scaled_error(got->den, want->den, img),
+    const double e[7] = {scaled_error(got->den, want->den, img),
                          scaled_error(got->smp, want->smp, img),
                          scaled_error(got->grads, want->grads, np),
                          scaled_error(&got->loss, &want->loss, 1),
+                         scaled_error(got->trained, want->trained, np),
+                         scaled_error(got->ema, want->ema, np),
                          scaled_error(got->den16, want->den16, img)};
-    ck_assert_msg(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5 && e[3] <= 1e-5 && e[4] <= LOW_TOL,
-                  "failure %d/%ld, %s: errors %g %g %g %g %g", kind, n, when, e[0], e[1], e[2],
-                  e[3], e[4]);
+    ck_assert_msg(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5 && e[3] <= 1e-5 && e[4] <= 1e-5 &&
+                      e[5] <= 1e-5 && e[6] <= LOW_TOL,
+                  "failure %d/%ld, %s: errors %g %g %g %g %g %g %g", kind, n, when, e[0], e[1],
+                  e[2], e[3], e[4], e[5], e[6]);
 }
 
 /* Every error path of the backend that a failing CUDA or cuBLASLt call can
- * take: for each call the workload makes (each setup call; every k-th
- * launch or matmul, all of them with LEGO_TEST_FAULT_ALL=1), a fresh model
+ * take: for calls the workload makes (spread over all of them, about 80
+ * setup calls and 20 launches or matmuls; every one of them with
+ * LEGO_TEST_FAULT_ALL=1), a fresh model
  * runs the workload with that call failing.  The failure is reported as an
  * error with a message, or absorbed with correct results (a graph that is
  * not captured, a fusion left to the kernels); either way the same model
@@ -2527,30 +2569,30 @@ START_TEST(test_cuda_fault_sweep) {
     fault_out want, got;
     fault_out_alloc(&want, img, np);
     fault_out_alloc(&got, img, np);
+    float *initial = params_of(m);
+    char msg[sizeof(((lego_err *)0)->msg)];
     emu_fail_nth(EMU_FAIL_SETUP, 0);
-    ck_assert_msg(fault_workload(m, &io, &want) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert_msg(fault_workload(m, &io, initial, &want, msg, sizeof msg) == LEGO_OK, "%s", msg);
     const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
     lego_model_free(m);
-    const int all = getenv("LEGO_TEST_FAULT_ALL") != NULL;
     for (int kind = 0; kind < 2; kind++) {
-        const long stride = all || kind == EMU_FAIL_SETUP ? 1 : (calls[kind] + 39) / 40;
+        const long stride = fault_stride(calls[kind], kind == EMU_FAIL_SETUP ? 80 : 20);
         int runs = 0, reported = 0;
         for (long n = 1; n <= calls[kind]; n += stride) {
             m = build_rand(&loop_model);
             emu_fail_nth(kind, n);
-            lego_status s = fault_workload(m, &io, &got);
+            lego_status s = fault_workload(m, &io, initial, &got, msg, sizeof msg);
             emu_fail_nth(kind, 0);
             runs++;
             if (s != LEGO_OK) {
                 reported++;
-                ck_assert_msg(lego_model_error(m)[0] != '\0', "failure %d/%ld: no message", kind,
-                              n);
+                ck_assert_msg(msg[0] != '\0', "failure %d/%ld: no message", kind, n);
             } else {
                 fault_compare(&got, &want, img, np, kind, n, "absorbed");
             }
-            s = fault_workload(m, &io, &got);
+            s = fault_workload(m, &io, initial, &got, msg, sizeof msg);
             ck_assert_msg(s == LEGO_OK, "failure %d/%ld: the run after it failed: %s", kind, n,
-                          lego_model_error(m));
+                          msg);
             fault_compare(&got, &want, img, np, kind, n, "the run after it");
             lego_model_free(m);
         }
@@ -2562,7 +2604,84 @@ START_TEST(test_cuda_fault_sweep) {
     }
     fault_out_free(&want);
     fault_out_free(&got);
+    free(initial);
     free_train_inputs(&io);
+    remove("/tmp/lego_test_cuda_faults.st");
+}
+END_TEST
+
+/* The same for attention through cuDNN (bf16, CUDA_OPT_ATTENTION 4: every
+ * 100-token sequence to cuDNN): its handle, descriptors, plans and
+ * executions, eagerly and inside graph captures, plain and guided.  A
+ * failed cuDNN call may rule cuDNN out for a shape (our kernels then run
+ * it), so results are held to the bf16 tolerance against the CPU. */
+static lego_status cudnn_workload(lego_model *m, const rand_model *rm, const rand_io *io,
+                                  float *plain, float *guided) {
+    lego_status s = lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0);
+    if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_BF16);
+    if (s == LEGO_OK) s = cuda_backend_set_option(m, CUDA_OPT_ATTENTION, 4);
+    for (int i = 0; i < 2 && s == LEGO_OK; i++) {
+        s = try_denoise_n(m, rm, io, rm->n, 1.0f, plain);
+        if (s == LEGO_OK) s = try_denoise_n(m, rm, io, rm->n, 2.0f, guided);
+    }
+    return s;
+}
+
+START_TEST(test_cuda_fault_sweep_cudnn) {
+    const rand_model *rm = find_rand("mma-hd40-100tok");
+    rand_io io = rand_inputs(rm);
+    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
+    float *cpu = malloc(img * sizeof *cpu), *cpu_g = malloc(img * sizeof *cpu_g);
+    float *got = malloc(img * sizeof *got), *got_g = malloc(img * sizeof *got_g);
+    ck_assert(cpu && cpu_g && got && got_g);
+    lego_model *m = build_rand(rm);
+    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
+    denoise_n(m, rm, &io, rm->n, 2.0f, cpu_g);
+    emu_fail_nth(EMU_FAIL_SETUP, 0);
+    ck_assert_msg(cudnn_workload(m, rm, &io, got, got_g) == LEGO_OK, "%s", lego_model_error(m));
+    cuda_stats st;
+    ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
+    const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
+    lego_model_free(m);
+    if (!st.cudnn_available || st.cudnn_runs == 0) {
+        printf("cuda fault sweep (cuDNN): cuDNN not used here (%s): skipped\n", st.cudnn_note);
+        goto done;
+    }
+    for (int kind = 0; kind < 2; kind++) {
+        const long stride = fault_stride(calls[kind], kind == EMU_FAIL_SETUP ? 20 : 5);
+        int runs = 0, reported = 0;
+        for (long n = 1; n <= calls[kind]; n += stride) {
+            m = build_rand(rm);
+            emu_fail_nth(kind, n);
+            lego_status s = cudnn_workload(m, rm, &io, got, got_g);
+            emu_fail_nth(kind, 0);
+            runs++;
+            for (int pass = 0; pass < 2; pass++) {
+                if (s != LEGO_OK) {
+                    ck_assert_msg(pass == 0, "failure %d/%ld: the run after it failed: %s", kind,
+                                  n, lego_model_error(m));
+                    reported++;
+                    ck_assert_msg(lego_model_error(m)[0] != '\0', "failure %d/%ld: no message",
+                                  kind, n);
+                } else {
+                    double e = scaled_error(got, cpu, img), eg = scaled_error(got_g, cpu_g, img);
+                    ck_assert_msg(e <= LOW_TOL && eg <= LOW_TOL,
+                                  "failure %d/%ld (%s): errors %g, %g guided", kind, n,
+                                  pass ? "the run after it" : "absorbed", e, eg);
+                }
+                if (pass == 0) s = cudnn_workload(m, rm, &io, got, got_g);
+            }
+            lego_model_free(m);
+        }
+        printf("cuda fault sweep (cuDNN): %ld %s calls, %d failed one at a time: %d reported as "
+               "errors, %d absorbed; every model recovered\n",
+               calls[kind], kind == EMU_FAIL_SETUP ? "setup" : "launch/matmul/execute", runs,
+               reported, runs - reported);
+        fflush(stdout);
+    }
+done:
+    free(cpu), free(cpu_g), free(got), free(got_g);
+    free_inputs(&io);
 }
 END_TEST
 #endif
@@ -2595,7 +2714,9 @@ int main(void) {
         tcase_add_test(add_case(s, "cudnn"), test_cuda_cudnn_attention);
         tcase_add_test(add_case(s, "gemm"), test_cuda_gelu_probe);
 #ifdef LEGO_TEST_EMULATION
-        tcase_add_test(add_case(s, "faults"), test_cuda_fault_sweep);
+        TCase *fa = add_case(s, "faults");
+        tcase_add_test(fa, test_cuda_fault_sweep);
+        tcase_add_test(fa, test_cuda_fault_sweep_cudnn);
 #endif
         TCase *ws = add_case(s, "workspace");
         tcase_add_test(ws, test_cuda_no_realloc);

@@ -253,6 +253,7 @@ void cudnnGetLastErrorString(char *message, size_t max_size) {
 cudnnStatus_t cudnnCreate(cudnnHandle_t *handle) {
     auto lock = emu_api_lock();
     if (!handle) return fail(CUDNN_STATUS_BAD_PARAM, "cudnnCreate: NULL");
+    if (emu_inject(EMU_FAIL_SETUP)) return fail(CUDNN_STATUS_NOT_INITIALIZED, "injected failure");
     *handle = new emu_cudnn_handle();
     return CUDNN_STATUS_SUCCESS;
 }
@@ -276,6 +277,7 @@ cudnnStatus_t cudnnBackendCreateDescriptor(cudnnBackendDescriptorType_t type,
     if (!descriptor) return fail(CUDNN_STATUS_BAD_PARAM, "create: NULL");
     if (type == CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR && EMU_CUDNN_VERSION < 91300)
         return fail(CUDNN_STATUS_NOT_SUPPORTED, "no SDPA operation before 9.13");
+    if (emu_inject(EMU_FAIL_SETUP)) return fail(CUDNN_STATUS_NOT_INITIALIZED, "injected failure");
     emu_cudnn_desc *d = new emu_cudnn_desc();
     d->type = type;
     live.insert(d);
@@ -518,6 +520,7 @@ cudnnStatus_t cudnnBackendFinalize(cudnnBackendDescriptor_t d) {
     auto lock = emu_api_lock();
     if (!d || !live.count(d)) emu_abort("cuDNN: finalize of a descriptor that does not exist");
     if (d->finalized) return fail(CUDNN_STATUS_BAD_PARAM, "finalized twice");
+    if (emu_inject(EMU_FAIL_SETUP)) return fail(CUDNN_STATUS_NOT_SUPPORTED, "injected failure");
     cudnnStatus_t st = CUDNN_STATUS_SUCCESS;
     switch (d->type) {
     case CUDNN_BACKEND_TENSOR_DESCRIPTOR: st = finalize_tensor(d); break;
@@ -797,6 +800,7 @@ cudnnStatus_t cudnnBackendExecute(cudnnHandle_t handle, cudnnBackendDescriptor_t
     emu_check_stream_device(handle->stream, "cudnnBackendExecute");
     if (!strcmp(mode_env(), "fail-exec"))
         return fail(CUDNN_STATUS_EXECUTION_FAILED, "LEGO_EMU_CUDNN=fail-exec");
+    if (emu_inject(EMU_FAIL_WORK)) return fail(CUDNN_STATUS_EXECUTION_FAILED, "injected failure");
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(handle->stream, &capturing);
     if (!strcmp(mode_env(), "no-capture") && capturing != cudaStreamCaptureStatusNone)

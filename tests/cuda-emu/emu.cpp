@@ -412,7 +412,6 @@ void emu_run(const std::function<void()> &body, size_t grid, size_t block, size_
 
 /* ---- injected failures ------------------------------------------------------------ */
 
-enum { EMU_FAIL_SETUP = 0, EMU_FAIL_WORK = 1 }; /* test_cuda.c has the same numbers */
 
 /* test_cuda's fault sweep: emu_fail_nth(kind, n) makes the n-th call of
  * that kind from now on fail, once, as a GPU could (an allocation that
@@ -433,7 +432,7 @@ extern "C" void emu_fail_nth(int kind, long n) {
 
 extern "C" long emu_failable_calls(int kind) { return failable[kind]; }
 
-static bool inject(int kind) {
+bool emu_inject(int kind) {
     failable[kind]++;
     long left = fail_countdown[kind].load();
     while (left > 0 && !fail_countdown[kind].compare_exchange_weak(left, left - 1)) {
@@ -441,7 +440,7 @@ static bool inject(int kind) {
     return left == 1;
 }
 
-static bool inject_setup() { return inject(EMU_FAIL_SETUP); }
+static bool inject_setup() { return emu_inject(EMU_FAIL_SETUP); }
 
 /* ---- runtime ------------------------------------------------------------------ */
 
@@ -485,7 +484,7 @@ cudaError_t cudaSetDevice(int device) {
 cudaError_t cudaGetLastError(void) {
     cudaError_t e = last_error;
     last_error = cudaSuccess;
-    if (e == cudaSuccess && inject(EMU_FAIL_WORK)) e = cudaErrorUnknown;
+    if (e == cudaSuccess && emu_inject(EMU_FAIL_WORK)) e = cudaErrorUnknown;
     return e;
 }
 
@@ -648,7 +647,7 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
     EMU_API;
     if (stream && stream->capture) return cudaErrorStreamCaptureUnsupported;
-    if (inject(EMU_FAIL_WORK)) return cudaErrorUnknown;
+    if (emu_inject(EMU_FAIL_WORK)) return cudaErrorUnknown;
     emu_check_stream_device(stream, "cudaGraphLaunch");
     for (auto &w : exec->work) w();
     return cudaSuccess;
@@ -931,7 +930,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const vo
     emu_count_gemm();
     if (!consistent(d, al, bl, dl) || !algo || algo->data[0] != d->epilogue)
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (inject(EMU_FAIL_WORK)) return CUBLAS_STATUS_EXECUTION_FAILED;
+    if (emu_inject(EMU_FAIL_WORK)) return CUBLAS_STATUS_EXECUTION_FAILED;
     /* Operands (and every matrix of a batch) aligned as the algorithm was
      * chosen for. */
     const void *ptrs[4] = {a, b, c, dst};

@@ -19,6 +19,10 @@ void check_current_device(const void *p, const char *what);
 /* The lock every emulated API call holds (recursive): calls from several
  * host threads run one at a time. */
 std::unique_lock<std::recursive_mutex> emu_api_lock(void);
+/* Injected failures (emu_fail_nth in emu.cpp): counts a call of `kind` and
+ * says whether it is the one to fail. */
+enum { EMU_FAIL_SETUP = 0, EMU_FAIL_WORK = 1 }; /* test_cuda.c has the same numbers */
+bool emu_inject(int kind);
 /* Element i of an array of CUDA_R_32F / _16BF / _16F as a double, and
  * back (rounded to nearest even). */
 double load_elem(const void *p, int type, uint64_t i);
