@@ -27,7 +27,6 @@
  * (GELU_AUX_BIAS, DGELU, BGRADB): all of it in the GEMM, or nothing and
  * the caller's kernels, never a half that a kernel completes.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -397,7 +396,7 @@ lego_status gemm_run_fused(gemm_ctx *g, const gemm_call *k, int *done, lego_err 
         g->fusion_bad[ti] = (unsigned char)bad;
         g->fusion_checked[ti] = 1;
     }
-    if (!g->fusion_checking && (g->fusion_bad[ti] & fusion_of(k))) {
+    if (g->fusion_bad[ti] & fusion_of(k)) {
         g->fused_rejected++;
         return LEGO_OK;
     }
