@@ -2550,62 +2550,102 @@ static void fault_compare(const fault_out *got, const fault_out *want, size_t im
                   e[2], e[3], e[4], e[5], e[6]);
 }
 
-/* Every error path of the backend that a failing CUDA or cuBLASLt call can
- * take: for calls the workload makes (spread over all of them, about 80
- * setup calls and 20 launches or matmuls; every one of them with
- * LEGO_TEST_FAULT_ALL=1), a fresh model
- * runs the workload with that call failing.  The failure is reported as an
- * error with a message, or absorbed with correct results (a graph that is
- * not captured, a fusion left to the kernels); either way the same model
- * then runs the whole workload again, now without failures, and gets the
- * clean run's results: no state is left half made.  ASan checks that
- * nothing leaks and nothing is touched after it is freed. */
-START_TEST(test_cuda_fault_sweep) {
-    lego_model *m = build_rand(&loop_model);
-    train_io io;
-    train_inputs(&loop_model, 21, &io);
-    size_t img = (size_t)loop_model.n * loop_model.channels * loop_model.h * loop_model.w;
-    size_t np = m->params_size;
-    fault_out want, got;
-    fault_out_alloc(&want, img, np);
-    fault_out_alloc(&got, img, np);
-    float *initial = params_of(m);
+/* Every error path of the backend that a failing CUDA, cuBLASLt or cuDNN
+ * call can take: for calls a workload makes (spread over all of them; every
+ * one with LEGO_TEST_FAULT_ALL=1), a fresh model runs the workload with
+ * that call failing.  The failure is reported as an error with a message,
+ * or absorbed with correct results (a graph that is not captured, a fusion
+ * left to the kernels); either way the same model then runs the whole
+ * workload again, now without failures, and gets the clean run's results:
+ * no state is left half made.  ASan checks that nothing leaks and nothing
+ * is touched after it is freed.
+ *
+ * A workload for fail_calls: run it on a fresh model of rm (msg gets the
+ * failure's message), and hold its results to the clean run's (`when`
+ * names the run in a failed assertion). */
+typedef struct fault_workload_fn {
+    const char *name;
+    const rand_model *rm;
+    lego_status (*run)(lego_model *m, void *ctx, char *msg, size_t msg_size);
+    void (*check)(void *ctx, int kind, long n, const char *when);
+    void *ctx;
+} fault_workload_fn;
+
+/* The sweep itself: of the calls[kind] calls of each kind the clean run
+ * made, about runs[kind] fail one at a time, each on a fresh model.  The
+ * failure is reported (with a message) or absorbed (correct results); the
+ * model then runs the workload cleanly with the clean run's results. */
+static void fail_calls(const fault_workload_fn *w, const long calls[2], const long runs[2]) {
     char msg[sizeof(((lego_err *)0)->msg)];
-    emu_fail_nth(EMU_FAIL_SETUP, 0);
-    ck_assert_msg(fault_workload(m, &io, initial, &want, msg, sizeof msg) == LEGO_OK, "%s", msg);
-    const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
-    lego_model_free(m);
     for (int kind = 0; kind < 2; kind++) {
-        const long stride = fault_stride(calls[kind], kind == EMU_FAIL_SETUP ? 80 : 20);
-        int runs = 0, reported = 0;
+        const long stride = fault_stride(calls[kind], runs[kind]);
+        int failed = 0, reported = 0;
         for (long n = 1; n <= calls[kind]; n += stride) {
-            m = build_rand(&loop_model);
+            lego_model *m = build_rand(w->rm);
             emu_fail_nth(kind, n);
-            lego_status s = fault_workload(m, &io, initial, &got, msg, sizeof msg);
+            lego_status s = w->run(m, w->ctx, msg, sizeof msg);
             emu_fail_nth(kind, 0);
-            runs++;
+            failed++;
             if (s != LEGO_OK) {
                 reported++;
-                ck_assert_msg(msg[0] != '\0', "failure %d/%ld: no message", kind, n);
+                ck_assert_msg(msg[0] != '\0', "%s: failure %d/%ld: no message", w->name, kind, n);
             } else {
-                fault_compare(&got, &want, img, np, kind, n, "absorbed");
+                w->check(w->ctx, kind, n, "absorbed");
             }
-            s = fault_workload(m, &io, initial, &got, msg, sizeof msg);
-            ck_assert_msg(s == LEGO_OK, "failure %d/%ld: the run after it failed: %s", kind, n,
-                          msg);
-            fault_compare(&got, &want, img, np, kind, n, "the run after it");
+            s = w->run(m, w->ctx, msg, sizeof msg);
+            ck_assert_msg(s == LEGO_OK, "%s: failure %d/%ld: the run after it failed: %s",
+                          w->name, kind, n, msg);
+            w->check(w->ctx, kind, n, "the run after it");
             lego_model_free(m);
         }
-        printf("cuda fault sweep: %ld %s calls, %d failed one at a time: %d reported as errors, "
-               "%d absorbed; every model recovered\n",
-               calls[kind], kind == EMU_FAIL_SETUP ? "setup" : "launch/matmul", runs, reported,
-               runs - reported);
+        printf("cuda fault sweep (%s): %ld %s calls, %d failed one at a time: %d reported as "
+               "errors, %d absorbed; every model recovered\n",
+               w->name, calls[kind], kind == EMU_FAIL_SETUP ? "setup" : "launch/matmul/execute",
+               failed, reported, failed - reported);
         fflush(stdout);
     }
-    fault_out_free(&want);
-    fault_out_free(&got);
-    free(initial);
-    free_train_inputs(&io);
+}
+
+typedef struct device_faults {
+    train_io io;
+    float *initial;
+    size_t img, np;
+    fault_out want, got;
+} device_faults;
+
+static lego_status device_faults_run(lego_model *m, void *ctx, char *msg, size_t msg_size) {
+    device_faults *d = ctx;
+    return fault_workload(m, &d->io, d->initial, &d->got, msg, msg_size);
+}
+
+static void device_faults_check(void *ctx, int kind, long n, const char *when) {
+    device_faults *d = ctx;
+    fault_compare(&d->got, &d->want, d->img, d->np, kind, n, when);
+}
+
+START_TEST(test_cuda_fault_sweep) {
+    device_faults d;
+    lego_model *m = build_rand(&loop_model);
+    train_inputs(&loop_model, 21, &d.io);
+    d.img = (size_t)loop_model.n * loop_model.channels * loop_model.h * loop_model.w;
+    d.np = m->params_size;
+    fault_out_alloc(&d.want, d.img, d.np);
+    fault_out_alloc(&d.got, d.img, d.np);
+    d.initial = params_of(m);
+    char msg[sizeof(((lego_err *)0)->msg)];
+    emu_fail_nth(EMU_FAIL_SETUP, 0);
+    ck_assert_msg(fault_workload(m, &d.io, d.initial, &d.want, msg, sizeof msg) == LEGO_OK, "%s",
+                  msg);
+    const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
+    lego_model_free(m);
+    const fault_workload_fn w = {"device", &loop_model, device_faults_run, device_faults_check,
+                                 &d};
+    const long runs[2] = {80, 20};
+    fail_calls(&w, calls, runs);
+    fault_out_free(&d.want);
+    fault_out_free(&d.got);
+    free(d.initial);
+    free_train_inputs(&d.io);
     remove("/tmp/lego_test_cuda_faults.st");
 }
 END_TEST
@@ -2615,73 +2655,61 @@ END_TEST
  * executions, eagerly and inside graph captures, plain and guided.  A
  * failed cuDNN call may rule cuDNN out for a shape (our kernels then run
  * it), so results are held to the bf16 tolerance against the CPU. */
-static lego_status cudnn_workload(lego_model *m, const rand_model *rm, const rand_io *io,
-                                  float *plain, float *guided) {
+typedef struct cudnn_faults {
+    const rand_model *rm;
+    rand_io io;
+    size_t img;
+    float *cpu, *cpu_g, *got, *got_g;
+} cudnn_faults;
+
+static lego_status cudnn_faults_run(lego_model *m, void *ctx, char *msg, size_t msg_size) {
+    cudnn_faults *c = ctx;
     lego_status s = lego_model_set_backend(m, LEGO_BACKEND_CUDA, 0);
     if (s == LEGO_OK) s = lego_model_set_precision(m, LEGO_PRECISION_BF16);
     if (s == LEGO_OK) s = cuda_backend_set_option(m, CUDA_OPT_ATTENTION, 4);
     for (int i = 0; i < 2 && s == LEGO_OK; i++) {
-        s = try_denoise_n(m, rm, io, rm->n, 1.0f, plain);
-        if (s == LEGO_OK) s = try_denoise_n(m, rm, io, rm->n, 2.0f, guided);
+        s = try_denoise_n(m, c->rm, &c->io, c->rm->n, 1.0f, c->got);
+        if (s == LEGO_OK) s = try_denoise_n(m, c->rm, &c->io, c->rm->n, 2.0f, c->got_g);
     }
+    snprintf(msg, msg_size, "%s", s == LEGO_OK ? "" : lego_model_error(m));
     return s;
 }
 
+static void cudnn_faults_check(void *ctx, int kind, long n, const char *when) {
+    cudnn_faults *c = ctx;
+    double e = scaled_error(c->got, c->cpu, c->img), eg = scaled_error(c->got_g, c->cpu_g, c->img);
+    ck_assert_msg(e <= LOW_TOL && eg <= LOW_TOL, "failure %d/%ld (%s): errors %g, %g guided", kind,
+                  n, when, e, eg);
+}
+
 START_TEST(test_cuda_fault_sweep_cudnn) {
-    const rand_model *rm = find_rand("mma-hd40-100tok");
-    rand_io io = rand_inputs(rm);
-    size_t img = (size_t)rm->n * rm->channels * rm->h * rm->w;
-    float *cpu = malloc(img * sizeof *cpu), *cpu_g = malloc(img * sizeof *cpu_g);
-    float *got = malloc(img * sizeof *got), *got_g = malloc(img * sizeof *got_g);
-    ck_assert(cpu && cpu_g && got && got_g);
-    lego_model *m = build_rand(rm);
-    denoise_n(m, rm, &io, rm->n, 1.0f, cpu);
-    denoise_n(m, rm, &io, rm->n, 2.0f, cpu_g);
+    cudnn_faults c;
+    c.rm = find_rand("mma-hd40-100tok");
+    c.io = rand_inputs(c.rm);
+    c.img = (size_t)c.rm->n * c.rm->channels * c.rm->h * c.rm->w;
+    c.cpu = malloc(c.img * sizeof(float)), c.cpu_g = malloc(c.img * sizeof(float));
+    c.got = malloc(c.img * sizeof(float)), c.got_g = malloc(c.img * sizeof(float));
+    ck_assert(c.cpu && c.cpu_g && c.got && c.got_g);
+    lego_model *m = build_rand(c.rm);
+    denoise_n(m, c.rm, &c.io, c.rm->n, 1.0f, c.cpu);
+    denoise_n(m, c.rm, &c.io, c.rm->n, 2.0f, c.cpu_g);
+    char msg[sizeof(((lego_err *)0)->msg)];
     emu_fail_nth(EMU_FAIL_SETUP, 0);
-    ck_assert_msg(cudnn_workload(m, rm, &io, got, got_g) == LEGO_OK, "%s", lego_model_error(m));
+    ck_assert_msg(cudnn_faults_run(m, &c, msg, sizeof msg) == LEGO_OK, "%s", msg);
+    cudnn_faults_check(&c, 0, 0, "the clean run");
     cuda_stats st;
     ck_assert(cuda_backend_stats(m, &st) == LEGO_OK);
     const long calls[2] = {emu_failable_calls(EMU_FAIL_SETUP), emu_failable_calls(EMU_FAIL_WORK)};
     lego_model_free(m);
-    if (!st.cudnn_available || st.cudnn_runs == 0) {
+    if (st.cudnn_available && st.cudnn_runs > 0) {
+        const fault_workload_fn w = {"cuDNN", c.rm, cudnn_faults_run, cudnn_faults_check, &c};
+        const long runs[2] = {20, 5};
+        fail_calls(&w, calls, runs);
+    } else {
         printf("cuda fault sweep (cuDNN): cuDNN not used here (%s): skipped\n", st.cudnn_note);
-        goto done;
     }
-    for (int kind = 0; kind < 2; kind++) {
-        const long stride = fault_stride(calls[kind], kind == EMU_FAIL_SETUP ? 20 : 5);
-        int runs = 0, reported = 0;
-        for (long n = 1; n <= calls[kind]; n += stride) {
-            m = build_rand(rm);
-            emu_fail_nth(kind, n);
-            lego_status s = cudnn_workload(m, rm, &io, got, got_g);
-            emu_fail_nth(kind, 0);
-            runs++;
-            for (int pass = 0; pass < 2; pass++) {
-                if (s != LEGO_OK) {
-                    ck_assert_msg(pass == 0, "failure %d/%ld: the run after it failed: %s", kind,
-                                  n, lego_model_error(m));
-                    reported++;
-                    ck_assert_msg(lego_model_error(m)[0] != '\0', "failure %d/%ld: no message",
-                                  kind, n);
-                } else {
-                    double e = scaled_error(got, cpu, img), eg = scaled_error(got_g, cpu_g, img);
-                    ck_assert_msg(e <= LOW_TOL && eg <= LOW_TOL,
-                                  "failure %d/%ld (%s): errors %g, %g guided", kind, n,
-                                  pass ? "the run after it" : "absorbed", e, eg);
-                }
-                if (pass == 0) s = cudnn_workload(m, rm, &io, got, got_g);
-            }
-            lego_model_free(m);
-        }
-        printf("cuda fault sweep (cuDNN): %ld %s calls, %d failed one at a time: %d reported as "
-               "errors, %d absorbed; every model recovered\n",
-               calls[kind], kind == EMU_FAIL_SETUP ? "setup" : "launch/matmul/execute", runs,
-               reported, runs - reported);
-        fflush(stdout);
-    }
-done:
-    free(cpu), free(cpu_g), free(got), free(got_g);
-    free_inputs(&io);
+    free(c.cpu), free(c.cpu_g), free(c.got), free(c.got_g);
+    free_inputs(&c.io);
 }
 END_TEST
 #endif
